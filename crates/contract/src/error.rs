@@ -1,0 +1,91 @@
+//! The validation error shared by every type that checks input at the edge.
+
+use std::fmt;
+
+/// Input that was rejected, with the JSON path of the offending field.
+///
+/// Messages are lowercase, have no trailing period, and put caller input in backticks.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}` {message}")]
+pub struct ValidationError {
+    field: String,
+    message: String,
+}
+
+impl ValidationError {
+    /// A problem with `field` (a JSON path such as `rule.warn_at[0]`).
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+
+    /// The JSON path of the field at fault.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The same problem seen from a containing object: `max` under `rule` becomes `rule.max`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() || self.field == "." {
+            parent.to_owned()
+        } else if self.field.starts_with('[') {
+            format!("{parent}{}", self.field)
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+impl fmt::Debug for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ValidationError({}: {})", self.field, self.message)
+    }
+}
+
+/// Parses JSON into `T`, reporting the JSON path of the first field that does not fit.
+///
+/// Unknown fields, wrong types, negative or fractional numbers where an unsigned integer is expected, and
+/// malformed JSON all come back as a [`ValidationError`] whose `field` is the path (empty for syntax errors).
+pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let field = if path == "." { String::new() } else { path };
+        ValidationError::new(field, describe_json_error(&inner))
+    })?;
+    de.end().map_err(|err| ValidationError::new("", describe_json_error(&err)))?;
+    Ok(value)
+}
+
+/// Deserializes `T` from an already parsed JSON value, reporting the path of the first field that does
+/// not fit.
+pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ValidationError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let field = if path == "." { String::new() } else { path };
+        ValidationError::new(field, describe_json_error(&inner))
+    })
+}
+
+fn describe_json_error(err: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let text = err.to_string();
+    // serde_json appends " at line L column C"; keep the position only for syntax errors.
+    let without_position = match text.rfind(" at line ") {
+        Some(cut) if err.classify() != Category::Syntax && err.classify() != Category::Eof => {
+            text.get(..cut).unwrap_or(&text).to_owned()
+        }
+        _ => text,
+    };
+    match err.classify() {
+        Category::Syntax | Category::Eof => format!("is not valid JSON: {without_position}"),
+        Category::Data | Category::Io => without_position,
+    }
+}

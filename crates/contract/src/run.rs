@@ -1,0 +1,81 @@
+//! Runs: status, totals and termination (SPEC §2.5, §8).
+
+use serde::{Deserialize, Serialize};
+
+use crate::step::Phase;
+
+/// The status of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Accepting calls.
+    Running,
+    /// Stopped by a block.
+    Stopped,
+    /// Ended with outcome `succeeded`.
+    Succeeded,
+    /// Ended with outcome `failed`.
+    Failed,
+    /// Not ended before its TTL.
+    Expired,
+}
+
+impl RunStatus {
+    /// Whether the run still accepts step calls.
+    pub const fn is_running(self) -> bool {
+        matches!(self, RunStatus::Running)
+    }
+
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Stopped => "stopped",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Expired => "expired",
+        }
+    }
+}
+
+/// How a run ended, as the worker reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The agent finished its task.
+    Succeeded,
+    /// The agent failed.
+    Failed,
+}
+
+/// Why a run was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminationReason {
+    /// An active policy blocked.
+    PolicyBlock,
+    /// Its snapshot failed verification.
+    IntegrityFailure,
+}
+
+/// What a run has consumed so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Totals {
+    /// Tokens.
+    pub tokens: u64,
+    /// Micro-USD.
+    pub cost_micros: u64,
+    /// Steps whose `post` was accepted.
+    pub steps: u64,
+    /// Milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The next call a run expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NextCall {
+    /// Step index.
+    pub index: u64,
+    /// Phase; a `pre` may be skipped, so `pre` here also admits the `post` of the same index.
+    pub phase: Phase,
+}

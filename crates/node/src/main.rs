@@ -1,0 +1,2 @@
+//! placeholder until the node issue lands
+fn main() {}
