@@ -1,1 +1,2 @@
+//! Engine benchmarks (written with the performance work).
 fn main() {}

@@ -1,0 +1,285 @@
+//! Custom rules in CEL: compilation with a static cost bound, and evaluation against a run and a step.
+//!
+//! CEL is not Turing-complete, but comprehensions (`all`, `exists`, `map`, `filter`) iterate over inputs and
+//! can nest. The cost of an expression is bounded at compile time: every AST node costs 1, and the body of
+//! a comprehension costs its size times [`COMPREHENSION_FANOUT`] (the most elements any input list holds),
+//! multiplied again for every level of nesting. An expression over the limit is rejected when the policy
+//! is validated, so evaluation never runs unbounded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cel::common::ast::{EntryExpr, Expr};
+use cel::{Context, IdedExpr, Program, Value};
+use runguard_contract::{StepCall, Timestamp, Totals, ValidationError};
+
+/// The bound assumed for the length of any list a comprehension iterates (input keys, labels).
+pub const COMPREHENSION_FANOUT: u64 = 256;
+
+/// A compiled CEL rule.
+pub struct CelRule {
+    program: Program,
+}
+
+impl std::fmt::Debug for CelRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CelRule").finish_non_exhaustive()
+    }
+}
+
+/// The static cost of an expression (see the module docs).
+pub fn static_cost(expr: &IdedExpr) -> u64 {
+    match &expr.expr {
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => 1,
+        Expr::Call(call) => {
+            let target = call.target.as_deref().map_or(0, static_cost);
+            call.args.iter().map(static_cost).fold(1u64.saturating_add(target), u64::saturating_add)
+        }
+        Expr::Comprehension(c) => {
+            let body = static_cost(&c.loop_cond).saturating_add(static_cost(&c.loop_step));
+            1u64.saturating_add(static_cost(&c.iter_range))
+                .saturating_add(static_cost(&c.accu_init))
+                .saturating_add(static_cost(&c.result))
+                .saturating_add(body.saturating_mul(COMPREHENSION_FANOUT))
+        }
+        Expr::List(list) => list.elements.iter().map(static_cost).fold(1, u64::saturating_add),
+        Expr::Map(map) => map.entries.iter().map(|e| entry_cost(&e.expr)).fold(1, u64::saturating_add),
+        Expr::Struct(st) => st.entries.iter().map(|e| entry_cost(&e.expr)).fold(1, u64::saturating_add),
+        Expr::Select(select) => 1u64.saturating_add(static_cost(&select.operand)),
+    }
+}
+
+fn entry_cost(entry: &EntryExpr) -> u64 {
+    match entry {
+        EntryExpr::StructField(field) => static_cost(&field.value),
+        EntryExpr::MapEntry(entry) => static_cost(&entry.key).saturating_add(static_cost(&entry.value)),
+    }
+}
+
+impl CelRule {
+    /// Compiles `source`, rejecting syntax errors and expressions whose static cost exceeds `max_cost`.
+    pub fn compile(source: &str, max_cost: u64) -> Result<Self, ValidationError> {
+        let program = Program::compile(source).map_err(|err| {
+            ValidationError::new("rule.cel", format!("does not compile: {}", first_line(&err.to_string())))
+        })?;
+        let cost = static_cost(program.expression());
+        if cost > max_cost {
+            return Err(ValidationError::new(
+                "rule.cel",
+                format!("has a static cost of {cost}, the limit is {max_cost}; simplify or un-nest comprehensions"),
+            ));
+        }
+        Ok(Self { program })
+    }
+
+    /// Evaluates the rule. `Ok(true)` means violated. Any runtime error, and any non-boolean result, is an
+    /// evaluation error (the policy's `on_error` then decides).
+    pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
+        let mut context = Context::default();
+        context.add_variable_from_value("run", input.run_value());
+        if let Some(step) = input.step {
+            context.add_variable_from_value("step", step_value(step));
+        }
+        context.add_variable_from_value("now", Value::Int(input.now.unix_millis()));
+        match self.program.execute(&context) {
+            Ok(Value::Bool(violated)) => Ok(violated),
+            Ok(other) => Err(format!("the expression returned {:?}, not a bool", other.type_of())),
+            Err(err) => Err(describe(&err)),
+        }
+    }
+}
+
+/// Describes a runtime error without the values involved: those may be step texts, which must never
+/// reach a decision.
+fn describe(err: &cel::ExecutionError) -> String {
+    use cel::ExecutionError as E;
+    match err {
+        E::NoSuchKey(key) => format!("no such key `{key}`"),
+        E::UndeclaredReference(name) => format!("undeclared reference `{name}`"),
+        E::InvalidArgumentCount { expected, actual } => format!("expected {expected} arguments, got {actual}"),
+        E::UnexpectedType { got, want } => format!("unexpected type `{got}`, wanted `{want}`"),
+        E::NoSuchOverload(overload) => format!("no overload of `{}` for these argument types", overload.function()),
+        E::FunctionError { function, .. } => format!("function `{function}` failed"),
+        other => {
+            let debug = format!("{other:?}");
+            let variant = debug.split(['(', '{', ' ']).next().unwrap_or("error").to_owned();
+            format!("runtime error `{variant}`")
+        }
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+/// What a CEL rule sees.
+#[derive(Debug)]
+pub struct CelInput<'a> {
+    /// The run's id.
+    pub run_id: &'a str,
+    /// The run's tenant.
+    pub tenant: &'a str,
+    /// The run's labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Totals as the rule should see them (after this step's usage at `post`).
+    pub totals: Totals,
+    /// The step, absent at run start and run end.
+    pub step: Option<&'a StepCall>,
+    /// The evaluation time (CEL `int` milliseconds since the epoch).
+    pub now: Timestamp,
+}
+
+fn int(n: u64) -> Value {
+    Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+fn string(s: &str) -> Value {
+    Value::String(Arc::new(s.to_owned()))
+}
+
+fn map(entries: Vec<(&'static str, Value)>) -> Value {
+    let map: HashMap<String, Value> = entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    Value::from(map)
+}
+
+impl CelInput<'_> {
+    fn run_value(&self) -> Value {
+        let labels: HashMap<String, Value> = self.labels.iter().map(|(k, v)| (k.clone(), string(v))).collect();
+        map(vec![
+            ("id", string(self.run_id)),
+            ("tenant", string(self.tenant)),
+            ("labels", Value::from(labels)),
+            ("tokens", int(self.totals.tokens)),
+            ("cost_micros", int(self.totals.cost_micros)),
+            ("steps", int(self.totals.steps)),
+            ("duration_ms", int(self.totals.duration_ms)),
+        ])
+    }
+}
+
+/// The `step` map: absent optional fields are absent keys, so reading one is an error unless guarded
+/// with `has()`.
+fn step_value(step: &StepCall) -> Value {
+    let mut entries = vec![
+        ("index", int(step.index)),
+        ("phase", string(step.phase.as_str())),
+        ("input_keys", Value::List(Arc::new(step.input_keys.iter().map(|k| string(k)).collect()))),
+    ];
+    if let Some(skill) = &step.skill {
+        entries.push(("skill", string(skill)));
+    }
+    if let Some(endpoint) = &step.api_endpoint {
+        entries.push(("api_endpoint", string(endpoint)));
+    }
+    if let Some(text) = &step.input_text {
+        entries.push(("input_text", string(text)));
+    }
+    if let Some(text) = &step.output_text {
+        entries.push(("output_text", string(text)));
+    }
+    if let Some(estimate) = &step.estimate {
+        let mut fields = Vec::new();
+        if let Some(tokens) = estimate.tokens {
+            fields.push(("tokens", int(tokens)));
+        }
+        if let Some(cost) = estimate.cost_micros {
+            fields.push(("cost_micros", int(cost)));
+        }
+        entries.push(("estimate", map(fields)));
+    }
+    if let Some(usage) = &step.usage {
+        entries.push((
+            "usage",
+            map(vec![
+                ("tokens", int(usage.tokens)),
+                ("cost_micros", int(usage.cost_micros)),
+                ("duration_ms", int(usage.duration_ms)),
+            ]),
+        ));
+    }
+    if let Some(error) = &step.error {
+        let mut fields = Vec::new();
+        if let Some(t) = &error.error_type {
+            fields.push(("type", string(t)));
+        }
+        if let Some(code) = &error.code {
+            fields.push(("code", string(code)));
+        }
+        if let Some(status) = error.status {
+            fields.push(("status", int(u64::from(status))));
+        }
+        if let Some(message) = &error.message {
+            fields.push(("message", string(message)));
+        }
+        entries.push(("error", map(fields)));
+    }
+    map(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runguard_contract::{Phase, Usage};
+
+    fn input<'a>(labels: &'a BTreeMap<String, String>, step: Option<&'a StepCall>) -> CelInput<'a> {
+        CelInput {
+            run_id: "r1",
+            tenant: "acme",
+            labels,
+            totals: Totals { tokens: 600, ..Totals::default() },
+            step,
+            now: Timestamp::from_unix_millis(5),
+        }
+    }
+
+    #[test]
+    fn numbers_are_ints_and_fields_are_visible() {
+        let labels = BTreeMap::from([("team".to_owned(), "red".to_owned())]);
+        let step = StepCall {
+            skill: Some("fetch".into()),
+            usage: Some(Usage { tokens: 150, ..Usage::default() }),
+            ..StepCall::new(3, Phase::Post)
+        };
+        let rule =
+            CelRule::compile("run.tokens > 500 && step.usage.tokens > 100 && run.labels.team == 'red'", 1000).unwrap();
+        assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
+        let rule = CelRule::compile("step.index == 3 && now == 5 && step.skill == 'fetch'", 1000).unwrap();
+        assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
+    }
+
+    #[test]
+    fn absent_fields_are_errors_unless_guarded() {
+        let labels = BTreeMap::new();
+        let step = StepCall::new(0, Phase::Pre);
+        let rule = CelRule::compile("step.skill == 'x'", 1000).unwrap();
+        assert!(rule.evaluate(&input(&labels, Some(&step))).is_err());
+        let rule = CelRule::compile("has(step.skill) && step.skill == 'x'", 1000).unwrap();
+        assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(false));
+    }
+
+    #[test]
+    fn runtime_errors_never_quote_values() {
+        let labels = BTreeMap::new();
+        let step = StepCall { output_text: Some("TOP-SECRET-VALUE".into()), ..StepCall::new(0, Phase::Post) };
+        let rule = CelRule::compile("step.output_text - 1 > 0", 1000).unwrap();
+        let err = rule.evaluate(&input(&labels, Some(&step))).unwrap_err();
+        assert!(!err.contains("TOP-SECRET"), "{err}");
+    }
+
+    #[test]
+    fn non_boolean_results_are_errors() {
+        let labels = BTreeMap::new();
+        let rule = CelRule::compile("run.tokens + 1", 1000).unwrap();
+        assert!(rule.evaluate(&input(&labels, None)).is_err());
+    }
+
+    #[test]
+    fn syntax_errors_and_costly_expressions_are_rejected() {
+        assert_eq!(CelRule::compile("run.tokens >", 1000).unwrap_err().field(), "rule.cel");
+        let nested = "step.input_keys.all(a, step.input_keys.all(b, step.input_keys.all(c, a + b + c != '')))";
+        let err = CelRule::compile(nested, 100_000).unwrap_err();
+        assert!(err.message().contains("static cost"), "{err}");
+        assert!(CelRule::compile("step.input_keys.all(k, k != 'password')", 100_000).is_ok());
+    }
+}

@@ -1,0 +1,180 @@
+//! Compiled snapshots: policies with their regexes and CEL programs built once, shared by `Arc`.
+
+use runguard_contract::{
+    BindAt, BudgetRule, Mode, PatternRule, Policy, PolicyDocument, PolicyLimits, RateRule, RateScope, Rule, Snapshot,
+    SnapshotHash, SnapshotId, SnapshotRef, ValidationError,
+};
+
+use crate::cel_rule::CelRule;
+use crate::content::ContentMatcher;
+
+/// A compiled rule.
+#[derive(Debug)]
+pub enum Matcher {
+    /// A budget.
+    Budget(BudgetRule),
+    /// A rate limit.
+    Rate(RateRule),
+    /// Content detectors, regexes and keywords.
+    Content(Box<ContentMatcher>),
+    /// Skill allow (`allow = true`) or deny list, normalised (trimmed, lower-case).
+    Skill {
+        /// Whether the list allows (else denies).
+        allow: bool,
+        /// The skills.
+        skills: Vec<String>,
+    },
+    /// A pattern policy.
+    Pattern(PatternRule),
+    /// A CEL rule.
+    Expr(Box<CelRule>),
+}
+
+/// Compiles one rule. Errors name the field under `rule`.
+pub fn compile_rule(rule: &Rule, limits: &PolicyLimits) -> Result<Matcher, ValidationError> {
+    Ok(match rule {
+        Rule::Budget(b) => Matcher::Budget(b.clone()),
+        Rule::Rate(r) => Matcher::Rate(r.clone()),
+        Rule::Content(c) => Matcher::Content(Box::new(ContentMatcher::compile(c)?)),
+        Rule::Skill(s) => {
+            let (allow, list) = match (&s.allow, &s.deny) {
+                (Some(list), _) => (true, list),
+                (None, Some(list)) => (false, list),
+                (None, None) => return Err(ValidationError::new("rule.allow", "give one of `allow` or `deny`")),
+            };
+            Matcher::Skill { allow, skills: list.iter().map(|s| normalize_skill(s)).collect() }
+        }
+        Rule::Pattern(p) => Matcher::Pattern(p.clone()),
+        Rule::Expr(e) => Matcher::Expr(Box::new(CelRule::compile(&e.cel, limits.max_cel_cost)?)),
+    })
+}
+
+/// Skill names compare trimmed and lower-cased.
+pub fn normalize_skill(skill: &str) -> String {
+    skill.trim().to_lowercase()
+}
+
+/// Validates a policy document completely: the structural checks of the contract, then the regexes and
+/// the CEL expression compile within their limits. Nothing that fails here may be stored.
+pub fn validate_document(doc: &PolicyDocument, limits: &PolicyLimits) -> Result<(), ValidationError> {
+    doc.validate(limits)?;
+    compile_rule(&doc.rule, limits).map(drop)
+}
+
+/// A policy of a snapshot with its compiled rule.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// The pinned policy version.
+    pub policy: Policy,
+    /// The compiled rule, or why it could not be compiled (then `on_error` decides at evaluation).
+    pub matcher: Result<Matcher, String>,
+}
+
+impl CompiledPolicy {
+    /// Whether the policy is evaluated at `bind`.
+    pub fn binds_at(&self, bind: BindAt) -> bool {
+        self.policy.bindings().contains(&bind)
+    }
+}
+
+/// A snapshot ready for evaluation. `Send + Sync`: share it between runs with `Arc`.
+#[derive(Debug)]
+pub struct CompiledSnapshot {
+    reference: SnapshotRef,
+    policies: Vec<CompiledPolicy>,
+    tampered: bool,
+    run_window_ms: i64,
+    tenant_window_ms: i64,
+}
+
+impl CompiledSnapshot {
+    /// Compiles a snapshot whose hash is computed here. A policy whose rule no longer compiles is kept and
+    /// fails at evaluation under its `on_error` (fail closed by default).
+    pub fn compile(
+        snapshot: &Snapshot,
+        limits: &PolicyLimits,
+    ) -> Result<Self, runguard_contract::canonical::CanonicalError> {
+        let reference = snapshot.reference()?;
+        Ok(Self::build(reference, snapshot, limits))
+    }
+
+    /// Compiles a snapshot loaded from storage, verifying it against the hash the run is bound to. On a
+    /// mismatch the result is [`CompiledSnapshot::tampered`]: every decision blocks with `integrity`.
+    pub fn load(snapshot: &Snapshot, expected: &SnapshotHash, limits: &PolicyLimits) -> Self {
+        match snapshot.reference() {
+            Ok(reference) if &reference.hash == expected && snapshot.verify(expected) => {
+                Self::build(reference, snapshot, limits)
+            }
+            _ => Self::tampered(expected.clone()),
+        }
+    }
+
+    /// A snapshot that failed verification (or could not be loaded): every decision of a run bound to it
+    /// blocks with violation type `integrity`, which no `on_error` can override.
+    pub fn tampered(expected: SnapshotHash) -> Self {
+        Self {
+            reference: SnapshotRef { id: SnapshotId::for_hash(&expected), hash: expected, policy_count: 0 },
+            policies: Vec::new(),
+            tampered: true,
+            run_window_ms: 0,
+            tenant_window_ms: 0,
+        }
+    }
+
+    fn build(reference: SnapshotRef, snapshot: &Snapshot, limits: &PolicyLimits) -> Self {
+        let mut run_window_ms = 0i64;
+        let mut tenant_window_ms = 0i64;
+        let policies = snapshot
+            .policies
+            .iter()
+            .filter(|p| matches!(p.mode, Mode::Active | Mode::Shadow))
+            .map(|policy| {
+                if let Rule::Rate(rate) = &policy.rule {
+                    let window = i64::from(rate.window_s).saturating_mul(1000);
+                    match rate.scope {
+                        RateScope::Run => run_window_ms = run_window_ms.max(window),
+                        RateScope::Tenant => tenant_window_ms = tenant_window_ms.max(window),
+                    }
+                }
+                CompiledPolicy {
+                    policy: policy.clone(),
+                    matcher: compile_rule(&policy.rule, limits).map_err(|e| e.to_string()),
+                }
+            })
+            .collect();
+        Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms }
+    }
+
+    /// The snapshot's id, hash and policy count.
+    pub fn reference(&self) -> &SnapshotRef {
+        &self.reference
+    }
+
+    /// The snapshot hash every decision carries.
+    pub fn hash(&self) -> &SnapshotHash {
+        &self.reference.hash
+    }
+
+    /// Whether verification failed.
+    pub fn is_tampered(&self) -> bool {
+        self.tampered
+    }
+
+    /// The compiled policies, in snapshot order.
+    pub fn policies(&self) -> &[CompiledPolicy] {
+        &self.policies
+    }
+
+    /// A policy by id.
+    pub fn policy(&self, id: &runguard_contract::PolicyId) -> Option<&CompiledPolicy> {
+        self.policies.iter().find(|p| &p.policy.id == id)
+    }
+
+    pub(crate) fn run_window_ms(&self) -> i64 {
+        self.run_window_ms
+    }
+
+    pub(crate) fn tenant_window_ms(&self) -> i64 {
+        self.tenant_window_ms
+    }
+}

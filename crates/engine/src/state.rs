@@ -1,0 +1,292 @@
+//! Run state: what a run has consumed, which call it expects next, and the facts that make retries
+//! idempotent. The state changes only through [`RunState::apply`], a pure fold over the [`Effects`] that
+//! evaluation returns, so a run can be rebuilt by replaying its ledger.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use runguard_contract::canonical::{canonical_json, domain_hash};
+use runguard_contract::{
+    Action, Decision, DecisionPhase, NextCall, Outcome, Phase, PolicyId, RunId, RunStatus, StepCall, TenantId,
+    TerminationReason, Timestamp, Totals, Usage,
+};
+use serde::{Deserialize, Serialize};
+
+/// A warn tier of a budget policy that has fired in this run.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TierKey {
+    /// The budget policy.
+    pub policy_id: PolicyId,
+    /// The tier, in percent.
+    pub tier: u32,
+}
+
+/// Consumption at one instant, kept for sliding-window rate rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RateEvent {
+    /// When.
+    pub at: Timestamp,
+    /// Steps admitted.
+    pub steps: u64,
+    /// Tokens reported.
+    pub tokens: u64,
+    /// Micro-USD reported.
+    pub cost_micros: u64,
+}
+
+/// Rate events older than the longest window are dropped.
+fn prune(events: &mut VecDeque<RateEvent>, now: Timestamp, horizon_ms: i64) {
+    let oldest_kept = now.plus_millis(horizon_ms.saturating_neg());
+    while events.front().is_some_and(|e| e.at <= oldest_kept) {
+        events.pop_front();
+    }
+}
+
+/// The tenant-wide rate windows on this node. The caller owns one per tenant and passes it to
+/// [`evaluate`](crate::evaluate), then applies [`Effects::tenant_rate_event`] to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRates {
+    events: VecDeque<RateEvent>,
+}
+
+impl TenantRates {
+    /// Records the tenant-scope consumption of an applied evaluation.
+    pub fn apply(&mut self, effects: &Effects) {
+        if let Some(event) = effects.tenant_rate_event {
+            self.events.push_back(event);
+            prune(&mut self.events, event.at, effects.tenant_window_ms);
+        }
+    }
+
+    /// The events still inside some window.
+    pub fn events(&self) -> &VecDeque<RateEvent> {
+        &self.events
+    }
+}
+
+/// The last call a run accepted, with its decision, for idempotent retries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCall {
+    /// Step index, `None` at run start or end.
+    pub index: Option<u64>,
+    /// Where in the run.
+    pub phase: DecisionPhase,
+    /// SHA-256 of the call's canonical JSON.
+    pub digest: String,
+    /// The decision it got.
+    pub decision: Decision,
+}
+
+/// Why a run stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Termination {
+    /// Policy block or integrity failure.
+    pub reason: TerminationReason,
+    /// The blocked step (`None` at run start or end).
+    pub stopped_at_step: Option<u64>,
+    /// The deciding policy (`None` for integrity failures).
+    pub violation_policy_id: Option<PolicyId>,
+}
+
+/// The state of one run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The run's tenant.
+    pub tenant_id: TenantId,
+    /// The run.
+    pub run_id: RunId,
+    /// Labels given at creation.
+    pub labels: BTreeMap<String, String>,
+    /// Running, stopped or ended.
+    pub status: RunStatus,
+    /// Consumption so far.
+    pub totals: Totals,
+    /// The next call expected.
+    pub next: NextCall,
+    /// Decisions made so far (each evaluation, including throttles); seeds decision ids.
+    pub decisions: u64,
+    /// Warn tiers that already fired.
+    pub fired_tiers: BTreeSet<TierKey>,
+    /// Run-scope rate events inside the longest window.
+    pub rate_events: VecDeque<RateEvent>,
+    /// The last accepted call.
+    pub last: Option<LastCall>,
+    /// Set once the run is stopped.
+    pub termination: Option<Termination>,
+}
+
+/// Whether a step call may be evaluated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// In order: evaluate it.
+    Evaluate,
+    /// An identical re-send of the last call: answer its decision again.
+    Replay(Box<Decision>),
+    /// Refused (409).
+    Refused(Refusal),
+}
+
+/// Why a call was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The run is stopped or ended.
+    #[error("run is {}; it accepts no more step calls", status.as_str())]
+    NotRunning {
+        /// Its status.
+        status: RunStatus,
+        /// The decision that stopped it, if a block did.
+        stopping_decision: Option<Box<Decision>>,
+    },
+    /// The call is not the one expected next.
+    #[error("expected step {} `{}`", expected.index, expected.phase.as_str())]
+    OutOfOrder {
+        /// The call expected.
+        expected: NextCall,
+    },
+    /// The last call was sent again with a different body.
+    #[error("step {index} `{phase}` was already answered with a different body", phase = phase.as_str())]
+    RetryMismatch {
+        /// Its index.
+        index: u64,
+        /// Its phase.
+        phase: Phase,
+    },
+}
+
+/// SHA-256 (hex) of a call's canonical JSON, to recognise identical re-sends.
+pub fn call_digest(call: &StepCall) -> String {
+    hex::encode(domain_hash("runguard/step-call/v1", &canonical_json(call).unwrap_or_default()))
+}
+
+/// How a call changes the run, computed by evaluation and applied by [`RunState::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Effects {
+    /// The call's digest (step calls).
+    pub digest: Option<String>,
+    /// The call's step index and phase (step calls).
+    pub step: Option<(u64, Phase)>,
+    /// Usage added to the totals (`post`).
+    pub usage: Option<Usage>,
+    /// Whether the call counts a step (`post`).
+    pub counts_step: bool,
+    /// Warn tiers that fired.
+    pub fired_tiers: Vec<TierKey>,
+    /// Run-scope rate event to record.
+    pub run_rate_event: Option<RateEvent>,
+    /// Longest run-scope window, in ms.
+    pub run_window_ms: i64,
+    /// Tenant-scope rate event for the caller's [`TenantRates`].
+    pub tenant_rate_event: Option<RateEvent>,
+    /// Longest tenant-scope window, in ms.
+    pub tenant_window_ms: i64,
+    /// The outcome, for a run-end call.
+    pub end_outcome: Option<Outcome>,
+}
+
+impl RunState {
+    /// A new running run expecting step 0.
+    pub fn new(tenant_id: TenantId, run_id: RunId, labels: BTreeMap<String, String>) -> Self {
+        Self {
+            tenant_id,
+            run_id,
+            labels,
+            status: RunStatus::Running,
+            totals: Totals::default(),
+            next: NextCall { index: 0, phase: Phase::Pre },
+            decisions: 0,
+            fired_tiers: BTreeSet::new(),
+            rate_events: VecDeque::new(),
+            last: None,
+            termination: None,
+        }
+    }
+
+    /// Decides whether `call` may be evaluated now (SPEC §2.5).
+    pub fn admit(&self, call: &StepCall) -> Admission {
+        let digest = call_digest(call);
+        let last_same_call = self.last.as_ref().filter(|last| {
+            last.index == Some(call.index)
+                && last.phase == DecisionPhase::from(call.phase)
+                && last.decision.action != Action::Throttle
+        });
+        if let Some(last) = last_same_call
+            && last.digest == digest
+        {
+            return Admission::Replay(Box::new(last.decision.clone()));
+        }
+        if !self.status.is_running() {
+            let stopping =
+                self.last.as_ref().filter(|l| l.decision.action == Action::Block).map(|l| Box::new(l.decision.clone()));
+            return Admission::Refused(Refusal::NotRunning { status: self.status, stopping_decision: stopping });
+        }
+        if last_same_call.is_some() {
+            return Admission::Refused(Refusal::RetryMismatch { index: call.index, phase: call.phase });
+        }
+        let in_order = call.index == self.next.index && (self.next.phase == Phase::Pre || call.phase == Phase::Post);
+        if in_order { Admission::Evaluate } else { Admission::Refused(Refusal::OutOfOrder { expected: self.next }) }
+    }
+
+    /// The totals a call is compared against: at `post` its usage and one step are added first.
+    pub fn totals_with(&self, usage: Option<&Usage>, counts_step: bool) -> Totals {
+        let mut totals = self.totals;
+        if let Some(usage) = usage {
+            totals.tokens = totals.tokens.saturating_add(usage.tokens);
+            totals.cost_micros = totals.cost_micros.saturating_add(usage.cost_micros);
+            totals.duration_ms = totals.duration_ms.saturating_add(usage.duration_ms);
+        }
+        if counts_step {
+            totals.steps = totals.steps.saturating_add(1);
+        }
+        totals
+    }
+
+    /// Applies an evaluated call: a pure fold, so replaying a ledger of (decision, effects) rebuilds the
+    /// state exactly.
+    pub fn apply(&mut self, decision: &Decision, effects: &Effects) {
+        self.decisions = self.decisions.saturating_add(1);
+        if let Some(digest) = &effects.digest {
+            self.last = Some(LastCall {
+                index: decision.step_index,
+                phase: decision.phase,
+                digest: digest.clone(),
+                decision: decision.clone(),
+            });
+        }
+        if decision.action == Action::Throttle {
+            return;
+        }
+        self.totals = self.totals_with(effects.usage.as_ref(), effects.counts_step);
+        self.fired_tiers.extend(effects.fired_tiers.iter().cloned());
+        if let Some(event) = effects.run_rate_event {
+            self.rate_events.push_back(event);
+            prune(&mut self.rate_events, event.at, effects.run_window_ms);
+        }
+        if let Some((index, phase)) = effects.step {
+            self.next = match phase {
+                Phase::Pre => NextCall { index, phase: Phase::Post },
+                Phase::Post => NextCall { index: index.saturating_add(1), phase: Phase::Pre },
+            };
+        }
+        if decision.action == Action::Block {
+            self.status = RunStatus::Stopped;
+            let integrity =
+                decision.violations.iter().any(|v| v.violation_type == runguard_contract::ViolationType::Integrity);
+            self.termination = Some(Termination {
+                reason: if integrity { TerminationReason::IntegrityFailure } else { TerminationReason::PolicyBlock },
+                stopped_at_step: decision.step_index,
+                violation_policy_id: decision.deciding_policy.as_ref().map(|p| p.id.clone()),
+            });
+        } else if let Some(outcome) = effects.end_outcome {
+            self.status = match outcome {
+                Outcome::Succeeded => RunStatus::Succeeded,
+                Outcome::Failed => RunStatus::Failed,
+            };
+        }
+    }
+
+    /// Marks a running run expired (TTL passed). Ended and stopped runs keep their status.
+    pub fn expire(&mut self) {
+        if self.status.is_running() {
+            self.status = RunStatus::Expired;
+        }
+    }
+}
