@@ -1,0 +1,116 @@
+//! CEL rules, failure modes (`on_error`) and integrity failures.
+
+use runguard_contract::*;
+use runguard_engine::{Call, CompiledSnapshot, RunState, TenantRates, evaluate};
+
+use crate::support::*;
+
+fn expr(id: &str, cel: &str, on_error: &str) -> Policy {
+    policy(&format!(r#"{{"id":"{id}","name":"{id}","on_error":"{on_error}","rule":{{"kind":"expr","cel":"{cel}"}}}}"#))
+}
+
+#[test]
+fn a_true_expression_is_a_custom_rule_violation() {
+    let mut run = Driver::new(&[expr("pol_x", "run.tokens > 10 && step.index >= 1", "block")]);
+    assert_eq!(run.send(&post(0, 11), at(1)).decision.action, Action::Allow);
+    let e = run.send(&post(1, 0), at(2));
+    assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::CustomRule]));
+}
+
+#[test]
+fn evaluation_errors_follow_on_error() {
+    // `step.skill` is absent: reading it is an error, not false.
+    let cel = "step.skill == 'x'";
+    let block = Driver::new(&[expr("pol_b", cel, "block")]);
+    let e = block.peek(&post(0, 0), at(1));
+    assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::EvaluationError]));
+    assert!(e.record.is_some(), "an active policy deciding a block is a prevention");
+
+    let warn = Driver::new(&[expr("pol_w", cel, "warn")]);
+    let e = warn.peek(&post(0, 0), at(1));
+    assert_eq!((e.decision.action, types(&e)), (Action::Warn, vec![ViolationType::EvaluationError]));
+
+    let allow = Driver::new(&[expr("pol_a", cel, "allow")]);
+    let e = allow.peek(&post(0, 0), at(1));
+    assert_eq!(e.decision.action, Action::Allow);
+    assert_eq!(e.fail_opens.len(), 1, "fail-open is counted");
+    assert_eq!(e.decision.violations[0].action, Action::Allow, "and visible in the decision");
+    assert!(e.decision.deciding_policy.is_none());
+}
+
+#[test]
+fn a_rule_that_no_longer_compiles_fails_closed() {
+    let mut broken = expr("pol_x", "true", "block");
+    broken.rule = Rule::Expr(ExprRule { cel: "run.tokens >".into() });
+    let run = Driver::new(&[broken]);
+    let e = run.peek(&post(0, 0), at(1));
+    assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::EvaluationError]));
+}
+
+#[test]
+fn run_start_and_run_end_policies_evaluate_at_their_point() {
+    let start = expr("pol_s", "run.labels.env == 'prod'", "block");
+    let mut start = start;
+    start.bind_at = Some(BindAt::RunStart);
+    let snapshot = snapshot(&[start]);
+    let labels = [("env".to_owned(), "prod".to_owned())].into_iter().collect();
+    let mut state = RunState::new(tenant(), RunId::new("r").unwrap(), labels);
+    let e = evaluate(&snapshot, &state, Call::RunStart, &TenantRates::default(), at(0));
+    assert_eq!(
+        (e.decision.action, e.decision.phase, e.decision.step_index),
+        (Action::Block, DecisionPhase::RunStart, None)
+    );
+    state.apply(&e.decision, &e.effects);
+    assert_eq!(state.status, RunStatus::Stopped);
+
+    let mut end = expr("pol_e", "run.steps == 0", "block");
+    end.bind_at = Some(BindAt::RunEnd);
+    let snapshot = crate::support::snapshot(&[end]);
+    let mut state = RunState::new(tenant(), RunId::new("r").unwrap(), Default::default());
+    let e = evaluate(
+        &snapshot,
+        &state,
+        Call::RunEnd { outcome: Outcome::Succeeded, error: None },
+        &TenantRates::default(),
+        at(0),
+    );
+    assert_eq!(e.decision.action, Action::Block);
+    state.apply(&e.decision, &e.effects);
+    assert_eq!(state.status, RunStatus::Stopped);
+
+    let mut ok = RunState::new(tenant(), RunId::new("r2").unwrap(), Default::default());
+    let e = evaluate(
+        &CompiledSnapshot::compile(&Snapshot::capture(&tenant(), []), &PolicyLimits::default()).unwrap(),
+        &ok,
+        Call::RunEnd { outcome: Outcome::Failed, error: None },
+        &TenantRates::default(),
+        at(0),
+    );
+    ok.apply(&e.decision, &e.effects);
+    assert_eq!(ok.status, RunStatus::Failed);
+}
+
+#[test]
+fn a_tampered_snapshot_blocks_every_call_with_integrity_and_no_record() {
+    let budget = policy(
+        r#"{"id":"pol_t","name":"t","on_error":"allow","rule":{"kind":"budget","metric":"tokens","per":"run","max":10}}"#,
+    );
+    let snap = Snapshot::capture(&tenant(), [&budget]);
+    let hash = snap.hash().unwrap();
+    let mut tampered = snap.clone();
+    tampered.policies[0].rule =
+        Rule::Budget(BudgetRule { metric: BudgetMetric::Tokens, per: BudgetPer::Run, max: 1_000_000, warn_at: vec![] });
+    let compiled = CompiledSnapshot::load(&tampered, &hash, &PolicyLimits::default());
+    assert!(compiled.is_tampered());
+    let mut state = run();
+    let call = post(0, 0);
+    let e = evaluate(&compiled, &state, Call::Step(&call), &TenantRates::default(), at(1));
+    assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::Integrity]));
+    assert_eq!(e.decision.snapshot_hash, hash);
+    assert!(e.record.is_none(), "an integrity block is a system fault, not a prevention");
+    state.apply(&e.decision, &e.effects);
+    assert_eq!(state.termination.unwrap().reason, TerminationReason::IntegrityFailure);
+
+    let intact = CompiledSnapshot::load(&snap, &hash, &PolicyLimits::default());
+    assert!(!intact.is_tampered());
+}

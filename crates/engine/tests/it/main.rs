@@ -1,0 +1,11 @@
+//! Integration tests of runguard-engine: one binary, one module per concern.
+
+mod budgets;
+mod conflicts;
+mod content_skill_pattern;
+mod expr_and_errors;
+mod order;
+mod properties;
+mod rates;
+mod run_model;
+mod support;

@@ -1,0 +1,265 @@
+//! Property tests: the prevention contract, determinism and replay, monotonicity, shadow neutrality.
+
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use runguard_contract::prevention::{check_record_against_decision, requires_prevention_record};
+use runguard_contract::strategies::*;
+use runguard_contract::*;
+use runguard_engine::{Admission, Call, CompiledSnapshot, RunState, TenantRates, evaluate, replay};
+
+use crate::support::{T0, at};
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// A sequence of calls for steps 0..n, each with an optional `pre`, at increasing times.
+fn calls(max_steps: u64) -> impl Strategy<Value = Vec<(StepCall, Timestamp)>> {
+    (1..=max_steps)
+        .prop_flat_map(|n| {
+            (0..n).map(|i| (proptest::option::of(pre_call(i)), post_call(i), 0i64..20_000)).collect::<Vec<_>>()
+        })
+        .prop_map(|steps| {
+            let mut out = Vec::new();
+            let mut now = 0i64;
+            for (pre, post, gap) in steps {
+                if let Some(pre) = pre {
+                    now += gap / 2;
+                    out.push((pre, at(now)));
+                }
+                now += gap;
+                out.push((post, at(now)));
+            }
+            out
+        })
+}
+
+fn compile(tenant: &TenantId, policies: &[Policy]) -> CompiledSnapshot {
+    CompiledSnapshot::compile(&Snapshot::capture(tenant, policies), &PolicyLimits::default()).unwrap()
+}
+
+fn new_run(tenant: &TenantId) -> RunState {
+    let labels = [("team".to_owned(), "red".to_owned())].into_iter().collect();
+    RunState::new(tenant.clone(), RunId::new("run-prop").unwrap(), labels)
+}
+
+/// Drives a run through every call it admits; returns each evaluation with the run state before it.
+fn drive(
+    snapshot: &CompiledSnapshot,
+    tenant: &TenantId,
+    calls: &[(StepCall, Timestamp)],
+) -> Vec<(RunState, runguard_engine::Evaluation)> {
+    let mut state = new_run(tenant);
+    let mut rates = TenantRates::default();
+    let mut out = Vec::new();
+    for (call, now) in calls {
+        if state.admit(call) != Admission::Evaluate {
+            continue;
+        }
+        let evaluation = evaluate(snapshot, &state, Call::Step(call), &rates, *now);
+        let before = state.clone();
+        state.apply(&evaluation.decision, &evaluation.effects);
+        rates.apply(&evaluation.effects);
+        out.push((before, evaluation));
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// SPEC §4: a record exists exactly when an active policy decides a block; it always satisfies the
+    /// contract check the store applies; shadow, throttle, warn and integrity never produce one.
+    #[test]
+    fn records_come_only_from_blocks_decided_by_active_policies(
+        policies in policies_for(TenantId::new("acme").unwrap(), 6),
+        calls in calls(6),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let snapshot = compile(&tenant, &policies);
+        for (_, evaluation) in drive(&snapshot, &tenant, &calls) {
+            let decision = &evaluation.decision;
+            let required = requires_prevention_record(decision, evaluation.deciding_mode);
+            prop_assert_eq!(evaluation.record.is_some(), required);
+            if let Some(record) = &evaluation.record {
+                prop_assert_eq!(decision.action, Action::Block);
+                prop_assert_eq!(evaluation.deciding_mode, Some(Mode::Active));
+                let deciding = decision.deciding_policy.as_ref().unwrap();
+                let policy = &snapshot.policy(&deciding.id).unwrap().policy;
+                prop_assert!(check_record_against_decision(record, decision, policy, &tenant).is_ok());
+            }
+            if matches!(decision.action, Action::Allow | Action::Warn | Action::Throttle) {
+                prop_assert!(evaluation.record.is_none());
+            }
+        }
+    }
+
+    /// A snapshot of only shadow policies never changes an action or writes a record.
+    #[test]
+    fn shadow_only_snapshots_always_allow(
+        policies in policies_for(TenantId::new("acme").unwrap(), 6),
+        calls in calls(5),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let shadow: Vec<Policy> = policies.into_iter().map(|mut p| { p.mode = Mode::Shadow; p }).collect();
+        let snapshot = compile(&tenant, &shadow);
+        for (_, evaluation) in drive(&snapshot, &tenant, &calls) {
+            prop_assert_eq!(evaluation.decision.action, Action::Allow);
+            prop_assert!(evaluation.record.is_none());
+            prop_assert!(evaluation.decision.violations.is_empty());
+        }
+    }
+
+    /// Adding shadow policies leaves the action, the deciding policy, the violations and the record as
+    /// they were.
+    #[test]
+    fn shadow_policies_never_change_the_outcome(
+        active in policies_for(TenantId::new("acme").unwrap(), 4),
+        extra in policies_for(TenantId::new("acme").unwrap(), 4),
+        calls in calls(4),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let active: Vec<Policy> = active.into_iter().map(|mut p| { p.mode = Mode::Active; p }).collect();
+        let mut with_shadow = active.clone();
+        for (i, mut p) in extra.into_iter().enumerate() {
+            p.mode = Mode::Shadow;
+            p.id = PolicyId::new(format!("pol_shadow_{i}")).unwrap();
+            with_shadow.push(p);
+        }
+        let plain = compile(&tenant, &active);
+        let shadowed = compile(&tenant, &with_shadow);
+        for (state, evaluation) in drive(&plain, &tenant, &calls) {
+            let (call, now) = match evaluation.decision.step_index {
+                Some(i) => calls.iter().find(|(c, _)| c.index == i && DecisionPhase::from(c.phase) == evaluation.decision.phase).unwrap(),
+                None => continue,
+            };
+            // Tier bookkeeping of shadow budgets is per policy and does not leak into active decisions.
+            let other = evaluate(&shadowed, &state, Call::Step(call), &TenantRates::default(), *now);
+            let base = evaluate(&plain, &state, Call::Step(call), &TenantRates::default(), *now);
+            prop_assert_eq!(other.decision.action, base.decision.action);
+            prop_assert_eq!(&other.decision.deciding_policy, &base.decision.deciding_policy);
+            prop_assert_eq!(&other.decision.violations, &base.decision.violations);
+            prop_assert_eq!(other.record.is_some(), base.record.is_some());
+        }
+    }
+
+    /// SPEC §3.10: the same inputs give the same evaluation, and replaying a run's calls against its
+    /// snapshot reproduces its decisions.
+    #[test]
+    fn evaluation_is_deterministic_and_replay_reproduces_decisions(
+        policies in policies_for(TenantId::new("acme").unwrap(), 6),
+        calls in calls(6),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let snapshot = compile(&tenant, &policies);
+        let live = drive(&snapshot, &tenant, &calls);
+        for (state, evaluation) in &live {
+            let call = calls.iter().find(|(c, now)| Some(c.index) == evaluation.decision.step_index
+                && DecisionPhase::from(c.phase) == evaluation.decision.phase && *now == evaluation.decision.evaluated_at);
+            if let Some((call, now)) = call {
+                let once = evaluate(&snapshot, state, Call::Step(call), &TenantRates::default(), *now);
+                let twice = evaluate(&snapshot, &state.clone(), Call::Step(call), &TenantRates::default(), *now);
+                prop_assert_eq!(once, twice);
+            }
+        }
+        let (replayed, _) = replay(&snapshot, new_run(&tenant), &calls);
+        let replayed: Vec<Decision> = replayed.into_iter().filter_map(|r| match r {
+            runguard_engine::ReplayedCall::Evaluated(e) => Some(e.decision),
+            _ => None,
+        }).collect();
+        let live: Vec<Decision> = live.into_iter().map(|(_, e)| e.decision).collect();
+        prop_assert_eq!(replayed, live);
+    }
+
+    /// More usage never turns a block into an allow (budgets and rates).
+    #[test]
+    fn more_usage_never_relaxes_a_block(
+        budgets in proptest::collection::vec(budget_rule(), 1..4),
+        rate in rate_rule(),
+        prior in 0u64..3_000,
+        usage in 0u64..3_000,
+        more in 0u64..3_000,
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let mut policies: Vec<Policy> = budgets.into_iter().enumerate().map(|(i, rule)| {
+            let doc = PolicyDocument { id: None, name: "b".into(), scope: Scope::Tenant, mode: Mode::Active,
+                action: PolicyAction::Block, precedence: 100, on_error: OnError::Block, bind_at: None, rule: Rule::Budget(rule) };
+            Policy::create(doc, PolicyId::new(format!("pol_{i}")).unwrap(), Some(tenant.clone()), Timestamp::from_unix_millis(T0))
+        }).collect();
+        let doc = PolicyDocument { id: None, name: "r".into(), scope: Scope::Tenant, mode: Mode::Active,
+            action: PolicyAction::Block, precedence: 100, on_error: OnError::Block, bind_at: None, rule: Rule::Rate(rate) };
+        policies.push(Policy::create(doc, PolicyId::new("pol_rate").unwrap(), Some(tenant.clone()), Timestamp::from_unix_millis(T0)));
+        let snapshot = compile(&tenant, &policies);
+        let mut state = new_run(&tenant);
+        state.totals.tokens = prior;
+        state.totals.cost_micros = prior;
+        let step = |tokens: u64| StepCall { usage: Some(Usage { tokens, cost_micros: tokens, duration_ms: tokens }), ..StepCall::new(0, Phase::Post) };
+        let small = evaluate(&snapshot, &state, Call::Step(&step(usage)), &TenantRates::default(), at(1));
+        let large = evaluate(&snapshot, &state, Call::Step(&step(usage + more)), &TenantRates::default(), at(1));
+        prop_assert!(large.decision.action >= small.decision.action, "{:?} then {:?}", small.decision.action, large.decision.action);
+        if small.decision.action == Action::Block {
+            prop_assert_eq!(large.decision.action, Action::Block);
+        }
+    }
+
+    /// Adding a policy never makes a decision less restrictive.
+    #[test]
+    fn adding_a_policy_never_relaxes_a_decision(
+        policies in policies_for(TenantId::new("acme").unwrap(), 5),
+        extra in policy_for(TenantId::new("acme").unwrap()),
+        calls in calls(4),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        let base = compile(&tenant, &policies);
+        let mut more = policies.clone();
+        let mut extra = extra;
+        extra.id = PolicyId::new("pol_extra").unwrap();
+        more.push(extra);
+        let extended = compile(&tenant, &more);
+        for (state, evaluation) in drive(&base, &tenant, &calls) {
+            let Some((call, now)) = calls.iter().find(|(c, now)| Some(c.index) == evaluation.decision.step_index
+                && DecisionPhase::from(c.phase) == evaluation.decision.phase && *now == evaluation.decision.evaluated_at) else { continue };
+            let other = evaluate(&extended, &state, Call::Step(call), &TenantRates::default(), *now);
+            let base_again = evaluate(&base, &state, Call::Step(call), &TenantRates::default(), *now);
+            prop_assert!(other.decision.action >= base_again.decision.action);
+        }
+    }
+
+    /// A pattern policy blocks only its own tenant's requests with its own signature (and endpoint).
+    #[test]
+    fn pattern_policies_block_only_matching_requests_of_their_tenant(
+        policy_sig in signature(),
+        request_sig_source in (skill(), endpoint(), input_keys()),
+        same in any::<bool>(),
+        name_endpoint in any::<bool>(),
+        run_tenant in tenant_id(),
+    ) {
+        let owner = TenantId::new("acme").unwrap();
+        let mut rule = pattern_rule_for(&policy_sig);
+        if name_endpoint { rule.api_endpoint = Some(policy_sig.api_endpoint.clone()); }
+        let doc = PolicyDocument { id: None, name: "p".into(), scope: Scope::Tenant, mode: Mode::Active,
+            action: PolicyAction::Block, precedence: 100, on_error: OnError::Block, bind_at: None, rule: Rule::Pattern(rule.clone()) };
+        let policy = Policy::create(doc, PolicyId::new("pol_p").unwrap(), Some(owner.clone()), Timestamp::from_unix_millis(T0));
+        // Force the policy into the run's snapshot even for another tenant, to test the predicate itself.
+        let mut snap = Snapshot::capture(&owner, [&policy]);
+        snap.policies[0].tenant_id = Some(owner.clone());
+        let snapshot = CompiledSnapshot::compile(&snap, &PolicyLimits::default()).unwrap();
+        let (skill, endpoint, keys) = if same {
+            (policy_sig.skill.clone(), policy_sig.api_endpoint.clone(), policy_sig.input_keys.clone())
+        } else { request_sig_source };
+        let call = StepCall { skill: Some(skill.clone()), api_endpoint: Some(endpoint.clone()), input_keys: keys.clone(), ..StepCall::new(0, Phase::Pre) };
+        let state = RunState::new(run_tenant.clone(), RunId::new("r").unwrap(), Default::default());
+        let e = evaluate(&snapshot, &state, Call::Step(&call), &TenantRates::default(), at(1));
+        let request_hash = Signature::normalize(Some(&skill), Some(&endpoint), &keys).hash();
+        let should_block = run_tenant == owner && request_hash == rule.signature_hash;
+        prop_assert_eq!(e.decision.action == Action::Block, should_block);
+        prop_assert_eq!(e.record.is_some(), should_block);
+        if let Some(record) = e.record {
+            prop_assert_eq!(record.signature_hash.as_ref(), Some(&rule.signature_hash));
+            prop_assert_eq!(&record.tenant_id, &owner);
+        }
+    }
+}
