@@ -1,1 +1,56 @@
-//! placeholder
+//! # runguard-store
+//!
+//! The embedded persistence of runguard: policies with every version and their activation audit,
+//! content-addressed snapshots (verified on every load), runs and their ledgers, the hash-chained
+//! prevention records with their tenant-scoped indexes, shadow statistics, and the learning loop
+//! (incidents, patterns, regrets, graduation). This is the only crate that names sled or bincode.
+//!
+//! All writes go through one call, [`Store::commit`]: a [`WriteBatch`] of many writes from many runs is
+//! checked (records against the prevention contract, policy versions against the current one), applied in
+//! one multi-tree transaction, flushed and fsynced. Nothing of a failed batch is written.
+//!
+//! ```
+//! use runguard_store::{Store, StoreOptions, WriteBatch, PageRequest};
+//! use runguard_contract::{Snapshot, TenantId};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+//! let snapshot = Snapshot::capture(&TenantId::new("acme").unwrap(), []);
+//! let hash = snapshot.hash().unwrap();
+//!
+//! let mut batch = WriteBatch::new();
+//! batch.put_snapshot(snapshot.clone());
+//! store.commit(batch).unwrap();
+//!
+//! assert_eq!(store.load_snapshot(&hash).unwrap(), snapshot);
+//! assert!(store.verify().unwrap().is_ok());
+//! let runs = store.list_runs(&TenantId::new("acme").unwrap(), &PageRequest::first(10)).unwrap();
+//! assert!(runs.items.is_empty() && runs.next_cursor.is_none());
+//! ```
+//!
+//! See `docs/store.md` for the trees, the key layout, the envelope and recovery.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[cfg(test)]
+extern crate self as runguard_store;
+#[cfg(test)]
+#[path = "../tests/it/fixtures.rs"]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+
+mod batch;
+pub mod codec;
+mod error;
+mod integrity;
+mod keys;
+mod model;
+mod query;
+mod store;
+
+pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
+pub use error::{StoreError, StoreErrorKind};
+pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
+pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
+pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery};
+pub use store::{SCHEMA_VERSION, Store, StoreOptions};

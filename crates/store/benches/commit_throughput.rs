@@ -1,0 +1,2 @@
+//! Group-commit throughput (filled in below).
+fn main() {}

@@ -1,0 +1,208 @@
+//! What a group commit writes, and what it answers.
+
+use runguard_contract::{
+    AuditEntry, Decision, Incident, Pattern, Policy, PolicyId, PreventionRecord, Regret, RunId, Snapshot, TenantId,
+};
+
+use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+
+/// Why a prevention record may be appended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordAuthority {
+    /// A live block: the record is checked with
+    /// [`check_record_against_decision`](runguard_contract::prevention::check_record_against_decision)
+    /// against the blocking decision and the deciding policy version, for a run of `run_tenant` that must
+    /// exist (stored, or upserted in the same batch) and be bound to the record's snapshot.
+    Live {
+        /// The blocking decision.
+        decision: Box<Decision>,
+        /// The deciding policy, at the version the snapshot pins.
+        policy: Box<Policy>,
+        /// The tenant of the run.
+        run_tenant: TenantId,
+    },
+    /// A record a simulation persisted (`is_simulated: true`). It is not checked against a live decision,
+    /// is chained like every record, and is listed only when simulated records are asked for.
+    Simulated,
+}
+
+/// A prevention record to append. The store assigns `seq` and `prev_hash` in batch order and seals it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordAppend {
+    /// The record; its `seq`, `prev_hash` and `hash` are overwritten.
+    pub record: PreventionRecord,
+    /// Why it may exist.
+    pub authority: RecordAuthority,
+}
+
+/// One write of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    /// A new policy version. Optimistic concurrency: `policy.version` must be the current version plus one
+    /// (1 for a policy that does not exist yet), else the batch fails with `Conflict`. A `PUT` with
+    /// `expected_version = n` therefore writes version `n + 1` and loses any race.
+    PutPolicyVersion(Box<Policy>),
+    /// An activation audit entry, appended after the policy's earlier ones.
+    AppendAudit {
+        /// The policy's owner (`None` for a global policy).
+        tenant: Option<TenantId>,
+        /// The entry.
+        entry: AuditEntry,
+    },
+    /// A snapshot, stored under the hash of its canonical bytes (idempotent).
+    PutSnapshot(Box<Snapshot>),
+    /// Creates or updates a run. Its snapshot must be stored or in the batch; its binding never changes.
+    PutRun(Box<StoredRun>),
+    /// Appends an acknowledged call to a run's ledger (the run must exist). The store sets `position`.
+    AppendLedger {
+        /// The run's tenant.
+        tenant_id: TenantId,
+        /// The run.
+        run_id: RunId,
+        /// The entry.
+        entry: Box<LedgerEntry>,
+    },
+    /// Appends a prevention record to the chain.
+    AppendRecord(Box<RecordAppend>),
+    /// Adds `delta` to a policy's shadow statistics.
+    AddShadowStats {
+        /// The policy's owner (`None` for a global policy).
+        tenant: Option<TenantId>,
+        /// The policy.
+        policy_id: PolicyId,
+        /// What to add.
+        delta: ShadowStats,
+    },
+    /// A new incident (ids are unique; a second write of one is a `Conflict`).
+    PutIncident(Box<Incident>),
+    /// Creates or updates a pattern; one pattern per (tenant, signature hash, error type).
+    PutPattern(Box<Pattern>),
+    /// Marks a record as a false positive; at most one regret per record (`Conflict` otherwise).
+    PutRegret {
+        /// The record's tenant.
+        tenant_id: TenantId,
+        /// The regret.
+        regret: Regret,
+    },
+    /// Sets a tenant's graduation state and appends it to the history.
+    SetGraduation {
+        /// The tenant.
+        tenant_id: TenantId,
+        /// The new state.
+        state: GraduationState,
+    },
+}
+
+/// Many writes from many runs, made durable together by [`Store::commit`](crate::Store::commit).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a write.
+    pub fn push(&mut self, op: WriteOp) -> &mut Self {
+        self.ops.push(op);
+        self
+    }
+
+    /// The writes, in order.
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+
+    /// How many writes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Adds a policy version.
+    pub fn put_policy_version(&mut self, policy: Policy) -> &mut Self {
+        self.push(WriteOp::PutPolicyVersion(Box::new(policy)))
+    }
+
+    /// Adds an audit entry.
+    pub fn append_audit(&mut self, tenant: Option<TenantId>, entry: AuditEntry) -> &mut Self {
+        self.push(WriteOp::AppendAudit { tenant, entry })
+    }
+
+    /// Adds a snapshot.
+    pub fn put_snapshot(&mut self, snapshot: Snapshot) -> &mut Self {
+        self.push(WriteOp::PutSnapshot(Box::new(snapshot)))
+    }
+
+    /// Adds a run upsert.
+    pub fn put_run(&mut self, run: StoredRun) -> &mut Self {
+        self.push(WriteOp::PutRun(Box::new(run)))
+    }
+
+    /// Adds a ledger append.
+    pub fn append_ledger(&mut self, tenant_id: TenantId, run_id: RunId, entry: LedgerEntry) -> &mut Self {
+        self.push(WriteOp::AppendLedger { tenant_id, run_id, entry: Box::new(entry) })
+    }
+
+    /// Adds a live record, checked against its decision and deciding policy.
+    pub fn append_record(
+        &mut self,
+        record: PreventionRecord,
+        decision: Decision,
+        policy: Policy,
+        run_tenant: TenantId,
+    ) -> &mut Self {
+        self.push(WriteOp::AppendRecord(Box::new(RecordAppend {
+            record,
+            authority: RecordAuthority::Live { decision: Box::new(decision), policy: Box::new(policy), run_tenant },
+        })))
+    }
+
+    /// Adds a simulated record.
+    pub fn append_simulated_record(&mut self, record: PreventionRecord) -> &mut Self {
+        self.push(WriteOp::AppendRecord(Box::new(RecordAppend { record, authority: RecordAuthority::Simulated })))
+    }
+
+    /// Adds a shadow statistics delta.
+    pub fn add_shadow_stats(&mut self, tenant: Option<TenantId>, policy_id: PolicyId, delta: ShadowStats) -> &mut Self {
+        self.push(WriteOp::AddShadowStats { tenant, policy_id, delta })
+    }
+
+    /// Adds an incident.
+    pub fn put_incident(&mut self, incident: Incident) -> &mut Self {
+        self.push(WriteOp::PutIncident(Box::new(incident)))
+    }
+
+    /// Adds a pattern upsert.
+    pub fn put_pattern(&mut self, pattern: Pattern) -> &mut Self {
+        self.push(WriteOp::PutPattern(Box::new(pattern)))
+    }
+
+    /// Adds a regret.
+    pub fn put_regret(&mut self, tenant_id: TenantId, regret: Regret) -> &mut Self {
+        self.push(WriteOp::PutRegret { tenant_id, regret })
+    }
+
+    /// Adds a graduation state.
+    pub fn set_graduation(&mut self, tenant_id: TenantId, state: GraduationState) -> &mut Self {
+        self.push(WriteOp::SetGraduation { tenant_id, state })
+    }
+}
+
+/// What a successful commit made durable that the caller did not know before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// The appended records, sealed (`seq`, `prev_hash`, `hash`), in batch order.
+    pub records: Vec<PreventionRecord>,
+    /// The ledger position given to each ledger append, in batch order.
+    pub ledger_positions: Vec<u64>,
+    /// How many writes the batch held.
+    pub ops: usize,
+}

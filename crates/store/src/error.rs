@@ -1,0 +1,130 @@
+//! The store's error type: a kind to match on and a lowercase message to show.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// What went wrong, coarse enough to map onto an HTTP status or an exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreErrorKind {
+    /// The disk or the database engine failed (the node answers 503).
+    Io,
+    /// Stored bytes do not decode or do not verify (fail closed).
+    Corrupt,
+    /// A write the prevention contract or the data model does not allow; nothing was written.
+    Contract,
+    /// An optimistic-concurrency or uniqueness check failed; nothing was written.
+    Conflict,
+    /// A referenced object does not exist.
+    NotFound,
+    /// The database was written by an unknown schema version.
+    Schema,
+    /// A test asked this commit to fail; nothing was written.
+    Injected,
+    /// A caller-supplied argument (cursor, limit) is invalid.
+    InvalidArgument,
+}
+
+impl StoreErrorKind {
+    /// A short lowercase name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StoreErrorKind::Io => "io",
+            StoreErrorKind::Corrupt => "corrupt",
+            StoreErrorKind::Contract => "contract",
+            StoreErrorKind::Conflict => "conflict",
+            StoreErrorKind::NotFound => "not found",
+            StoreErrorKind::Schema => "schema",
+            StoreErrorKind::Injected => "injected",
+            StoreErrorKind::InvalidArgument => "invalid argument",
+        }
+    }
+}
+
+impl fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A store failure: a [`StoreErrorKind`], a lowercase message, and the underlying error if any.
+///
+/// Cheap to clone, so one failed group commit can answer every caller of the batch.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StoreError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    /// An error of `kind` with `message`, caused by `source`.
+    pub fn with_source(
+        kind: StoreErrorKind,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self { kind, message: message.into(), source: Some(Arc::new(source)) }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn prepend(&mut self, context: String) {
+        self.message = format!("{context}: {}", self.message);
+    }
+
+    pub(crate) fn io(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::with_source(StoreErrorKind::Io, message, source)
+    }
+
+    pub(crate) fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Corrupt, message)
+    }
+
+    pub(crate) fn contract(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Contract, message)
+    }
+
+    pub(crate) fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Conflict, message)
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::NotFound, message)
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::InvalidArgument, message)
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(err: sled::Error) -> Self {
+        match err {
+            sled::Error::Corruption { .. } => {
+                Self::with_source(StoreErrorKind::Corrupt, "the database engine reports corruption", err)
+            }
+            other => Self::io("the database engine failed", other),
+        }
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(err: std::io::Error) -> Self {
+        Self::io("disk access failed", err)
+    }
+}

@@ -1,0 +1,144 @@
+//! What loading and verifying report when stored data does not verify.
+
+use runguard_contract::{ChainBreak, RecordId, Snapshot, SnapshotHash, SnapshotId};
+
+use crate::model::{LedgerEntry, StoredRun};
+
+/// Why stored data of a run cannot be trusted. The node fails closed on any of these: the run's decisions
+/// become `block` with violation type `integrity`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntegrityError {
+    /// The snapshot is not stored.
+    #[error("snapshot `{hash}` is missing")]
+    SnapshotMissing {
+        /// The hash the run is bound to.
+        hash: SnapshotHash,
+    },
+    /// The stored snapshot does not decode.
+    #[error("snapshot `{hash}` does not decode: {reason}")]
+    SnapshotUndecodable {
+        /// The expected hash.
+        hash: SnapshotHash,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The stored bytes hash to something else.
+    #[error("snapshot `{expected}` hashes to `{actual}`")]
+    SnapshotHashMismatch {
+        /// The hash the run is bound to (and the key it is stored under).
+        expected: SnapshotHash,
+        /// The hash of the stored bytes.
+        actual: SnapshotHash,
+    },
+    /// A ledger entry does not decode.
+    #[error("ledger entry {position} does not decode: {reason}")]
+    LedgerUndecodable {
+        /// Its position.
+        position: u64,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The ledger does not add up to the stored totals.
+    #[error("ledger and totals disagree: {reason}")]
+    TotalsMismatch {
+        /// Where they disagree.
+        reason: String,
+    },
+}
+
+/// A stored snapshot as `GET /v1/snapshots/{id}` shows it: its hash and the verified snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The hash it is stored under.
+    pub hash: SnapshotHash,
+    /// The snapshot, or why it does not verify.
+    pub snapshot: Result<Snapshot, IntegrityError>,
+}
+
+/// A run as loaded for rehydration, with the outcome of every integrity check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedRun {
+    /// The stored run.
+    pub run: StoredRun,
+    /// Its snapshot, re-verified against the bound hash.
+    pub snapshot: Result<Snapshot, IntegrityError>,
+    /// Every decodable ledger entry, in order.
+    pub ledger: Vec<LedgerEntry>,
+    /// Whether the ledger decodes completely and adds up to the stored totals.
+    pub totals_consistent: bool,
+    /// The ledger problem, when `totals_consistent` is false.
+    pub ledger_problem: Option<IntegrityError>,
+}
+
+impl LoadedRun {
+    /// Whether every check passed; when false the node marks the run `integrity_failure`.
+    pub fn is_intact(&self) -> bool {
+        self.snapshot.is_ok() && self.totals_consistent
+    }
+}
+
+/// The first break in the record chain.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordBreak {
+    /// The stored value does not decode.
+    #[error("record at seq {seq} does not decode: {reason}")]
+    Undecodable {
+        /// The key's sequence number.
+        seq: u64,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The record is stored under another sequence number than it carries.
+    #[error("record `{id}` carries seq {found} but is stored at seq {key}")]
+    KeyMismatch {
+        /// The record.
+        id: RecordId,
+        /// The key's sequence number.
+        key: u64,
+        /// The record's own.
+        found: u64,
+    },
+    /// The chain itself breaks (content, link or sequence).
+    #[error(transparent)]
+    Chain(ChainBreak),
+    /// A secondary index lacks the record.
+    #[error("record `{id}` (seq {seq}) is missing from index `{index}`")]
+    IndexMissing {
+        /// The record.
+        id: RecordId,
+        /// Its position.
+        seq: u64,
+        /// The index.
+        index: &'static str,
+    },
+}
+
+/// The first snapshot that does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("snapshot `{id}`: {problem}")]
+pub struct SnapshotBreak {
+    /// The snapshot's id.
+    pub id: SnapshotId,
+    /// What failed.
+    pub problem: IntegrityError,
+}
+
+/// What [`Store::verify`](crate::Store::verify) found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Snapshots checked.
+    pub snapshots_checked: u64,
+    /// Records checked (up to the first break).
+    pub records_checked: u64,
+    /// The first snapshot that does not verify, in key order.
+    pub snapshot_break: Option<SnapshotBreak>,
+    /// The first break of the record chain.
+    pub record_break: Option<RecordBreak>,
+}
+
+impl VerifyReport {
+    /// Whether everything verified.
+    pub fn is_ok(&self) -> bool {
+        self.snapshot_break.is_none() && self.record_break.is_none()
+    }
+}

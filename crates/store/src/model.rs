@@ -1,0 +1,144 @@
+//! Types the store defines for what it keeps beyond the contract's own types.
+
+use std::collections::BTreeMap;
+
+use runguard_contract::{
+    Decision, NextCall, Outcome, PolicyId, RunId, RunStatus, SnapshotRef, StepCall, StepError, TenantId,
+    TerminationReason, Timestamp, Totals,
+};
+use serde::{Deserialize, Serialize};
+
+/// A run as stored: its binding to a snapshot and everything `GET /v1/runs/{id}` shows.
+///
+/// The binding `(tenant_id, run_id) → snapshot` is immutable: an upsert naming another snapshot fails
+/// the batch with `Conflict`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRun {
+    /// The run's tenant.
+    pub tenant_id: TenantId,
+    /// The run, unique within its tenant.
+    pub run_id: RunId,
+    /// The snapshot it evaluates (id, hash, policy count).
+    pub snapshot: SnapshotRef,
+    /// Current status.
+    pub status: RunStatus,
+    /// Totals after the last acknowledged call.
+    pub totals: Totals,
+    /// Why it was stopped, if it was.
+    pub termination_reason: Option<TerminationReason>,
+    /// The step at which it was stopped.
+    pub stopped_at_step: Option<u64>,
+    /// The policy that stopped it.
+    pub violation_policy_id: Option<PolicyId>,
+    /// Caller labels.
+    pub labels: BTreeMap<String, String>,
+    /// The endpoint given at run creation, if any.
+    pub api_endpoint: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it ended, stopped or expired.
+    pub ended_at: Option<Timestamp>,
+    /// The outcome reported at run end.
+    pub outcome: Option<Outcome>,
+    /// The next call it expects.
+    pub next: NextCall,
+}
+
+/// The call an acknowledged decision answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LedgerCall {
+    /// Run creation.
+    RunStart,
+    /// A step call, as sent (texts stripped by the node when `ledger_texts = false`).
+    Step(StepCall),
+    /// Run end.
+    RunEnd {
+        /// The reported outcome.
+        outcome: Outcome,
+        /// The reported error, if any.
+        error: Option<StepError>,
+    },
+}
+
+/// One acknowledged call of a run: the call, its decision, and the run totals after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Position in the run's ledger, from 0; assigned by the store at commit.
+    pub position: u64,
+    /// The call.
+    pub call: LedgerCall,
+    /// The decision returned for it.
+    pub decision: Decision,
+    /// The run totals after the call.
+    pub totals_after: Totals,
+}
+
+impl LedgerEntry {
+    /// An entry to append; the store sets `position`.
+    pub fn new(call: LedgerCall, decision: Decision, totals_after: Totals) -> Self {
+        Self { position: 0, call, decision, totals_after }
+    }
+}
+
+/// Per-policy shadow statistics (SPEC §3.9), also used as the delta added by a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShadowStats {
+    /// Evaluations of the shadow policy.
+    pub evaluations: u64,
+    /// Would-be blocks.
+    pub would_block: u64,
+    /// Would-be warns.
+    pub would_warn: u64,
+    /// Would-be throttles.
+    pub would_throttle: u64,
+}
+
+impl ShadowStats {
+    /// `self + delta`, saturating.
+    pub fn plus(self, delta: ShadowStats) -> ShadowStats {
+        ShadowStats {
+            evaluations: self.evaluations.saturating_add(delta.evaluations),
+            would_block: self.would_block.saturating_add(delta.would_block),
+            would_warn: self.would_warn.saturating_add(delta.would_warn),
+            would_throttle: self.would_throttle.saturating_add(delta.would_throttle),
+        }
+    }
+}
+
+/// The gates of tenant graduation (SPEC §6), as plain fields the node computes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraduationGates {
+    /// Gate 1 passed.
+    pub prevention_passed: bool,
+    /// Counted preventions in the window.
+    pub counted_preventions: u64,
+    /// Recurrences the pattern policies failed to prevent in the window.
+    pub missed_recurrences: u64,
+    /// Prevention rate in parts per million.
+    pub prevention_rate_ppm: u32,
+    /// Gate 2 passed.
+    pub rollback_passed: bool,
+    /// Automatic demotions in the window.
+    pub demotions: u64,
+    /// Regrets in the window.
+    pub regrets: u64,
+    /// Regret rate in parts per million.
+    pub regret_rate_ppm: u32,
+    /// The latest counted prevention.
+    pub last_prevention_at: Option<Timestamp>,
+}
+
+/// A tenant's graduation level as last evaluated; every state written is also kept in its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraduationState {
+    /// `alpha`, `beta`, `complete` or `degraded`.
+    pub level: String,
+    /// The level a `degraded` tenant fell from.
+    pub degraded_from: Option<String>,
+    /// Why the level is what it is.
+    pub reason: Option<String>,
+    /// When it was evaluated.
+    pub at: Timestamp,
+    /// The gates at that time.
+    pub gates: GraduationGates,
+}

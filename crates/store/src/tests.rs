@@ -1,0 +1,1007 @@
+//! Unit tests: encoding round trips, group commit, every store and query, corruption and recovery.
+
+use proptest::prelude::*;
+use runguard_contract::strategies as strat;
+use runguard_contract::{
+    Action, ApprovalPath, AuditEntry, ChainBreak, Decision, DecisionId, DecisionPhase, Evidence, EvidenceMatch,
+    Incident, IncidentId, Mode, NextCall, Pattern, PatternId, Phase, Policy, PolicyId, PolicyRef, PreventionRecord,
+    RecordHash, RecordId, Regret, Remaining, RunId, RunStatus, ShadowEntry, Snapshot, SnapshotHash, StepCall,
+    StepError, TenantId, Timestamp, Totals, Violation, ViolationType,
+};
+
+use crate::codec::{ENVELOPE_V1, Stored};
+use crate::fixtures::{World, at, budget_policy, tenant};
+use crate::{
+    GraduationGates, GraduationState, IntegrityError, LedgerCall, LedgerEntry, PageRequest, RecordBreak, RecordQuery,
+    ShadowStats, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch,
+};
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap()
+}
+
+fn fresh() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    (dir, store)
+}
+
+fn commit(store: &Store, f: impl FnOnce(&mut WriteBatch)) -> crate::CommitReceipt {
+    let mut batch = WriteBatch::new();
+    f(&mut batch);
+    store.commit(batch).unwrap()
+}
+
+/// A world stored with `runs` running runs named r0, r1, …
+fn world_with_runs(store: &Store, runs: usize) -> (World, Vec<StoredRun>) {
+    let world = World::new("acme");
+    let runs: Vec<StoredRun> = (0..runs).map(|i| world.run(&format!("r{i}"))).collect();
+    commit(store, |b| {
+        world.setup(b);
+        for run in &runs {
+            b.put_run(run.clone());
+        }
+    });
+    (world, runs)
+}
+
+// ---- round trips ------------------------------------------------------------------------------------
+
+fn round_trip<V: Stored + PartialEq + std::fmt::Debug>(value: &V) {
+    let bytes = value.encode().unwrap();
+    assert_eq!(bytes[0], ENVELOPE_V1);
+    assert_eq!(&V::decode(&bytes).unwrap(), value);
+}
+
+fn timestamp() -> impl Strategy<Value = Timestamp> {
+    (0i64..4_000_000_000_000).prop_map(Timestamp::from_unix_millis)
+}
+
+fn record_id() -> impl Strategy<Value = RecordId> {
+    any::<u128>().prop_map(RecordId::from_u128)
+}
+
+fn hash64() -> impl Strategy<Value = [u8; 32]> {
+    any::<[u8; 32]>()
+}
+
+fn opt_text() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of(strat::text())
+}
+
+fn violation() -> impl Strategy<Value = Violation> {
+    (strat::policy_id(), 1u32..5, any::<bool>(), opt_text(), any::<bool>()).prop_map(
+        |(policy_id, version, block, actual, with_evidence)| Violation {
+            policy_id,
+            policy_name: "budget".into(),
+            policy_version: version,
+            violation_type: if block { ViolationType::TokenLimit } else { ViolationType::ContentPolicy },
+            action: if block { Action::Block } else { Action::Warn },
+            threshold: Some("100".into()),
+            actual,
+            reason: "because".into(),
+            evidence: with_evidence.then(|| Evidence {
+                text: Some("output_text".into()),
+                matches: vec![EvidenceMatch {
+                    kind: "detector".into(),
+                    name: "email".into(),
+                    count: 2,
+                    samples: vec!["ja…om".into()],
+                }],
+                signature_hash: None,
+                api_endpoint: Some("/v1/users/{id}".into()),
+            }),
+        },
+    )
+}
+
+fn decision() -> impl Strategy<Value = Decision> {
+    (
+        strat::run_id(),
+        proptest::option::of(0u64..100),
+        prop_oneof![
+            Just(DecisionPhase::RunStart),
+            Just(DecisionPhase::Pre),
+            Just(DecisionPhase::Post),
+            Just(DecisionPhase::RunEnd)
+        ],
+        proptest::collection::vec(violation(), 0..3),
+        proptest::option::of(0u64..1000),
+        hash64(),
+        proptest::option::of(record_id()),
+        timestamp(),
+        any::<u128>(),
+    )
+        .prop_map(|(run_id, step_index, phase, violations, retry, hash, record, when, id)| Decision {
+            decision_id: DecisionId::from_u128(id),
+            run_id,
+            step_index,
+            phase,
+            action: if violations.is_empty() { Action::Allow } else { Action::Block },
+            deciding_policy: violations.first().map(|v| PolicyRef {
+                id: v.policy_id.clone(),
+                name: v.policy_name.clone(),
+                version: v.policy_version,
+            }),
+            shadow: violations
+                .iter()
+                .map(|v| ShadowEntry {
+                    policy_id: v.policy_id.clone(),
+                    policy_version: 1,
+                    would_action: Action::Throttle,
+                    violation_type: ViolationType::RateLimit,
+                    reason: "r".into(),
+                })
+                .collect(),
+            violations,
+            remaining: Remaining { tokens: retry, cost_micros: None, steps: Some(3), duration_ms: None },
+            retry_after_ms: retry,
+            snapshot_hash: SnapshotHash::from_bytes(&hash),
+            prevention_record_id: record,
+            evaluated_at: when,
+        })
+}
+
+fn record() -> impl Strategy<Value = PreventionRecord> {
+    (
+        record_id(),
+        1u64..u64::MAX,
+        strat::tenant_id(),
+        strat::run_id(),
+        proptest::option::of(0u64..50),
+        strat::policy_id(),
+        proptest::option::of(strat::signature()),
+        hash64(),
+        hash64(),
+        timestamp(),
+        any::<bool>(),
+    )
+        .prop_map(|(id, seq, tenant_id, run_id, step_index, policy_id, signature, h1, h2, when, sim)| {
+            PreventionRecord {
+                id,
+                seq,
+                tenant_id,
+                run_id,
+                step_index,
+                phase: DecisionPhase::Pre,
+                decision_id: DecisionId::from_u128(7),
+                policy_id,
+                policy_version: 3,
+                pattern_id: signature.as_ref().map(|s| strat::pattern_rule_for(s).pattern_id),
+                signature_hash: signature.map(|s| s.hash()),
+                incident_id_blocked: IncidentId::from_u128(9),
+                snapshot_hash: SnapshotHash::from_bytes(&h1),
+                prevented_at: when,
+                is_simulated: sim,
+                prev_hash: RecordHash::from_bytes(&h2),
+                hash: RecordHash::from_bytes(&h1),
+            }
+        })
+}
+
+fn step_call() -> impl Strategy<Value = StepCall> {
+    (0u64..20, any::<bool>())
+        .prop_flat_map(|(i, pre)| if pre { strat::pre_call(i).boxed() } else { strat::post_call(i).boxed() })
+}
+
+fn totals() -> impl Strategy<Value = Totals> {
+    (any::<u64>(), any::<u64>(), 0u64..1000, any::<u64>())
+        .prop_map(|(tokens, cost_micros, steps, duration_ms)| Totals { tokens, cost_micros, steps, duration_ms })
+}
+
+proptest! {
+    #[test]
+    fn records_round_trip(r in record()) {
+        round_trip(&r);
+    }
+
+    #[test]
+    fn ledger_entries_round_trip(call in step_call(), d in decision(), t in totals(), which in 0u8..3, pos in any::<u64>()) {
+        let call = match which {
+            0 => LedgerCall::Step(call),
+            1 => LedgerCall::RunStart,
+            _ => LedgerCall::RunEnd { outcome: runguard_contract::Outcome::Failed, error: Some(StepError { error_type: Some("Timeout".into()), code: None, status: Some(504), message: Some("m".into()) }) },
+        };
+        round_trip(&LedgerEntry { position: pos, call, decision: d, totals_after: t });
+    }
+
+    #[test]
+    fn policies_round_trip(p in strat::policy_for(tenant("acme")), g in strat::policy_for(tenant("acme"))) {
+        round_trip(&p);
+        let mut global = g;
+        global.tenant_id = None;
+        global.scope = runguard_contract::Scope::Global;
+        global.activated_at = None;
+        round_trip(&global);
+    }
+
+    #[test]
+    fn snapshots_store_and_verify(policies in strat::policies_for(tenant("acme"), 6)) {
+        let (_dir, store) = fresh();
+        let snapshot = Snapshot::capture(&tenant("acme"), &policies);
+        commit(&store, |b| { b.put_snapshot(snapshot.clone()); });
+        prop_assert_eq!(store.load_snapshot(&snapshot.hash().unwrap()).unwrap(), snapshot);
+    }
+
+    #[test]
+    fn learning_loop_types_round_trip(sig in strat::signature(), t in strat::tenant_id(), run in strat::run_id(), when in timestamp(), n in 1u64..100, sev in 1u8..=10, rid in record_id()) {
+        let pattern_id = strat::pattern_rule_for(&sig).pattern_id;
+        round_trip(&Incident { id: IncidentId::from_u128(u128::from(n)), tenant_id: t.clone(), run_id: run, signature_hash: sig.hash(), signature: sig.clone(), error: StepError { error_type: Some("timeout".into()), code: Some("E".into()), status: None, message: None }, pattern_id: pattern_id.clone(), created_at: when });
+        round_trip(&Pattern { id: pattern_id, tenant_id: t, signature_hash: sig.hash(), signature: sig, error_type: "timeout".into(), occurrences: n, first_seen: when, last_seen: when, incident_ids: vec![IncidentId::from_u128(1)], policy_id: Some(PolicyId::new("pol_x").unwrap()) });
+        round_trip(&AuditEntry { policy_id: PolicyId::new("pol_x").unwrap(), from: Some(Mode::Shadow), to: Mode::Active, at: when, caller: "ops".into(), reason: None, approval_path: ApprovalPath::AutoRegret });
+        round_trip(&Regret { record_id: rid, policy_id: PolicyId::new("pol_x").unwrap(), severity: sev, note: Some("fp".into()), caller: "ops".into(), at: when });
+        round_trip(&ShadowStats { evaluations: n, would_block: 1, would_warn: 2, would_throttle: 3 });
+        round_trip(&GraduationState { level: "beta".into(), degraded_from: None, reason: Some("gate 1".into()), at: when, gates: GraduationGates { prevention_passed: true, counted_preventions: n, last_prevention_at: Some(when), ..GraduationGates::default() } });
+    }
+
+    #[test]
+    fn runs_round_trip(t in totals(), labels in proptest::collection::btree_map("[a-z]{1,5}", "[a-z ]{0,8}", 0..4), status in 0u8..5, when in timestamp()) {
+        let mut run = World::new("acme").run("r1");
+        run.totals = t;
+        run.labels = labels;
+        run.status = [RunStatus::Running, RunStatus::Stopped, RunStatus::Succeeded, RunStatus::Failed, RunStatus::Expired][usize::from(status)];
+        run.ended_at = Some(when);
+        run.termination_reason = Some(runguard_contract::TerminationReason::IntegrityFailure);
+        run.next = NextCall { index: 4, phase: Phase::Post };
+        round_trip(&run);
+    }
+}
+
+#[test]
+fn envelopes_reject_unknown_versions_trailing_bytes_and_garbage() {
+    let entry = ShadowStats { evaluations: 1, ..ShadowStats::default() };
+    let mut bytes = entry.encode().unwrap();
+    bytes.push(0);
+    assert!(ShadowStats::decode(&bytes).unwrap_err().message().contains("trailing"));
+    bytes.pop();
+    bytes[0] = 9;
+    assert!(ShadowStats::decode(&bytes).unwrap_err().message().contains("unknown envelope version 9"));
+    assert_eq!(ShadowStats::decode(&[]).unwrap_err().kind(), StoreErrorKind::Corrupt);
+    // A length prefix claiming far more than the limit fails without allocating it.
+    let huge = [ENVELOPE_V1, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+    assert_eq!(String::decode(&huge).unwrap_err().kind(), StoreErrorKind::Corrupt);
+}
+
+// ---- group commit and the chain ---------------------------------------------------------------------
+
+#[test]
+fn records_get_gap_free_seqs_and_a_verifying_chain_in_batch_order() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 3);
+    let receipt = commit(&store, |b| {
+        world.push_block(b, &runs[0], 0, at(100));
+        world.push_block(b, &runs[1], 2, at(50));
+    });
+    let seqs: Vec<u64> = receipt.records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(receipt.records[0].prev_hash, RecordHash::genesis());
+    assert_eq!(receipt.records[1].prev_hash, receipt.records[0].hash);
+    assert_eq!(receipt.ledger_positions, [0, 0]);
+    let receipt = commit(&store, |b| {
+        world.push_block(b, &runs[2], 0, at(70));
+    });
+    assert_eq!(receipt.records[0].seq, 3);
+    assert_eq!(store.chain_head().unwrap(), (3, receipt.records[0].hash.clone()));
+    let all: Vec<PreventionRecord> = store.export_records(1).map(Result::unwrap).collect();
+    assert_eq!(runguard_contract::verify_chain(&all).unwrap(), receipt.records[0].hash);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!((report.records_checked, report.snapshots_checked), (3, 1));
+    let run = store.get_run(&world.tenant, &runs[0].run_id).unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Stopped);
+    assert_eq!(run.violation_policy_id, Some(world.policy.id.clone()));
+}
+
+#[test]
+fn a_contract_breach_fails_the_whole_batch_and_writes_nothing() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 2);
+    let mut batch = WriteBatch::new();
+    world.push_block(&mut batch, &runs[0], 0, at(5));
+    // A record whose decision names a different policy version.
+    let record_id = RecordId::new("prv_bad").unwrap();
+    let decision = world.block(&runs[1].run_id, 0, &record_id, at(6));
+    let record = world.record_for(&decision, at(6));
+    let mut other_version = world.policy.clone();
+    other_version.version = 2;
+    batch.append_record(record, decision, other_version, world.tenant.clone());
+    let err = store.commit(batch).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Contract);
+    assert!(
+        err.message().contains("write 3 of the batch") && err.message().contains("prevention record refused"),
+        "{err}"
+    );
+    assert_eq!(store.chain_head().unwrap().0, 0);
+    assert!(store.export_records(1).next().is_none());
+    assert_eq!(store.get_run(&world.tenant, &runs[0].run_id).unwrap().unwrap().status, RunStatus::Running);
+    assert!(store.last_ledger_entry(&world.tenant, &runs[0].run_id).unwrap().is_none());
+}
+
+#[test]
+fn shadow_and_foreign_tenant_records_are_refused() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 1);
+    let record_id = RecordId::new("prv_x").unwrap();
+    let decision = world.block(&runs[0].run_id, 0, &record_id, at(6));
+    let record = world.record_for(&decision, at(6));
+    let mut shadow = world.policy.clone();
+    shadow.mode = Mode::Shadow;
+    let mut batch = WriteBatch::new();
+    batch.append_record(record.clone(), decision.clone(), shadow, world.tenant.clone());
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    let mut batch = WriteBatch::new();
+    batch.append_record(record.clone(), decision.clone(), world.policy.clone(), tenant("globex"));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    // A live record of a run that does not exist.
+    let ghost = RunId::new("ghost").unwrap();
+    let decision = world.block(&ghost, 0, &record_id, at(6));
+    let mut batch = WriteBatch::new();
+    batch.append_record(world.record_for(&decision, at(6)), decision, world.policy.clone(), world.tenant.clone());
+    let err = store.commit(batch).unwrap_err();
+    assert!(err.message().contains("does not exist"), "{err}");
+    // A simulated record appended as live, and a live one appended as simulated.
+    let mut simulated = record.clone();
+    simulated.is_simulated = true;
+    let mut batch = WriteBatch::new();
+    batch.append_record(
+        simulated,
+        decision_for(&world, &runs[0], &record_id),
+        world.policy.clone(),
+        world.tenant.clone(),
+    );
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    let mut batch = WriteBatch::new();
+    batch.append_simulated_record(record);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    assert!(store.verify().unwrap().is_ok());
+    assert_eq!(store.chain_head().unwrap().0, 0);
+}
+
+fn decision_for(world: &World, run: &StoredRun, record: &RecordId) -> Decision {
+    world.block(&run.run_id, 0, record, at(6))
+}
+
+#[test]
+fn duplicate_record_ids_conflict() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 1);
+    commit(&store, |b| {
+        world.push_block(b, &runs[0], 0, at(5));
+    });
+    let mut batch = WriteBatch::new();
+    world.push_block(&mut batch, &runs[0], 0, at(5));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+}
+
+#[test]
+fn injected_failures_write_nothing_and_the_store_recovers() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 2);
+    store.inject_commit_failure(true);
+    let mut batch = WriteBatch::new();
+    world.push_block(&mut batch, &runs[0], 0, at(5));
+    let err = store.commit(batch.clone()).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Injected);
+    assert_eq!(store.chain_head().unwrap().0, 0);
+    assert!(store.last_ledger_entry(&world.tenant, &runs[0].run_id).unwrap().is_none());
+    assert_eq!(store.get_run(&world.tenant, &runs[0].run_id).unwrap().unwrap().status, RunStatus::Running);
+    store.inject_commit_failure(false);
+    let receipt = store.commit(batch).unwrap();
+    assert_eq!(receipt.records[0].seq, 1);
+    assert!(store.verify().unwrap().is_ok());
+}
+
+// ---- policies ---------------------------------------------------------------------------------------
+
+#[test]
+fn policy_versions_are_kept_and_races_conflict() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let v1 = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 10);
+    commit(&store, |b| {
+        b.put_policy_version(v1.clone());
+    });
+    let v2 = v1.with_mode(Mode::Active, at(5));
+    commit(&store, |b| {
+        b.put_policy_version(v2.clone());
+    });
+    assert_eq!(store.get_policy(Some(&acme), &v1.id, None).unwrap(), Some(v2.clone()));
+    assert_eq!(store.get_policy(Some(&acme), &v1.id, Some(1)).unwrap(), Some(v1.clone()));
+    assert_eq!(store.get_policy(Some(&acme), &v1.id, Some(3)).unwrap(), None);
+    assert_eq!(store.policy_versions(Some(&acme), &v1.id).unwrap(), [v1.clone(), v2.clone()]);
+    // A writer that read version 1 and writes its version 2 loses the race.
+    let stale = v1.with_mode(Mode::Disabled, at(6));
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(stale);
+    let err = store.commit(batch).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict);
+    assert!(err.message().contains("is at version 2"), "{err}");
+    // Creating an existing id conflicts; two versions in one batch chain.
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(v1.clone());
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+    let v3 = v2.with_mode(Mode::Disabled, at(7));
+    let v4 = v3.with_mode(Mode::Active, at(8));
+    commit(&store, |b| {
+        b.put_policy_version(v3).put_policy_version(v4.clone());
+    });
+    assert_eq!(store.get_policy(Some(&acme), &v1.id, None).unwrap(), Some(v4));
+    // Scope and owner must agree.
+    let mut bad = budget_policy(Some(&acme), "pol_b", Mode::Active, 1);
+    bad.tenant_id = None;
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(bad);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+}
+
+#[test]
+fn policies_list_global_then_own_filtered_and_paginated() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let globex = tenant("globex");
+    commit(&store, |b| {
+        b.put_policy_version(budget_policy(None, "pol_g1", Mode::Active, 1));
+        b.put_policy_version(budget_policy(Some(&acme), "pol_a1", Mode::Active, 1));
+        b.put_policy_version(budget_policy(Some(&acme), "pol_a2", Mode::Shadow, 1));
+        b.put_policy_version(budget_policy(Some(&acme), "pol_a3", Mode::Active, 1));
+        b.put_policy_version(budget_policy(Some(&globex), "pol_x", Mode::Active, 1));
+    });
+    let ids = |page: &crate::Page<Policy>| page.items.iter().map(|p| p.id.to_string()).collect::<Vec<_>>();
+    let all = store.list_policies(&acme, None, &PageRequest::first(100)).unwrap();
+    assert_eq!(ids(&all), ["pol_g1", "pol_a1", "pol_a2", "pol_a3"]);
+    assert_eq!(all.next_cursor, None);
+    let active = store.list_policies(&acme, Some(Mode::Active), &PageRequest::first(100)).unwrap();
+    assert_eq!(ids(&active), ["pol_g1", "pol_a1", "pol_a3"]);
+    // Walk with limit 1 across the global/tenant boundary.
+    let mut seen = Vec::new();
+    let mut page = PageRequest::first(1);
+    loop {
+        let got = store.list_policies(&acme, None, &page).unwrap();
+        seen.extend(ids(&got));
+        match got.next_cursor {
+            Some(c) => page = PageRequest::after(1, c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["pol_g1", "pol_a1", "pol_a2", "pol_a3"]);
+    // A cursor from another tenant's list is refused.
+    let other = store.list_policies(&globex, None, &PageRequest::first(1)).unwrap();
+    assert_eq!(ids(&other), ["pol_g1"]);
+    let other = store.list_policies(&globex, None, &PageRequest::after(1, other.next_cursor.unwrap())).unwrap();
+    assert_eq!(ids(&other), ["pol_x"]);
+    assert_eq!(
+        store.list_policies(&acme, None, &PageRequest::after(5, "00zz")).unwrap_err().kind(),
+        StoreErrorKind::InvalidArgument
+    );
+    assert_eq!(store.find_policy(&acme, &PolicyId::new("pol_g1").unwrap(), None).unwrap().unwrap().tenant_id, None);
+    assert!(store.find_policy(&acme, &PolicyId::new("pol_x").unwrap(), None).unwrap().is_none());
+}
+
+#[test]
+fn the_activation_audit_appends_in_order() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let policy = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 1);
+    let entry = |to: Mode, n: i64| AuditEntry {
+        policy_id: policy.id.clone(),
+        from: None,
+        to,
+        at: at(n),
+        caller: "ops".into(),
+        reason: Some(format!("step {n}")),
+        approval_path: ApprovalPath::Manual,
+    };
+    commit(&store, |b| {
+        b.put_policy_version(policy.clone()).append_audit(Some(acme.clone()), entry(Mode::Shadow, 0));
+    });
+    commit(&store, |b| {
+        b.append_audit(Some(acme.clone()), entry(Mode::Active, 1))
+            .append_audit(Some(acme.clone()), entry(Mode::Disabled, 2));
+    });
+    let audit = store.policy_audit(Some(&acme), &policy.id, &PageRequest::first(10)).unwrap();
+    assert_eq!(audit.items.iter().map(|e| e.to).collect::<Vec<_>>(), [Mode::Shadow, Mode::Active, Mode::Disabled]);
+    let mut batch = WriteBatch::new();
+    batch.append_audit(None, entry(Mode::Active, 3));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
+}
+
+// ---- snapshots and runs -----------------------------------------------------------------------------
+
+#[test]
+fn snapshots_are_content_addressed_and_found_by_id() {
+    let (_dir, store) = fresh();
+    let world = World::new("acme");
+    commit(&store, |b| {
+        b.put_snapshot(world.snapshot.clone()).put_snapshot(world.snapshot.clone());
+    });
+    let found = store.snapshot_by_id(&world.snapshot_ref.id).unwrap().unwrap();
+    assert_eq!(found.hash, world.snapshot_ref.hash);
+    assert_eq!(found.snapshot.unwrap(), world.snapshot);
+    assert!(store.snapshot_by_id(&runguard_contract::SnapshotId::new("snp_00").unwrap()).unwrap().is_none());
+    let missing = SnapshotHash::from_bytes(&[7; 32]);
+    assert_eq!(store.load_snapshot(&missing).unwrap_err(), IntegrityError::SnapshotMissing { hash: missing });
+    assert_eq!(store.verify().unwrap().snapshots_checked, 1);
+}
+
+#[test]
+fn runs_bind_once_need_their_snapshot_and_list_by_tenant() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 3);
+    let mut rebound = runs[0].clone();
+    let other = Snapshot::capture(&world.tenant, []);
+    rebound.snapshot = other.reference().unwrap();
+    let mut unbound = rebound.clone();
+    unbound.run_id = RunId::new("r9").unwrap();
+    let mut batch = WriteBatch::new();
+    batch.put_run(unbound);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound, "snapshot not stored");
+    let mut batch = WriteBatch::new();
+    batch.put_snapshot(other).put_run(rebound);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+
+    let page = store.list_runs(&world.tenant, &PageRequest::first(2)).unwrap();
+    assert_eq!(page.items.len(), 2);
+    let rest = store.list_runs(&world.tenant, &PageRequest::after(2, page.next_cursor.unwrap())).unwrap();
+    assert_eq!((rest.items.len(), rest.next_cursor), (1, None));
+    assert!(store.list_runs(&tenant("globex"), &PageRequest::first(5)).unwrap().items.is_empty());
+    assert!(store.get_run(&tenant("globex"), &runs[0].run_id).unwrap().is_none());
+
+    let mut ended = runs[1].clone();
+    ended.status = RunStatus::Succeeded;
+    commit(&store, |b| {
+        b.put_run(ended);
+    });
+    let live: Vec<RunId> = store.running_runs().map(|r| r.unwrap().run_id).collect();
+    assert_eq!(live, [runs[0].run_id.clone(), runs[2].run_id.clone()]);
+}
+
+#[test]
+fn ledgers_keep_every_call_and_load_run_checks_totals() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 2);
+    let mut run = runs[0].clone();
+    let e0 = world.post(&mut run, 0, 30);
+    let e1 = world.post(&mut run, 1, 40);
+    let receipt = commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), e0.clone())
+            .append_ledger(world.tenant.clone(), run.run_id.clone(), e1.clone())
+            .put_run(run.clone());
+    });
+    assert_eq!(receipt.ledger_positions, [0, 1]);
+    let loaded = store.load_run(&world.tenant, &run.run_id).unwrap().unwrap();
+    assert!(loaded.is_intact(), "{:?}", loaded.ledger_problem);
+    assert_eq!(loaded.snapshot.as_ref().unwrap(), &world.snapshot);
+    assert_eq!(loaded.ledger.len(), 2);
+    assert_eq!(loaded.ledger[1].position, 1);
+    assert_eq!(store.last_ledger_entry(&world.tenant, &run.run_id).unwrap().unwrap().decision, e1.decision);
+    let page = store.ledger(&world.tenant, &run.run_id, &PageRequest::first(1)).unwrap();
+    assert_eq!(page.items[0].position, 0);
+    assert!(page.next_cursor.is_some());
+
+    // A run whose stored totals disagree with its ledger is reported.
+    let mut lying = run.clone();
+    lying.totals.tokens = 5;
+    commit(&store, |b| {
+        b.put_run(lying);
+    });
+    let loaded = store.load_run(&world.tenant, &run.run_id).unwrap().unwrap();
+    assert!(!loaded.totals_consistent && !loaded.is_intact());
+    assert!(matches!(loaded.ledger_problem, Some(IntegrityError::TotalsMismatch { .. })));
+
+    // A ledger entry whose totals do not follow from the call's usage is reported too.
+    let mut run2 = runs[1].clone();
+    let mut bad = world.post(&mut run2, 0, 10);
+    bad.totals_after.tokens += 1;
+    run2.totals = bad.totals_after;
+    commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run2.run_id.clone(), bad).put_run(run2.clone());
+    });
+    assert!(!store.load_run(&world.tenant, &run2.run_id).unwrap().unwrap().totals_consistent);
+    assert!(store.load_run(&world.tenant, &RunId::new("nope").unwrap()).unwrap().is_none());
+    let mut batch = WriteBatch::new();
+    batch.append_ledger(world.tenant.clone(), RunId::new("nope").unwrap(), e0);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
+}
+
+// ---- record queries ---------------------------------------------------------------------------------
+
+/// Four live records over two runs and one simulated record; returns the world and the runs.
+fn records_fixture(store: &Store) -> (World, Vec<StoredRun>) {
+    let (world, runs) = world_with_runs(store, 4);
+    commit(store, |b| {
+        world.push_block(b, &runs[0], 0, at(100));
+        world.push_block(b, &runs[1], 1, at(200));
+    });
+    commit(store, |b| {
+        world.push_block(b, &runs[2], 0, at(300));
+        world.push_block(b, &runs[3], 4, at(150));
+    });
+    let record_id = RecordId::new("prv_sim").unwrap();
+    let mut simulated = world.record_for(&world.block(&runs[0].run_id, 0, &record_id, at(120)), at(120));
+    simulated.is_simulated = true;
+    commit(store, |b| {
+        b.append_simulated_record(simulated);
+    });
+    (world, runs)
+}
+
+fn seqs(page: &crate::Page<PreventionRecord>) -> Vec<u64> {
+    page.items.iter().map(|r| r.seq).collect()
+}
+
+#[test]
+fn record_queries_filter_by_time_policy_run_and_simulation() {
+    let (_dir, store) = fresh();
+    let (world, runs) = records_fixture(&store);
+    let q = RecordQuery::tenant(world.tenant.clone());
+    assert_eq!(seqs(&store.list_records(&q).unwrap()), [1, 4, 2, 3], "ordered by prevented_at");
+    let window = RecordQuery { since: Some(at(150)), until: Some(at(300)), ..q.clone() };
+    assert_eq!(seqs(&store.list_records(&window).unwrap()), [4, 2]);
+    let by_policy = RecordQuery { policy_id: Some(world.policy.id.clone()), since: Some(at(200)), ..q.clone() };
+    assert_eq!(seqs(&store.list_records(&by_policy).unwrap()), [2, 3]);
+    let other_policy = RecordQuery { policy_id: Some(PolicyId::new("pol_other").unwrap()), ..q.clone() };
+    assert!(store.list_records(&other_policy).unwrap().items.is_empty());
+    let by_run = RecordQuery { run_id: Some(runs[1].run_id.clone()), ..q.clone() };
+    assert_eq!(seqs(&store.list_records(&by_run).unwrap()), [2]);
+    let simulated = RecordQuery { simulated: true, ..q.clone() };
+    assert_eq!(seqs(&store.list_records(&simulated).unwrap()), [5]);
+    let sim_run = RecordQuery { simulated: true, run_id: Some(runs[0].run_id.clone()), ..q.clone() };
+    assert_eq!(seqs(&store.list_records(&sim_run).unwrap()), [5]);
+    let other = RecordQuery::tenant(tenant("globex"));
+    assert!(store.list_records(&other).unwrap().items.is_empty());
+    let one = store.list_records(&q).unwrap().items[0].clone();
+    assert_eq!(store.get_record(&world.tenant, &one.id).unwrap(), Some(one.clone()));
+    assert_eq!(store.get_record(&tenant("globex"), &one.id).unwrap(), None);
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn record_pagination_edges() {
+    let (_dir, store) = fresh();
+    // Empty.
+    let q = RecordQuery::tenant(tenant("acme"));
+    let empty = store.list_records(&q).unwrap();
+    assert!(empty.items.is_empty() && empty.next_cursor.is_none());
+    let (world, _) = records_fixture(&store);
+    let q = RecordQuery::tenant(world.tenant.clone());
+    // Exactly one page.
+    let page = store.list_records(&RecordQuery { page: PageRequest::first(4), ..q.clone() }).unwrap();
+    assert_eq!((page.items.len(), page.next_cursor.clone()), (4, None));
+    // Limit 1 walks every record once, and the cursor at the end gives an empty last page.
+    let mut walked = Vec::new();
+    let mut page = PageRequest::first(1);
+    let mut last_cursor = None;
+    loop {
+        let got = store.list_records(&RecordQuery { page: page.clone(), ..q.clone() }).unwrap();
+        walked.extend(seqs(&got));
+        match got.next_cursor {
+            Some(c) => {
+                last_cursor = Some(c.clone());
+                page = PageRequest::after(1, c);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(walked, [1, 4, 2, 3]);
+    assert!(last_cursor.is_some());
+    let last = store.record_at(3).unwrap().unwrap();
+    let mut end_cursor = crate::keys::records_of_tenant(&world.tenant, false);
+    end_cursor.extend(crate::keys::Key::new().time(last.prevented_at).u64(3).into_vec());
+    let after_end = store
+        .list_records(&RecordQuery { page: PageRequest::after(10, hex::encode(end_cursor)), ..q.clone() })
+        .unwrap();
+    assert!(after_end.items.is_empty() && after_end.next_cursor.is_none());
+    // Cursors with time windows continue inside the window.
+    let window = RecordQuery { since: Some(at(150)), page: PageRequest::first(1), ..q.clone() };
+    let first = store.list_records(&window).unwrap();
+    let second = store
+        .list_records(&RecordQuery { page: PageRequest::after(5, first.next_cursor.clone().unwrap()), ..window })
+        .unwrap();
+    assert_eq!((seqs(&first), seqs(&second)), (vec![4], vec![2, 3]));
+    // Bad cursors and limits are clear errors.
+    for cursor in ["not hex", "00", &hex::encode("globex\0\0")] {
+        let err = store.list_records(&RecordQuery { page: PageRequest::after(5, cursor), ..q.clone() }).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("cursor"), "{err}");
+    }
+    let err = store.list_records(&RecordQuery { page: PageRequest::first(1001), ..q.clone() }).unwrap_err();
+    assert!(err.to_string().contains("limit 1001"), "{err}");
+}
+
+// ---- learning loop ----------------------------------------------------------------------------------
+
+#[test]
+fn shadow_stats_add_batch_deltas() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let id = PolicyId::new("pol_s").unwrap();
+    let d = ShadowStats { evaluations: 3, would_block: 1, would_warn: 1, would_throttle: 0 };
+    commit(&store, |b| {
+        b.add_shadow_stats(Some(acme.clone()), id.clone(), d).add_shadow_stats(Some(acme.clone()), id.clone(), d);
+    });
+    commit(&store, |b| {
+        b.add_shadow_stats(Some(acme.clone()), id.clone(), ShadowStats { would_throttle: 2, ..ShadowStats::default() });
+    });
+    assert_eq!(
+        store.shadow_stats(Some(&acme), &id).unwrap(),
+        ShadowStats { evaluations: 6, would_block: 2, would_warn: 2, would_throttle: 2 }
+    );
+    assert_eq!(store.shadow_stats(None, &id).unwrap(), ShadowStats::default());
+}
+
+fn incident(t: &TenantId, n: u128, when: i64, sig: &runguard_contract::Signature, pattern: &PatternId) -> Incident {
+    Incident {
+        id: IncidentId::from_u128(n),
+        tenant_id: t.clone(),
+        run_id: RunId::new(format!("r{n}")).unwrap(),
+        signature_hash: sig.hash(),
+        signature: sig.clone(),
+        error: StepError { error_type: Some("timeout".into()), ..StepError::default() },
+        pattern_id: pattern.clone(),
+        created_at: at(when),
+    }
+}
+
+#[test]
+fn incidents_and_patterns_are_tenant_scoped_and_unique() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let sig = runguard_contract::Signature::normalize(Some("fetch"), Some("/v1/users/1"), &[]);
+    let pid = PatternId::new("pat_1").unwrap();
+    let pattern = Pattern {
+        id: pid.clone(),
+        tenant_id: acme.clone(),
+        signature_hash: sig.hash(),
+        signature: sig.clone(),
+        error_type: "timeout".into(),
+        occurrences: 2,
+        first_seen: at(5),
+        last_seen: at(9),
+        incident_ids: vec![IncidentId::from_u128(2), IncidentId::from_u128(1)],
+        policy_id: None,
+    };
+    commit(&store, |b| {
+        b.put_incident(incident(&acme, 2, 9, &sig, &pid))
+            .put_incident(incident(&acme, 1, 5, &sig, &pid))
+            .put_pattern(pattern.clone());
+    });
+    let listed = store.list_incidents(&acme, &PageRequest::first(10)).unwrap();
+    assert_eq!(listed.items.iter().map(|i| i.created_at).collect::<Vec<_>>(), [at(5), at(9)]);
+    assert!(store.list_incidents(&tenant("globex"), &PageRequest::first(10)).unwrap().items.is_empty());
+    assert!(store.get_incident(&acme, &IncidentId::from_u128(1)).unwrap().is_some());
+    let mut batch = WriteBatch::new();
+    batch.put_incident(incident(&acme, 1, 5, &sig, &pid));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+
+    assert_eq!(store.find_pattern(&acme, &sig.hash(), "timeout").unwrap(), Some(pattern.clone()));
+    assert_eq!(store.find_pattern(&acme, &sig.hash(), "other").unwrap(), None);
+    assert_eq!(store.find_pattern(&tenant("globex"), &sig.hash(), "timeout").unwrap(), None);
+    let mut grown = pattern.clone();
+    grown.occurrences = 3;
+    grown.policy_id = Some(PolicyId::new("pol_pat").unwrap());
+    commit(&store, |b| {
+        b.put_pattern(grown.clone());
+    });
+    assert_eq!(store.get_pattern(&acme, &pid).unwrap(), Some(grown.clone()));
+    let mut twin = grown.clone();
+    twin.id = PatternId::new("pat_2").unwrap();
+    let mut batch = WriteBatch::new();
+    batch.put_pattern(twin);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+    let mut moved = grown;
+    moved.error_type = "other".into();
+    let mut batch = WriteBatch::new();
+    batch.put_pattern(moved);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    assert_eq!(store.list_patterns(&acme, &PageRequest::first(10)).unwrap().items.len(), 1);
+}
+
+#[test]
+fn a_record_can_be_regretted_once() {
+    let (_dir, store) = fresh();
+    let (world, _) = records_fixture(&store);
+    let record = store.record_at(1).unwrap().unwrap();
+    let regret = Regret {
+        record_id: record.id.clone(),
+        policy_id: record.policy_id.clone(),
+        severity: 4,
+        note: None,
+        caller: "ops".into(),
+        at: at(1000),
+    };
+    commit(&store, |b| {
+        b.put_regret(world.tenant.clone(), regret.clone());
+    });
+    assert_eq!(store.get_regret(&record.id).unwrap(), Some(regret.clone()));
+    assert_eq!(
+        store.regrets_for_policy(&world.tenant, &record.policy_id, Some(at(999))).unwrap(),
+        std::slice::from_ref(&regret)
+    );
+    assert!(store.regrets_for_policy(&world.tenant, &record.policy_id, Some(at(1001))).unwrap().is_empty());
+    let mut batch = WriteBatch::new();
+    batch.put_regret(world.tenant.clone(), regret.clone());
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+    let mut batch = WriteBatch::new();
+    batch.put_regret(tenant("globex"), Regret { record_id: store.record_at(2).unwrap().unwrap().id, ..regret.clone() });
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound, "another tenant's record");
+    let mut batch = WriteBatch::new();
+    batch.put_regret(world.tenant.clone(), Regret { record_id: RecordId::new("prv_none").unwrap(), ..regret });
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
+}
+
+#[test]
+fn graduation_keeps_its_history() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let state = |level: &str, n: i64| GraduationState {
+        level: level.into(),
+        degraded_from: (level == "degraded").then(|| "beta".into()),
+        reason: None,
+        at: at(n),
+        gates: GraduationGates::default(),
+    };
+    commit(&store, |b| {
+        b.set_graduation(acme.clone(), state("alpha", 0)).set_graduation(acme.clone(), state("beta", 1));
+    });
+    commit(&store, |b| {
+        b.set_graduation(acme.clone(), state("degraded", 2));
+    });
+    assert_eq!(store.graduation(&acme).unwrap(), Some(state("degraded", 2)));
+    let history = store.graduation_history(&acme, &PageRequest::first(10)).unwrap();
+    assert_eq!(history.items.iter().map(|s| s.level.as_str()).collect::<Vec<_>>(), ["alpha", "beta", "degraded"]);
+    assert_eq!(store.graduation(&tenant("globex")).unwrap(), None);
+}
+
+// ---- recovery and corruption ------------------------------------------------------------------------
+
+#[test]
+fn reopening_recovers_the_chain_head_and_everything_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (world, runs, head) = {
+        let store = open(&dir);
+        let (world, runs) = records_fixture(&store);
+        let head = store.chain_head().unwrap();
+        (world, runs, head)
+    };
+    let store = open(&dir);
+    assert_eq!(store.chain_head().unwrap(), head);
+    let receipt = commit(&store, |b| {
+        let mut run = runs[0].clone();
+        run.run_id = RunId::new("late").unwrap();
+        b.put_run(run.clone());
+        world.push_block(b, &run, 0, at(999));
+    });
+    assert_eq!(receipt.records[0].seq, head.0 + 1);
+    assert_eq!(receipt.records[0].prev_hash, head.1);
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn unknown_schema_versions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(&dir);
+        store.raw_tree("meta").insert(b"schema_version", 7u32.encode().unwrap()).unwrap();
+        store.raw_tree("meta").flush().unwrap();
+    }
+    let err = Store::open(dir.path(), &StoreOptions::default()).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Schema);
+    assert!(err.message().contains("schema version 7"), "{err}");
+}
+
+fn flip_last_byte(tree: &sled::Tree, key: &[u8]) {
+    let mut value = tree.get(key).unwrap().unwrap().to_vec();
+    let last = value.len() - 2;
+    value[last] ^= 0x01;
+    tree.insert(key, value).unwrap();
+}
+
+#[test]
+fn a_flipped_snapshot_byte_fails_loading_closed_and_verify_names_it() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 1);
+    let key = hex::decode(world.snapshot_ref.hash.as_str()).unwrap();
+    // Flip a byte inside the canonical JSON (a digit of `max`), keeping it parseable.
+    let tree = store.raw_tree("snapshots");
+    let mut value = tree.get(&key).unwrap().unwrap().to_vec();
+    let pos = value.windows(6).position(|w| w == b"\"max\":").unwrap() + 6;
+    value[pos] = b'9';
+    tree.insert(key, value).unwrap();
+    let loaded = store.load_run(&world.tenant, &runs[0].run_id).unwrap().unwrap();
+    assert!(matches!(loaded.snapshot, Err(IntegrityError::SnapshotHashMismatch { .. })), "{:?}", loaded.snapshot);
+    assert!(!loaded.is_intact());
+    let report = store.verify().unwrap();
+    let broken = report.snapshot_break.unwrap();
+    assert_eq!(broken.id, world.snapshot_ref.id);
+    assert!(broken.to_string().contains(world.snapshot_ref.id.as_str()), "{broken}");
+    // Garbage that no longer parses is reported too.
+    flip_last_byte(&tree, &hex::decode(world.snapshot_ref.hash.as_str()).unwrap());
+    assert!(store.load_snapshot(&world.snapshot_ref.hash).is_err());
+}
+
+#[test]
+fn a_flipped_record_byte_breaks_the_chain_at_that_record() {
+    let (_dir, store) = fresh();
+    let _ = records_fixture(&store);
+    let tree = store.raw_tree("records");
+    let key = 3u64.to_be_bytes();
+    let mut record = PreventionRecord::decode(&tree.get(key).unwrap().unwrap()).unwrap();
+    record.step_index = Some(77);
+    tree.insert(key, record.encode().unwrap()).unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.records_checked, 2);
+    assert_eq!(
+        report.record_break,
+        Some(RecordBreak::Chain(ChainBreak::HashMismatch { id: record.id.clone(), seq: 3 }))
+    );
+    // A raw flip that breaks decoding is named by its seq.
+    flip_last_byte(&tree, &key);
+    let broken = store.verify().unwrap().record_break.unwrap();
+    assert!(matches!(broken, RecordBreak::Undecodable { seq: 3, .. } | RecordBreak::Chain(_)), "{broken:?}");
+    assert!(broken.to_string().contains('3'), "{broken}");
+    // Listing through the broken record fails closed instead of skipping it.
+    let mut raw = tree.get(key).unwrap().unwrap().to_vec();
+    raw.truncate(raw.len() / 2);
+    tree.insert(key, raw).unwrap();
+    let err = store.list_records(&RecordQuery::tenant(tenant("acme"))).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+}
+
+#[test]
+fn a_corrupt_chain_head_blocks_appends_but_not_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let (world, runs) = {
+        let store = open(&dir);
+        let fixture = records_fixture(&store);
+        let tree = store.raw_tree("records");
+        let key = 5u64.to_be_bytes();
+        let mut raw = tree.get(key).unwrap().unwrap().to_vec();
+        raw.truncate(10);
+        tree.insert(key, raw).unwrap();
+        store.raw_tree("records").flush().unwrap();
+        fixture
+    };
+    let store = open(&dir);
+    assert_eq!(store.chain_head().unwrap_err().kind(), StoreErrorKind::Corrupt);
+    let mut batch = WriteBatch::new();
+    let mut run = runs[0].clone();
+    run.run_id = RunId::new("late").unwrap();
+    batch.put_run(run.clone());
+    world.push_block(&mut batch, &run, 0, at(5));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Corrupt);
+    assert!(matches!(store.verify().unwrap().record_break, Some(RecordBreak::Undecodable { seq: 5, .. })));
+}
+
+#[test]
+fn verify_notices_a_missing_index_entry() {
+    let (_dir, store) = fresh();
+    let _ = records_fixture(&store);
+    let record = store.record_at(2).unwrap().unwrap();
+    let index = store.raw_tree("rec_by_id");
+    let key = index.scan_prefix(format!("{}\0", record.id)).next().unwrap().unwrap().0;
+    index.remove(key).unwrap();
+    assert_eq!(
+        store.verify().unwrap().record_break,
+        Some(RecordBreak::IndexMissing { id: record.id, seq: 2, index: "rec_by_id" })
+    );
+}
+
+#[test]
+fn every_entry_of_a_failed_multi_run_batch_is_absent() {
+    let (_dir, store) = fresh();
+    let (world, runs) = world_with_runs(&store, 2);
+    let mut run = runs[0].clone();
+    let entry = world.post(&mut run, 0, 10);
+    let mut batch = WriteBatch::new();
+    batch.append_ledger(world.tenant.clone(), run.run_id.clone(), entry).put_run(run.clone());
+    batch.add_shadow_stats(
+        Some(world.tenant.clone()),
+        world.policy.id.clone(),
+        ShadowStats { evaluations: 1, ..ShadowStats::default() },
+    );
+    batch.put_policy_version(world.policy.clone()); // version 1 again: conflict
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap().totals, Totals::default());
+    assert!(store.last_ledger_entry(&world.tenant, &run.run_id).unwrap().is_none());
+    assert_eq!(store.shadow_stats(Some(&world.tenant), &world.policy.id).unwrap(), ShadowStats::default());
+}

@@ -1,0 +1,3 @@
+//! Integration tests of runguard-store.
+
+mod fixtures;
