@@ -71,12 +71,21 @@ pub struct LedgerEntry {
     pub decision: Decision,
     /// The run totals after the call.
     pub totals_after: Totals,
+    /// How the call changed the run state, encoded by the node (opaque here); replaying these rebuilds
+    /// the run's state exactly (rate windows, warn tiers, idempotency) on rehydration.
+    pub effects: Vec<u8>,
 }
 
 impl LedgerEntry {
     /// An entry to append; the store sets `position`.
     pub fn new(call: LedgerCall, decision: Decision, totals_after: Totals) -> Self {
-        Self { position: 0, call, decision, totals_after }
+        Self { position: 0, call, decision, totals_after, effects: Vec::new() }
+    }
+
+    /// The same entry carrying the node's encoded state effects.
+    pub fn with_effects(mut self, effects: Vec<u8>) -> Self {
+        self.effects = effects;
+        self
     }
 }
 

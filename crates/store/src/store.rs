@@ -117,10 +117,7 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`, checks the schema version and recovers the chain head.
     pub fn open(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        let db =
-            sled::Config::new().path(&dir).cache_capacity(options.cache_capacity_bytes).open().map_err(|err| {
-                StoreError::from(err).context(format!("cannot open the store in `{}`", dir.display()))
-            })?;
+        let db = open_db(&dir, options)?;
         let trees = TREE_NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<Tree>, _>>()?;
         let db_file = if options.fsync { Some(File::open(dir.join("db"))?) } else { None };
         let mut store = Self {
@@ -226,6 +223,9 @@ impl Store {
     /// ledger positions, applies everything in one multi-tree transaction, then flushes and fsyncs. On any
     /// error nothing of the batch is written.
     pub fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
+        if batch.is_empty() {
+            return Ok(CommitReceipt::default());
+        }
         let mut writer = self.writer();
         if let Some(why) = &writer.poisoned {
             return Err(StoreError::new(
@@ -727,6 +727,31 @@ impl Store {
         }
         let mut iter = self.tree(t).range::<Vec<u8>, _>((start, end));
         collect_page(&mut iter, limit, |k, v| map(k, v))
+    }
+}
+
+/// How long `open` waits for the directory lock: sled's background threads release it shortly after the
+/// previous `Db` of this process is dropped.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_db(dir: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).cache_capacity(options.cache_capacity_bytes).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(err)) if err.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::io(
+                        format!("the store in `{}` is locked by another process", dir.display()),
+                        err,
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(err) => {
+                return Err(StoreError::from(err).context(format!("cannot open the store in `{}`", dir.display())));
+            }
+        }
     }
 }
 

@@ -202,7 +202,7 @@ proptest! {
             1 => LedgerCall::RunStart,
             _ => LedgerCall::RunEnd { outcome: runguard_contract::Outcome::Failed, error: Some(StepError { error_type: Some("Timeout".into()), code: None, status: Some(504), message: Some("m".into()) }) },
         };
-        round_trip(&LedgerEntry { position: pos, call, decision: d, totals_after: t });
+        round_trip(&LedgerEntry { position: pos, call, decision: d, totals_after: t, effects: vec![7, 8, 9] });
     }
 
     #[test]
