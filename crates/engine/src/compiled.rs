@@ -170,6 +170,11 @@ impl CompiledSnapshot {
         self.policies.iter().find(|p| &p.policy.id == id)
     }
 
+    /// Whether any policy keeps a tenant-wide rate window (the caller must then pass its `TenantRates`).
+    pub fn uses_tenant_rates(&self) -> bool {
+        self.tenant_window_ms > 0
+    }
+
     pub(crate) fn run_window_ms(&self) -> i64 {
         self.run_window_ms
     }

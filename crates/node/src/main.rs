@@ -1,2 +1,5 @@
-//! placeholder until the node issue lands
-fn main() {}
+//! The `runguard` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    runguard_node::cli::main()
+}

@@ -1,0 +1,126 @@
+//! The registry: maps `(tenant, run id)` to the live run actor, spawning (and so rehydrating) actors on
+//! demand across several arbiters. Entries carry a generation so that a stopping actor's late
+//! deregistration never evicts its replacement.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use runguard_contract::{RunId, TenantId};
+
+use crate::actors::run::RunActor;
+use crate::error::ApiError;
+use crate::shared::Shared;
+
+/// A run's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Its id.
+    pub run_id: RunId,
+}
+
+/// Returns the live actor of a run, spawning it if needed.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Addr<RunActor>, ApiError>")]
+pub struct Resolve(pub RunKey);
+
+/// Sent by a run actor when it stops.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deregister {
+    /// The run.
+    pub key: RunKey,
+    /// The generation of the stopping actor.
+    pub generation: u64,
+}
+
+/// How many runs are live (for `/metrics` and tests).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct LiveRuns;
+
+/// The registry actor.
+pub struct Registry {
+    shared: Arc<Shared>,
+    arbiters: Vec<ArbiterHandle>,
+    runs: HashMap<RunKey, (Addr<RunActor>, u64)>,
+    next_generation: u64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("live", &self.runs.len()).finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry placing run actors on `arbiters` (by hash of the run key).
+    pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
+        Self { shared, arbiters, runs: HashMap::new(), next_generation: 0 }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.shared.config.limits.writer_queue.max(1024));
+    }
+}
+
+impl Handler<Resolve> for Registry {
+    type Result = Result<Addr<RunActor>, ApiError>;
+
+    fn handle(&mut self, Resolve(key): Resolve, ctx: &mut Self::Context) -> Self::Result {
+        if let Some((addr, _)) = self.runs.get(&key)
+            && addr.connected()
+        {
+            return Ok(addr.clone());
+        }
+        if self.runs.len() >= self.shared.config.limits.live_runs {
+            self.runs.retain(|_, (addr, _)| addr.connected());
+            if self.runs.len() >= self.shared.config.limits.live_runs {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "live_runs").increment(1);
+                return Err(ApiError::unavailable("too many live runs on this node; retry later", 1));
+            }
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let generation = self.next_generation;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let slot = usize::try_from(hasher.finish() % (self.arbiters.len().max(1) as u64)).unwrap_or(0);
+        let shared = Arc::clone(&self.shared);
+        let registry = ctx.address();
+        let actor_key = key.clone();
+        let make = move |_: &mut Context<RunActor>| RunActor::new(actor_key, generation, shared, registry);
+        let addr = match self.arbiters.get(slot) {
+            Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
+            None => RunActor::create(make),
+        };
+        self.runs.insert(key, (addr.clone(), generation));
+        metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
+        Ok(addr)
+    }
+}
+
+impl Handler<Deregister> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deregister, _: &mut Self::Context) {
+        if self.runs.get(&msg.key).is_some_and(|(_, generation)| *generation == msg.generation) {
+            self.runs.remove(&msg.key);
+            metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
+        }
+    }
+}
+
+impl Handler<LiveRuns> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _: LiveRuns, _: &mut Self::Context) -> usize {
+        self.runs.len()
+    }
+}

@@ -1,0 +1,509 @@
+//! The run actor: one per live run. It holds the run's compiled snapshot (shared by `Arc`) and its
+//! state, and handles the run's calls strictly one at a time: a call is evaluated, committed through the
+//! writer, and only then applied and answered (`AtomicResponse`), so the next call sees its effects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use runguard_contract::{
+    Action, Decision, Outcome, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp, ViolationType,
+};
+use runguard_engine::{
+    Admission, Call, CompiledSnapshot, Effects, Evaluation, Refusal, RunState, TenantRates, evaluate,
+};
+use runguard_store::{
+    LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::actors::registry::{Deregister, Registry, RunKey};
+use crate::error::ApiError;
+use crate::shared::{Shared, now};
+
+/// `POST /v1/runs` after the id is settled.
+#[derive(Clone, Debug)]
+pub struct CreateRun {
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The endpoint the run works against, if given.
+    pub api_endpoint: Option<String>,
+}
+
+/// The answer to run creation (and to an identical re-creation).
+#[derive(Clone, Debug, Serialize)]
+pub struct CreateAnswer {
+    /// The run.
+    pub run_id: String,
+    /// Its status.
+    pub status: &'static str,
+    /// Its snapshot.
+    pub snapshot: SnapshotRef,
+    /// The run-start decision.
+    pub decision: Decision,
+}
+
+/// Messages a run actor handles.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RunReply, ApiError>")]
+pub enum RunMsg {
+    /// Create the run, or answer its creation again.
+    Create(CreateRun),
+    /// A step call.
+    Step(Box<StepCall>),
+    /// End the run.
+    End {
+        /// How it ended.
+        outcome: Outcome,
+        /// The failing step's error.
+        error: Option<StepError>,
+    },
+}
+
+/// What a run actor answers.
+#[derive(Clone, Debug)]
+pub enum RunReply {
+    /// Creation: 201 when `created`, else 200.
+    Created {
+        /// Whether this call created it.
+        created: bool,
+        /// The answer.
+        answer: Box<CreateAnswer>,
+    },
+    /// A decision.
+    Decision(Box<Decision>),
+    /// The run after `end`.
+    Ended(Box<StoredRun>),
+}
+
+struct Live {
+    snapshot: Arc<CompiledSnapshot>,
+    state: RunState,
+    run: StoredRun,
+    start_decision: Decision,
+}
+
+/// The actor.
+pub struct RunActor {
+    key: RunKey,
+    generation: u64,
+    shared: Arc<Shared>,
+    registry: Addr<Registry>,
+    live: Option<Live>,
+    last_seen: Instant,
+}
+
+impl std::fmt::Debug for RunActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunActor").field("run", &self.key.run_id).finish_non_exhaustive()
+    }
+}
+
+impl RunActor {
+    /// A run actor for `key`, not yet loaded.
+    pub fn new(key: RunKey, generation: u64, shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
+        Self { key, generation, shared, registry, live: None, last_seen: Instant::now() }
+    }
+}
+
+impl Actor for RunActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.shared.config.limits.run_mailbox);
+        let idle = Duration::from_secs(self.shared.config.run_idle_s);
+        ctx.run_interval(idle.min(Duration::from_secs(30)), move |actor, ctx| {
+            if actor.last_seen.elapsed() >= idle {
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.registry.do_send(Deregister { key: self.key.clone(), generation: self.generation });
+    }
+}
+
+fn effects_bytes(effects: &Effects) -> Vec<u8> {
+    serde_json::to_vec(effects).unwrap_or_default()
+}
+
+/// Rebuilds a run from the store: re-verifies the snapshot, replays the ledger's effects, and fails the
+/// run closed (integrity) when anything does not check out.
+fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
+    let run = loaded.run;
+    let mut state = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
+    let mut replay_ok = true;
+    for entry in &loaded.ledger {
+        match serde_json::from_slice::<Effects>(&entry.effects) {
+            Ok(effects) => state.apply(&entry.decision, &effects),
+            Err(_) => replay_ok = false,
+        }
+    }
+    let snapshot = match &loaded.snapshot {
+        Ok(snapshot) if replay_ok && loaded.totals_consistent && state.totals == run.totals => {
+            shared.compiled(snapshot, &run.snapshot.hash)
+        }
+        _ => {
+            tracing::error!(run_id = %run.run_id, "run failed its integrity checks on load; every call will block");
+            Arc::new(CompiledSnapshot::tampered(run.snapshot.hash.clone()))
+        }
+    };
+    let start_decision = loaded.ledger.first().map(|e| e.decision.clone()).unwrap_or_else(|| {
+        // A run is always stored with its run-start entry; without one it cannot be trusted.
+        placeholder_decision(&run, &snapshot)
+    });
+    // Status, totals and termination come from the stored run, which the ledger replay must agree with.
+    state.status = run.status;
+    Live { snapshot, state, run, start_decision }
+}
+
+fn placeholder_decision(run: &StoredRun, snapshot: &CompiledSnapshot) -> Decision {
+    evaluate(
+        snapshot,
+        &RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone()),
+        Call::RunStart,
+        &TenantRates::default(),
+        run.created_at,
+    )
+    .decision
+}
+
+fn refusal(refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::OutOfOrder { expected } => ApiError::conflict(
+            "step_out_of_order",
+            format!("expected step {} `{}` next", expected.index, expected.phase.as_str()),
+        )
+        .with_details(json!({ "expected": { "index": expected.index, "phase": expected.phase } })),
+        Refusal::NotRunning { status, stopping_decision } => ApiError::conflict(
+            "run_not_running",
+            format!("the run is {}; it accepts no more step calls", status.as_str()),
+        )
+        .with_details(json!({ "status": status, "decision": stopping_decision })),
+        Refusal::RetryMismatch { index, phase } => ApiError::conflict(
+            "idempotency_mismatch",
+            format!("step {index} `{}` was already answered; a retry must send the identical body", phase.as_str()),
+        ),
+    }
+}
+
+/// The stored run after a call's effects, with the engine state's status, totals and termination.
+fn run_after(run: &StoredRun, state: &RunState, at: Timestamp, outcome: Option<Outcome>) -> StoredRun {
+    let mut next = run.clone();
+    next.status = state.status;
+    next.totals = state.totals;
+    next.next = state.next;
+    if let Some(termination) = &state.termination {
+        next.termination_reason = Some(termination.reason);
+        next.stopped_at_step = termination.stopped_at_step;
+        next.violation_policy_id = termination.violation_policy_id.clone();
+    }
+    if !state.status.is_running() && next.ended_at.is_none() {
+        next.ended_at = Some(at);
+    }
+    if outcome.is_some() {
+        next.outcome = outcome;
+    }
+    next
+}
+
+fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
+    if keep {
+        return call.clone();
+    }
+    StepCall { input_text: None, output_text: None, ..call.clone() }
+}
+
+/// Adds what an evaluation must persist besides the ledger entry: its record and shadow statistics.
+fn persist_evaluation(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, evaluation: &Evaluation, tenant: &TenantId) {
+    if let Some(record) = &evaluation.record
+        && let Some(deciding) = evaluation.decision.deciding_policy.as_ref().and_then(|p| snapshot.policy(&p.id))
+    {
+        batch.push(WriteOp::AppendRecord(Box::new(RecordAppend {
+            record: record.clone(),
+            authority: RecordAuthority::Live {
+                decision: Box::new(evaluation.decision.clone()),
+                policy: Box::new(deciding.policy.clone()),
+                run_tenant: tenant.clone(),
+            },
+        })));
+    }
+    for policy_id in &evaluation.shadow_evaluated {
+        let mut delta = ShadowStats { evaluations: 1, ..ShadowStats::default() };
+        for entry in evaluation.decision.shadow.iter().filter(|s| &s.policy_id == policy_id) {
+            match entry.would_action {
+                Action::Block => delta.would_block += 1,
+                Action::Warn => delta.would_warn += 1,
+                Action::Throttle => delta.would_throttle += 1,
+                Action::Allow => {}
+            }
+        }
+        let owner = snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone());
+        batch.add_shadow_stats(owner, policy_id.clone(), delta);
+    }
+}
+
+fn record_metrics(evaluation: &Evaluation, elapsed: Duration) {
+    metrics::counter!("runguard_decisions_total", "action" => evaluation.decision.action.as_str()).increment(1);
+    metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
+    if evaluation.record.is_some() {
+        metrics::counter!("runguard_prevention_records_total").increment(1);
+    }
+    if evaluation.decision.action == Action::Throttle {
+        metrics::counter!("runguard_throttles_total").increment(1);
+    }
+    let would_block = evaluation.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
+    if would_block > 0 {
+        metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
+    }
+    for policy in &evaluation.fail_opens {
+        tracing::warn!(policy_id = %policy.id, decision_id = %evaluation.decision.decision_id, "policy failed open (on_error: allow)");
+        metrics::counter!("runguard_fail_open_total").increment(1);
+    }
+}
+
+impl RunActor {
+    async fn load(shared: Arc<Shared>, key: RunKey) -> Result<Option<Live>, ApiError> {
+        let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
+        let loaded = shared.read(move |store| store.load_run(&tenant, &run_id)).await?;
+        Ok(loaded.map(|loaded| rehydrate(&shared, loaded)))
+    }
+
+    async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<Live, ApiError> {
+        let tenant = key.tenant.clone();
+        let policies = shared
+            .read(move |store| {
+                let mut all = Vec::new();
+                let mut page = runguard_store::PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
+                loop {
+                    let batch = store.list_policies(&tenant, None, &page)?;
+                    all.extend(batch.items);
+                    match batch.next_cursor {
+                        Some(cursor) => {
+                            page = runguard_store::PageRequest::after(runguard_store::MAX_PAGE_LIMIT, cursor)
+                        }
+                        None => return Ok(all),
+                    }
+                }
+            })
+            .await?;
+        let snapshot = Snapshot::capture(&key.tenant, &policies);
+        let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
+        let compiled = shared.compiled(&snapshot, &reference.hash);
+        let at = now();
+        let mut state = RunState::new(key.tenant.clone(), key.run_id.clone(), request.labels.clone());
+        let evaluation = evaluate(&compiled, &state, Call::RunStart, &TenantRates::default(), at);
+        state.apply(&evaluation.decision, &evaluation.effects);
+        let base = StoredRun {
+            tenant_id: key.tenant.clone(),
+            run_id: key.run_id.clone(),
+            snapshot: reference,
+            status: state.status,
+            totals: state.totals,
+            termination_reason: None,
+            stopped_at_step: None,
+            violation_policy_id: None,
+            labels: request.labels,
+            api_endpoint: request.api_endpoint,
+            created_at: at,
+            ended_at: None,
+            outcome: None,
+            next: state.next,
+        };
+        let run = run_after(&base, &state, at, None);
+        let mut batch = WriteBatch::new();
+        batch.put_snapshot(snapshot);
+        batch.put_run(run.clone());
+        let entry = LedgerEntry::new(LedgerCall::RunStart, evaluation.decision.clone(), state.totals)
+            .with_effects(effects_bytes(&evaluation.effects));
+        batch.append_ledger(key.tenant.clone(), key.run_id.clone(), entry);
+        persist_evaluation(&mut batch, &compiled, &evaluation, &key.tenant);
+        shared.commit(batch).await?;
+        record_metrics(&evaluation, Duration::ZERO);
+        tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %evaluation.decision.decision_id, "run created");
+        Ok(Live { snapshot: compiled, state, run, start_decision: evaluation.decision })
+    }
+
+    fn answer(live: &Live) -> CreateAnswer {
+        CreateAnswer {
+            run_id: live.run.run_id.to_string(),
+            status: live.run.status.as_str(),
+            snapshot: live.run.snapshot.clone(),
+            decision: live.start_decision.clone(),
+        }
+    }
+
+    /// A running run past its TTL becomes `expired` (persisted) before anything else happens to it.
+    fn expiry(&mut self, at: Timestamp) -> Option<WriteBatch> {
+        let live = self.live.as_mut()?;
+        let ttl_ms = i64::try_from(self.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if !live.state.status.is_running() || at < live.run.created_at.plus_millis(ttl_ms) {
+            return None;
+        }
+        live.state.expire();
+        live.run = run_after(&live.run, &live.state, at, None);
+        let mut batch = WriteBatch::new();
+        batch.put_run(live.run.clone());
+        Some(batch)
+    }
+}
+
+impl Handler<RunMsg> for RunActor {
+    type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
+
+    fn handle(&mut self, msg: RunMsg, _: &mut Self::Context) -> Self::Result {
+        self.last_seen = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let key = self.key.clone();
+        let loaded = self.live.is_some();
+        let load = async move { if loaded { Ok(None) } else { RunActor::load(shared, key).await.map(Some) } };
+        AtomicResponse::new(Box::pin(load.into_actor(self).then(move |loaded, actor, _| {
+            let shared = Arc::clone(&actor.shared);
+            match loaded {
+                Err(err) => return Box::pin(fut::ready(Err(err))) as Pending,
+                Ok(Some(Some(live))) => actor.live = Some(live),
+                Ok(Some(None)) | Ok(None) => {}
+            }
+            actor.dispatch(msg, shared)
+        })))
+    }
+}
+
+type Reply = Result<RunReply, ApiError>;
+type Pending = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Reply>>>;
+
+impl RunActor {
+    fn dispatch(&mut self, msg: RunMsg, shared: Arc<Shared>) -> Pending {
+        let at = now();
+        if let Some(batch) = self.expiry(at) {
+            let shared2 = Arc::clone(&shared);
+            return Box::pin(async move { shared2.commit(batch).await }.into_actor(self).then(
+                move |committed, actor, _| match committed {
+                    Err(err) => Box::pin(fut::ready(Err(err))) as Pending,
+                    Ok(_) => actor.dispatch(msg, shared),
+                },
+            ));
+        }
+        match msg {
+            RunMsg::Create(request) => self.handle_create(request, shared),
+            RunMsg::Step(call) => self.handle_step(*call, shared, at),
+            RunMsg::End { outcome, error } => self.handle_end(outcome, error, shared, at),
+        }
+    }
+
+    fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending {
+        if let Some(live) = &self.live {
+            let answer = Box::new(Self::answer(live));
+            return Box::pin(fut::ready(Ok(RunReply::Created { created: false, answer })));
+        }
+        let key = self.key.clone();
+        Box::pin(RunActor::create(shared, key, request).into_actor(self).map(|created, actor, _| {
+            let live = created?;
+            let answer = Box::new(Self::answer(&live));
+            actor.live = Some(live);
+            Ok(RunReply::Created { created: true, answer })
+        }))
+    }
+
+    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending {
+        let Some(live) = self.live.as_ref() else {
+            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
+        };
+        match live.state.admit(&call) {
+            Admission::Replay(decision) => return Box::pin(fut::ready(Ok(RunReply::Decision(decision)))),
+            Admission::Refused(why) => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "order").increment(1);
+                return Box::pin(fut::ready(Err(refusal(why))));
+            }
+            Admission::Evaluate => {}
+        }
+        if call.index >= shared.config.limits.steps_per_run {
+            metrics::counter!("runguard_refused_calls_total", "reason" => "step_limit").increment(1);
+            return Box::pin(fut::ready(Err(ApiError::conflict(
+                "run_step_limit",
+                format!("runs take at most {} steps on this node", shared.config.limits.steps_per_run),
+            ))));
+        }
+        let started = Instant::now();
+        let evaluation = if live.snapshot.uses_tenant_rates() {
+            shared.with_tenant_rates(&live.state.tenant_id, |rates| {
+                let evaluation = evaluate(&live.snapshot, &live.state, Call::Step(&call), rates, at);
+                // Counted before the commit: a failed commit over-counts, which errs on the closed side.
+                rates.apply(&evaluation.effects);
+                evaluation
+            })
+        } else {
+            evaluate(&live.snapshot, &live.state, Call::Step(&call), &TenantRates::default(), at)
+        };
+        let elapsed = started.elapsed();
+        let mut next_state = live.state.clone();
+        next_state.apply(&evaluation.decision, &evaluation.effects);
+        let run = run_after(&live.run, &next_state, at, None);
+        let mut batch = WriteBatch::new();
+        let stored_call = strip_texts(&call, shared.config.ledger_texts);
+        let entry = LedgerEntry::new(LedgerCall::Step(stored_call), evaluation.decision.clone(), next_state.totals)
+            .with_effects(effects_bytes(&evaluation.effects));
+        batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
+        batch.put_run(run.clone());
+        persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
+        Box::pin(async move { shared.commit(batch).await }.into_actor(self).map(move |committed, actor, _| {
+            committed?;
+            record_metrics(&evaluation, elapsed);
+            if let Some(live) = actor.live.as_mut() {
+                live.state = next_state;
+                live.run = run;
+            }
+            let decision = evaluation.decision;
+            if decision.action == Action::Block {
+                let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
+                tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
+            }
+            Ok(RunReply::Decision(Box::new(decision)))
+        }))
+    }
+
+    fn handle_end(
+        &mut self,
+        outcome: Outcome,
+        error: Option<StepError>,
+        shared: Arc<Shared>,
+        at: Timestamp,
+    ) -> Pending {
+        let Some(live) = self.live.as_ref() else {
+            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
+        };
+        if !live.state.status.is_running() {
+            // Ending an ended or stopped run changes nothing.
+            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.run.clone())))));
+        }
+        let evaluation = evaluate(
+            &live.snapshot,
+            &live.state,
+            Call::RunEnd { outcome, error: error.as_ref() },
+            &TenantRates::default(),
+            at,
+        );
+        let mut next_state = live.state.clone();
+        next_state.apply(&evaluation.decision, &evaluation.effects);
+        let run = run_after(&live.run, &next_state, at, Some(outcome));
+        let mut batch = WriteBatch::new();
+        let entry =
+            LedgerEntry::new(LedgerCall::RunEnd { outcome, error }, evaluation.decision.clone(), next_state.totals)
+                .with_effects(effects_bytes(&evaluation.effects));
+        batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
+        batch.put_run(run.clone());
+        persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
+        Box::pin(async move { shared.commit(batch).await }.into_actor(self).map(move |committed, actor, _| {
+            committed?;
+            record_metrics(&evaluation, Duration::ZERO);
+            if let Some(live) = actor.live.as_mut() {
+                live.state = next_state;
+                live.run = run.clone();
+            }
+            Ok(RunReply::Ended(Box::new(run)))
+        }))
+    }
+}

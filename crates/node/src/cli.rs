@@ -1,0 +1,233 @@
+//! The command line: `serve`, `verify`, `export`, `policy lint`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use runguard_contract::{PolicyDocument, PolicyLimits, ValidationError};
+use runguard_store::{Store, StoreOptions};
+
+use crate::config::{Config, Overrides};
+
+/// runguard: a policy prevention node for LLM agent runs.
+#[derive(Debug, Parser)]
+#[command(name = "runguard", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node.
+    Serve(ServeArgs),
+    /// Check every snapshot hash and the prevention record chain offline; exit 1 at the first break.
+    Verify(DataArgs),
+    /// Write every prevention record as NDJSON on standard output.
+    Export(DataArgs),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "RUNGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the file and the environment).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory (overrides the file and the environment).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DataArgs {
+    /// TOML configuration file (for `data_dir`).
+    #[arg(long, env = "RUNGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files (JSON or TOML; one document or a list) offline.
+    Lint {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+const FINDING: u8 = 1;
+const USAGE: u8 = 2;
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Verify(args) => with_store(args, verify),
+        Command::Export(args) => with_store(args, export),
+        Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
+    }
+}
+
+fn load_config(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ExitCode> {
+    Config::load(file, overrides).map_err(|err| {
+        eprintln!("runguard: {err}");
+        ExitCode::from(USAGE)
+    })
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides { listen: args.listen, data_dir: args.data };
+    let config = match load_config(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    crate::telemetry::init(config.log_format, &config.log_level);
+    match crate::server::serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "runguard stopped with an error");
+            eprintln!("runguard: {err:#}");
+            ExitCode::from(FINDING)
+        }
+    }
+}
+
+fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
+    let overrides = Overrides { listen: None, data_dir: args.data };
+    let config = match load_config(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if !config.data_dir.is_dir() {
+        eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
+        return ExitCode::from(USAGE);
+    }
+    match Store::open(&config.data_dir, &StoreOptions::default()) {
+        Ok(store) => action(&store),
+        Err(err) => {
+            eprintln!("runguard: cannot open the store in `{}`: {err}", config.data_dir.display());
+            ExitCode::from(USAGE)
+        }
+    }
+}
+
+fn verify(store: &Store) -> ExitCode {
+    match store.verify() {
+        Ok(report) => {
+            println!("snapshots checked: {}", report.snapshots_checked);
+            println!("records checked: {}", report.records_checked);
+            if let Some(broken) = &report.snapshot_break {
+                println!("first broken snapshot: {broken}");
+            }
+            if let Some(broken) = &report.record_break {
+                println!("first broken record: {broken}");
+            }
+            if report.is_ok() {
+                println!("ok");
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(FINDING)
+            }
+        }
+        Err(err) => {
+            eprintln!("runguard: verification could not run: {err}");
+            ExitCode::from(FINDING)
+        }
+    }
+}
+
+fn export(store: &Store) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for record in store.export_records(1) {
+        let line = match record.map(|r| serde_json::to_string(&r)) {
+            Ok(Ok(line)) => line,
+            Ok(Err(err)) => {
+                eprintln!("runguard: cannot encode a record: {err}");
+                return ExitCode::from(FINDING);
+            }
+            Err(err) => {
+                eprintln!("runguard: export stopped at a record that cannot be read: {err}");
+                return ExitCode::from(FINDING);
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::from(FINDING);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Reads a policy file: JSON, or TOML (by extension), holding one document or a list of them (a TOML
+/// file lists them as `[[policies]]`).
+fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let value: serde_json::Value = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| format!("is not valid TOML: {e}"))?;
+        serde_json::to_value(table).map_err(|e| format!("cannot be read as a document: {e}"))?
+    } else {
+        runguard_contract::from_json_slice(text.as_bytes()).map_err(|e| e.to_string())?
+    };
+    Ok(match value {
+        serde_json::Value::Array(items) => items,
+        serde_json::Value::Object(mut object) if object.len() == 1 && object.contains_key("policies") => {
+            match object.remove("policies") {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => return Err("`policies` must be a list of policy documents".to_owned()),
+            }
+        }
+        other => vec![other],
+    })
+}
+
+/// Validates one document completely (structure, regexes, CEL).
+pub fn lint_document(value: serde_json::Value, limits: &PolicyLimits) -> Result<(), ValidationError> {
+    let doc = PolicyDocument::from_value(value, limits)?;
+    runguard_engine::validate_document(&doc, limits)
+}
+
+fn lint(files: &[PathBuf]) -> ExitCode {
+    let limits = PolicyLimits::default();
+    let mut problems = 0usize;
+    let mut unreadable = false;
+    for file in files {
+        match read_documents(file) {
+            Err(why) => {
+                println!("{}: {why}", file.display());
+                unreadable = true;
+            }
+            Ok(documents) => {
+                let count = documents.len();
+                let mut file_ok = true;
+                for (i, document) in documents.into_iter().enumerate() {
+                    if let Err(err) = lint_document(document, &limits) {
+                        file_ok = false;
+                        problems += 1;
+                        let at = if count > 1 { format!("[{i}]") } else { String::new() };
+                        println!("{}{at}: {err}", file.display());
+                    }
+                }
+                if file_ok {
+                    println!("{}: ok ({count} polic{})", file.display(), if count == 1 { "y" } else { "ies" });
+                }
+            }
+        }
+    }
+    if unreadable {
+        ExitCode::from(USAGE)
+    } else if problems > 0 {
+        ExitCode::from(FINDING)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

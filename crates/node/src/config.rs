@@ -1,0 +1,295 @@
+//! Configuration: defaults, an optional TOML file, `RUNGUARD_*` environment variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use runguard_contract::{PolicyLimits, StepLimits, TenantId};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+
+/// One bearer token: its name (shown in audits and logs), tenant, role and SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Appears in audits and logs; the token itself never does.
+    pub name: String,
+    /// The tenant the token acts for.
+    pub tenant: TenantId,
+    /// worker, operator or admin.
+    pub role: Role,
+    /// Hex SHA-256 of the bearer token.
+    pub sha256: String,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every limit of SPEC §9, with safe defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub body_bytes: usize,
+    /// Most policies one tenant may own.
+    pub policies_per_tenant: usize,
+    /// Most steps one run may take.
+    pub steps_per_run: u64,
+    /// Most live (in-memory) runs.
+    pub live_runs: usize,
+    /// Depth of each run actor's mailbox.
+    pub run_mailbox: usize,
+    /// Depth of the writer's mailbox.
+    pub writer_queue: usize,
+    /// Most calls one group commit carries.
+    pub writer_batch: usize,
+    /// How long a call may wait for its run or the writer before it is answered 503, in ms.
+    pub call_timeout_ms: u64,
+    /// Policy document limits.
+    pub policy: PolicyLimits,
+    /// Step call limits.
+    pub step: StepLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_bytes: 1024 * 1024,
+            policies_per_tenant: 1000,
+            steps_per_run: 100_000,
+            live_runs: 200_000,
+            run_mailbox: 32,
+            writer_queue: 4096,
+            writer_batch: 1024,
+            call_timeout_ms: 10_000,
+            policy: PolicyLimits::default(),
+            step: StepLimits::default(),
+        }
+    }
+}
+
+/// The node's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listen address.
+    pub listen: String,
+    /// Where sled keeps its files.
+    pub data_dir: PathBuf,
+    /// Bearer tokens; none means development mode (loopback only, tenant `default`, admin, no auth).
+    pub tokens: Vec<TokenConfig>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log_level: String,
+    /// A run not ended within this many seconds expires.
+    pub run_ttl_s: u64,
+    /// A run actor idle this long is stopped (and rehydrated on its next call).
+    pub run_idle_s: u64,
+    /// Keep each call's texts in the run ledger (for replay and simulation).
+    pub ledger_texts: bool,
+    /// HTTP worker threads.
+    pub http_workers: usize,
+    /// Arbiters (threads) that host run actors.
+    pub run_arbiters: usize,
+    /// Operator confirmations that activate a pending or shadow policy.
+    pub confirmations_required: u32,
+    /// Occurrences a pattern needs before it can be proposed.
+    pub proposal_min_occurrences: u64,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".to_owned(),
+            data_dir: PathBuf::from("./runguard-data"),
+            tokens: Vec::new(),
+            log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
+            run_ttl_s: 86_400,
+            run_idle_s: 300,
+            ledger_texts: true,
+            http_workers: 2,
+            run_arbiters: 2,
+            confirmations_required: 3,
+            proposal_min_occurrences: 3,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, environment or flags do not parse.
+    #[error("invalid configuration: {0}")]
+    Parse(Box<figment::Error>),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line, which override everything else.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any; it must exist), then `RUNGUARD_*` variables (nested keys with
+    /// `__`, e.g. `RUNGUARD_LIMITS__BODY_BYTES`), then `overrides`; and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Invalid(format!("config file `{}` does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("RUNGUARD_").split("__").ignore(&["config"]));
+        if let Some(listen) = &overrides.listen {
+            figment = figment.merge(Serialized::default("listen", listen));
+        }
+        if let Some(data) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("data_dir", data));
+        }
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Whether no tokens are configured (development mode).
+    pub fn dev_mode(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|e| ConfigError::Invalid(format!("`listen` = `{}`: {e}", self.listen)))
+    }
+
+    /// Checks tokens, ranges, and that development mode listens on loopback only.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let addr = self.listen_addr()?;
+        if self.dev_mode() && !addr.ip().is_loopback() {
+            return invalid(format!(
+                "no [[tokens]] are configured (development mode), which serves only on loopback; `listen` = `{}` is not",
+                self.listen
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut hashes = std::collections::BTreeSet::new();
+        for (i, token) in self.tokens.iter().enumerate() {
+            if token.name.trim().is_empty() {
+                return invalid(format!("`tokens[{i}].name` must not be empty"));
+            }
+            let hash = token.sha256.to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid(format!("`tokens[{i}].sha256` must be 64 hex digits (the SHA-256 of the token)"));
+            }
+            if !names.insert(token.name.clone()) {
+                return invalid(format!("`tokens[{i}].name` `{}` is used twice", token.name));
+            }
+            if !hashes.insert(hash) {
+                return invalid(format!("`tokens[{i}].sha256` is used by another token"));
+            }
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("limits.body_bytes", l.body_bytes),
+            ("limits.policies_per_tenant", l.policies_per_tenant),
+            ("limits.live_runs", l.live_runs),
+            ("limits.run_mailbox", l.run_mailbox),
+            ("limits.writer_queue", l.writer_queue),
+            ("limits.writer_batch", l.writer_batch),
+            ("http_workers", self.http_workers),
+            ("run_arbiters", self.run_arbiters),
+        ] {
+            if value == 0 {
+                return invalid(format!("`{name}` must be at least 1"));
+            }
+        }
+        if self.run_ttl_s == 0 || self.run_idle_s == 0 || l.steps_per_run == 0 || l.call_timeout_ms == 0 {
+            return invalid(
+                "`run_ttl_s`, `run_idle_s`, `limits.steps_per_run` and `limits.call_timeout_ms` must be at least 1"
+                    .into(),
+            );
+        }
+        if self.confirmations_required == 0 || self.proposal_min_occurrences == 0 {
+            return invalid("`confirmations_required` and `proposal_min_occurrences` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_dev_mode_is_loopback_only() {
+        let config = Config::default();
+        assert!(config.validate().is_ok());
+        assert!(config.dev_mode());
+        let open = Config { listen: "0.0.0.0:7070".into(), ..Config::default() };
+        assert!(open.validate().unwrap_err().to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn files_and_overrides_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runguard.toml");
+        std::fs::write(
+            &file,
+            r#"listen = "127.0.0.1:9000"
+run_ttl_s = 60
+[limits]
+body_bytes = 2048
+[[tokens]]
+name = "acme-worker"
+tenant = "acme"
+role = "worker"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#,
+        )
+        .unwrap();
+        let config =
+            Config::load(Some(&file), &Overrides { listen: Some("127.0.0.1:9001".into()), data_dir: None }).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9001");
+        assert_eq!(config.run_ttl_s, 60);
+        assert_eq!(config.limits.body_bytes, 2048);
+        assert_eq!(config.tokens[0].role, Role::Worker);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        assert!(
+            Config::load(Some(&missing), &Overrides::default()).unwrap_err().to_string().contains("does not exist")
+        );
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "listen = 7\ncolour = 'red'\n").unwrap();
+        assert!(Config::load(Some(&file), &Overrides::default()).is_err());
+        std::fs::write(&file, "[[tokens]]\nname='a'\ntenant='t'\nrole='root'\nsha256='00'\n").unwrap();
+        assert!(Config::load(Some(&file), &Overrides::default()).is_err());
+        std::fs::write(&file, "[[tokens]]\nname='a'\ntenant='t'\nrole='admin'\nsha256='00'\n").unwrap();
+        assert!(Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string().contains("sha256"));
+    }
+}

@@ -1,0 +1,286 @@
+//! Policies: create, list, get, update, mode, confirm, audit, shadow statistics, graduation.
+
+use actix_web::web::{Path, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use runguard_contract::{ApprovalPath, AuditEntry, Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
+use runguard_store::{PageRequest, WriteBatch};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::http::body::{parse_json, read_body};
+use crate::http::{PageQuery, State, page_of, query};
+use crate::shared::now;
+
+fn policy_id(raw: &str) -> Result<PolicyId, ApiError> {
+    PolicyId::new(raw).map_err(|_| ApiError::not_found("policy", raw))
+}
+
+/// The caller's view of a policy: its own, else a global one.
+async fn current(state: &State, caller: &Caller, id: &PolicyId, version: Option<u32>) -> Result<Policy, ApiError> {
+    let (tenant, lookup) = (caller.tenant.clone(), id.clone());
+    state
+        .shared
+        .read(move |store| store.find_policy(&tenant, &lookup, version))
+        .await?
+        .ok_or_else(|| ApiError::not_found("policy", id.as_str()))
+}
+
+/// Changing a global policy needs an admin.
+fn may_change(caller: &Caller, policy: &Policy) -> Result<(), ApiError> {
+    if policy.scope == Scope::Global {
+        caller.require(Role::Admin)?;
+    }
+    Ok(())
+}
+
+fn audit_entry(
+    policy: &Policy,
+    from: Option<Mode>,
+    caller: &Caller,
+    reason: Option<String>,
+    path: ApprovalPath,
+) -> AuditEntry {
+    AuditEntry {
+        policy_id: policy.id.clone(),
+        from,
+        to: policy.mode,
+        at: policy.updated_at,
+        caller: caller.name.clone(),
+        reason,
+        approval_path: path,
+    }
+}
+
+fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument, ApiError> {
+    runguard_engine::validate_document(&doc, &state.shared.config.limits.policy)?;
+    Ok(doc)
+}
+
+/// `POST /v1/policies`.
+pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let body = read_body(&req, payload, state.shared.config.limits.body_bytes).await?;
+    let doc = validated(PolicyDocument::from_json(&body, &state.shared.config.limits.policy)?, &state)?;
+    let owner: Option<TenantId> = match doc.scope {
+        Scope::Global => {
+            caller.require(Role::Admin).map_err(|_| ApiError::forbidden("only admins create global policies"))?;
+            None
+        }
+        Scope::Tenant => Some(caller.tenant.clone()),
+    };
+    let id = doc.id.clone().unwrap_or_else(|| PolicyId::from_u128(uuid::Uuid::now_v7().as_u128()));
+    let limit = state.shared.config.limits.policies_per_tenant;
+    let (lookup_owner, lookup_id, tenant) = (owner.clone(), id.clone(), caller.tenant.clone());
+    let (exists, count) = state
+        .shared
+        .read(move |store| {
+            let exists = store.get_policy(lookup_owner.as_ref(), &lookup_id, None)?.is_some();
+            let count =
+                store.list_policies(&tenant, None, &PageRequest::first(runguard_store::MAX_PAGE_LIMIT))?.items.len();
+            Ok((exists, count))
+        })
+        .await?;
+    if exists {
+        return Err(ApiError::conflict("policy_exists", format!("policy `{id}` already exists; update it with PUT")));
+    }
+    if owner.is_some() && count >= limit {
+        return Err(ApiError::conflict("policy_limit", format!("a tenant may have at most {limit} policies")));
+    }
+    let policy = Policy::create(doc, id, owner.clone(), now());
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(policy.clone());
+    batch.append_audit(owner, audit_entry(&policy, None, &caller, Some("created".into()), ApprovalPath::Manual));
+    state.shared.commit(batch).await?;
+    tracing::info!(policy_id = %policy.id, caller = %caller.name, mode = policy.mode.as_str(), "policy created");
+    Ok(HttpResponse::Created().json(policy))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    mode: Option<Mode>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/policies`.
+pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let q: ListQuery = query(&req)?;
+    let page = PageQuery { limit: q.limit, cursor: q.cursor }.page()?;
+    let tenant = caller.tenant.clone();
+    let found = state.shared.read(move |store| store.list_policies(&tenant, q.mode, &page)).await?;
+    Ok(page_of(&found.items, found.next_cursor))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionQuery {
+    version: Option<String>,
+}
+
+/// `GET /v1/policies/{id}`.
+pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let id = policy_id(&id)?;
+    let q: VersionQuery = query(&req)?;
+    let version = match q.version {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u32>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| ApiError::bad_request("version", format!("`{text}` is not a positive whole number")))?,
+        ),
+    };
+    Ok(HttpResponse::Ok().json(current(&state, &caller, &id, version).await?))
+}
+
+/// `PUT /v1/policies/{id}`: the body is a policy document plus `expected_version`.
+pub async fn update(
+    state: State,
+    req: HttpRequest,
+    id: Path<String>,
+    payload: Payload,
+) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let id = policy_id(&id)?;
+    let mut body: Value = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let expected = match body.as_object_mut().and_then(|o| o.remove("expected_version")) {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| ApiError::bad_request("expected_version", "must be a positive whole number"))?,
+        Some(_) => return Err(ApiError::bad_request("expected_version", "must be a positive whole number")),
+        None => return Err(ApiError::bad_request("expected_version", "is required: the version this update replaces")),
+    };
+    let doc = validated(PolicyDocument::from_value(body, &state.shared.config.limits.policy)?, &state)?;
+    let existing = current(&state, &caller, &id, None).await?;
+    may_change(&caller, &existing)?;
+    if doc.id.as_ref().is_some_and(|doc_id| doc_id != &id) {
+        return Err(ApiError::bad_request("id", "does not match the policy in the path"));
+    }
+    if doc.scope != existing.scope {
+        return Err(ApiError::bad_request("scope", "cannot change; create a new policy instead"));
+    }
+    if expected != existing.version {
+        return Err(ApiError::conflict(
+            "version_conflict",
+            format!("the policy is at version {}, not {expected}", existing.version),
+        )
+        .with_details(json!({ "current_version": existing.version })));
+    }
+    let next = existing.updated(doc, now());
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(next.clone());
+    if next.mode != existing.mode {
+        batch.append_audit(
+            next.tenant_id.clone(),
+            audit_entry(&next, Some(existing.mode), &caller, Some("updated".into()), ApprovalPath::Manual),
+        );
+    }
+    state.shared.commit(batch).await?;
+    Ok(HttpResponse::Ok().json(next))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeBody {
+    mode: Mode,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/policies/{id}/mode`.
+pub async fn set_mode(
+    state: State,
+    req: HttpRequest,
+    id: Path<String>,
+    payload: Payload,
+) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let id = policy_id(&id)?;
+    let body: ModeBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    if body.reason.as_ref().is_some_and(|r| r.len() > 1024) {
+        return Err(ApiError::bad_request("reason", "is longer than 1024 bytes"));
+    }
+    let existing = current(&state, &caller, &id, None).await?;
+    may_change(&caller, &existing)?;
+    if existing.mode == body.mode {
+        return Ok(HttpResponse::Ok().json(existing));
+    }
+    let next = existing.with_mode(body.mode, now());
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(next.clone());
+    batch.append_audit(
+        next.tenant_id.clone(),
+        audit_entry(&next, Some(existing.mode), &caller, body.reason, ApprovalPath::Manual),
+    );
+    state.shared.commit(batch).await?;
+    tracing::info!(policy_id = %next.id, caller = %caller.name, from = existing.mode.as_str(), to = next.mode.as_str(), "policy mode changed");
+    Ok(HttpResponse::Ok().json(next))
+}
+
+/// `POST /v1/policies/{id}/confirm` (learning loop).
+pub async fn confirm(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    current(&state, &caller, &policy_id(&id)?, None).await?;
+    Err(ApiError::not_implemented("policy confirmations (learning loop)"))
+}
+
+/// `GET /v1/policies/{id}/audit`.
+pub async fn audit(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let id = policy_id(&id)?;
+    let page = query::<PageQuery>(&req)?.page()?;
+    let policy = current(&state, &caller, &id, None).await?;
+    let owner = policy.tenant_id.clone();
+    let found = state.shared.read(move |store| store.policy_audit(owner.as_ref(), &policy.id, &page)).await?;
+    Ok(page_of(&found.items, found.next_cursor))
+}
+
+/// `GET /v1/policies/{id}/shadow-stats`.
+pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let policy = current(&state, &caller, &policy_id(&id)?, None).await?;
+    let (owner, pid) = (policy.tenant_id.clone(), policy.id.clone());
+    let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid)).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "policy_id": policy.id,
+        "mode": policy.mode,
+        "evaluations": stats.evaluations,
+        "would_block": stats.would_block,
+        "would_warn": stats.would_warn,
+        "would_throttle": stats.would_throttle,
+    })))
+}
+
+/// `GET /v1/policies/{id}/graduation`: the prevention gate of SPEC §6 for one policy.
+pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let policy = current(&state, &caller, &policy_id(&id)?, None).await?;
+    let mut query = runguard_store::RecordQuery::tenant(caller.tenant.clone());
+    query.policy_id = Some(policy.id.clone());
+    query.since = policy.activated_at;
+    query.page = PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
+    let activated_at = policy.activated_at;
+    let records = state.shared.read(move |store| store.list_records(&query)).await?;
+    let counted =
+        records.items.iter().filter(|r| runguard_contract::prevention::counts_for_graduation(r, activated_at)).count();
+    let gate_passed = counted > 0 && policy.mode == Mode::Active;
+    let status = match policy.mode {
+        Mode::Shadow | Mode::Pending => "observing",
+        Mode::Active if gate_passed => "proven",
+        Mode::Active => "unproven",
+        Mode::Disabled => "demoted",
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "policy_id": policy.id,
+        "status": status,
+        "gate_passed": gate_passed,
+        "counted_records": counted,
+        "activated_at": policy.activated_at,
+    })))
+}

@@ -1,0 +1,184 @@
+//! Runs: create, read, steps, end, decisions.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix::MailboxError;
+use actix_web::web::{Path, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::actors::registry::{Resolve, RunKey};
+use crate::actors::run::{CreateRun, RunMsg, RunReply};
+use crate::auth::Role;
+use crate::error::ApiError;
+use crate::http::body::{parse_json, read_body};
+use crate::http::{PageQuery, State, page_of, query};
+use crate::shared::now;
+
+/// Most labels on a run, and their longest key or value.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_LEN: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    api_endpoint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndBody {
+    outcome: Outcome,
+    #[serde(default)]
+    error: Option<StepError>,
+}
+
+fn run_id(raw: &str) -> Result<RunId, ApiError> {
+    RunId::new(raw).map_err(|_| ApiError::not_found("run", raw))
+}
+
+/// Sends `msg` to the run's actor, resolving it again once if it stopped in between.
+async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, ApiError> {
+    let timeout = state.shared.call_timeout();
+    for attempt in 0..2 {
+        let addr = match state.registry.send(Resolve(key.clone())).timeout(timeout).await {
+            Ok(resolved) => resolved?,
+            Err(_) => {
+                return Err(ApiError::unavailable("the run registry is overloaded; treat the call as a block", 1));
+            }
+        };
+        match addr.send(clone_msg(&msg)).timeout(timeout).await {
+            Ok(reply) => return reply,
+            Err(MailboxError::Closed) if attempt == 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(MailboxError::Timeout) => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "timeout").increment(1);
+                return Err(ApiError::unavailable("the run is busy; treat the call as a block and retry", 1));
+            }
+            Err(MailboxError::Closed) => break,
+        }
+    }
+    Err(ApiError::unavailable("the run is restarting; treat the call as a block and retry", 1))
+}
+
+fn clone_msg(msg: &RunMsg) -> RunMsg {
+    match msg {
+        RunMsg::Create(c) => RunMsg::Create(c.clone()),
+        RunMsg::Step(s) => RunMsg::Step(s.clone()),
+        RunMsg::End { outcome, error } => RunMsg::End { outcome: *outcome, error: error.clone() },
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ValidationError::new("labels", format!("has {} entries, the limit is {MAX_LABELS}", labels.len())));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
+            return Err(ValidationError::new(
+                format!("labels.{key}"),
+                format!("keys are 1–{MAX_LABEL_LEN} bytes, values at most {MAX_LABEL_LEN}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /v1/runs`.
+pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Worker)?;
+    let body: CreateBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    check_labels(&body.labels)?;
+    if let Some(endpoint) = &body.api_endpoint
+        && endpoint.len() > state.shared.config.limits.step.max_field_len
+    {
+        return Err(ApiError::bad_request("api_endpoint", "is too long"));
+    }
+    let run_id = match body.run_id {
+        Some(raw) => RunId::new(raw).map_err(|e| ApiError::bad_request("run_id", e.message()))?,
+        None => RunId::from_u128(uuid::Uuid::now_v7().as_u128()),
+    };
+    let key = RunKey { tenant: caller.tenant, run_id };
+    let msg = RunMsg::Create(CreateRun { labels: body.labels, api_endpoint: body.api_endpoint });
+    match call_run(&state, key, msg).await? {
+        RunReply::Created { created: true, answer } => Ok(HttpResponse::Created().json(answer)),
+        RunReply::Created { created: false, answer } => Ok(HttpResponse::Ok().json(answer)),
+        _ => Err(ApiError::internal()),
+    }
+}
+
+/// `GET /v1/runs/{id}`.
+pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Worker)?;
+    let run_id = run_id(&id)?;
+    let tenant = caller.tenant.clone();
+    let lookup = run_id.clone();
+    let run = state.shared.read(move |store| store.get_run(&tenant, &lookup)).await?;
+    let mut run = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
+    let ttl_ms = i64::try_from(state.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if run.status == RunStatus::Running && now() >= run.created_at.plus_millis(ttl_ms) {
+        // Shown as it will be persisted on the run's next call.
+        run.status = RunStatus::Expired;
+    }
+    let mut view = serde_json::to_value(&run).map_err(|_| ApiError::internal())?;
+    view["steps_seen"] = json!(run.next.index);
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `POST /v1/runs/{id}/steps`.
+pub async fn step(
+    state: State,
+    req: HttpRequest,
+    id: Path<String>,
+    payload: Payload,
+) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Worker)?;
+    let run_id = run_id(&id)?;
+    let body = read_body(&req, payload, state.shared.config.limits.body_bytes).await?;
+    let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
+    let key = RunKey { tenant: caller.tenant, run_id };
+    match call_run(&state, key, RunMsg::Step(Box::new(call))).await? {
+        RunReply::Decision(decision) => Ok(HttpResponse::Ok().json(decision)),
+        _ => Err(ApiError::internal()),
+    }
+}
+
+/// `POST /v1/runs/{id}/end`.
+pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Worker)?;
+    let run_id = run_id(&id)?;
+    let body: EndBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let key = RunKey { tenant: caller.tenant, run_id };
+    match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
+        RunReply::Ended(run) => Ok(HttpResponse::Ok().json(json!({ "run": run, "incident_id": null }))),
+        _ => Err(ApiError::internal()),
+    }
+}
+
+/// `GET /v1/runs/{id}/decisions`.
+pub async fn decisions(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let run_id = run_id(&id)?;
+    let page = query::<PageQuery>(&req)?.page()?;
+    let tenant = caller.tenant.clone();
+    let lookup = run_id.clone();
+    let found = state
+        .shared
+        .read(move |store| {
+            if store.get_run(&tenant, &lookup)?.is_none() {
+                return Ok(None);
+            }
+            store.ledger(&tenant, &lookup, &page).map(Some)
+        })
+        .await?;
+    let ledger = found.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
+    let decisions: Vec<_> = ledger.items.into_iter().map(|entry| entry.decision).collect();
+    Ok(page_of(&decisions, ledger.next_cursor))
+}

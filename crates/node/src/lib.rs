@@ -1,0 +1,23 @@
+//! # runguard-node
+//!
+//! The `runguard` binary: run actors, the group-committing writer, the HTTP API of SPEC §8, bearer-token
+//! auth, configuration, Prometheus metrics and the command line. The evaluation itself is
+//! `runguard-engine`; persistence is `runguard-store`.
+//!
+//! ```no_run
+//! use runguard_node::config::{Config, Overrides};
+//!
+//! let config = Config::load(None, &Overrides { listen: Some("127.0.0.1:7070".into()), data_dir: None }).unwrap();
+//! runguard_node::server::serve(config).unwrap();
+//! ```
+
+pub mod actors;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod openapi;
+pub mod server;
+pub mod shared;
+pub mod telemetry;

@@ -1,0 +1,121 @@
+//! What every actor and handler shares: the store (reads), the writer (writes), configuration, the
+//! tenant rate windows and the compiled-snapshot cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use actix::Addr;
+use runguard_contract::{Snapshot, SnapshotHash, TenantId, Timestamp};
+use runguard_engine::{CompiledSnapshot, TenantRates};
+use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
+
+use crate::actors::writer::{Commit, Writer};
+use crate::config::Config;
+use crate::error::ApiError;
+
+/// The node's shared context.
+pub struct Shared {
+    /// Read access to the store (reads run on blocking threads, never on an actor or HTTP thread).
+    pub store: Arc<Store>,
+    /// The single writer.
+    pub writer: Addr<Writer>,
+    /// Configuration.
+    pub config: Config,
+    tenant_rates: Mutex<HashMap<TenantId, TenantRates>>,
+    snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// The wall clock, read only at the edges (the engine takes time as a parameter).
+pub fn now() -> Timestamp {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp::from_unix_millis(millis)
+}
+
+/// Maps a store failure to the answer a client gets: 503 (treat as block) for IO and injected faults,
+/// 409 for conflicts, 404 for missing objects, 400 for bad arguments, 500 for corruption.
+pub fn store_error(err: StoreError) -> ApiError {
+    match err.kind() {
+        StoreErrorKind::Io | StoreErrorKind::Injected => {
+            tracing::error!(error = %err, "store unavailable");
+            ApiError::unavailable(
+                "the store cannot commit; the call was not acknowledged and must be treated as a block",
+                1,
+            )
+        }
+        StoreErrorKind::Conflict => ApiError::conflict("conflict", err.message().to_owned()),
+        StoreErrorKind::NotFound => ApiError::conflict("not_found", err.message().to_owned()),
+        StoreErrorKind::InvalidArgument => ApiError::bad_request("cursor", err.message().to_owned()),
+        StoreErrorKind::Contract | StoreErrorKind::Corrupt | StoreErrorKind::Schema => {
+            tracing::error!(error = %err, "store refused or found corrupt data");
+            ApiError::internal()
+        }
+    }
+}
+
+impl Shared {
+    /// A context over an open store and a started writer.
+    pub fn new(store: Arc<Store>, writer: Addr<Writer>, config: Config) -> Self {
+        Self { store, writer, config, tenant_rates: Mutex::new(HashMap::new()), snapshots: Mutex::new(HashMap::new()) }
+    }
+
+    /// How long a call may wait for its run or the writer.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.call_timeout_ms)
+    }
+
+    /// Makes `batch` durable through the writer; answers 503 if the writer is full, slow or failing.
+    pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, ApiError> {
+        match self.writer.send(Commit::new(batch)).timeout(self.call_timeout()).await {
+            Ok(Ok(receipt)) => Ok(receipt),
+            Ok(Err(err)) => Err(store_error(err)),
+            Err(err) => {
+                tracing::error!(error = %err, "writer unavailable");
+                Err(ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1))
+            }
+        }
+    }
+
+    /// Runs a blocking store read off the async threads.
+    pub async fn read<T, F>(self: &Arc<Self>, read: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let shared = Arc::clone(self);
+        match actix_web::rt::task::spawn_blocking(move || read(&shared.store)).await {
+            Ok(result) => result.map_err(store_error),
+            Err(_) => Err(ApiError::internal()),
+        }
+    }
+
+    /// The compiled form of `snapshot`, shared between runs bound to the same hash. The snapshot must
+    /// already be verified against `hash` (or be the one just captured).
+    pub fn compiled(&self, snapshot: &Snapshot, hash: &SnapshotHash) -> Arc<CompiledSnapshot> {
+        let mut cache = self.snapshots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(existing) = cache.get(hash).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let compiled = Arc::new(CompiledSnapshot::load(snapshot, hash, &self.config.limits.policy));
+        if cache.len() > 1024 {
+            cache.retain(|_, weak| weak.strong_count() > 0);
+        }
+        cache.insert(hash.clone(), Arc::downgrade(&compiled));
+        compiled
+    }
+
+    /// Runs `f` with the tenant's rate windows locked (only snapshots with tenant-scope rate rules need it).
+    pub fn with_tenant_rates<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut TenantRates) -> T) -> T {
+        let mut rates = self.tenant_rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(rates.entry(tenant.clone()).or_default())
+    }
+}
