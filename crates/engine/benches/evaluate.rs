@@ -1,2 +1,514 @@
-//! Engine benchmarks (written with the performance work).
-fn main() {}
+//! Criterion benchmarks of [`runguard_engine::evaluate`] against the engine targets of SPEC §11.
+//!
+//! - `baseline_totals_with`: a trivial operation (`RunState::totals_with`) measured in the same run; the
+//!   other figures are quoted as ratios to it.
+//! - `four_budgets`: a typical snapshot of four budgets answering a `post` call (target: under 1 µs).
+//! - `fifty_policies_content_cel`: fifty policies (budgets, run-scope rates, content, skill and CEL rules)
+//!   answering a `post` call that carries 4 KiB of output text, without and with matches (target: under
+//!   25 µs). `fifty_policies_pre` answers the `pre` call of the same snapshot, where the rate rules bind.
+//! - `scaling/{10,100,1000}`: budget and CEL policies, to show cost grows at most linearly in policies.
+//! - `compile/fifty_policies`: [`CompiledSnapshot::compile`], the one-time cost at run start.
+//! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
+//!
+//! Every input is built, validated and checked once outside the timed closures: each bench asserts the
+//! decision it expects, so a broken setup cannot produce a meaningless fast number.
+//!
+//! `cargo bench -p runguard-engine --bench evaluate`
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use runguard_contract::{
+    Action, Estimate, Phase, Policy, PolicyDocument, PolicyLimits, RunId, Snapshot, StepCall, TenantId, Timestamp,
+    Totals, Usage,
+};
+use runguard_engine::{
+    Admission, Call, CompiledSnapshot, Evaluation, Matcher, RunState, TenantRates, call_digest, evaluate,
+    validate_document,
+};
+use serde_json::{Value, json};
+
+/// When the bench run starts (any fixed instant: the engine never reads the clock).
+const START_MS: i64 = 1_795_000_000_000;
+/// Complete steps a run has taken before the benched call.
+const WARM_STEPS: u64 = 6;
+/// Size of the output text of the content benches.
+const TEXT_LEN: usize = 4096;
+
+fn tenant() -> TenantId {
+    TenantId::new("acme").expect("`acme` is a valid tenant id")
+}
+
+/// Parses and fully validates (regexes and CEL compiled) a policy document, then makes it version 1.
+fn policy(doc: Value) -> Policy {
+    let limits = PolicyLimits::default();
+    let shown = doc.to_string();
+    let doc = PolicyDocument::from_value(doc, &limits).unwrap_or_else(|e| panic!("{shown} does not parse: {e}"));
+    validate_document(&doc, &limits).unwrap_or_else(|e| panic!("{shown} is not valid: {e}"));
+    let id = doc.id.clone().expect("bench policies name their id");
+    Policy::create(doc, id, Some(tenant()), Timestamp::from_unix_millis(START_MS))
+}
+
+fn snapshot_of(policies: &[Policy]) -> Snapshot {
+    let snapshot = Snapshot::capture(&tenant(), policies);
+    assert_eq!(snapshot.policies.len(), policies.len(), "every bench policy is captured");
+    snapshot
+}
+
+fn compile(policies: &[Policy]) -> CompiledSnapshot {
+    let compiled =
+        CompiledSnapshot::compile(&snapshot_of(policies), &PolicyLimits::default()).expect("the snapshot hashes");
+    assert!(compiled.policies().iter().all(|p| p.matcher.is_ok()), "every rule compiles");
+    compiled
+}
+
+fn budget(id: &str, metric: &str, per: &str, max: u64, warn_at: &[u32], action: &str, precedence: u32) -> Policy {
+    policy(json!({
+        "id": id, "name": format!("{per} {metric} budget"), "action": action, "precedence": precedence,
+        "rule": {"kind": "budget", "metric": metric, "per": per, "max": max, "warn_at": warn_at},
+    }))
+}
+
+/// The typical snapshot of SPEC §11: four budgets.
+fn four_budgets() -> Vec<Policy> {
+    vec![
+        budget("b_tokens_run", "tokens", "run", 100_000, &[50, 90], "block", 100),
+        budget("b_cost_run", "cost_micros", "run", 5_000_000, &[], "block", 100),
+        budget("b_steps_run", "steps", "run", 200, &[], "block", 100),
+        budget("b_tokens_step", "tokens", "step", 16_000, &[], "block", 100),
+    ]
+}
+
+fn rate(id: &str, metric: &str, max: u64, window_s: u32) -> Policy {
+    policy(json!({
+        "id": id, "name": format!("{metric} per {window_s}s"),
+        "rule": {"kind": "rate", "metric": metric, "max": max, "window_s": window_s, "scope": "run"},
+    }))
+}
+
+fn content(id: &str, action: &str, rule: Value) -> Policy {
+    let mut rule = rule;
+    rule["kind"] = json!("content");
+    policy(json!({"id": id, "name": format!("content {id}"), "action": action, "rule": rule}))
+}
+
+fn skill(id: &str, list: &str, skills: &[&str], bind_at: Option<&str>) -> Policy {
+    let mut doc = json!({"id": id, "name": format!("skill {list} list {id}"), "rule": {"kind": "skill"}});
+    doc["rule"][list] = json!(skills);
+    if let Some(bind) = bind_at {
+        doc["bind_at"] = json!(bind);
+    }
+    policy(doc)
+}
+
+fn expr(id: &str, cel: &str) -> Policy {
+    policy(json!({"id": id, "name": format!("custom rule {id}"), "rule": {"kind": "expr", "cel": cel}}))
+}
+
+/// The CEL rules of the fifty-policy snapshot; each is false for the benched calls.
+const CEL_RULES: &[&str] = &[
+    "run.tokens > 50000 && step.index > 3",
+    "has(step.skill) && step.skill == 'fetch'",
+    "step.input_keys.exists(k, k == 'password')",
+    "has(step.usage) && step.usage.duration_ms > 30000",
+    "run.cost_micros > 5000000 || run.steps > 150",
+    "has(step.api_endpoint) && step.api_endpoint.startsWith('https://internal.')",
+    "has(step.error) && has(step.error.status) && step.error.status >= 500",
+    "'team' in run.labels && run.labels.team == 'red' && run.tokens > 20000",
+    "size(step.input_keys) > 32",
+    "has(step.output_text) && step.output_text.contains('BEGIN PRIVATE KEY')",
+    "run.labels.env == 'prod' && has(step.skill) && step.skill in ['shell', 'exec', 'sudo']",
+    "has(step.usage) && step.usage.tokens > 0 && step.usage.cost_micros / step.usage.tokens > 100",
+];
+
+/// Fifty policies: 12 budgets, 6 run-scope rates, 12 content rules, 8 skill lists and 12 CEL rules.
+fn fifty_policies() -> Vec<Policy> {
+    let mut policies = vec![
+        budget("b01_tokens_run", "tokens", "run", 100_000, &[50, 90], "block", 100),
+        budget("b02_cost_run", "cost_micros", "run", 5_000_000, &[], "block", 100),
+        budget("b03_steps_run", "steps", "run", 200, &[], "block", 100),
+        budget("b04_tokens_step", "tokens", "step", 16_000, &[], "block", 100),
+        budget("b05_duration_run", "duration_ms", "run", 3_600_000, &[80], "block", 100),
+        budget("b06_cost_step", "cost_micros", "step", 500_000, &[], "block", 50),
+        budget("b07_duration_step", "duration_ms", "step", 120_000, &[], "warn", 100),
+        budget("b08_tokens_run_soft", "tokens", "run", 250_000, &[], "warn", 100),
+        budget("b09_cost_run_tiers", "cost_micros", "run", 20_000_000, &[25, 50, 75], "block", 100),
+        budget("b10_steps_run_soft", "steps", "run", 1_000, &[], "warn", 100),
+        budget("b11_tokens_step_soft", "tokens", "step", 64_000, &[], "warn", 200),
+        budget("b12_cost_run_strict", "cost_micros", "run", 10_000_000, &[], "block", 10),
+        rate("r01_steps_minute", "steps", 60, 60),
+        rate("r02_steps_hour", "steps", 500, 3_600),
+        rate("r03_tokens_minute", "tokens", 200_000, 60),
+        rate("r04_cost_minute", "cost_micros", 1_000_000, 60),
+        rate("r05_steps_second", "steps", 10, 1),
+        rate("r06_tokens_hour", "tokens", 1_000_000, 3_600),
+        content("c01_email", "warn", json!({"detectors": ["email"]})),
+        content("c02_ssn", "block", json!({"detectors": ["ssn"]})),
+        content("c03_card", "block", json!({"detectors": ["credit_card"]})),
+        content("c04_phone", "block", json!({"detectors": ["phone"]})),
+        content("c05_ip", "block", json!({"detectors": ["ip_address"]})),
+        content("c06_api_key", "block", json!({"detectors": ["api_key"]})),
+        content("c07_secrets_both", "block", json!({"target": "both", "detectors": ["api_key", "ssn"]})),
+        content("c08_tickets", "block", json!({"patterns": [r"\bINC-\d{6}\b", r"\bSEC-[A-Z]{2,5}-\d+\b"]})),
+        content(
+            "c09_credentials",
+            "block",
+            json!({"patterns": [r"(?i)\bpassword\s*[:=]\s*\S+", r"-----BEGIN [A-Z ]*PRIVATE KEY-----"]}),
+        ),
+        content("c10_iban", "block", json!({"patterns": [r"\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b"]})),
+        content(
+            "c11_classification",
+            "warn",
+            json!({"case_insensitive": true,
+                   "keywords": ["confidential", "internal only", "do not distribute", "attorney-client privileged"]}),
+        ),
+        content(
+            "c12_codenames",
+            "block",
+            json!({"case_insensitive": true, "keywords": [
+                "project nightingale", "project kestrel", "acquisition target", "layoff list", "board minutes",
+                "salary band", "merger", "insider", "embargoed", "pre-announcement", "unreleased earnings",
+                "red team report", "pentest findings", "root password", "customer export", "raw pii",
+                "gdpr request", "legal hold", "subpoena", "whistleblower",
+            ]}),
+        ),
+        skill("s01_deny_dangerous", "deny", &["shell", "delete_file", "send_email"], Some("step_post")),
+        skill("s02_deny_money", "deny", &["transfer_funds", "wire", "refund"], None),
+        skill(
+            "s03_allow_core",
+            "allow",
+            &["search", "fetch", "summarize", "write_file", "read_file"],
+            Some("step_post"),
+        ),
+        skill(
+            "s04_allow_catalog",
+            "allow",
+            &[
+                "search",
+                "fetch",
+                "summarize",
+                "translate",
+                "classify",
+                "extract",
+                "read_file",
+                "write_file",
+                "list_files",
+                "calendar",
+                "weather",
+                "calculator",
+                "browse",
+                "sql_read",
+                "chart",
+                "email_draft",
+                "ticket_read",
+                "ticket_comment",
+                "wiki_read",
+                "wiki_write",
+            ],
+            None,
+        ),
+        skill(
+            "s05_deny_admin",
+            "deny",
+            &["sudo", "iam_admin", "kms_decrypt", "db_drop", "db_migrate", "deploy", "rollback", "scale"],
+            Some("step_post"),
+        ),
+        skill("s06_deny_exec", "deny", &["exec"], None),
+        skill("s07_allow_research", "allow", &["search", "browse"], Some("step_post")),
+        skill("s08_deny_sudo", "deny", &["sudo"], None),
+    ];
+    policies.extend(CEL_RULES.iter().enumerate().map(|(i, cel)| expr(&format!("e{:02}_custom", i + 1), cel)));
+    assert_eq!(policies.len(), 50);
+    policies
+}
+
+/// `n` policies alternating a budget (metric and per cycling) and a CEL rule, none violated.
+fn scaled_policies(n: usize) -> Vec<Policy> {
+    const METRICS: [(&str, &str); 4] =
+        [("tokens", "run"), ("cost_micros", "run"), ("steps", "run"), ("tokens", "step")];
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                let (metric, per) = METRICS[(i / 2) % METRICS.len()];
+                let max = 1_000_000_000 + u64::try_from(i).expect("small");
+                budget(&format!("p{i:04}"), metric, per, max, &[], "block", 100)
+            } else if i % 4 == 1 {
+                expr(&format!("p{i:04}"), &format!("run.tokens > {} && step.index > 3", 1_000_000 + i))
+            } else {
+                expr(&format!("p{i:04}"), &format!("has(step.skill) && step.skill == 'fetch_{i}'"))
+            }
+        })
+        .collect()
+}
+
+/// Realistic agent output: a report without anything the detectors, patterns or keywords look for.
+const SENTENCES: &[&str] = &[
+    "Summary of the search results for the quarterly infrastructure review. ",
+    "The query returned 42 documents from the knowledge base, of which 17 were relevant to the question. ",
+    "Most of them describe the migration of the billing service to the new cluster in March 2025. ",
+    "The migration plan lists three phases: preparation, dual writes and cut-over, each with rollback steps. ",
+    "During preparation the team measured a median latency of 38 ms and a p99 of 212 ms on the old cluster. ",
+    "Dual writes ran for 11 days; the reconciliation job found 0.02% of records out of sync and repaired them. ",
+    "The cut-over happened on a Sunday morning and took 47 minutes, well inside the two-hour window. ",
+    "Open questions remain about capacity planning for the holiday peak and the retention of audit logs. ",
+    "Recommended next steps: review the alert thresholds, document the runbook, and schedule a game day. ",
+    "Sources: the migration design document, the review of the February outage, and the team wiki. ",
+];
+
+/// Sentences that the fifty-policy snapshot flags: one e-mail address and one classification keyword, both
+/// matched by `warn` policies.
+const MATCHING: [&str; 2] = [
+    "Questions about the rollout can go to jane.doe@example.com before Friday. ",
+    "This summary is Confidential and meant for the platform team. ",
+];
+
+/// Exactly [`TEXT_LEN`] bytes of ASCII report text, with `inserts` (sentence position, text) spliced in.
+fn output_text(inserts: &[(usize, &str)]) -> String {
+    let mut text = String::with_capacity(TEXT_LEN + 128);
+    for i in 0.. {
+        if text.len() >= TEXT_LEN {
+            break;
+        }
+        if let Some((_, insert)) = inserts.iter().find(|(at, _)| *at == i) {
+            text.push_str(insert);
+        }
+        text.push_str(SENTENCES[i % SENTENCES.len()]);
+    }
+    text.truncate(TEXT_LEN);
+    for (_, insert) in inserts {
+        assert!(text.contains(insert), "inserted sentences lie inside the first {TEXT_LEN} bytes");
+    }
+    text
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([("team".to_owned(), "blue".to_owned()), ("env".to_owned(), "prod".to_owned())])
+}
+
+/// When the `pre` of step `index` arrives; its `post` follows one second later.
+fn pre_time(index: u64) -> Timestamp {
+    Timestamp::from_unix_millis(START_MS + 10_000 + 2_000 * i64::try_from(index).expect("small index"))
+}
+
+fn post_time(index: u64) -> Timestamp {
+    pre_time(index).plus_millis(1_000)
+}
+
+fn pre_call(index: u64) -> StepCall {
+    StepCall {
+        skill: Some("search".to_owned()),
+        api_endpoint: Some("https://kb.example.com/v1/search".to_owned()),
+        input_keys: vec!["query".to_owned(), "max_results".to_owned(), "filters".to_owned()],
+        input_text: Some(
+            "Search the knowledge base for the billing service migration and summarise the plan, the risks and \
+             the open questions for the review meeting."
+                .to_owned(),
+        ),
+        estimate: Some(Estimate { tokens: Some(1_500), cost_micros: Some(3_000) }),
+        ..StepCall::new(index, Phase::Pre)
+    }
+}
+
+fn post_call(index: u64, output_text: Option<String>) -> StepCall {
+    StepCall {
+        skill: Some("search".to_owned()),
+        api_endpoint: Some("https://kb.example.com/v1/search".to_owned()),
+        input_keys: vec!["query".to_owned(), "max_results".to_owned(), "filters".to_owned()],
+        usage: Some(Usage { tokens: 1_200, cost_micros: 2_400, duration_ms: 850 }),
+        output_text,
+        ..StepCall::new(index, Phase::Post)
+    }
+}
+
+/// Admits, evaluates and applies one call that must be allowed.
+fn drive(run: &mut RunState, snapshot: &CompiledSnapshot, call: &StepCall, now: Timestamp) {
+    assert_eq!(run.admit(call), Admission::Evaluate, "the warm-up calls are in order");
+    let evaluation = evaluate(snapshot, run, Call::Step(call), &TenantRates::default(), now);
+    assert_eq!(evaluation.decision.action, Action::Allow, "warm-up call: {:?}", evaluation.decision.violations);
+    run.apply(&evaluation.decision, &evaluation.effects);
+}
+
+/// A run that has taken [`WARM_STEPS`] complete steps under `snapshot` (so it has totals and rate events),
+/// and, with `then_pre`, also the `pre` of the next step, so that it expects that step's `post`.
+fn warmed_run(snapshot: &CompiledSnapshot, then_pre: bool) -> RunState {
+    let mut run = RunState::new(tenant(), RunId::new("run-bench").expect("valid run id"), labels());
+    for index in 0..WARM_STEPS {
+        drive(&mut run, snapshot, &pre_call(index), pre_time(index));
+        drive(&mut run, snapshot, &post_call(index, Some("done".to_owned())), post_time(index));
+    }
+    if then_pre {
+        drive(&mut run, snapshot, &pre_call(WARM_STEPS), pre_time(WARM_STEPS));
+    }
+    run
+}
+
+/// One benched evaluation: snapshot, warmed run state and the call, all built before timing.
+#[derive(Debug)]
+struct Case {
+    snapshot: CompiledSnapshot,
+    run: RunState,
+    call: StepCall,
+    now: Timestamp,
+    rates: TenantRates,
+}
+
+impl Case {
+    /// The `post` of step [`WARM_STEPS`] with `output_text`.
+    fn post(policies: &[Policy], output_text: Option<String>) -> Self {
+        let snapshot = compile(policies);
+        let run = warmed_run(&snapshot, true);
+        let call = post_call(WARM_STEPS, output_text);
+        Self { snapshot, run, call, now: post_time(WARM_STEPS), rates: TenantRates::default() }
+    }
+
+    /// The `pre` of step [`WARM_STEPS`].
+    fn pre(policies: &[Policy]) -> Self {
+        let snapshot = compile(policies);
+        let run = warmed_run(&snapshot, false);
+        Self { snapshot, run, call: pre_call(WARM_STEPS), now: pre_time(WARM_STEPS), rates: TenantRates::default() }
+    }
+
+    fn evaluate(&self) -> Evaluation {
+        evaluate(
+            black_box(&self.snapshot),
+            black_box(&self.run),
+            Call::Step(black_box(&self.call)),
+            black_box(&self.rates),
+            black_box(self.now),
+        )
+    }
+
+    /// Checks, once and untimed, that the call is admitted and gets `action` with `violations` violations.
+    fn expect(self, action: Action, violations: usize) -> Self {
+        assert_eq!(self.run.admit(&self.call), Admission::Evaluate, "the benched call is in order");
+        let decision = self.evaluate().decision;
+        assert_eq!(decision.action, action, "unexpected decision: {:?}", decision.violations);
+        assert_eq!(decision.violations.len(), violations, "unexpected violations: {:?}", decision.violations);
+        assert!(decision.shadow.is_empty());
+        self
+    }
+
+    fn bench(&self, c: &mut Criterion, name: &str) {
+        c.bench_function(name, |b| b.iter(|| self.evaluate()));
+    }
+}
+
+fn baseline(c: &mut Criterion) {
+    let run = warmed_run(&compile(&four_budgets()), true);
+    let usage = Usage { tokens: 1_200, cost_micros: 2_400, duration_ms: 850 };
+    let expected = Totals {
+        tokens: 1_200 * (WARM_STEPS + 1),
+        cost_micros: 2_400 * (WARM_STEPS + 1),
+        steps: WARM_STEPS + 1,
+        duration_ms: 850 * (WARM_STEPS + 1),
+    };
+    assert_eq!(run.totals_with(Some(&usage), true), expected);
+    c.bench_function("baseline_totals_with", |b| {
+        b.iter(|| black_box(&run).totals_with(black_box(Some(&usage)), black_box(true)))
+    });
+}
+
+fn engine(c: &mut Criterion) {
+    Case::post(&four_budgets(), None).expect(Action::Allow, 0).bench(c, "four_budgets");
+
+    let fifty = fifty_policies();
+    let clean = Case::post(&fifty, Some(output_text(&[]))).expect(Action::Allow, 0);
+    let matching =
+        Case::post(&fifty, Some(output_text(&[(12, MATCHING[0]), (27, MATCHING[1])]))).expect(Action::Warn, 2);
+    let mut group = c.benchmark_group("fifty_policies_content_cel");
+    group.bench_function("clean_4k", |b| b.iter(|| clean.evaluate()));
+    group.bench_function("two_matches_4k", |b| b.iter(|| matching.evaluate()));
+    group.finish();
+
+    Case::pre(&fifty).expect(Action::Allow, 0).bench(c, "fifty_policies_pre");
+}
+
+fn scaling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scaling");
+    for n in [10usize, 100, 1_000] {
+        let case = Case::post(&scaled_policies(n), None).expect(Action::Allow, 0);
+        group.throughput(Throughput::Elements(u64::try_from(n).expect("small")));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &case, |b, case| b.iter(|| case.evaluate()));
+    }
+    group.finish();
+}
+
+fn compile_snapshot(c: &mut Criterion) {
+    let limits = PolicyLimits::default();
+    let snapshot = snapshot_of(&fifty_policies());
+    let compiled = CompiledSnapshot::compile(&snapshot, &limits).expect("the snapshot hashes");
+    assert_eq!(compiled.policies().len(), 50);
+    assert!(compiled.policies().iter().all(|p| p.matcher.is_ok()));
+    let mut group = c.benchmark_group("compile");
+    // A few milliseconds per iteration: 50 samples need more than the default 3 s.
+    group.measurement_time(Duration::from_secs(6));
+    group.bench_function("fifty_policies", |b| {
+        b.iter(|| CompiledSnapshot::compile(black_box(&snapshot), black_box(&limits)))
+    });
+    group.finish();
+}
+
+/// Pieces of the fifty-policy case, to attribute its cost.
+fn breakdown(c: &mut Criterion) {
+    let fifty = fifty_policies();
+    let text = output_text(&[]);
+    let mut group = c.benchmark_group("breakdown");
+
+    // Every evaluation of a step call digests its canonical JSON (for idempotent retries), with and
+    // without the 4 KiB text.
+    let call = post_call(WARM_STEPS, Some(text.clone()));
+    assert_eq!(call_digest(&call).len(), 64);
+    group.bench_function("call_digest_4k", |b| b.iter(|| call_digest(black_box(&call))));
+
+    let small = post_call(WARM_STEPS, None);
+    assert_eq!(call_digest(&small).len(), 64);
+    group.bench_function("call_digest_no_text", |b| b.iter(|| call_digest(black_box(&small))));
+
+    // The twelve content rules scanning the 4 KiB text directly.
+    let snapshot = compile(&fifty);
+    let matchers: Vec<_> = snapshot
+        .policies()
+        .iter()
+        .filter_map(|p| match &p.matcher {
+            Ok(Matcher::Content(m)) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(matchers.len(), 12);
+    assert!(matchers.iter().all(|m| m.scan(&text).is_empty()), "the clean text matches nothing");
+    group.bench_function("content_scan_4k", |b| {
+        b.iter(|| matchers.iter().map(|m| m.scan(black_box(&text)).len()).sum::<usize>())
+    });
+
+    // The same fifty policies and call without output text: content rules have nothing to scan.
+    let no_text = Case::post(&fifty, None).expect(Action::Allow, 0);
+    group.bench_function("fifty_policies_no_text", |b| b.iter(|| no_text.evaluate()));
+
+    // Only the twelve CEL rules, with the 4 KiB text in the step.
+    let cel: Vec<Policy> = fifty.iter().filter(|p| p.rule.kind() == "expr").cloned().collect();
+    assert_eq!(cel.len(), CEL_RULES.len());
+    let cel_only = Case::post(&cel, Some(text.clone())).expect(Action::Allow, 0);
+    group.bench_function("cel_rules_only_4k", |b| b.iter(|| cel_only.evaluate()));
+
+    // One CEL rule, without text: the fixed cost of evaluating a single expression.
+    let one_cel = Case::post(&cel[..1], None).expect(Action::Allow, 0);
+    group.bench_function("one_cel_rule", |b| b.iter(|| one_cel.evaluate()));
+
+    // The four budgets with the 4 KiB text in the step: what the digest adds to the typical case.
+    let budgets_text = Case::post(&four_budgets(), Some(text)).expect(Action::Allow, 0);
+    group.bench_function("four_budgets_4k_output", |b| b.iter(|| budgets_text.evaluate()));
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = baseline, engine, scaling, compile_snapshot, breakdown
+}
+criterion_main!(benches);
