@@ -10,15 +10,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr};
-use cel::{Context, IdedExpr, Program, Value};
+use cel::{Context, Env, IdedExpr, Program, Value};
 use runguard_contract::{StepCall, Timestamp, Totals, ValidationError};
 
 /// The bound assumed for the length of any list a comprehension iterates (input keys, labels).
 pub const COMPREHENSION_FANOUT: u64 = 256;
 
-/// A compiled CEL rule.
+/// A compiled CEL rule with its environment (the standard library, built once: building it costs more
+/// than evaluating most rules).
 pub struct CelRule {
     program: Program,
+    env: Arc<Env>,
 }
 
 impl std::fmt::Debug for CelRule {
@@ -59,7 +61,8 @@ fn entry_cost(entry: &EntryExpr) -> u64 {
 impl CelRule {
     /// Compiles `source`, rejecting syntax errors and expressions whose static cost exceeds `max_cost`.
     pub fn compile(source: &str, max_cost: u64) -> Result<Self, ValidationError> {
-        let program = Program::compile(source).map_err(|err| {
+        let env = Arc::new(Env::stdlib());
+        let program = env.compile(source).map_err(|err| {
             ValidationError::new("rule.cel", format!("does not compile: {}", first_line(&err.to_string())))
         })?;
         let cost = static_cost(program.expression());
@@ -69,18 +72,23 @@ impl CelRule {
                 format!("has a static cost of {cost}, the limit is {max_cost}; simplify or un-nest comprehensions"),
             ));
         }
-        Ok(Self { program })
+        Ok(Self { program, env })
     }
 
     /// Evaluates the rule. `Ok(true)` means violated. Any runtime error, and any non-boolean result, is an
     /// evaluation error (the policy's `on_error` then decides).
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
-        let mut context = Context::default();
-        context.add_variable_from_value("run", input.run_value());
-        if let Some(step) = input.step {
-            context.add_variable_from_value("step", step_value(step));
+        self.evaluate_with(&CelVars::new(input))
+    }
+
+    /// Evaluates the rule against variables built once for all the rules of a call.
+    pub fn evaluate_with(&self, vars: &CelVars) -> Result<bool, String> {
+        let mut context = Context::with_env(Arc::clone(&self.env));
+        context.add_variable_from_value("run", vars.run.clone());
+        if let Some(step) = &vars.step {
+            context.add_variable_from_value("step", step.clone());
         }
-        context.add_variable_from_value("now", Value::Int(input.now.unix_millis()));
+        context.add_variable_from_value("now", vars.now.clone());
         match self.program.execute(&context) {
             Ok(Value::Bool(violated)) => Ok(violated),
             Ok(other) => Err(format!("the expression returned {:?}, not a bool", other.type_of())),
@@ -128,6 +136,21 @@ pub struct CelInput<'a> {
     pub step: Option<&'a StepCall>,
     /// The evaluation time (CEL `int` milliseconds since the epoch).
     pub now: Timestamp,
+}
+
+/// The variables a CEL rule sees, built once per call (maps and texts are shared by `Arc`).
+#[derive(Debug, Clone)]
+pub struct CelVars {
+    run: Value,
+    step: Option<Value>,
+    now: Value,
+}
+
+impl CelVars {
+    /// Builds `run`, `step` and `now` from the input.
+    pub fn new(input: &CelInput<'_>) -> Self {
+        Self { run: input.run_value(), step: input.step.map(step_value), now: Value::Int(input.now.unix_millis()) }
+    }
 }
 
 fn int(n: u64) -> Value {

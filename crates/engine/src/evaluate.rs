@@ -1,6 +1,6 @@
 //! Evaluation of one call against a compiled snapshot (SPEC §3).
 
-use runguard_contract::canonical::{DECISION_DOMAIN, domain_hash};
+use runguard_contract::canonical::DECISION_DOMAIN;
 use runguard_contract::prevention::{PatternRequest, pattern_policy_matches, requires_prevention_record};
 use runguard_contract::{
     Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentTarget, Decision, DecisionId, DecisionPhase, Evidence,
@@ -9,7 +9,7 @@ use runguard_contract::{
     StepCall, StepError, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
 };
 
-use crate::cel_rule::CelInput;
+use crate::cel_rule::{CelInput, CelVars};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::state::{Effects, RateEvent, RunState, TenantRates, TierKey, call_digest};
 
@@ -118,6 +118,8 @@ struct Cx<'a> {
     totals: Totals,
     tenant_rates: &'a TenantRates,
     now: Timestamp,
+    /// CEL variables, built on the first CEL rule and shared by the others.
+    cel_vars: std::cell::OnceCell<CelVars>,
 }
 
 fn block_or_warn(action: PolicyAction) -> Action {
@@ -389,15 +391,17 @@ fn check(compiled: &CompiledPolicy, cx: &Cx<'_>) -> Result<Vec<Finding>, String>
         Matcher::Skill { allow, skills } => check_skill(policy, *allow, skills, cx),
         Matcher::Pattern(rule) => check_pattern(policy, rule, cx),
         Matcher::Expr(rule) => {
-            let input = CelInput {
-                run_id: cx.state.run_id.as_str(),
-                tenant: cx.state.tenant_id.as_str(),
-                labels: &cx.state.labels,
-                totals: cx.totals,
-                step: cx.call.step(),
-                now: cx.now,
-            };
-            if rule.evaluate(&input)? {
+            let vars = cx.cel_vars.get_or_init(|| {
+                CelVars::new(&CelInput {
+                    run_id: cx.state.run_id.as_str(),
+                    tenant: cx.state.tenant_id.as_str(),
+                    labels: &cx.state.labels,
+                    totals: cx.totals,
+                    step: cx.call.step(),
+                    now: cx.now,
+                })
+            });
+            if rule.evaluate_with(vars)? {
                 vec![Finding::new(
                     ViolationType::CustomRule,
                     block_or_warn(policy.action),
@@ -439,8 +443,17 @@ fn violation(policy: &Policy, finding: Finding) -> Violation {
 }
 
 fn decision_seed(state: &RunState) -> [u8; 32] {
-    let seed = format!("{}\n{}\n{}", state.tenant_id, state.run_id, state.decisions);
-    domain_hash(DECISION_DOMAIN, seed.as_bytes())
+    use sha2::{Digest, Sha256};
+    // The same layout as `domain_hash(DECISION_DOMAIN, "tenant\nrun\ncounter")`, without allocating.
+    let mut hasher = Sha256::new();
+    hasher.update(DECISION_DOMAIN.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(state.tenant_id.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(state.run_id.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(state.decisions.to_string().as_bytes());
+    hasher.finalize().into()
 }
 
 fn remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
@@ -546,39 +559,32 @@ pub fn evaluate(
         prevention_record_id: None,
         evaluated_at: now,
     };
-    let mut evaluation = Evaluation {
-        decision: decision.clone(),
-        effects: Effects::default(),
-        record: None,
-        deciding_mode: None,
-        fail_opens: Vec::new(),
-        shadow_evaluated: Vec::new(),
-    };
+    let mut fail_opens = Vec::new();
+    let mut shadow_evaluated = Vec::new();
+    let mut deciding_mode = None;
 
     if snapshot.is_tampered() {
         decision.action = Action::Block;
         decision.violations.extend(integrity_violation(snapshot));
         decision.remaining = Remaining::default();
-        evaluation.decision = decision;
-        evaluation.effects = effects;
-        return evaluation;
+        return Evaluation { decision, effects, record: None, deciding_mode, fail_opens, shadow_evaluated };
     }
 
-    let cx = Cx { state, call, bind, totals, tenant_rates, now };
+    let cx = Cx { state, call, bind, totals, tenant_rates, now, cel_vars: std::cell::OnceCell::new() };
     // (violation, precedence) of active policies; every bound policy is evaluated, no short-circuit.
     let mut active: Vec<(Violation, u32, Option<u64>)> = Vec::new();
     for compiled in snapshot.policies().iter().filter(|p| p.binds_at(bind)) {
         let policy = &compiled.policy;
         let findings = check(compiled, &cx).unwrap_or_else(|message| vec![evaluation_error(policy, &message)]);
         if policy.mode == Mode::Shadow {
-            evaluation.shadow_evaluated.push(policy.id.clone());
+            shadow_evaluated.push(policy.id.clone());
         }
         for finding in findings {
             if let Some(tier) = finding.tier {
                 effects.fired_tiers.push(TierKey { policy_id: policy.id.clone(), tier });
             }
             if finding.violation_type == ViolationType::EvaluationError && finding.action == Action::Allow {
-                evaluation.fail_opens.push(policy_ref(policy));
+                fail_opens.push(policy_ref(policy));
             }
             match policy.mode {
                 Mode::Shadow => {
@@ -612,7 +618,7 @@ pub fn evaluate(
         if let Some((v, _, _)) = deciding {
             let compiled = snapshot.policy(&v.policy_id);
             decision.deciding_policy = compiled.map(|c| policy_ref(&c.policy));
-            evaluation.deciding_mode = compiled.map(|c| c.policy.mode);
+            deciding_mode = compiled.map(|c| c.policy.mode);
         }
     }
     decision.action = action;
@@ -624,14 +630,13 @@ pub fn evaluate(
     violations.sort_by(|a, b| (&a.policy_id, a.violation_type).cmp(&(&b.policy_id, b.violation_type)));
     decision.violations = violations;
 
-    if requires_prevention_record(&decision, evaluation.deciding_mode) {
+    let mut record = None;
+    if requires_prevention_record(&decision, deciding_mode) {
         let record_id = RecordId::from_digest(&seed);
         decision.prevention_record_id = Some(record_id.clone());
-        evaluation.record = draft_record(snapshot, state, &decision, record_id, &seed, now);
+        record = draft_record(snapshot, state, &decision, record_id, &seed, now);
     }
-    evaluation.decision = decision;
-    evaluation.effects = effects;
-    evaluation
+    Evaluation { decision, effects, record, deciding_mode, fail_opens, shadow_evaluated }
 }
 
 fn draft_record(

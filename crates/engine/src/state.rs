@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use runguard_contract::canonical::{canonical_json, domain_hash};
+use runguard_contract::canonical::domain_hash;
 use runguard_contract::{
     Action, Decision, DecisionPhase, NextCall, Outcome, Phase, PolicyId, RunId, RunStatus, StepCall, TenantId,
     TerminationReason, Timestamp, Totals, Usage,
@@ -152,9 +152,11 @@ pub enum Refusal {
     },
 }
 
-/// SHA-256 (hex) of a call's canonical JSON, to recognise identical re-sends.
+/// SHA-256 (hex) of a call's JSON encoding, to recognise identical re-sends. The encoding of a struct
+/// has a fixed field order, so it is deterministic without full canonicalisation (which costs more than
+/// evaluating a typical snapshot).
 pub fn call_digest(call: &StepCall) -> String {
-    hex::encode(domain_hash("runguard/step-call/v1", &canonical_json(call).unwrap_or_default()))
+    hex::encode(domain_hash("runguard/step-call/v1", &serde_json::to_vec(call).unwrap_or_default()))
 }
 
 /// How a call changes the run, computed by evaluation and applied by [`RunState::apply`].
@@ -202,14 +204,14 @@ impl RunState {
 
     /// Decides whether `call` may be evaluated now (SPEC §2.5).
     pub fn admit(&self, call: &StepCall) -> Admission {
-        let digest = call_digest(call);
         let last_same_call = self.last.as_ref().filter(|last| {
             last.index == Some(call.index)
                 && last.phase == DecisionPhase::from(call.phase)
                 && last.decision.action != Action::Throttle
         });
+        // The digest is only needed to tell a retry from a changed body.
         if let Some(last) = last_same_call
-            && last.digest == digest
+            && last.digest == call_digest(call)
         {
             return Admission::Replay(Box::new(last.decision.clone()));
         }
