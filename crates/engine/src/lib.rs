@@ -42,6 +42,7 @@ mod cel_rule;
 mod compiled;
 mod content;
 mod evaluate;
+pub mod learning;
 mod replay;
 mod state;
 

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failure;
 pub mod http;
 pub mod openapi;
 pub mod server;

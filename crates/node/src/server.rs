@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use runguard_store::{Store, StoreOptions};
 
+use crate::actors::learning::Learning;
 use crate::actors::registry::Registry;
 use crate::actors::writer::{Drain, Writer};
 use crate::auth::Authenticator;
@@ -45,6 +46,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let workers = config.http_workers;
     let auth = Authenticator::new(&config.tokens);
     let shared = Arc::new(Shared::new(Arc::clone(&store), writer.clone(), config));
+    let (learning, learning_arbiter) = Learning::start_dedicated(Arc::clone(&shared));
+    let _ = shared.learning.set(learning);
     let registry = Registry::new(Arc::clone(&shared), handles).start();
     let state =
         web::Data::new(AppState { shared: Arc::clone(&shared), registry, auth, metrics, ready: AtomicBool::new(true) });
@@ -68,6 +71,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if writer.send(Drain).await.is_err() {
         tracing::error!("the writer stopped before draining");
     }
+    learning_arbiter.stop();
+    let _ = learning_arbiter.join();
     writer_arbiter.stop();
     let _ = writer_arbiter.join();
     for arbiter in run_arbiters {

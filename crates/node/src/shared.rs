@@ -2,7 +2,7 @@
 //! tenant rate windows and the compiled-snapshot cache.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use actix::Addr;
@@ -10,6 +10,7 @@ use runguard_contract::{Snapshot, SnapshotHash, TenantId, Timestamp};
 use runguard_engine::{CompiledSnapshot, TenantRates};
 use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
 
+use crate::actors::learning::Learning;
 use crate::actors::writer::{Commit, Writer};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -22,6 +23,8 @@ pub struct Shared {
     pub writer: Addr<Writer>,
     /// Configuration.
     pub config: Config,
+    /// The learning actor (set once at start-up, after this context exists).
+    pub learning: OnceLock<Addr<Learning>>,
     tenant_rates: Mutex<HashMap<TenantId, TenantRates>>,
     snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
 }
@@ -65,7 +68,14 @@ pub fn store_error(err: StoreError) -> ApiError {
 impl Shared {
     /// A context over an open store and a started writer.
     pub fn new(store: Arc<Store>, writer: Addr<Writer>, config: Config) -> Self {
-        Self { store, writer, config, tenant_rates: Mutex::new(HashMap::new()), snapshots: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            writer,
+            config,
+            learning: OnceLock::new(),
+            tenant_rates: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
+        }
     }
 
     /// How long a call may wait for its run or the writer.
@@ -83,6 +93,20 @@ impl Shared {
                 Err(ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1))
             }
         }
+    }
+
+    /// Sends a message to the learning actor and waits for its answer (503 if it is unavailable).
+    pub async fn learn<M>(&self, msg: M) -> Result<M::Result, ApiError>
+    where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+        Learning: actix::Handler<M>,
+    {
+        let learning = self.learning.get().ok_or_else(|| ApiError::unavailable("the node is starting", 1))?;
+        learning.send(msg).timeout(self.call_timeout()).await.map_err(|err| {
+            tracing::error!(error = %err, "learning actor unavailable");
+            ApiError::unavailable("the learning loop is overloaded or stopped; retry", 1)
+        })
     }
 
     /// Runs a blocking store read off the async threads.

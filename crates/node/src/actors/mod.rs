@@ -1,5 +1,6 @@
-//! The node's actors: one per live run, a registry of them, and the single writer.
+//! The node's actors: one per live run, a registry of them, the single writer, and the learning loop.
 
+pub mod learning;
 pub mod registry;
 pub mod run;
 pub mod writer;

@@ -19,8 +19,10 @@ use runguard_store::{
 use serde::Serialize;
 use serde_json::json;
 
+use crate::actors::learning::{EndRun, IncidentDraft};
 use crate::actors::registry::{Deregister, Registry, RunKey};
 use crate::error::ApiError;
+use crate::failure::FailureTracker;
 use crate::shared::{Shared, now};
 
 /// `POST /v1/runs` after the id is settled.
@@ -74,8 +76,8 @@ pub enum RunReply {
     },
     /// A decision.
     Decision(Box<Decision>),
-    /// The run after `end`.
-    Ended(Box<StoredRun>),
+    /// The run after `end`, and the incident it created.
+    Ended(Box<StoredRun>, Option<runguard_contract::IncidentId>),
 }
 
 struct Live {
@@ -83,6 +85,7 @@ struct Live {
     state: RunState,
     run: StoredRun,
     start_decision: Decision,
+    failure: FailureTracker,
 }
 
 /// The actor.
@@ -136,7 +139,11 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     let run = loaded.run;
     let mut state = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
     let mut replay_ok = true;
+    let mut failure = FailureTracker::default();
     for entry in &loaded.ledger {
+        if let LedgerCall::Step(call) = &entry.call {
+            failure.observe(call);
+        }
         match serde_json::from_slice::<Effects>(&entry.effects) {
             Ok(effects) => state.apply(&entry.decision, &effects),
             Err(_) => replay_ok = false,
@@ -157,7 +164,7 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     });
     // Status, totals and termination come from the stored run, which the ledger replay must agree with.
     state.status = run.status;
-    Live { snapshot, state, run, start_decision }
+    Live { snapshot, state, run, start_decision, failure }
 }
 
 fn placeholder_decision(run: &StoredRun, snapshot: &CompiledSnapshot) -> Decision {
@@ -324,7 +331,13 @@ impl RunActor {
         shared.commit(batch).await?;
         record_metrics(&evaluation, Duration::ZERO);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %evaluation.decision.decision_id, "run created");
-        Ok(Live { snapshot: compiled, state, run, start_decision: evaluation.decision })
+        Ok(Live {
+            snapshot: compiled,
+            state,
+            run,
+            start_decision: evaluation.decision,
+            failure: FailureTracker::default(),
+        })
     }
 
     fn answer(live: &Live) -> CreateAnswer {
@@ -455,6 +468,7 @@ impl RunActor {
             if let Some(live) = actor.live.as_mut() {
                 live.state = next_state;
                 live.run = run;
+                live.failure.observe(&call);
             }
             let decision = evaluation.decision;
             if decision.action == Action::Block {
@@ -477,7 +491,7 @@ impl RunActor {
         };
         if !live.state.status.is_running() {
             // Ending an ended or stopped run changes nothing.
-            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.run.clone())))));
+            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.run.clone()), None))));
         }
         let evaluation = evaluate(
             &live.snapshot,
@@ -490,20 +504,35 @@ impl RunActor {
         next_state.apply(&evaluation.decision, &evaluation.effects);
         let run = run_after(&live.run, &next_state, at, Some(outcome));
         let mut batch = WriteBatch::new();
+        let error_for_incident = error.clone();
         let entry =
             LedgerEntry::new(LedgerCall::RunEnd { outcome, error }, evaluation.decision.clone(), next_state.totals)
                 .with_effects(effects_bytes(&evaluation.effects));
         batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
         batch.put_run(run.clone());
         persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
-        Box::pin(async move { shared.commit(batch).await }.into_actor(self).map(move |committed, actor, _| {
-            committed?;
-            record_metrics(&evaluation, Duration::ZERO);
-            if let Some(live) = actor.live.as_mut() {
-                live.state = next_state;
-                live.run = run.clone();
-            }
-            Ok(RunReply::Ended(Box::new(run)))
-        }))
+        // SPEC §4 (5), §5: only a running run that ends failed, and is not stopped by a block, creates one.
+        let incident = (runguard_contract::prevention::may_create_incident(live.state.status, outcome)
+            && next_state.status == runguard_contract::RunStatus::Failed)
+            .then(|| {
+                let (signature, error) = live.failure.incident_basis(error_for_incident.as_ref());
+                IncidentDraft {
+                    tenant: live.state.tenant_id.clone(),
+                    run_id: live.state.run_id.clone(),
+                    signature,
+                    error,
+                }
+            });
+        Box::pin(async move { shared.learn(EndRun { batch, incident }).await? }.into_actor(self).map(
+            move |committed, actor, _| {
+                let incident_id = committed?;
+                record_metrics(&evaluation, Duration::ZERO);
+                if let Some(live) = actor.live.as_mut() {
+                    live.state = next_state;
+                    live.run = run.clone();
+                }
+                Ok(RunReply::Ended(Box::new(run), incident_id))
+            },
+        ))
     }
 }

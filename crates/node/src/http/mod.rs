@@ -1,6 +1,7 @@
 //! The HTTP API of SPEC §8 (actix-web 4).
 
 pub mod body;
+pub mod learning;
 pub mod ops;
 pub mod policies;
 pub mod records;
@@ -136,11 +137,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/prevention-records").route(web::get().to(records::list)))
         .service(resource("/v1/prevention-records/{id}").route(web::get().to(records::get)))
         .service(resource("/v1/prevention-records/{id}/regret").route(web::post().to(records::regret)))
-        .service(resource("/v1/incidents").route(web::get().to(records::learning_loop)))
-        .service(resource("/v1/patterns").route(web::get().to(records::learning_loop)))
-        .service(resource("/v1/patterns/{id}").route(web::get().to(records::learning_loop)))
-        .service(resource("/v1/patterns/{id}/propose").route(web::post().to(records::learning_loop)))
-        .service(resource("/v1/graduation").route(web::get().to(records::learning_loop)))
-        .service(resource("/v1/simulate").route(web::post().to(records::learning_loop)))
+        .service(resource("/v1/incidents").route(web::get().to(learning::incidents)))
+        .service(resource("/v1/patterns").route(web::get().to(learning::patterns)))
+        .service(resource("/v1/patterns/{id}").route(web::get().to(learning::pattern)))
+        .service(resource("/v1/patterns/{id}/propose").route(web::post().to(learning::propose)))
+        .service(resource("/v1/graduation").route(web::get().to(learning::graduation)))
+        .service(resource("/v1/simulate").route(web::post().to(learning::simulate)))
         .default_service(web::to(unknown_route));
 }

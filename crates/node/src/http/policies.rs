@@ -7,6 +7,7 @@ use runguard_store::{PageRequest, WriteBatch};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::actors::learning::Confirm;
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::http::body::{parse_json, read_body};
@@ -223,11 +224,18 @@ pub async fn set_mode(
     Ok(HttpResponse::Ok().json(next))
 }
 
-/// `POST /v1/policies/{id}/confirm` (learning loop).
+/// `POST /v1/policies/{id}/confirm`: one operator's confirmation; the required number (by distinct
+/// callers) activates a shadow or pending policy. Never revives a disabled one (409).
 pub async fn confirm(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
-    current(&state, &caller, &policy_id(&id)?, None).await?;
-    Err(ApiError::not_implemented("policy confirmations (learning loop)"))
+    let policy_id = policy_id(&id)?;
+    let msg = Confirm {
+        tenant: caller.tenant.clone(),
+        policy_id,
+        caller: caller.name.clone(),
+        admin: caller.role == Role::Admin,
+    };
+    Ok(HttpResponse::Ok().json(state.shared.learn(msg).await??))
 }
 
 /// `GET /v1/policies/{id}/audit`.
@@ -264,23 +272,20 @@ pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Res
     let mut query = runguard_store::RecordQuery::tenant(caller.tenant.clone());
     query.policy_id = Some(policy.id.clone());
     query.since = policy.activated_at;
-    query.page = PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
-    let activated_at = policy.activated_at;
-    let records = state.shared.read(move |store| store.list_records(&query)).await?;
-    let counted =
-        records.items.iter().filter(|r| runguard_contract::prevention::counts_for_graduation(r, activated_at)).count();
-    let gate_passed = counted > 0 && policy.mode == Mode::Active;
-    let status = match policy.mode {
-        Mode::Shadow | Mode::Pending => "observing",
-        Mode::Active if gate_passed => "proven",
-        Mode::Active => "unproven",
-        Mode::Disabled => "demoted",
-    };
-    Ok(HttpResponse::Ok().json(json!({
-        "policy_id": policy.id,
-        "status": status,
-        "gate_passed": gate_passed,
-        "counted_records": counted,
-        "activated_at": policy.activated_at,
-    })))
+    let records = state
+        .shared
+        .read(move |store| {
+            let mut all = Vec::new();
+            query.page = PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
+            loop {
+                let page = store.list_records(&query)?;
+                all.extend(page.items);
+                match page.next_cursor {
+                    Some(cursor) => query.page = PageRequest::after(runguard_store::MAX_PAGE_LIMIT, cursor),
+                    None => return Ok(all),
+                }
+            }
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(runguard_engine::learning::policy_graduation(&policy, &records)))
 }

@@ -1,14 +1,16 @@
-//! Prevention records, snapshots, and the learning-loop endpoints of a later milestone.
+//! Prevention records (list, get, regret) and snapshots.
 
-use actix_web::web::Path;
+use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{RecordId, Scope, SnapshotId, Timestamp};
 use runguard_store::RecordQuery;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
+use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,15 +63,41 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     Ok(HttpResponse::Ok().json(found.ok_or_else(|| ApiError::not_found("prevention record", &id))?))
 }
 
-/// `POST /v1/prevention-records/{id}/regret` (learning loop).
-pub async fn regret(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegretBody {
+    severity: u8,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// `POST /v1/prevention-records/{id}/regret`: marks the record a false positive (once).
+pub async fn regret(
+    state: State,
+    req: HttpRequest,
+    id: Path<String>,
+    payload: Payload,
+) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let record_id = RecordId::new(id.as_str()).map_err(|_| ApiError::not_found("prevention record", &id))?;
-    let tenant = caller.tenant.clone();
-    if state.shared.read(move |store| store.get_record(&tenant, &record_id)).await?.is_none() {
-        return Err(ApiError::not_found("prevention record", &id));
+    let body: RegretBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    if !(1..=10).contains(&body.severity) {
+        return Err(ApiError::bad_request("severity", format!("is {}; severities are 1–10", body.severity)));
     }
-    Err(ApiError::not_implemented("regrets (learning loop)"))
+    if body.note.as_ref().is_some_and(|n| n.len() > 4096) {
+        return Err(ApiError::bad_request("note", "is longer than 4096 bytes"));
+    }
+    let answer = state
+        .shared
+        .learn(RegretRecord {
+            tenant: caller.tenant,
+            record_id,
+            severity: body.severity,
+            note: body.note,
+            caller: caller.name,
+        })
+        .await??;
+    Ok(HttpResponse::Created().json(answer))
 }
 
 /// `GET /v1/snapshots/{id}`: readable when every tenant-scoped policy in it is the caller's (a snapshot
@@ -106,10 +134,4 @@ pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Resul
             })))
         }
     }
-}
-
-/// Incidents, patterns, proposals, tenant graduation and simulation: the learning-loop milestone.
-pub async fn learning_loop(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    state.caller(&req, Role::Operator)?;
-    Err(ApiError::not_implemented(&format!("`{}` (learning loop)", req.path())))
 }

@@ -157,7 +157,9 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     let body: EndBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
-        RunReply::Ended(run) => Ok(HttpResponse::Ok().json(json!({ "run": run, "incident_id": null }))),
+        RunReply::Ended(run, incident_id) => {
+            Ok(HttpResponse::Ok().json(json!({ "run": run, "incident_id": incident_id })))
+        }
         _ => Err(ApiError::internal()),
     }
 }

@@ -1,0 +1,197 @@
+//! The learning loop over HTTP: incidents, patterns, proposals, tenant graduation and simulation.
+
+use actix_web::web::{Path, Payload};
+use actix_web::{HttpRequest, HttpResponse};
+use runguard_contract::{Decision, PatternId, Policy, PolicyDocument, PolicyId, RunId, Scope, Snapshot};
+use runguard_engine::learning::{RecordedCall, simulate_run};
+use runguard_engine::{CompiledSnapshot, RunState};
+use runguard_store::{LedgerCall, LedgerEntry, MAX_PAGE_LIMIT, PageRequest, StoredRun, WriteBatch};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::actors::learning::{Propose, TenantGraduation};
+use crate::auth::Role;
+use crate::error::ApiError;
+use crate::http::body::{parse_json, read_body};
+use crate::http::{PageQuery, State, page_of, query};
+use crate::shared::now;
+
+/// Most runs and candidate policies in one simulation.
+const MAX_SIMULATED_RUNS: usize = 100;
+const MAX_CANDIDATES: usize = 100;
+
+/// `GET /v1/incidents`.
+pub async fn incidents(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let page = query::<PageQuery>(&req)?.page()?;
+    let found = state.shared.read(move |store| store.list_incidents(&caller.tenant, &page)).await?;
+    Ok(page_of(&found.items, found.next_cursor))
+}
+
+/// `GET /v1/patterns`.
+pub async fn patterns(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let page = query::<PageQuery>(&req)?.page()?;
+    let found = state.shared.read(move |store| store.list_patterns(&caller.tenant, &page)).await?;
+    Ok(page_of(&found.items, found.next_cursor))
+}
+
+fn pattern_id(raw: &str) -> Result<PatternId, ApiError> {
+    PatternId::new(raw).map_err(|_| ApiError::not_found("pattern", raw))
+}
+
+/// `GET /v1/patterns/{id}`.
+pub async fn pattern(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let pattern_id = pattern_id(&id)?;
+    let found = state.shared.read(move |store| store.get_pattern(&caller.tenant, &pattern_id)).await?;
+    Ok(HttpResponse::Ok().json(found.ok_or_else(|| ApiError::not_found("pattern", &id))?))
+}
+
+/// `POST /v1/patterns/{id}/propose`: creates the pattern's policy in shadow mode.
+pub async fn propose(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let pattern_id = pattern_id(&id)?;
+    let policy = state.shared.learn(Propose { tenant: caller.tenant, pattern_id, caller: caller.name }).await??;
+    Ok(HttpResponse::Created().json(policy))
+}
+
+/// `GET /v1/graduation`: the tenant's level, gates and history.
+pub async fn graduation(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let view = state.shared.learn(TenantGraduation { tenant: caller.tenant }).await??;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimulateBody {
+    policies: Vec<Value>,
+    run_ids: Vec<String>,
+    #[serde(default)]
+    persist: bool,
+}
+
+/// A run's recorded calls, with the times they were evaluated, and its live decisions.
+pub fn recorded_calls(ledger: &[LedgerEntry]) -> (Vec<(RecordedCall, runguard_contract::Timestamp)>, Vec<Decision>) {
+    let calls = ledger
+        .iter()
+        .map(|entry| {
+            let call = match &entry.call {
+                LedgerCall::RunStart => RecordedCall::RunStart,
+                LedgerCall::Step(step) => RecordedCall::Step(step.clone()),
+                LedgerCall::RunEnd { outcome, error } => {
+                    RecordedCall::RunEnd { outcome: *outcome, error: error.clone() }
+                }
+            };
+            (call, entry.decision.evaluated_at)
+        })
+        .collect();
+    (calls, ledger.iter().map(|entry| entry.decision.clone()).collect())
+}
+
+/// How many calls were answered differently: pairs by (step, phase), counting missing counterparts.
+pub fn differences(live: &[Decision], candidate: &[Decision]) -> usize {
+    let key = |d: &Decision| (d.step_index, d.phase);
+    let mut count = 0;
+    for l in live {
+        match candidate.iter().rev().find(|c| key(c) == key(l)) {
+            Some(c) if c.action == l.action => {}
+            _ => count += 1,
+        }
+    }
+    count + candidate.iter().filter(|c| !live.iter().any(|l| key(l) == key(c))).count()
+}
+
+/// Builds candidate policies for `tenant` from documents (validated; tenant scope only).
+pub fn candidates(
+    docs: Vec<Value>,
+    tenant: &runguard_contract::TenantId,
+    limits: &runguard_contract::PolicyLimits,
+) -> Result<Vec<Policy>, ApiError> {
+    let at = now();
+    docs.into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let doc = PolicyDocument::from_value(value, limits).map_err(|e| e.within(&format!("policies[{i}]")))?;
+            runguard_engine::validate_document(&doc, limits).map_err(|e| e.within(&format!("policies[{i}]")))?;
+            if doc.scope == Scope::Global {
+                return Err(ApiError::bad_request(&format!("policies[{i}].scope"), "candidates are tenant policies"));
+            }
+            let id = doc.id.clone().unwrap_or_else(|| {
+                PolicyId::new(format!("pol_candidate_{i}")).unwrap_or_else(|_| PolicyId::from_u128(0))
+            });
+            Ok(Policy::create(doc, id, Some(tenant.clone()), at))
+        })
+        .collect()
+}
+
+/// `POST /v1/simulate`.
+pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let body: SimulateBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    if body.policies.len() > MAX_CANDIDATES {
+        return Err(ApiError::bad_request("policies", format!("at most {MAX_CANDIDATES} candidate policies")));
+    }
+    if body.run_ids.is_empty() || body.run_ids.len() > MAX_SIMULATED_RUNS {
+        return Err(ApiError::bad_request("run_ids", format!("give 1–{MAX_SIMULATED_RUNS} run ids")));
+    }
+    let limits = state.shared.config.limits.policy.clone();
+    let policies = candidates(body.policies, &caller.tenant, &limits)?;
+    let snapshot = Snapshot::capture(&caller.tenant, &policies);
+    let candidate = CompiledSnapshot::compile(&snapshot, &limits).map_err(|_| ApiError::internal())?;
+    let mut run_ids = Vec::with_capacity(body.run_ids.len());
+    for (i, raw) in body.run_ids.iter().enumerate() {
+        run_ids
+            .push(RunId::new(raw.as_str()).map_err(|e| ApiError::bad_request(&format!("run_ids[{i}]"), e.message()))?);
+    }
+    let tenant = caller.tenant.clone();
+    let runs: Vec<(StoredRun, Vec<LedgerEntry>)> = state
+        .shared
+        .read(move |store| {
+            let mut out = Vec::new();
+            for run_id in &run_ids {
+                let Some(run) = store.get_run(&tenant, run_id)? else { continue };
+                let mut ledger = Vec::new();
+                let mut page = PageRequest::first(MAX_PAGE_LIMIT);
+                loop {
+                    let got = store.ledger(&tenant, run_id, &page)?;
+                    ledger.extend(got.items);
+                    match got.next_cursor {
+                        Some(cursor) => page = PageRequest::after(MAX_PAGE_LIMIT, cursor),
+                        None => break,
+                    }
+                }
+                out.push((run, ledger));
+            }
+            Ok(out)
+        })
+        .await?;
+    if runs.len() != body.run_ids.len() {
+        let missing = body.run_ids.iter().find(|id| !runs.iter().any(|(r, _)| r.run_id.as_str() == id.as_str()));
+        return Err(ApiError::not_found("run", missing.map_or("", String::as_str)));
+    }
+    let mut results = Vec::new();
+    let mut batch = WriteBatch::new();
+    for (run, ledger) in runs {
+        let (calls, live) = recorded_calls(&ledger);
+        let start = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
+        let simulated = simulate_run(&candidate, start, &calls);
+        if body.persist {
+            for record in &simulated.records {
+                batch.append_simulated_record(record.clone());
+            }
+        }
+        results.push(json!({
+            "run_id": run.run_id,
+            "differences": differences(&live, &simulated.decisions),
+            "live": live,
+            "candidate": simulated.decisions,
+            "records": simulated.records,
+        }));
+    }
+    if body.persist && !batch.is_empty() {
+        state.shared.commit(batch).await?;
+    }
+    Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": candidate.hash(), "results": results })))
+}
