@@ -1,0 +1,121 @@
+//! The command line: `policy lint` exit codes, `export` and `verify`.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{budget, create_policy, create_run, post, step};
+use crate::harness::{Node, run_cli};
+
+fn lint(files: &[&Path]) -> (Option<i32>, String) {
+    let mut args = vec![OsStr::new("policy"), OsStr::new("lint")];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    let output = run_cli(&args);
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn policy_lint_exit_codes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let valid_json = write("valid.json", &budget("pol_a", "tokens", 10).to_string());
+    let valid_list =
+        write("list.json", &json!([budget("pol_a", "tokens", 10), budget("pol_b", "steps", 3)]).to_string());
+    let valid_toml = write(
+        "valid.toml",
+        r#"[[policies]]
+id = "pol_a"
+name = "tokens"
+rule = { kind = "budget", metric = "tokens", per = "run", max = 10 }
+
+[[policies]]
+name = "one step a minute"
+mode = "shadow"
+rule = { kind = "rate", metric = "steps", max = 1, window_s = 60 }
+"#,
+    );
+    let bad_regex = json!({ "name": "n", "rule": { "kind": "content", "target": "output", "patterns": ["("] } });
+    let invalid_json = write("invalid.json", &bad_regex.to_string());
+    let invalid_toml = write(
+        "invalid.toml",
+        r#"[[policies]]
+name = "fine"
+rule = { kind = "budget", metric = "tokens", per = "run", max = 10 }
+
+[[policies]]
+name = "bad window"
+rule = { kind = "rate", metric = "steps", max = 1, window_s = 0 }
+"#,
+    );
+    let not_json = write("broken.json", "{ \"name\": ");
+    let missing = dir.path().join("missing.json");
+
+    assert_eq!(lint(&[&valid_json]).0, Some(0));
+    assert_eq!(lint(&[&valid_list]).0, Some(0));
+    assert_eq!(lint(&[&valid_toml]).0, Some(0));
+    assert_eq!(lint(&[&valid_json, &valid_list, &valid_toml]).0, Some(0));
+
+    let (code, out) = lint(&[&invalid_json]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("rule.patterns[0]"), "the problem names the field: {out}");
+    let (code, out) = lint(&[&invalid_toml]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("rule.window_s"), "{out}");
+    assert_eq!(lint(&[&valid_json, &invalid_json]).0, Some(1));
+    // A file that does not parse is refused (1 or 2: SPEC §10 leaves open whether it is a finding or
+    // unreadable) and named.
+    let (code, out) = lint(&[&not_json]);
+    assert!(matches!(code, Some(1 | 2)), "exit {code:?}");
+    assert!(out.contains("broken.json"), "{out}");
+
+    assert_eq!(lint(&[&missing]).0, Some(2));
+    assert_eq!(lint(&[&valid_json, &missing]).0, Some(2));
+    assert_eq!(lint(&[]).0, Some(2), "no files is a usage error");
+}
+
+#[test]
+fn export_prints_one_json_line_per_record_and_verify_passes() {
+    let mut node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 5));
+    let mut ids = Vec::new();
+    for run in ["run-1", "run-2", "run-3"] {
+        create_run(&client, run);
+        ids.push(step(&client, run, &post(0, 6))["prevention_record_id"].clone());
+    }
+    let listed = client.get("/v1/prevention-records").expect(200)["items"].clone();
+    node.terminate();
+
+    let data = node.data_dir();
+    let output = run_cli(&[OsStr::new("export"), OsStr::new("--data"), data.as_os_str()]);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    let lines: Vec<Value> =
+        stdout.lines().map(|line| serde_json::from_str(line).expect("each line is one JSON record")).collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines.iter().map(|r| r["id"].clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(Value::Array(lines), listed, "export and the API agree");
+
+    let verified = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    assert_eq!(verified.status.code(), Some(0), "{}", String::from_utf8_lossy(&verified.stdout));
+
+    let nowhere = data.join("does-not-exist");
+    let missing = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), nowhere.as_os_str()]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn export_of_an_empty_store_is_empty() {
+    let mut node = Node::start();
+    node.client().get("/healthz").expect(200);
+    node.terminate();
+    let data = node.data_dir();
+    let output = run_cli(&[OsStr::new("export"), OsStr::new("--data"), data.as_os_str()]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(output.stdout.is_empty());
+}

@@ -1,0 +1,16 @@
+//! Black-box tests of the `runguard` binary: every test starts real nodes on loopback ports with
+//! temporary data directories and drives them over HTTP or the command line only.
+
+mod fixtures;
+mod harness;
+
+mod auth;
+mod bad_input;
+mod cli;
+mod isolation;
+mod learning;
+mod ops;
+mod policies;
+mod records;
+mod restart;
+mod runs;
