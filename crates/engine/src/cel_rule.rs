@@ -61,7 +61,12 @@ fn entry_cost(entry: &EntryExpr) -> u64 {
 impl CelRule {
     /// Compiles `source`, rejecting syntax errors and expressions whose static cost exceeds `max_cost`.
     pub fn compile(source: &str, max_cost: u64) -> Result<Self, ValidationError> {
-        let env = Arc::new(Env::stdlib());
+        Self::compile_in(source, max_cost, Arc::new(Env::stdlib()))
+    }
+
+    /// Like [`CelRule::compile`], in an environment shared with the other rules of a snapshot (so that
+    /// one evaluation context serves them all).
+    pub fn compile_in(source: &str, max_cost: u64, env: Arc<Env>) -> Result<Self, ValidationError> {
         let program = env.compile(source).map_err(|err| {
             ValidationError::new("rule.cel", format!("does not compile: {}", first_line(&err.to_string())))
         })?;
@@ -78,18 +83,30 @@ impl CelRule {
     /// Evaluates the rule. `Ok(true)` means violated. Any runtime error, and any non-boolean result, is an
     /// evaluation error (the policy's `on_error` then decides).
     pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
-        self.evaluate_with(&CelVars::new(input))
+        self.evaluate_in(&self.context(input))
     }
 
-    /// Evaluates the rule against variables built once for all the rules of a call.
-    pub fn evaluate_with(&self, vars: &CelVars) -> Result<bool, String> {
+    /// The evaluation context for `input` in this rule's environment. Building it converts every
+    /// variable (texts included), so build it once per call and evaluate every rule of the same
+    /// environment in it.
+    pub fn context(&self, input: &CelInput<'_>) -> CelContext {
         let mut context = Context::with_env(Arc::clone(&self.env));
-        context.add_variable_from_value("run", vars.run.clone());
-        if let Some(step) = &vars.step {
-            context.add_variable_from_value("step", step.clone());
+        context.add_variable_from_value("run", input.run_value());
+        if let Some(step) = input.step {
+            context.add_variable_from_value("step", step_value(step));
         }
-        context.add_variable_from_value("now", vars.now.clone());
-        match self.program.execute(&context) {
+        context.add_variable_from_value("now", Value::Int(input.now.unix_millis()));
+        CelContext(context)
+    }
+
+    /// Whether this rule was compiled in `env` (and so can be evaluated in its contexts).
+    pub fn shares_env(&self, other: &CelRule) -> bool {
+        Arc::ptr_eq(&self.env, &other.env)
+    }
+
+    /// Evaluates the rule in a context built by a rule of the same environment.
+    pub fn evaluate_in(&self, context: &CelContext) -> Result<bool, String> {
+        match self.program.execute(&context.0) {
             Ok(Value::Bool(violated)) => Ok(violated),
             Ok(other) => Err(format!("the expression returned {:?}, not a bool", other.type_of())),
             Err(err) => Err(describe(&err)),
@@ -138,18 +155,12 @@ pub struct CelInput<'a> {
     pub now: Timestamp,
 }
 
-/// The variables a CEL rule sees, built once per call (maps and texts are shared by `Arc`).
-#[derive(Debug, Clone)]
-pub struct CelVars {
-    run: Value,
-    step: Option<Value>,
-    now: Value,
-}
+/// The variables a CEL rule sees (`run`, `step`, `now`), converted once per call.
+pub struct CelContext(Context<'static, 'static>);
 
-impl CelVars {
-    /// Builds `run`, `step` and `now` from the input.
-    pub fn new(input: &CelInput<'_>) -> Self {
-        Self { run: input.run_value(), step: input.step.map(step_value), now: Value::Int(input.now.unix_millis()) }
+impl std::fmt::Debug for CelContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CelContext").finish_non_exhaustive()
     }
 }
 

@@ -32,6 +32,15 @@ pub enum Matcher {
 
 /// Compiles one rule. Errors name the field under `rule`.
 pub fn compile_rule(rule: &Rule, limits: &PolicyLimits) -> Result<Matcher, ValidationError> {
+    compile_rule_in(rule, limits, &std::sync::OnceLock::new())
+}
+
+/// Compiles one rule; CEL rules share the environment in `cel_env` (created on first use).
+fn compile_rule_in(
+    rule: &Rule,
+    limits: &PolicyLimits,
+    cel_env: &std::sync::OnceLock<std::sync::Arc<cel::Env>>,
+) -> Result<Matcher, ValidationError> {
     Ok(match rule {
         Rule::Budget(b) => Matcher::Budget(b.clone()),
         Rule::Rate(r) => Matcher::Rate(r.clone()),
@@ -45,7 +54,10 @@ pub fn compile_rule(rule: &Rule, limits: &PolicyLimits) -> Result<Matcher, Valid
             Matcher::Skill { allow, skills: list.iter().map(|s| normalize_skill(s)).collect() }
         }
         Rule::Pattern(p) => Matcher::Pattern(p.clone()),
-        Rule::Expr(e) => Matcher::Expr(Box::new(CelRule::compile(&e.cel, limits.max_cel_cost)?)),
+        Rule::Expr(e) => {
+            let env = cel_env.get_or_init(|| std::sync::Arc::new(cel::Env::stdlib()));
+            Matcher::Expr(Box::new(CelRule::compile_in(&e.cel, limits.max_cel_cost, std::sync::Arc::clone(env))?))
+        }
     })
 }
 
@@ -68,6 +80,47 @@ pub struct CompiledPolicy {
     pub policy: Policy,
     /// The compiled rule, or why it could not be compiled (then `on_error` decides at evaluation).
     pub matcher: Result<Matcher, String>,
+    /// For content rules: the index in the snapshot's screen of each part of the matcher.
+    pub screen: Vec<usize>,
+}
+
+/// One pass over a text that tells, for every content regex of the snapshot, whether it can match at
+/// all; most texts match nothing, so most per-rule scans are skipped.
+#[derive(Debug)]
+pub struct ContentScreen {
+    set: regex::RegexSet,
+    /// All sources as one alternation: answering "anything at all?" is cheaper than the set's
+    /// overlapping search, and most texts match nothing.
+    any: Option<regex::Regex>,
+}
+
+/// What the screen found in a text.
+#[derive(Debug)]
+pub enum Screened {
+    /// Nothing can match.
+    Clean,
+    /// These entries match somewhere.
+    Matches(regex::SetMatches),
+}
+
+impl Screened {
+    /// Whether entry `i` may match.
+    pub fn may_match(&self, i: usize) -> bool {
+        match self {
+            Screened::Clean => false,
+            Screened::Matches(matches) => matches.matched(i),
+        }
+    }
+}
+
+impl ContentScreen {
+    /// Which screen entries match somewhere in `text`.
+    pub fn matches(&self, text: &str) -> Screened {
+        match &self.any {
+            Some(any) if !any.is_match(text) => Screened::Clean,
+            _ => Screened::Matches(self.set.matches(text)),
+        }
+    }
 }
 
 impl CompiledPolicy {
@@ -85,6 +138,7 @@ pub struct CompiledSnapshot {
     tampered: bool,
     run_window_ms: i64,
     tenant_window_ms: i64,
+    screen: Option<ContentScreen>,
 }
 
 impl CompiledSnapshot {
@@ -118,12 +172,14 @@ impl CompiledSnapshot {
             tampered: true,
             run_window_ms: 0,
             tenant_window_ms: 0,
+            screen: None,
         }
     }
 
     fn build(reference: SnapshotRef, snapshot: &Snapshot, limits: &PolicyLimits) -> Self {
         let mut run_window_ms = 0i64;
         let mut tenant_window_ms = 0i64;
+        let cel_env = std::sync::OnceLock::new();
         let policies = snapshot
             .policies
             .iter()
@@ -138,11 +194,53 @@ impl CompiledSnapshot {
                 }
                 CompiledPolicy {
                     policy: policy.clone(),
-                    matcher: compile_rule(&policy.rule, limits).map_err(|e| e.to_string()),
+                    matcher: compile_rule_in(&policy.rule, limits, &cel_env).map_err(|e| e.to_string()),
+                    screen: Vec::new(),
                 }
             })
             .collect();
-        Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms }
+        let mut snapshot = Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms, screen: None };
+        snapshot.build_screen();
+        snapshot
+    }
+
+    /// Builds the content screen: every distinct regex source of every content rule, in one set.
+    fn build_screen(&mut self) {
+        let mut sources: Vec<String> = Vec::new();
+        for compiled in &mut self.policies {
+            let Ok(Matcher::Content(matcher)) = &compiled.matcher else { continue };
+            compiled.screen = matcher
+                .screen_sources()
+                .iter()
+                .map(|source| match sources.iter().position(|s| s == source) {
+                    Some(i) => i,
+                    None => {
+                        sources.push(source.clone());
+                        sources.len() - 1
+                    }
+                })
+                .collect();
+        }
+        if sources.is_empty() {
+            return;
+        }
+        let limit = crate::content::REGEX_SIZE_LIMIT.saturating_mul(16);
+        // Without a screen (too large to build) every rule scans on its own: slower, same answers.
+        self.screen =
+            regex::RegexSetBuilder::new(&sources).size_limit(limit).dfa_size_limit(limit).build().ok().map(|set| {
+                let alternation: Vec<String> = sources.iter().map(|s| format!("(?:{s})")).collect();
+                let any = regex::RegexBuilder::new(&alternation.join("|"))
+                    .size_limit(limit)
+                    .dfa_size_limit(limit)
+                    .build()
+                    .ok();
+                ContentScreen { set, any }
+            });
+    }
+
+    /// The snapshot's content screen, if it has content rules and the screen could be built.
+    pub fn screen(&self) -> Option<&ContentScreen> {
+        self.screen.as_ref()
     }
 
     /// The snapshot's id, hash and policy count.

@@ -19,6 +19,9 @@ pub struct ContentMatcher {
     patterns: Vec<Regex>,
     keywords: Option<AhoCorasick>,
     keyword_count: usize,
+    /// One regex source per part (each detector, each pattern, then all keywords as one alternation),
+    /// for a snapshot-wide [`regex::RegexSet`] screen.
+    screen_sources: Vec<String>,
 }
 
 fn build_regex(source: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
@@ -29,17 +32,21 @@ fn build_regex(source: &str, case_insensitive: bool) -> Result<Regex, regex::Err
         .build()
 }
 
+/// Detector regexes use ASCII classes (`[0-9]`, ASCII word boundaries): the shapes they detect are
+/// ASCII, and Unicode classes would make the screen's automaton several times larger and slower.
 fn detector_source(detector: Detector) -> &'static str {
     match detector {
         Detector::Email => r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
-        Detector::Ssn => r"\b\d{3}-\d{2}-\d{4}\b",
-        Detector::CreditCard => r"\b\d(?:[ -]?\d){12,18}\b",
-        Detector::Phone => r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\b\d{3})[ .-]?\d{3}[ .-]?\d{4}\b",
+        Detector::Ssn => r"(?-u:\b)[0-9]{3}-[0-9]{2}-[0-9]{4}(?-u:\b)",
+        Detector::CreditCard => r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)",
+        Detector::Phone => {
+            r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{3}\)|(?-u:\b)[0-9]{3})[ .-]?[0-9]{3}[ .-]?[0-9]{4}(?-u:\b)"
+        }
         Detector::IpAddress => {
-            r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"
+            r"(?-u:\b)(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?-u:\b)|(?-u:\b)(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?-u:\b)"
         }
         Detector::ApiKey => {
-            r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})"
+            r"(?-u:\b)(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})"
         }
     }
 }
@@ -121,20 +128,45 @@ impl ContentMatcher {
                     .map_err(|err| ValidationError::new("rule.keywords", format!("cannot be compiled: {err}")))?,
             )
         };
-        Ok(Self { detectors, patterns, keywords, keyword_count: rule.keywords.len() })
+        let flag = if rule.case_insensitive { "(?i)" } else { "" };
+        let mut screen_sources: Vec<String> = rule.detectors.iter().map(|d| detector_source(*d).to_owned()).collect();
+        screen_sources.extend(rule.patterns.iter().map(|p| format!("{flag}(?:{p})")));
+        if !rule.keywords.is_empty() {
+            let alternation: Vec<String> = rule.keywords.iter().map(|k| regex::escape(k)).collect();
+            screen_sources.push(format!("{flag}(?:{})", alternation.join("|")));
+        }
+        Ok(Self { detectors, patterns, keywords, keyword_count: rule.keywords.len(), screen_sources })
+    }
+
+    /// One regex source per part, in the order [`ContentMatcher::scan_screened`] expects.
+    pub fn screen_sources(&self) -> &[String] {
+        &self.screen_sources
     }
 
     /// Every match in `text`, grouped by detector, pattern and keyword, with redacted samples.
     pub fn scan(&self, text: &str) -> Vec<EvidenceMatch> {
+        self.scan_screened(text, |_| true)
+    }
+
+    /// Like [`ContentMatcher::scan`], running only the parts for which `may_match(part)` is true (a
+    /// screen has ruled out the others).
+    pub fn scan_screened(&self, text: &str, may_match: impl Fn(usize) -> bool) -> Vec<EvidenceMatch> {
         let mut found = Vec::new();
-        for (detector, regex) in &self.detectors {
+        for (part, (detector, regex)) in self.detectors.iter().enumerate() {
+            if !may_match(part) {
+                continue;
+            }
             let hits = regex.find_iter(text).map(|m| m.as_str()).filter(|m| confirm(*detector, m));
             push_hits(&mut found, "detector", detector.as_str().to_owned(), hits);
         }
         for (i, regex) in self.patterns.iter().enumerate() {
+            if !may_match(self.detectors.len() + i) {
+                continue;
+            }
             push_hits(&mut found, "pattern", format!("patterns[{i}]"), regex.find_iter(text).map(|m| m.as_str()));
         }
-        if let Some(keywords) = &self.keywords {
+        let keyword_part = self.detectors.len() + self.patterns.len();
+        if let Some(keywords) = self.keywords.as_ref().filter(|_| may_match(keyword_part)) {
             let mut per_keyword: Vec<Vec<&str>> = vec![Vec::new(); self.keyword_count];
             for m in keywords.find_iter(text) {
                 if let (Some(bucket), Some(matched)) =

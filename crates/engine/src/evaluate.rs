@@ -9,7 +9,7 @@ use runguard_contract::{
     StepCall, StepError, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
 };
 
-use crate::cel_rule::{CelInput, CelVars};
+use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::state::{Effects, RateEvent, RunState, TenantRates, TierKey, call_digest};
 
@@ -118,8 +118,18 @@ struct Cx<'a> {
     totals: Totals,
     tenant_rates: &'a TenantRates,
     now: Timestamp,
-    /// CEL variables, built on the first CEL rule and shared by the others.
-    cel_vars: std::cell::OnceCell<CelVars>,
+    /// The CEL context, built for the first CEL rule and shared by the others of its environment.
+    cel_context: std::cell::OnceCell<(CelContext, &'a crate::cel_rule::CelRule)>,
+    /// Screen matches of the input and output texts, computed on first use.
+    screened: [std::cell::OnceCell<Option<crate::compiled::Screened>>; 2],
+    snapshot: &'a CompiledSnapshot,
+}
+
+impl Cx<'_> {
+    fn screen(&self, field: &str, text: &str) -> Option<&crate::compiled::Screened> {
+        let slot = if field == "input_text" { &self.screened[0] } else { &self.screened[1] };
+        slot.get_or_init(|| self.snapshot.screen().map(|screen| screen.matches(text))).as_ref()
+    }
 }
 
 fn block_or_warn(action: PolicyAction) -> Action {
@@ -300,6 +310,7 @@ fn check_content(
     policy: &Policy,
     target: ContentTarget,
     matcher: &crate::content::ContentMatcher,
+    screen: &[usize],
     cx: &Cx<'_>,
 ) -> Vec<Finding> {
     let Some(step) = cx.call.step() else { return Vec::new() };
@@ -317,7 +328,12 @@ fn check_content(
     }
     let mut found = Vec::new();
     for (field, text) in texts {
-        let matches = matcher.scan(text);
+        let matches = match cx.screen(field, text) {
+            Some(hits) if !screen.is_empty() => {
+                matcher.scan_screened(text, |part| screen.get(part).is_none_or(|i| hits.may_match(*i)))
+            }
+            _ => matcher.scan(text),
+        };
         if matches.is_empty() {
             continue;
         }
@@ -375,7 +391,7 @@ fn check_pattern(policy: &Policy, rule: &PatternRule, cx: &Cx<'_>) -> Vec<Findin
 }
 
 /// Runs one policy's rule. `Err` means the policy could not be evaluated.
-fn check(compiled: &CompiledPolicy, cx: &Cx<'_>) -> Result<Vec<Finding>, String> {
+fn check<'a>(compiled: &'a CompiledPolicy, cx: &Cx<'a>) -> Result<Vec<Finding>, String> {
     let policy = &compiled.policy;
     let matcher = compiled.matcher.as_ref().map_err(|e| format!("the rule does not compile: {e}"))?;
     Ok(match matcher {
@@ -386,22 +402,22 @@ fn check(compiled: &CompiledPolicy, cx: &Cx<'_>) -> Result<Vec<Finding>, String>
                 Rule::Content(rule) => rule.target,
                 _ => ContentTarget::Output,
             };
-            check_content(policy, target, matcher, cx)
+            check_content(policy, target, matcher, &compiled.screen, cx)
         }
         Matcher::Skill { allow, skills } => check_skill(policy, *allow, skills, cx),
         Matcher::Pattern(rule) => check_pattern(policy, rule, cx),
         Matcher::Expr(rule) => {
-            let vars = cx.cel_vars.get_or_init(|| {
-                CelVars::new(&CelInput {
-                    run_id: cx.state.run_id.as_str(),
-                    tenant: cx.state.tenant_id.as_str(),
-                    labels: &cx.state.labels,
-                    totals: cx.totals,
-                    step: cx.call.step(),
-                    now: cx.now,
-                })
-            });
-            if rule.evaluate_with(vars)? {
+            let input = || CelInput {
+                run_id: cx.state.run_id.as_str(),
+                tenant: cx.state.tenant_id.as_str(),
+                labels: &cx.state.labels,
+                totals: cx.totals,
+                step: cx.call.step(),
+                now: cx.now,
+            };
+            let (context, owner) = cx.cel_context.get_or_init(|| (rule.context(&input()), rule));
+            let violated = if owner.shares_env(rule) { rule.evaluate_in(context)? } else { rule.evaluate(&input())? };
+            if violated {
                 vec![Finding::new(
                     ViolationType::CustomRule,
                     block_or_warn(policy.action),
@@ -570,7 +586,17 @@ pub fn evaluate(
         return Evaluation { decision, effects, record: None, deciding_mode, fail_opens, shadow_evaluated };
     }
 
-    let cx = Cx { state, call, bind, totals, tenant_rates, now, cel_vars: std::cell::OnceCell::new() };
+    let cx = Cx {
+        state,
+        call,
+        bind,
+        totals,
+        tenant_rates,
+        now,
+        cel_context: std::cell::OnceCell::new(),
+        screened: Default::default(),
+        snapshot,
+    };
     // (violation, precedence) of active policies; every bound policy is evaluated, no short-circuit.
     let mut active: Vec<(Violation, u32, Option<u64>)> = Vec::new();
     for compiled in snapshot.policies().iter().filter(|p| p.binds_at(bind)) {

@@ -46,7 +46,7 @@ pub mod learning;
 mod replay;
 mod state;
 
-pub use cel_rule::{COMPREHENSION_FANOUT, CelRule};
+pub use cel_rule::{COMPREHENSION_FANOUT, CelContext, CelRule};
 pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, validate_document};
 pub use content::{ContentMatcher, luhn_valid, redact};
 pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use runguard_contract::canonical::domain_hash;
 use runguard_contract::{
     Action, Decision, DecisionPhase, NextCall, Outcome, Phase, PolicyId, RunId, RunStatus, StepCall, TenantId,
     TerminationReason, Timestamp, Totals, Usage,
@@ -152,11 +151,75 @@ pub enum Refusal {
     },
 }
 
-/// SHA-256 (hex) of a call's JSON encoding, to recognise identical re-sends. The encoding of a struct
-/// has a fixed field order, so it is deterministic without full canonicalisation (which costs more than
-/// evaluating a typical snapshot).
+/// SHA-256 (hex) of a call's fields, to recognise identical re-sends. Each field is fed with a tag and
+/// its length, so distinct calls cannot collide by shifting bytes between fields; no serialisation is
+/// needed (it would cost more than evaluating a typical snapshot).
 pub fn call_digest(call: &StepCall) -> String {
-    hex::encode(domain_hash("runguard/step-call/v1", &serde_json::to_vec(call).unwrap_or_default()))
+    use sha2::{Digest, Sha256};
+    fn field(hasher: &mut Sha256, tag: u8, bytes: Option<&[u8]>) {
+        match bytes {
+            None => hasher.update([tag, 0]),
+            Some(bytes) => {
+                hasher.update([tag, 1]);
+                hasher.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
+                hasher.update(bytes);
+            }
+        }
+    }
+    fn number(hasher: &mut Sha256, tag: u8, value: Option<u64>) {
+        field(hasher, tag, value.map(u64::to_be_bytes).as_ref().map(|b| b.as_slice()));
+    }
+    let mut h = Sha256::new();
+    h.update(b"runguard/step-call/v2\0");
+    number(&mut h, 1, Some(call.index));
+    field(&mut h, 2, Some(call.phase.as_str().as_bytes()));
+    field(&mut h, 3, call.skill.as_deref().map(str::as_bytes));
+    field(&mut h, 4, call.api_endpoint.as_deref().map(str::as_bytes));
+    number(&mut h, 5, Some(u64::try_from(call.input_keys.len()).unwrap_or(u64::MAX)));
+    for key in &call.input_keys {
+        field(&mut h, 6, Some(key.as_bytes()));
+    }
+    field(&mut h, 7, call.input_text.as_deref().map(str::as_bytes));
+    field(&mut h, 8, call.estimate.map(|_| b"".as_slice()));
+    number(&mut h, 9, call.estimate.and_then(|e| e.tokens));
+    number(&mut h, 10, call.estimate.and_then(|e| e.cost_micros));
+    field(&mut h, 11, call.usage.map(|_| b"".as_slice()));
+    number(&mut h, 12, call.usage.map(|u| u.tokens));
+    number(&mut h, 13, call.usage.map(|u| u.cost_micros));
+    number(&mut h, 14, call.usage.map(|u| u.duration_ms));
+    field(&mut h, 15, call.output_text.as_deref().map(str::as_bytes));
+    let error = call.error.as_ref();
+    field(&mut h, 16, error.map(|_| b"".as_slice()));
+    field(&mut h, 17, error.and_then(|e| e.error_type.as_deref()).map(str::as_bytes));
+    field(&mut h, 18, error.and_then(|e| e.code.as_deref()).map(str::as_bytes));
+    number(&mut h, 19, error.and_then(|e| e.status).map(u64::from));
+    field(&mut h, 20, error.and_then(|e| e.message.as_deref()).map(str::as_bytes));
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runguard_contract::{Phase, Usage};
+
+    #[test]
+    fn digests_tell_every_field_apart() {
+        let base = StepCall { output_text: Some("ab".into()), ..StepCall::new(1, Phase::Post) };
+        let variants = [
+            StepCall { output_text: Some("abc".into()), ..base.clone() },
+            StepCall { input_text: Some("ab".into()), output_text: None, ..base.clone() },
+            StepCall { usage: Some(Usage::default()), ..base.clone() },
+            StepCall { input_keys: vec!["a".into(), "b".into()], ..base.clone() },
+            StepCall { input_keys: vec!["ab".into()], ..base.clone() },
+            StepCall { index: 2, ..base.clone() },
+        ];
+        let digest = call_digest(&base);
+        assert_eq!(digest, call_digest(&base.clone()));
+        let mut seen = std::collections::BTreeSet::from([digest]);
+        for variant in &variants {
+            assert!(seen.insert(call_digest(variant)), "{variant:?} collides");
+        }
+    }
 }
 
 /// How a call changes the run, computed by evaluation and applied by [`RunState::apply`].
