@@ -24,8 +24,11 @@ enum Command {
     Serve(ServeArgs),
     /// Check every snapshot hash and the prevention record chain offline; exit 1 at the first break.
     Verify(DataArgs),
-    /// Write every prevention record as NDJSON on standard output.
-    Export(DataArgs),
+    /// Write every prevention record (or, with `--runs`, every run with its calls and decisions) as NDJSON
+    /// on standard output.
+    Export(ExportArgs),
+    /// Replay exported runs (`export --runs`) against candidate policy files, offline.
+    Simulate(SimulateArgs),
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -54,6 +57,25 @@ struct DataArgs {
     data: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Export runs with their recorded calls instead of prevention records.
+    #[arg(long)]
+    runs: bool,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// NDJSON file of runs, as `runguard export --runs` writes it.
+    #[arg(long)]
+    runs: PathBuf,
+    /// Candidate policy files (JSON or TOML, as for `policy lint`).
+    #[arg(required = true)]
+    policies: Vec<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Validate policy files (JSON or TOML; one document or a list) offline.
@@ -73,7 +95,8 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Verify(args) => with_store(args, verify),
-        Command::Export(args) => with_store(args, export),
+        Command::Export(args) => with_store(args.data, if args.runs { export_runs } else { export }),
+        Command::Simulate(args) => simulate(&args),
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
     }
 }
@@ -165,6 +188,81 @@ fn export(store: &Store) -> ExitCode {
             return ExitCode::from(FINDING);
         }
     }
+    ExitCode::SUCCESS
+}
+
+fn export_runs(store: &Store) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for run in store.all_runs() {
+        let line = run.and_then(|run| {
+            let ledger = store.full_ledger(&run.tenant_id, &run.run_id)?;
+            Ok(crate::simulation::RecordedRun::from_ledger(&run, &ledger))
+        });
+        let line = match line.map(|run| serde_json::to_string(&run)) {
+            Ok(Ok(line)) => line,
+            Ok(Err(err)) => {
+                eprintln!("runguard: cannot encode a run: {err}");
+                return ExitCode::from(FINDING);
+            }
+            Err(err) => {
+                eprintln!("runguard: export stopped at a run that cannot be read: {err}");
+                return ExitCode::from(FINDING);
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::from(FINDING);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn simulate(args: &SimulateArgs) -> ExitCode {
+    use crate::simulation::{RecordedRun, candidates, simulate};
+    let limits = PolicyLimits::default();
+    let mut documents = Vec::new();
+    for file in &args.policies {
+        match read_documents(file) {
+            Ok(docs) => documents.extend(docs),
+            Err(why) => {
+                eprintln!("runguard: {}: {why}", file.display());
+                return ExitCode::from(USAGE);
+            }
+        }
+    }
+    let text = match std::fs::read_to_string(&args.runs) {
+        Ok(text) => text,
+        Err(err) => {
+            eprintln!("runguard: {}: cannot read: {err}", args.runs.display());
+            return ExitCode::from(USAGE);
+        }
+    };
+    let mut results = Vec::new();
+    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let run: RecordedRun = match runguard_contract::from_json_slice(line.as_bytes()) {
+            Ok(run) => run,
+            Err(err) => {
+                eprintln!("runguard: {} line {}: {err}", args.runs.display(), line_no + 1);
+                return ExitCode::from(USAGE);
+            }
+        };
+        let at =
+            run.calls.first().map_or(runguard_contract::Timestamp::from_unix_millis(0), |c| c.decision.evaluated_at);
+        let policies = match candidates(documents.clone(), &run.tenant_id, &limits, at) {
+            Ok(policies) => policies,
+            Err(err) => {
+                eprintln!("runguard: candidate {err}");
+                return ExitCode::from(FINDING);
+            }
+        };
+        let snapshot = runguard_contract::Snapshot::capture(&run.tenant_id, &policies);
+        let Ok(candidate) = runguard_engine::CompiledSnapshot::compile(&snapshot, &limits) else {
+            eprintln!("runguard: the candidate snapshot cannot be encoded");
+            return ExitCode::from(FINDING);
+        };
+        results.push(simulate(&candidate, &run).0);
+    }
+    println!("{}", serde_json::json!({ "results": results }));
     ExitCode::SUCCESS
 }
 

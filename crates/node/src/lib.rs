@@ -21,4 +21,5 @@ pub mod http;
 pub mod openapi;
 pub mod server;
 pub mod shared;
+pub mod simulation;
 pub mod telemetry;

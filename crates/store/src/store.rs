@@ -424,6 +424,16 @@ impl Store {
         })
     }
 
+    /// Every run of every tenant, in key order (for exports).
+    pub fn all_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
+        self.tree(T::Runs).iter().map(|item| StoredRun::decode(&item?.1))
+    }
+
+    /// A run's whole ledger, in order.
+    pub fn full_ledger(&self, tenant: &TenantId, run: &RunId) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.tree(T::Ledger).scan_prefix(keys::run(tenant, run)).map(|item| LedgerEntry::decode(&item?.1)).collect()
+    }
+
     /// A run's ledger, in order.
     pub fn ledger(&self, tenant: &TenantId, run: &RunId, page: &PageRequest) -> Result<Page<LedgerEntry>, StoreError> {
         self.page_prefix(T::Ledger, &keys::run(tenant, run), page, |_, v| LedgerEntry::decode(v).map(Some))

@@ -2,10 +2,9 @@
 
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use runguard_contract::{Decision, PatternId, Policy, PolicyDocument, PolicyId, RunId, Scope, Snapshot};
-use runguard_engine::learning::{RecordedCall, simulate_run};
-use runguard_engine::{CompiledSnapshot, RunState};
-use runguard_store::{LedgerCall, LedgerEntry, MAX_PAGE_LIMIT, PageRequest, StoredRun, WriteBatch};
+use runguard_contract::{PatternId, RunId, Snapshot};
+use runguard_engine::CompiledSnapshot;
+use runguard_store::{LedgerEntry, StoredRun, WriteBatch};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -15,6 +14,7 @@ use crate::error::ApiError;
 use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 use crate::shared::now;
+use crate::simulation;
 
 /// Most runs and candidate policies in one simulation.
 const MAX_SIMULATED_RUNS: usize = 100;
@@ -72,60 +72,6 @@ struct SimulateBody {
     persist: bool,
 }
 
-/// A run's recorded calls, with the times they were evaluated, and its live decisions.
-pub fn recorded_calls(ledger: &[LedgerEntry]) -> (Vec<(RecordedCall, runguard_contract::Timestamp)>, Vec<Decision>) {
-    let calls = ledger
-        .iter()
-        .map(|entry| {
-            let call = match &entry.call {
-                LedgerCall::RunStart => RecordedCall::RunStart,
-                LedgerCall::Step(step) => RecordedCall::Step(step.clone()),
-                LedgerCall::RunEnd { outcome, error } => {
-                    RecordedCall::RunEnd { outcome: *outcome, error: error.clone() }
-                }
-            };
-            (call, entry.decision.evaluated_at)
-        })
-        .collect();
-    (calls, ledger.iter().map(|entry| entry.decision.clone()).collect())
-}
-
-/// How many calls were answered differently: pairs by (step, phase), counting missing counterparts.
-pub fn differences(live: &[Decision], candidate: &[Decision]) -> usize {
-    let key = |d: &Decision| (d.step_index, d.phase);
-    let mut count = 0;
-    for l in live {
-        match candidate.iter().rev().find(|c| key(c) == key(l)) {
-            Some(c) if c.action == l.action => {}
-            _ => count += 1,
-        }
-    }
-    count + candidate.iter().filter(|c| !live.iter().any(|l| key(l) == key(c))).count()
-}
-
-/// Builds candidate policies for `tenant` from documents (validated; tenant scope only).
-pub fn candidates(
-    docs: Vec<Value>,
-    tenant: &runguard_contract::TenantId,
-    limits: &runguard_contract::PolicyLimits,
-) -> Result<Vec<Policy>, ApiError> {
-    let at = now();
-    docs.into_iter()
-        .enumerate()
-        .map(|(i, value)| {
-            let doc = PolicyDocument::from_value(value, limits).map_err(|e| e.within(&format!("policies[{i}]")))?;
-            runguard_engine::validate_document(&doc, limits).map_err(|e| e.within(&format!("policies[{i}]")))?;
-            if doc.scope == Scope::Global {
-                return Err(ApiError::bad_request(&format!("policies[{i}].scope"), "candidates are tenant policies"));
-            }
-            let id = doc.id.clone().unwrap_or_else(|| {
-                PolicyId::new(format!("pol_candidate_{i}")).unwrap_or_else(|_| PolicyId::from_u128(0))
-            });
-            Ok(Policy::create(doc, id, Some(tenant.clone()), at))
-        })
-        .collect()
-}
-
 /// `POST /v1/simulate`.
 pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
@@ -137,7 +83,7 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
         return Err(ApiError::bad_request("run_ids", format!("give 1–{MAX_SIMULATED_RUNS} run ids")));
     }
     let limits = state.shared.config.limits.policy.clone();
-    let policies = candidates(body.policies, &caller.tenant, &limits)?;
+    let policies = simulation::candidates(body.policies, &caller.tenant, &limits, now())?;
     let snapshot = Snapshot::capture(&caller.tenant, &policies);
     let candidate = CompiledSnapshot::compile(&snapshot, &limits).map_err(|_| ApiError::internal())?;
     let mut run_ids = Vec::with_capacity(body.run_ids.len());
@@ -152,16 +98,7 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             let mut out = Vec::new();
             for run_id in &run_ids {
                 let Some(run) = store.get_run(&tenant, run_id)? else { continue };
-                let mut ledger = Vec::new();
-                let mut page = PageRequest::first(MAX_PAGE_LIMIT);
-                loop {
-                    let got = store.ledger(&tenant, run_id, &page)?;
-                    ledger.extend(got.items);
-                    match got.next_cursor {
-                        Some(cursor) => page = PageRequest::after(MAX_PAGE_LIMIT, cursor),
-                        None => break,
-                    }
-                }
+                let ledger = store.full_ledger(&tenant, run_id)?;
                 out.push((run, ledger));
             }
             Ok(out)
@@ -174,21 +111,14 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
     let mut results = Vec::new();
     let mut batch = WriteBatch::new();
     for (run, ledger) in runs {
-        let (calls, live) = recorded_calls(&ledger);
-        let start = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
-        let simulated = simulate_run(&candidate, start, &calls);
+        let recorded = simulation::RecordedRun::from_ledger(&run, &ledger);
+        let (result, records) = simulation::simulate(&candidate, &recorded);
         if body.persist {
-            for record in &simulated.records {
-                batch.append_simulated_record(record.clone());
+            for record in records {
+                batch.append_simulated_record(record);
             }
         }
-        results.push(json!({
-            "run_id": run.run_id,
-            "differences": differences(&live, &simulated.decisions),
-            "live": live,
-            "candidate": simulated.decisions,
-            "records": simulated.records,
-        }));
+        results.push(result);
     }
     if body.persist && !batch.is_empty() {
         state.shared.commit(batch).await?;
