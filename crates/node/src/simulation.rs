@@ -62,7 +62,7 @@ pub fn differences(live: &[Decision], candidate: &[Decision]) -> usize {
     let key = |d: &Decision| (d.step_index, d.phase);
     let changed = live
         .iter()
-        .filter(|l| !candidate.iter().rev().find(|c| key(c) == key(l)).is_some_and(|c| c.action == l.action))
+        .filter(|l| candidate.iter().rev().find(|c| key(c) == key(l)).is_none_or(|c| c.action != l.action))
         .count();
     changed + candidate.iter().filter(|c| !live.iter().any(|l| key(l) == key(c))).count()
 }
