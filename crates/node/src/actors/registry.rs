@@ -63,11 +63,46 @@ impl Registry {
     }
 }
 
+/// Runs past their TTL are looked for this often at most (more often when the TTL is shorter).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Actor for Registry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.shared.config.limits.writer_queue.max(1024));
+        let every = SWEEP_EVERY.min(std::time::Duration::from_secs(self.shared.config.run_ttl_s.max(1)));
+        ctx.run_interval(every, |registry, ctx| registry.sweep(ctx));
+    }
+}
+
+impl Registry {
+    /// Finds running runs past their TTL and touches each through its own actor, which expires it and
+    /// persists that; going through the actor keeps its in-memory state and the store in agreement.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let shared = Arc::clone(&self.shared);
+        let me = ctx.address();
+        actix::spawn(async move {
+            let ttl_ms = i64::try_from(shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let now = crate::shared::now();
+            let due = shared
+                .read(move |store| {
+                    let mut due = Vec::new();
+                    for run in store.running_runs() {
+                        let run = run?;
+                        if now >= run.created_at.plus_millis(ttl_ms) {
+                            due.push(RunKey { tenant: run.tenant_id, run_id: run.run_id });
+                        }
+                    }
+                    Ok(due)
+                })
+                .await;
+            let Ok(due) = due else { return };
+            for key in due {
+                let Ok(Ok(addr)) = me.send(Resolve(key)).await else { continue };
+                let _ = addr.send(crate::actors::run::RunMsg::Touch).await;
+            }
+        });
     }
 }
 

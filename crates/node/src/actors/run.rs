@@ -55,6 +55,8 @@ pub enum RunMsg {
     Create(CreateRun),
     /// A step call.
     Step(Box<StepCall>),
+    /// Apply the TTL if it has passed (sent by the registry's sweep); answers the run's status.
+    Touch,
     /// End the run.
     End {
         /// How it ended.
@@ -76,6 +78,8 @@ pub enum RunReply {
     },
     /// A decision.
     Decision(Box<Decision>),
+    /// The run's status after a touch (`None` if the run does not exist).
+    Touched(Option<runguard_contract::RunStatus>),
     /// The run after `end`, and the incident it created.
     Ended(Box<StoredRun>, Option<runguard_contract::IncidentId>),
 }
@@ -403,6 +407,7 @@ impl RunActor {
         match msg {
             RunMsg::Create(request) => self.handle_create(request, shared),
             RunMsg::Step(call) => self.handle_step(*call, shared, at),
+            RunMsg::Touch => Box::pin(fut::ready(Ok(RunReply::Touched(self.live.as_ref().map(|l| l.state.status))))),
             RunMsg::End { outcome, error } => self.handle_end(outcome, error, shared, at),
         }
     }

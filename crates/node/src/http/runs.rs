@@ -72,6 +72,7 @@ fn clone_msg(msg: &RunMsg) -> RunMsg {
     match msg {
         RunMsg::Create(c) => RunMsg::Create(c.clone()),
         RunMsg::Step(s) => RunMsg::Step(s.clone()),
+        RunMsg::Touch => RunMsg::Touch,
         RunMsg::End { outcome, error } => RunMsg::End { outcome: *outcome, error: error.clone() },
     }
 }
