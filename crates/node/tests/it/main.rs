@@ -1,0 +1,62 @@
+//! In-process tests of the node's HTTP layer (the black-box suite in `tests/` drives the real binary).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use actix::Actor;
+use actix_web::{App, test as web_test, web};
+use runguard_node::actors::registry::Registry;
+use runguard_node::actors::writer::Writer;
+use runguard_node::auth::Authenticator;
+use runguard_node::config::Config;
+use runguard_node::http::{self, AppState};
+use runguard_node::openapi::ROUTES;
+use runguard_node::shared::Shared;
+use runguard_store::{Store, StoreOptions};
+
+/// Every route of the OpenAPI document is served by the router: none answers the router's own
+/// "no endpoint" 404 or a 405.
+#[actix_rt::test]
+async fn every_documented_route_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap());
+    let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+    let shared = Arc::new(Shared::new(store, writer, Config::default()));
+    let registry = Registry::new(Arc::clone(&shared), Vec::new()).start();
+    let state = web::Data::new(AppState {
+        shared,
+        registry,
+        auth: Authenticator::new(&[]),
+        metrics: None,
+        ready: AtomicBool::new(true),
+    });
+    let app = web_test::init_service(App::new().app_data(state).configure(http::configure)).await;
+    for route in ROUTES {
+        let path = route.path.replace("{id}", "x1");
+        let method = actix_web::http::Method::from_bytes(route.method.to_uppercase().as_bytes()).unwrap();
+        let req = web_test::TestRequest::default()
+            .method(method)
+            .uri(&path)
+            .insert_header(("content-type", "application/json"))
+            .set_payload("{}")
+            .to_request();
+        let resp = web_test::call_service(&app, req).await;
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = serde_json::from_slice(&web_test::read_body(resp).await).unwrap_or_default();
+        let unrouted = status == 405
+            || (status == 404 && body["error"]["message"].as_str().is_some_and(|m| m.starts_with("no endpoint")));
+        assert!(!unrouted, "{} {} is documented but not served ({status} {body})", route.method, route.path);
+    }
+    let resp = web_test::call_service(&app, web_test::TestRequest::get().uri("/v1/nothing-here").to_request()).await;
+    assert_eq!(resp.status(), 404);
+}
+
+/// The OpenAPI document lists every route with its role.
+#[test]
+fn the_openapi_document_lists_every_route() {
+    let doc = runguard_node::openapi::document();
+    for route in ROUTES {
+        let op = &doc["paths"][route.path][route.method];
+        assert_eq!(op["x-runguard-role"], route.role, "{} {}", route.method, route.path);
+    }
+}
