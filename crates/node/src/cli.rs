@@ -224,9 +224,13 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     for file in &args.policies {
         match read_documents(file) {
             Ok(docs) => documents.extend(docs),
-            Err(why) => {
+            Err(ReadError::Unreadable(why)) => {
                 eprintln!("runguard: {}: {why}", file.display());
                 return ExitCode::from(USAGE);
+            }
+            Err(ReadError::Invalid(why)) => {
+                eprintln!("runguard: {}: {why}", file.display());
+                return ExitCode::from(FINDING);
             }
         }
     }
@@ -266,22 +270,31 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Why a policy file could not be read as documents.
+enum ReadError {
+    /// The file cannot be read at all (a usage problem: exit 2).
+    Unreadable(String),
+    /// The file is not valid JSON or TOML, or not shaped as documents (a finding: exit 1).
+    Invalid(String),
+}
+
 /// Reads a policy file: JSON, or TOML (by extension), holding one document or a list of them (a TOML
 /// file lists them as `[[policies]]`).
-fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, ReadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ReadError::Unreadable(format!("cannot read: {e}")))?;
     let value: serde_json::Value = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
-        let table: toml::Table = toml::from_str(&text).map_err(|e| format!("is not valid TOML: {e}"))?;
-        serde_json::to_value(table).map_err(|e| format!("cannot be read as a document: {e}"))?
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| ReadError::Invalid(format!("is not valid TOML: {e}")))?;
+        serde_json::to_value(table).map_err(|e| ReadError::Invalid(format!("cannot be read as a document: {e}")))?
     } else {
-        runguard_contract::from_json_slice(text.as_bytes()).map_err(|e| e.to_string())?
+        runguard_contract::from_json_slice(text.as_bytes()).map_err(|e| ReadError::Invalid(e.to_string()))?
     };
     Ok(match value {
         serde_json::Value::Array(items) => items,
         serde_json::Value::Object(mut object) if object.len() == 1 && object.contains_key("policies") => {
             match object.remove("policies") {
                 Some(serde_json::Value::Array(items)) => items,
-                _ => return Err("`policies` must be a list of policy documents".to_owned()),
+                _ => return Err(ReadError::Invalid("`policies` must be a list of policy documents".to_owned())),
             }
         }
         other => vec![other],
@@ -300,9 +313,13 @@ fn lint(files: &[PathBuf]) -> ExitCode {
     let mut unreadable = false;
     for file in files {
         match read_documents(file) {
-            Err(why) => {
+            Err(ReadError::Unreadable(why)) => {
                 println!("{}: {why}", file.display());
                 unreadable = true;
+            }
+            Err(ReadError::Invalid(why)) => {
+                println!("{}: {why}", file.display());
+                problems += 1;
             }
             Ok(documents) => {
                 let count = documents.len();
