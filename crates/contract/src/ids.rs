@@ -30,6 +30,31 @@ pub fn check_id(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// The conversions every validated string newtype shares: parsing through `new`, back to `String`, and
+/// `Display` as the plain string.
+macro_rules! string_newtype_conversions {
+    ($name:ident) => {
+        impl TryFrom<String> for $name {
+            type Error = ValidationError;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
 macro_rules! define_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
         $(#[$doc])*
@@ -55,8 +80,7 @@ macro_rules! define_id {
 
             /// A generated id derived from a digest: the prefix followed by its first 32 hex digits.
             pub fn from_digest(digest: &[u8; 32]) -> Self {
-                let mut head = [0u8; 16];
-                head.copy_from_slice(&digest[..16]);
+                let head = digest.first_chunk::<16>().copied().unwrap_or_default();
                 Self::from_u128(u128::from_be_bytes(head))
             }
 
@@ -66,24 +90,7 @@ macro_rules! define_id {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = ValidationError;
-            fn try_from(value: String) -> Result<Self, Self::Error> {
-                Self::new(value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
+        string_newtype_conversions!($name);
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -169,24 +176,7 @@ macro_rules! define_hex_digest {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = ValidationError;
-            fn try_from(value: String) -> Result<Self, Self::Error> {
-                Self::new(value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
+        string_newtype_conversions!($name);
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
