@@ -169,6 +169,13 @@ pub const GRADUATION_WINDOW_MS: i64 = 30 * DAY_MS;
 /// A tenant with no prevention for this long degrades.
 pub const PREVENTION_SILENCE_MS: i64 = 14 * DAY_MS;
 
+/// Whether a policy was active at `at`: activated at or before it and, if it is no longer active, left
+/// the active mode after it (its latest version, which made the change, is newer than `at`).
+fn was_active_at(policy: &Policy, at: Timestamp) -> bool {
+    let activated = policy.activated_at.is_some_and(|activated| activated <= at);
+    activated && (policy.mode == Mode::Active || policy.updated_at > at)
+}
+
 /// Computes the gates at `now`.
 pub fn tenant_gates(evidence: &TenantEvidence<'_>, now: Timestamp) -> TenantGates {
     let start = now.plus_millis(-GRADUATION_WINDOW_MS);
@@ -185,11 +192,7 @@ pub fn tenant_gates(evidence: &TenantEvidence<'_>, now: Timestamp) -> TenantGate
         .filter(|i| i.created_at >= start)
         .filter(|i| {
             evidence.policies.iter().any(|p| match &p.rule {
-                Rule::Pattern(rule) => {
-                    p.mode == Mode::Active
-                        && rule.signature_hash == i.signature_hash
-                        && p.activated_at.is_some_and(|at| i.created_at >= at)
-                }
+                Rule::Pattern(rule) => rule.signature_hash == i.signature_hash && was_active_at(p, i.created_at),
                 _ => false,
             })
         })
@@ -384,6 +387,54 @@ mod tests {
         let three = [regret(0, 1, now), regret(0, 1, now), regret(0, 1, now)];
         let (score, n) = regret_score(&three, activated, now);
         assert!(score < DEMOTION_SCORE && should_demote(score, n));
+    }
+
+    #[test]
+    fn recurrences_count_only_while_the_pattern_policy_was_active() {
+        use runguard_contract::{IncidentId, PatternId, PatternRule, PolicyDocument, RunId, Signature, StepError, TenantId};
+        let tenant = TenantId::new("acme").unwrap();
+        let signature = Signature::normalize(Some("fetch"), Some("/a/1"), &[]);
+        let doc = PolicyDocument {
+            id: None,
+            name: "p".into(),
+            scope: runguard_contract::Scope::Tenant,
+            mode: Mode::Active,
+            action: Default::default(),
+            precedence: 100,
+            on_error: Default::default(),
+            bind_at: None,
+            rule: Rule::Pattern(PatternRule {
+                pattern_id: PatternId::from_u128(1),
+                signature_hash: signature.hash(),
+                api_endpoint: None,
+            }),
+        };
+        let t = |ms: i64| Timestamp::from_unix_millis(40 * DAY_MS + ms);
+        let active = Policy::create(doc, PolicyId::from_u128(1), Some(tenant.clone()), t(100));
+        let demoted = active.with_mode(Mode::Disabled, t(300));
+        let incident = |at: i64| Incident {
+            id: IncidentId::from_u128(u128::try_from(at).unwrap()),
+            tenant_id: tenant.clone(),
+            run_id: RunId::new("r").unwrap(),
+            signature_hash: signature.hash(),
+            signature: signature.clone(),
+            error: StepError::default(),
+            pattern_id: PatternId::from_u128(1),
+            created_at: t(at),
+        };
+        let incidents = [incident(50), incident(200), incident(400)];
+        let gates = |policy: &Policy| {
+            let evidence = TenantEvidence {
+                records: &[],
+                policies: std::slice::from_ref(policy),
+                incidents: &incidents,
+                regrets: &[],
+                demotions: &[],
+            };
+            tenant_gates(&evidence, t(500)).missed_recurrences
+        };
+        assert_eq!(gates(&active), 2, "after activation, while active");
+        assert_eq!(gates(&demoted), 1, "only the incident between activation and demotion");
     }
 
     #[test]
