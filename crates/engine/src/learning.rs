@@ -391,7 +391,9 @@ mod tests {
 
     #[test]
     fn recurrences_count_only_while_the_pattern_policy_was_active() {
-        use runguard_contract::{IncidentId, PatternId, PatternRule, PolicyDocument, RunId, Signature, StepError, TenantId};
+        use runguard_contract::{
+            IncidentId, PatternId, PatternRule, PolicyDocument, RunId, Signature, StepError, TenantId,
+        };
         let tenant = TenantId::new("acme").unwrap();
         let signature = Signature::normalize(Some("fetch"), Some("/a/1"), &[]);
         let doc = PolicyDocument {
