@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod isolation;
 mod learning;
+mod learning_loop;
 mod ops;
 mod policies;
 mod records;
