@@ -7,12 +7,15 @@ mod harness;
 mod auth;
 mod bad_input;
 mod cli;
+
 mod concurrency;
+mod faults;
 mod isolation;
 mod learning;
 mod learning_loop;
 mod ops;
 mod policies;
+mod prevention_contract;
 mod records;
 mod restart;
 mod runs;
