@@ -38,6 +38,11 @@ load:
 fuzz:
     @echo "fuzz targets land with the reliability issue" && exit 1
 
+# Dependency policy: advisories, licenses and the architectural bans in deny.toml.
+deny:
+    command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
+    cargo deny check
+
 # The whole CI script.
 ci:
     bash .ci/run
