@@ -7,7 +7,6 @@ mod harness;
 mod auth;
 mod bad_input;
 mod cli;
-
 mod concurrency;
 mod faults;
 mod isolation;

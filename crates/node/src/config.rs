@@ -108,6 +108,8 @@ pub struct Config {
     pub proposal_min_occurrences: u64,
     /// Limits.
     pub limits: Limits,
+    /// For tests and drills only: serve `POST /v1/faults/store` (admin), which makes store commits fail.
+    pub fault_injection: bool,
 }
 
 impl Default for Config {
@@ -126,6 +128,7 @@ impl Default for Config {
             confirmations_required: 3,
             proposal_min_occurrences: 3,
             limits: Limits::default(),
+            fault_injection: false,
         }
     }
 }

@@ -143,5 +143,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/patterns/{id}/propose").route(web::post().to(learning::propose)))
         .service(resource("/v1/graduation").route(web::get().to(learning::graduation)))
         .service(resource("/v1/simulate").route(web::post().to(learning::simulate)))
+        .service(resource("/v1/faults/store").route(web::post().to(ops::store_fault)))
         .default_service(web::to(unknown_route));
 }

@@ -1,0 +1,125 @@
+//! Store faults (SPEC §7, §9): while the store cannot commit, every call that writes answers 503 with
+//! `Retry-After` (the client treats it as a block), nothing of it is written — no ledger entry, no
+//! half-written record, no changed totals, no run — and service resumes when the fault clears. The fault
+//! is injected through the node's test-only `POST /v1/faults/store` (`fault_injection = true`).
+
+use std::ffi::OsStr;
+
+use serde_json::{Value, json};
+
+use crate::fixtures::{budget, create_policy, create_run, post, step};
+use crate::harness::{ACME_OPERATOR, ACME_WORKER, ADMIN, Client, Node, run_cli, tokens_config};
+
+const FAULTS_ON: &str = "fault_injection = true\n";
+
+fn set_fault(client: &Client, on: bool) {
+    let answer = client.post("/v1/faults/store", &json!({ "commit_failure": on }));
+    assert_eq!(answer.expect(200)["commit_failure"], on);
+}
+
+#[track_caller]
+fn expect_unavailable(resp: &crate::harness::Resp) {
+    resp.expect_error(503, "unavailable");
+    let retry = resp.header("retry-after").expect("a 503 carries Retry-After");
+    assert!(retry.parse::<u64>().is_ok_and(|s| s >= 1), "Retry-After `{retry}`");
+}
+
+fn records(client: &Client) -> Vec<Value> {
+    client.get("/v1/prevention-records").expect(200)["items"].as_array().expect("items").clone()
+}
+
+fn decisions(client: &Client, run: &str) -> Vec<Value> {
+    client.get(&format!("/v1/runs/{run}/decisions")).expect(200)["items"].as_array().expect("items").clone()
+}
+
+#[test]
+fn failed_commits_answer_503_write_nothing_and_recover() {
+    let mut node = Node::start_with_config(FAULTS_ON);
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-a");
+    step(&client, "run-a", &post(0, 10));
+    create_run(&client, "run-b");
+    step(&client, "run-b", &post(0, 95));
+    let before_a = client.get("/v1/runs/run-a").expect(200).clone();
+    let before_b = client.get("/v1/runs/run-b").expect(200).clone();
+    let decisions_a = decisions(&client, "run-a");
+
+    set_fault(&client, true);
+    // An allow, a block (which would write a record), a new run and a new policy: all 503, twice.
+    for _ in 0..2 {
+        expect_unavailable(&client.post("/v1/runs/run-a/steps", &post(1, 10)));
+        expect_unavailable(&client.post("/v1/runs/run-b/steps", &post(1, 10)));
+        expect_unavailable(&client.post("/v1/runs", &json!({ "run_id": "run-new" })));
+        expect_unavailable(&client.post("/v1/policies", &budget("pol_new", "tokens", 5)));
+        expect_unavailable(&client.post("/v1/runs/run-a/end", &json!({ "outcome": "succeeded" })));
+    }
+    // Nothing of those calls is visible: runs, totals, decisions, records, the new run and policy.
+    assert_eq!(client.get("/v1/runs/run-a").expect(200), &before_a);
+    assert_eq!(client.get("/v1/runs/run-b").expect(200), &before_b);
+    assert_eq!(decisions(&client, "run-a"), decisions_a);
+    assert!(records(&client).is_empty(), "a failed commit wrote a record");
+    client.get("/v1/runs/run-new").expect_error(404, "not_found");
+    client.get("/v1/policies/pol_new").expect_error(404, "not_found");
+    // Reads keep working during the fault.
+    client.get("/v1/policies/pol_budget").expect(200);
+
+    set_fault(&client, false);
+    // The same calls are now evaluated afresh and acknowledged.
+    let allow = step(&client, "run-a", &post(1, 10));
+    assert_eq!(allow["action"], "allow");
+    let block = step(&client, "run-b", &post(1, 10));
+    assert_eq!(block["action"], "block", "{block}");
+    let record_id = block["prevention_record_id"].as_str().expect("a record").to_owned();
+    assert_eq!(client.get(&format!("/v1/prevention-records/{record_id}")).expect(200)["run_id"], "run-b");
+    create_run(&client, "run-new");
+    assert_eq!(client.get("/v1/runs/run-a").expect(200)["totals"]["tokens"], 20);
+    assert_eq!(decisions(&client, "run-a").len(), decisions_a.len() + 1);
+
+    // A crash after the fault leaves a store that verifies and holds exactly the acknowledged writes.
+    node.kill();
+    let data = node.data_dir();
+    let verified = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    assert_eq!(verified.status.code(), Some(0), "verify: {}", String::from_utf8_lossy(&verified.stdout));
+    node.restart();
+    let client = node.client();
+    assert_eq!(records(&client).len(), 1);
+    assert_eq!(client.get("/v1/runs/run-b").expect(200)["status"], "stopped");
+    assert_eq!(client.get("/v1/runs/run-a").expect(200)["totals"]["tokens"], 20);
+}
+
+#[test]
+fn a_step_under_a_fault_never_half_applies_its_block() {
+    // The blocking call fails under the fault; the run must stay running and unblocked in memory too:
+    // after recovery a *smaller* step (a different call at the same index) is admitted and allowed.
+    let node = Node::start_with_config(FAULTS_ON);
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-c");
+    set_fault(&client, true);
+    expect_unavailable(&client.post("/v1/runs/run-c/steps", &post(0, 500)));
+    set_fault(&client, false);
+    let run = client.get("/v1/runs/run-c").expect(200).clone();
+    assert_eq!((run["status"].clone(), run["totals"]["tokens"].clone()), (json!("running"), json!(0)));
+    assert_eq!(step(&client, "run-c", &post(0, 50))["action"], "allow");
+    assert!(records(&client).is_empty());
+}
+
+#[test]
+fn the_fault_endpoint_is_off_by_default_and_admin_only() {
+    let plain = Node::start();
+    plain.client().post("/v1/faults/store", &json!({ "commit_failure": true })).expect_error(404, "not_found");
+    // Off: the node still commits.
+    create_run(&plain.client(), "run-ok");
+    drop(plain);
+
+    let node = Node::start_with_config(&format!("{FAULTS_ON}{}", tokens_config()));
+    let body = json!({ "commit_failure": true });
+    node.client_as(ACME_WORKER).post("/v1/faults/store", &body).expect_error(403, "forbidden");
+    node.client_as(ACME_OPERATOR).post("/v1/faults/store", &body).expect_error(403, "forbidden");
+    node.client().post("/v1/faults/store", &body).expect_error(401, "unauthorized");
+    let bad = node.client_as(ADMIN).post("/v1/faults/store", &json!({ "commit_failure": "yes" }));
+    assert_eq!(bad.expect_error(400, "invalid_request")["field"], "commit_failure");
+    // Nothing was switched on by the refused calls.
+    node.client_as(ACME_WORKER).post("/v1/runs", &json!({ "run_id": "run-ok" })).expect(201);
+}
