@@ -28,11 +28,23 @@ bench:
 
 # Engine beside cedar-policy and regorus (internal crate, outside CI).
 bench-peers:
-    @echo "the peer benchmark crate lands with the performance issue" && exit 1
+    cd bench/peers && cargo bench --bench peers
 
-# Node load generator against a bare actix-web baseline.
-load:
-    @echo "the load generator lands with the performance issue" && exit 1
+# Node load generator against a bare actix-web baseline (both started by it, on 127.0.0.1, bounded).
+# Extra arguments go to `runguard-load http`, e.g. `just load --scenario allow --repeats 5`.
+load *ARGS:
+    cargo build --release -p runguard-node -p runguard-loadgen
+    cargo run --release -p runguard-loadgen --bin runguard-load -- http {{ARGS}}
+
+# RSS of the node holding 100,000 idle live runs.
+mem *ARGS:
+    cargo build --release -p runguard-node -p runguard-loadgen
+    cargo run --release -p runguard-loadgen --bin runguard-load -- mem {{ARGS}}
+
+# Time to ready after a restart over a store holding 1,000,000 records (filled once under target/loadgen).
+restart-time *ARGS:
+    cargo build --release -p runguard-node -p runguard-loadgen
+    cargo run --release -p runguard-loadgen --bin runguard-load -- restart {{ARGS}}
 
 # Bounded cargo-fuzz runs of every target.
 fuzz:

@@ -1,0 +1,364 @@
+//! runguard's load generator and measurement helpers (docs/performance.md).
+//!
+//! - `http`: drives the node and a trivial actix-web baseline (`runguard-baseline`), both started here,
+//!   with the same request mix over keep-alive connections at fixed concurrency, alternating between the
+//!   two in each repeat; prints medians, the node/baseline ratio and HDR latency percentiles.
+//! - `mem`: resident memory of the node holding many idle live runs.
+//! - `fill`: bulk-writes durable blocks into a store (for `restart`).
+//! - `restart`: time from starting the node over a large store to its first `/readyz` 200.
+//!
+//! Everything targets 127.0.0.1 only, is bounded in requests and time, and stops the servers it started.
+
+mod client;
+mod fill;
+mod procs;
+mod scenario;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::procs::{Server, start_baseline, start_node};
+use crate::scenario::{Pace, Sample, Scenario, Shape};
+
+#[derive(Debug, Parser)]
+#[command(about = "runguard load generator and measurement helpers")]
+struct Args {
+    /// Tokio worker threads of the load generator itself (it shares the machine with the server).
+    #[arg(long, default_value_t = 1, global = true)]
+    client_threads: usize,
+    /// Where stores are created (on the disk under test, not a tmpfs).
+    #[arg(long, default_value = "target/loadgen", global = true)]
+    work_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// Allow decisions: whole runs, 4 budgets; then the half-load latency run.
+    Allow,
+    /// Durable blocks with prevention records.
+    Block,
+    /// 1,000 runs in flight at once (1,000 connections).
+    Concurrent,
+    /// Allow decisions under a tenant-scope rate rule (shared tenant window).
+    TenantRate,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// HTTP scenarios against the node and the baseline.
+    Http {
+        /// Scenarios to run (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "allow,block,concurrent,tenant-rate")]
+        scenario: Vec<Which>,
+        /// Seconds per timed measurement.
+        #[arg(long, default_value_t = 8)]
+        duration_s: u64,
+        /// Measurements per server; figures are medians.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Connections (= runs in flight) for the allow, tenant-rate and block scenarios.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Steps per run (each a pre and a post call).
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Runs created, then blocked, per block measurement.
+        #[arg(long, default_value_t = 30_000)]
+        block_runs: u64,
+    },
+    /// RSS of the node with many idle live runs.
+    Mem {
+        /// Live runs to create.
+        #[arg(long, default_value_t = 100_000)]
+        runs: u64,
+        /// Measurements (each on a fresh node); figures are medians.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Connections used to create the runs.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Bulk-write durable blocks into a store.
+    Fill {
+        /// The store directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Records the store should hold.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Blocks per commit.
+        #[arg(long, default_value_t = 1_000)]
+        batch: u64,
+    },
+    /// Time to ready after a restart over a store holding many records.
+    Restart {
+        /// Records in the store (filled once, kept under the work dir for later runs).
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Restarts measured; figures are medians.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.client_threads.max(1)).enable_all().build()?;
+    std::fs::create_dir_all(&args.work_dir)
+        .with_context(|| format!("cannot create the work directory `{}`", args.work_dir.display()))?;
+    match args.command {
+        Command::Http { scenario, duration_s, repeats, concurrency, steps, block_runs } => {
+            let duration = Duration::from_secs(duration_s.max(1));
+            for which in scenario {
+                runtime.block_on(http(
+                    &args.work_dir,
+                    which,
+                    duration,
+                    repeats.max(1),
+                    concurrency,
+                    steps,
+                    block_runs,
+                ))?;
+            }
+            Ok(())
+        }
+        Command::Mem { runs, repeats, concurrency } => {
+            runtime.block_on(mem(&args.work_dir, runs, repeats.max(1), concurrency))
+        }
+        Command::Fill { data, records, batch } => fill::fill(&data, records, batch),
+        Command::Restart { records, repeats } => runtime.block_on(restart(&args.work_dir, records, repeats.max(1))),
+    }
+}
+
+fn fresh_node(work_dir: &Path, env: &[(&str, String)]) -> anyhow::Result<(Server, tempfile::TempDir)> {
+    let dir = tempfile::Builder::new().prefix("node-").tempdir_in(work_dir)?;
+    let server = start_node(&dir.path().join("data"), env, &dir.path().join("node.log"))?;
+    Ok((server, dir))
+}
+
+fn line(label: &str, sample: &[Sample], rate: impl Fn(&Sample) -> f64) {
+    let rates: Vec<f64> = sample.iter().map(&rate).collect();
+    println!(
+        "  {label:<9} median {:>9.0}/s  (runs: {})  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+        median(rates.clone()),
+        rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" "),
+        median(sample.iter().map(|s| s.ms(0.5)).collect()),
+        median(sample.iter().map(|s| s.ms(0.99)).collect()),
+        sample.iter().map(|s| s.errors).sum::<u64>(),
+    );
+}
+
+async fn http(
+    work_dir: &Path,
+    which: Which,
+    duration: Duration,
+    repeats: usize,
+    concurrency: usize,
+    steps: u64,
+    block_runs: u64,
+) -> anyhow::Result<()> {
+    let scenario = match which {
+        Which::Allow => {
+            Scenario { name: "allow", shape: Shape::Runs { steps }, concurrency, policies: scenario::four_budgets() }
+        }
+        Which::Concurrent => Scenario {
+            name: "concurrent",
+            shape: Shape::Runs { steps },
+            concurrency: 1_000,
+            policies: scenario::four_budgets(),
+        },
+        Which::TenantRate => Scenario {
+            name: "tenant-rate",
+            shape: Shape::Runs { steps },
+            concurrency,
+            policies: scenario::tenant_rate_rules(),
+        },
+        Which::Block => Scenario {
+            name: "block",
+            shape: Shape::Blocks { runs: block_runs },
+            concurrency,
+            policies: scenario::blocking_rules(),
+        },
+    };
+    let (node, _dir) = fresh_node(work_dir, &[])?;
+    scenario::setup_policies(node.addr, &scenario.policies).await?;
+    let baseline = start_baseline(2)?;
+    match scenario.shape {
+        Shape::Runs { steps } => {
+            println!(
+                "scenario {}: {} connections, runs of create + {steps} x (pre, post) + end, {repeats} x {} s per server",
+                scenario.name,
+                scenario.concurrency,
+                duration.as_secs()
+            );
+            let warm = Duration::from_secs(1);
+            scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, warm, false, "warm").await?;
+            scenario::runs(node.addr, &scenario, steps, Pace::Closed, warm, true, "warm").await?;
+            let (mut base, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for r in 0..repeats {
+                let b = scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, duration, false, "b").await?;
+                let n =
+                    scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &format!("r{r}")).await?;
+                ratios.push(n.rate() / b.rate());
+                base.push(b);
+                ours.push(n);
+            }
+            println!("  closed loop, requests per second (every node request is a durable commit):");
+            line("baseline", &base, Sample::rate);
+            line("node", &ours, Sample::rate);
+            println!(
+                "  ratio node/baseline: median {:.3}  (runs: {})  node decisions/s median {:.0}",
+                median(ratios.clone()),
+                ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
+                median(ours.iter().map(|s| s.decisions as f64 / s.elapsed.as_secs_f64()).collect()),
+            );
+            if which == Which::Allow {
+                let rate = median(ours.iter().map(Sample::rate).collect()) / 2.0;
+                let mut half = Vec::new();
+                for r in 0..repeats {
+                    let pace = Pace::Open { rate };
+                    half.push(
+                        scenario::runs(node.addr, &scenario, steps, pace, duration, true, &format!("h{r}")).await?,
+                    );
+                }
+                println!(
+                    "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
+                );
+                line("node", &half, Sample::rate);
+                println!(
+                    "  half load: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms (medians over repeats)",
+                    median(half.iter().map(|s| s.ms(0.5)).collect()),
+                    median(half.iter().map(|s| s.ms(0.9)).collect()),
+                    median(half.iter().map(|s| s.ms(0.99)).collect()),
+                    median(half.iter().map(|s| s.ms(0.999)).collect()),
+                );
+            }
+        }
+        Shape::Blocks { runs } => {
+            println!(
+                "scenario block: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
+                scenario.concurrency
+            );
+            let (mut base, mut ours, mut ratios, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for r in 0..repeats {
+                let b = block_round(baseline.addr, scenario.concurrency, runs, false, "b").await?.1;
+                let (c, n) = block_round(node.addr, scenario.concurrency, runs, true, &format!("k{r}")).await?;
+                ratios.push(n.block_rate() / b.block_rate());
+                creates.push(c.rate());
+                base.push(b);
+                ours.push(n);
+            }
+            println!("  durable blocks per second (each with its prevention record):");
+            line("baseline", &base, Sample::block_rate);
+            line("node", &ours, Sample::block_rate);
+            println!(
+                "  ratio node/baseline: median {:.3}  (runs: {})  node run creations/s median {:.0}",
+                median(ratios.clone()),
+                ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
+                median(creates),
+            );
+        }
+    }
+    node.stop();
+    drop(baseline);
+    Ok(())
+}
+
+async fn block_round(
+    addr: SocketAddr,
+    concurrency: usize,
+    runs: u64,
+    check: bool,
+    tag: &str,
+) -> anyhow::Result<(Sample, Sample)> {
+    let created = scenario::create_runs(addr, concurrency, runs, check, tag).await?;
+    let blocked = scenario::blocks(addr, concurrency, runs, check, tag).await?;
+    Ok((created, blocked))
+}
+
+async fn mem(work_dir: &Path, runs: u64, repeats: usize, concurrency: usize) -> anyhow::Result<()> {
+    println!("memory: {runs} idle live runs (4 budgets), {repeats} fresh nodes");
+    let env = [
+        ("RUNGUARD_RUN_IDLE_S", "86400".to_owned()),
+        ("RUNGUARD_LIMITS__LIVE_RUNS", (runs * 2).max(200_000).to_string()),
+    ];
+    let (mut empty, mut full, mut live) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..repeats {
+        let (node, _dir) = fresh_node(work_dir, &env)?;
+        scenario::setup_policies(node.addr, &scenario::four_budgets()).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = node.rss_bytes().context("RSS is read from /proc (Linux only)")?;
+        let created = scenario::create_runs(node.addr, concurrency, runs, true, &format!("m{r}")).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = node.rss_bytes().context("RSS is read from /proc (Linux only)")?;
+        let gauge = scenario::live_runs(node.addr).await?.unwrap_or(f64::NAN);
+        println!(
+            "  node {r}: RSS {:.1} MiB with policies only, {:.1} MiB with {gauge:.0} live runs ({:.0} runs/s created, {} errors)",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            created.rate(),
+            created.errors
+        );
+        empty.push(before as f64);
+        full.push(after as f64);
+        live.push(gauge);
+        node.stop();
+    }
+    let (e, f) = (median(empty), median(full));
+    println!(
+        "  median RSS: {:.1} MiB with {:.0} idle live runs; {:.1} MiB before them (same node); {:.0} bytes per run",
+        f / 1048576.0,
+        median(live),
+        e / 1048576.0,
+        (f - e) / runs as f64
+    );
+    Ok(())
+}
+
+async fn restart(work_dir: &Path, records: u64, repeats: usize) -> anyhow::Result<()> {
+    let data = work_dir.join(format!("restart-{records}"));
+    fill::fill(&data, records, 1_000)?;
+    let empty = tempfile::Builder::new().prefix("empty-").tempdir_in(work_dir)?;
+    println!("restart: time from spawn to listening and to the first /readyz 200; {repeats} restarts each");
+    let (mut big, mut small, mut big_listen) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        for (dir, ready, listen) in
+            [(data.as_path(), &mut big, &mut big_listen), (empty.path(), &mut small, &mut Vec::new())]
+        {
+            let since = Instant::now();
+            let node = start_node(&dir.join("data"), &[], &dir.join("node.log"))?;
+            let took = scenario::wait_ready(node.addr, since).await?;
+            ready.push(took.as_secs_f64() * 1000.0);
+            listen.push(node.started_in.as_secs_f64() * 1000.0);
+            node.stop();
+        }
+    }
+    println!(
+        "  {records} records: ready in median {:.0} ms (listening at {:.0} ms; runs: {})",
+        median(big.clone()),
+        median(big_listen),
+        big.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "  empty store (baseline): ready in median {:.0} ms; ratio {:.1}",
+        median(small.clone()),
+        median(big) / median(small)
+    );
+    Ok(())
+}

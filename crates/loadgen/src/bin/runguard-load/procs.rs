@@ -1,0 +1,106 @@
+//! Starting and stopping the servers under test, and reading their memory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// A server process started by the load generator; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// From spawning the process to its "listening" line.
+    pub started_in: Duration,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// The resident set size of the process in bytes (Linux; `None` elsewhere).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        rss_bytes(self.child.id())
+    }
+
+    /// Stops the process with SIGTERM (graceful) and waits for it, falling back to SIGKILL.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        if Command::new("kill").args(["-TERM", &pid]).status().is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Drop kills it.
+    }
+}
+
+/// `VmRSS` of `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The directory holding this executable (where cargo also puts `runguard` and `runguard-baseline`).
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the load generator's own path")?;
+    let path = exe.parent().map(|dir| dir.join(name)).context("the executable has no directory")?;
+    if !path.exists() {
+        bail!(
+            "`{}` not found: build it first (`cargo build --release -p runguard-node -p runguard-loadgen`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn spawn(mut command: Command, marker: &str) -> anyhow::Result<Server> {
+    let started = Instant::now();
+    let mut child = command.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().context("cannot start the server")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            let _ = child.kill();
+            bail!("the server exited before listening");
+        };
+        let line = line?;
+        if let Some(rest) = line.strip_prefix(marker) {
+            let addr: SocketAddr = rest.trim().trim_start_matches("http://").parse()?;
+            let started_in = started.elapsed();
+            // Keep draining stdout so the server never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return Ok(Server { child, addr, started_in });
+        }
+    }
+}
+
+/// Starts `runguard serve` on a free loopback port over `data`, with `env` added (`RUNGUARD_*` keys).
+/// Its log goes to `log` (default level and format).
+pub fn start_node(data: &Path, env: &[(&str, String)], log: &Path) -> anyhow::Result<Server> {
+    let mut command = Command::new(sibling("runguard")?);
+    command.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(data);
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command.stderr(std::fs::File::create(log)?);
+    spawn(command, "runguard listening on ")
+}
+
+/// Starts the trivial actix-web baseline with `workers` HTTP workers.
+pub fn start_baseline(workers: usize) -> anyhow::Result<Server> {
+    let mut command = Command::new(sibling("runguard-baseline")?);
+    command.args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()]);
+    command.stderr(Stdio::null());
+    spawn(command, "baseline listening on ")
+}
