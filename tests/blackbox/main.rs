@@ -19,5 +19,6 @@ mod prevention_contract;
 mod records;
 mod restart;
 mod runs;
+mod security;
 mod semantics;
 mod soak;

@@ -29,6 +29,81 @@ impl std::fmt::Debug for CelRule {
     }
 }
 
+/// Most nested brackets (`(`, `[`, `{`, outside string literals) an expression may have.
+pub const MAX_CEL_NESTING: usize = 32;
+/// Deepest parsed expression tree accepted (evaluation recurses once per level).
+pub const MAX_CEL_DEPTH: usize = 48;
+/// Stack of the thread that parses an expression: room for [`MAX_CEL_NESTING`] levels of the parser.
+const PARSE_STACK_BYTES: usize = 64 * 1024 * 1024;
+
+/// The deepest bracket nesting of `source`, skipping string literals (quotes and escapes).
+fn bracket_nesting(source: &str) -> usize {
+    let (mut depth, mut deepest, mut quote, mut escaped) = (0usize, 0usize, None::<char>, false);
+    for c in source.chars() {
+        match quote {
+            Some(_) if escaped => escaped = false,
+            Some(_) if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '(' | '[' | '{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    deepest
+}
+
+/// The depth of a parsed expression tree (a leaf is 1), without recursion.
+fn tree_depth(root: &IdedExpr) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((expr, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        let next = depth + 1;
+        match &expr.expr {
+            Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
+            Expr::Call(call) => {
+                stack.extend(call.target.as_deref().map(|t| (t, next)));
+                stack.extend(call.args.iter().map(|a| (a, next)));
+            }
+            Expr::Comprehension(c) => {
+                for part in [&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+                    stack.push((part, next));
+                }
+            }
+            Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, next))),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    push_entry(&mut stack, &entry.expr, next);
+                }
+            }
+            Expr::Struct(st) => {
+                for entry in &st.entries {
+                    push_entry(&mut stack, &entry.expr, next);
+                }
+            }
+            Expr::Select(select) => stack.push((&select.operand, next)),
+        }
+    }
+    deepest
+}
+
+fn push_entry<'a>(stack: &mut Vec<(&'a IdedExpr, usize)>, entry: &'a EntryExpr, depth: usize) {
+    match entry {
+        EntryExpr::StructField(field) => stack.push((&field.value, depth)),
+        EntryExpr::MapEntry(entry) => {
+            stack.push((&entry.key, depth));
+            stack.push((&entry.value, depth));
+        }
+    }
+}
+
 /// The static cost of an expression (see the module docs).
 pub fn static_cost(expr: &IdedExpr) -> u64 {
     match &expr.expr {
@@ -67,9 +142,40 @@ impl CelRule {
     /// Like [`CelRule::compile`], in an environment shared with the other rules of a snapshot (so that
     /// one evaluation context serves them all).
     pub fn compile_in(source: &str, max_cost: u64, env: Arc<Env>) -> Result<Self, ValidationError> {
-        let program = env.compile(source).map_err(|err| {
-            ValidationError::new("rule.cel", format!("does not compile: {}", first_line(&err.to_string())))
-        })?;
+        // The CEL parser and interpreter recurse once per nesting level; deep input overflowed the stack
+        // of the thread that compiled (a node's HTTP worker) or evaluated it, aborting the process.
+        // Brackets are bounded before parsing, the parse runs on a thread with a stack sized for that
+        // bound, and the parsed tree's depth is bounded so that evaluation stays shallow on any thread.
+        let nesting = bracket_nesting(source);
+        if nesting > MAX_CEL_NESTING {
+            return Err(ValidationError::new(
+                "rule.cel",
+                format!("nests brackets {nesting} deep, the limit is {MAX_CEL_NESTING}"),
+            ));
+        }
+        let parsed = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .stack_size(PARSE_STACK_BYTES)
+                .spawn_scoped(scope, || {
+                    let program = env.compile(source).map_err(|err| {
+                        ValidationError::new("rule.cel", format!("does not compile: {}", first_line(&err.to_string())))
+                    })?;
+                    let depth = tree_depth(program.expression());
+                    Ok((program, depth))
+                })
+                .map_err(|_| ValidationError::new("rule.cel", "cannot be compiled now (no thread); retry"))?
+                .join()
+                .map_err(|_| ValidationError::new("rule.cel", "does not compile"))?
+        });
+        let (program, depth) = parsed?;
+        if depth > MAX_CEL_DEPTH {
+            return Err(ValidationError::new(
+                "rule.cel",
+                format!(
+                    "nests {depth} levels deep, the limit is {MAX_CEL_DEPTH}; split long chains into several rules"
+                ),
+            ));
+        }
         let cost = static_cost(program.expression());
         if cost > max_cost {
             return Err(ValidationError::new(
@@ -315,5 +421,23 @@ mod tests {
         let err = CelRule::compile(nested, 100_000).unwrap_err();
         assert!(err.message().contains("static cost"), "{err}");
         assert!(CelRule::compile("step.input_keys.all(k, k != 'password')", 100_000).is_ok());
+    }
+
+    /// Regression: deep nesting overflowed the stack of the compiling thread (found by the black-box
+    /// security test), and long operator chains overflowed it at evaluation; both abort a process.
+    #[test]
+    fn deep_expressions_are_refused_not_stack_overflows() {
+        let labels = BTreeMap::new();
+        let deep = format!("{}true{}", "(".repeat(2000), ")".repeat(2000));
+        assert!(CelRule::compile(&deep, 100_000).unwrap_err().message().contains("brackets"));
+        let at_limit = format!("{}run.steps == 0{}", "(".repeat(MAX_CEL_NESTING), ")".repeat(MAX_CEL_NESTING));
+        assert_eq!(CelRule::compile(&at_limit, 100_000).unwrap().evaluate(&input(&labels, None)), Ok(true));
+        let chain = vec!["run.steps"; 300].join(" + ") + " > 0";
+        assert!(CelRule::compile(&chain, 100_000).unwrap_err().message().contains("levels deep"));
+        let short = vec!["run.steps"; 40].join(" + ") + " >= 0";
+        assert_eq!(CelRule::compile(&short, 100_000).unwrap().evaluate(&input(&labels, None)), Ok(true));
+        // Brackets inside string literals do not count.
+        let quoted = format!("'{}' != ''", "(".repeat(100));
+        assert!(CelRule::compile(&quoted, 100_000).is_ok());
     }
 }
