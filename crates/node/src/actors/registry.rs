@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix::prelude::*;
 use runguard_contract::{RunId, TenantId};
@@ -24,8 +25,54 @@ pub struct RunKey {
 
 /// Returns the live actor of a run, spawning it if needed.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Addr<RunActor>, ApiError>")]
+#[rtype(result = "Result<RunHandle, ApiError>")]
 pub struct Resolve(pub RunKey);
+
+/// A live run actor and the count of calls sent to it and not yet answered. actix holds a sender while
+/// a mailbox is full instead of refusing it; the count lets callers refuse at once (429) instead.
+#[derive(Clone, Debug)]
+pub struct RunHandle {
+    /// The actor.
+    pub addr: Addr<RunActor>,
+    /// Calls in flight to it.
+    pub in_flight: InFlightCounter,
+}
+
+impl RunHandle {
+    /// Counts a call in, unless `limit` calls are already in flight.
+    pub fn enter(&self, limit: usize) -> Option<InFlight> {
+        self.in_flight.enter(limit)
+    }
+}
+
+/// Calls in flight to one run, shared by every caller of it.
+#[derive(Clone, Debug, Default)]
+pub struct InFlightCounter(Arc<AtomicUsize>);
+
+impl InFlightCounter {
+    /// Counts a call in, unless `limit` calls are already in flight.
+    pub fn enter(&self, limit: usize) -> Option<InFlight> {
+        let previous = self.0.fetch_add(1, Ordering::AcqRel);
+        // The guard is made first so that a refused call is counted out again when it drops.
+        let guard = InFlight(Arc::clone(&self.0));
+        (previous < limit).then_some(guard)
+    }
+
+    /// Calls in flight now.
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One call counted in an [`InFlightCounter`]; released when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Sent by a run actor when it stops.
 #[derive(Debug, Message)]
@@ -46,7 +93,7 @@ pub struct LiveRuns;
 pub struct Registry {
     shared: Arc<Shared>,
     arbiters: Vec<ArbiterHandle>,
-    runs: HashMap<RunKey, (Addr<RunActor>, u64)>,
+    runs: HashMap<RunKey, (RunHandle, u64)>,
     next_generation: u64,
 }
 
@@ -99,24 +146,24 @@ impl Registry {
                 .await;
             let Ok(due) = due else { return };
             for key in due {
-                let Ok(Ok(addr)) = me.send(Resolve(key)).await else { continue };
-                let _ = addr.send(crate::actors::run::RunMsg::Touch).await;
+                let Ok(Ok(run)) = me.send(Resolve(key)).await else { continue };
+                let _ = run.addr.send(crate::actors::run::RunMsg::Touch).await;
             }
         });
     }
 }
 
 impl Handler<Resolve> for Registry {
-    type Result = Result<Addr<RunActor>, ApiError>;
+    type Result = Result<RunHandle, ApiError>;
 
     fn handle(&mut self, Resolve(key): Resolve, ctx: &mut Self::Context) -> Self::Result {
-        if let Some((addr, _)) = self.runs.get(&key)
-            && addr.connected()
+        if let Some((run, _)) = self.runs.get(&key)
+            && run.addr.connected()
         {
-            return Ok(addr.clone());
+            return Ok(run.clone());
         }
         if self.runs.len() >= self.shared.config.limits.live_runs {
-            self.runs.retain(|_, (addr, _)| addr.connected());
+            self.runs.retain(|_, (run, _)| run.addr.connected());
             if self.runs.len() >= self.shared.config.limits.live_runs {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "live_runs").increment(1);
                 return Err(ApiError::unavailable("too many live runs on this node; retry later", 1));
@@ -135,9 +182,10 @@ impl Handler<Resolve> for Registry {
             Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
             None => RunActor::create(make),
         };
-        self.runs.insert(key, (addr.clone(), generation));
+        let run = RunHandle { addr, in_flight: InFlightCounter::default() };
+        self.runs.insert(key, (run.clone(), generation));
         metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
-        Ok(addr)
+        Ok(run)
     }
 }
 
@@ -157,5 +205,23 @@ impl Handler<LiveRuns> for Registry {
 
     fn handle(&mut self, _: LiveRuns, _: &mut Self::Context) -> usize {
         self.runs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_in_flight_are_bounded_and_released() {
+        let counter = InFlightCounter::default();
+        let first = counter.enter(2).expect("room for one");
+        let second = counter.enter(2).expect("room for two");
+        assert!(counter.enter(2).is_none(), "a third call is refused");
+        assert_eq!(counter.current(), 2, "the refused call is not counted");
+        drop(second);
+        let again = counter.enter(2).expect("a released slot is reused");
+        drop((first, again));
+        assert_eq!(counter.current(), 0, "every guard released its slot");
     }
 }
