@@ -116,6 +116,13 @@ impl WriteBatch {
         &self.ops
     }
 
+    /// Moves every write of `other` to the end of this batch (group commit merges without copying).
+    pub fn append(&mut self, other: WriteBatch) -> &mut Self {
+        let mut ops = other.ops;
+        self.ops.append(&mut ops);
+        self
+    }
+
     /// How many writes.
     pub fn len(&self) -> usize {
         self.ops.len()

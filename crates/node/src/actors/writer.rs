@@ -106,15 +106,16 @@ impl Writer {
         let started = Instant::now();
         let mut merged = WriteBatch::new();
         let mut shares = Vec::with_capacity(group.len());
-        for item in &group {
-            let records = item.batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendRecord(_))).count();
-            let ledger = item.batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendLedger { .. })).count();
-            shares.push((records, ledger, item.batch.len()));
-            for op in item.batch.ops() {
-                merged.push(op.clone());
-            }
+        let mut replies = Vec::with_capacity(group.len());
+        for Pending { batch, reply } in group {
+            let records = batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendRecord(_))).count();
+            let ledger = batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendLedger { .. })).count();
+            shares.push((records, ledger, batch.len()));
+            replies.push(reply);
+            // Moved, not copied: a ledger entry carries the call, its texts and the decision.
+            merged.append(batch);
         }
-        let calls = group.len();
+        let calls = replies.len();
         let result = self.store.commit(merged);
         let elapsed = started.elapsed();
         metrics::histogram!("runguard_writer_batch_size").record(calls as f64);
@@ -123,20 +124,20 @@ impl Writer {
             Ok(receipt) => {
                 let mut records = receipt.records.into_iter();
                 let mut positions = receipt.ledger_positions.into_iter();
-                for (item, (n_records, n_ledger, ops)) in group.into_iter().zip(shares) {
+                for (reply, (n_records, n_ledger, ops)) in replies.into_iter().zip(shares) {
                     let share = CommitReceipt {
                         records: records.by_ref().take(n_records).collect(),
                         ledger_positions: positions.by_ref().take(n_ledger).collect(),
                         ops,
                     };
-                    let _ = item.reply.send(Ok(share));
+                    let _ = reply.send(Ok(share));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, calls, "group commit failed; every call in it is answered 503");
                 metrics::counter!("runguard_writer_commit_failures_total").increment(1);
-                for item in group {
-                    let _ = item.reply.send(Err(err.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
                 }
             }
         }

@@ -134,8 +134,8 @@ impl World {
 pub fn fill(dir: &Path, records: u64, batch: u64) -> anyhow::Result<()> {
     let store = Store::open(dir, &StoreOptions::default()).context("cannot open the store")?;
     let world = World::new()?;
-    let (next_seq, _) = store.chain_head()?;
-    let existing = next_seq.saturating_sub(1);
+    // The chain head is the sequence number of the last record (0 when there is none).
+    let (existing, _) = store.chain_head()?;
     if existing == 0 {
         let mut setup = WriteBatch::new();
         setup.put_policy_version(world.policy.clone());
@@ -156,10 +156,10 @@ pub fn fill(dir: &Path, records: u64, batch: u64) -> anyhow::Result<()> {
             eprintln!("  {n} records, {:.0} s", started.elapsed().as_secs_f64());
         }
     }
-    let (next_seq, _) = store.chain_head()?;
+    let (last_seq, _) = store.chain_head()?;
     eprintln!(
         "store holds {} records ({} written in {:.1} s)",
-        next_seq.saturating_sub(1),
+        last_seq,
         records.saturating_sub(existing),
         started.elapsed().as_secs_f64()
     );
