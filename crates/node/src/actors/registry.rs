@@ -93,7 +93,8 @@ pub struct LiveRuns;
 pub struct Registry {
     shared: Arc<Shared>,
     arbiters: Vec<ArbiterHandle>,
-    runs: HashMap<RunKey, (RunHandle, u64)>,
+    /// Live runs: handle, generation, and when the run was last resolved.
+    runs: HashMap<RunKey, (RunHandle, u64, std::time::Instant)>,
     next_generation: u64,
 }
 
@@ -120,10 +121,23 @@ impl Actor for Registry {
         ctx.set_mailbox_capacity(self.shared.config.limits.writer_queue.max(1024));
         let every = SWEEP_EVERY.min(std::time::Duration::from_secs(self.shared.config.run_ttl_s.max(1)));
         ctx.run_interval(every, |registry, ctx| registry.sweep(ctx));
+        let idle = std::time::Duration::from_secs(self.shared.config.run_idle_s.max(1));
+        ctx.run_interval(SWEEP_EVERY.min(idle), move |registry, _| registry.evict_idle(idle));
     }
 }
 
 impl Registry {
+    /// Drops the addresses of runs not resolved for `idle` and with no call in flight; each such actor
+    /// stops once the last address (held only during a call) is gone, and is rehydrated on its next call.
+    /// Resolving happens here too, so a run being resolved is never evicted.
+    fn evict_idle(&mut self, idle: std::time::Duration) {
+        let before = self.runs.len();
+        self.runs.retain(|_, (run, _, last_resolved)| run.in_flight.current() > 0 || last_resolved.elapsed() < idle);
+        if self.runs.len() != before {
+            metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
+        }
+    }
+
     /// Finds running runs past their TTL and touches each through its own actor, which expires it and
     /// persists that; going through the actor keeps its in-memory state and the store in agreement.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
@@ -157,13 +171,14 @@ impl Handler<Resolve> for Registry {
     type Result = Result<RunHandle, ApiError>;
 
     fn handle(&mut self, Resolve(key): Resolve, ctx: &mut Self::Context) -> Self::Result {
-        if let Some((run, _)) = self.runs.get(&key)
+        if let Some((run, _, last_resolved)) = self.runs.get_mut(&key)
             && run.addr.connected()
         {
+            *last_resolved = std::time::Instant::now();
             return Ok(run.clone());
         }
         if self.runs.len() >= self.shared.config.limits.live_runs {
-            self.runs.retain(|_, (run, _)| run.addr.connected());
+            self.runs.retain(|_, (run, _, _)| run.addr.connected());
             if self.runs.len() >= self.shared.config.limits.live_runs {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "live_runs").increment(1);
                 return Err(ApiError::unavailable("too many live runs on this node; retry later", 1));
@@ -183,7 +198,7 @@ impl Handler<Resolve> for Registry {
             None => RunActor::create(make),
         };
         let run = RunHandle { addr, in_flight: InFlightCounter::default() };
-        self.runs.insert(key, (run.clone(), generation));
+        self.runs.insert(key, (run.clone(), generation, std::time::Instant::now()));
         metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
         Ok(run)
     }
@@ -193,7 +208,7 @@ impl Handler<Deregister> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Deregister, _: &mut Self::Context) {
-        if self.runs.get(&msg.key).is_some_and(|(_, generation)| *generation == msg.generation) {
+        if self.runs.get(&msg.key).is_some_and(|(_, generation, _)| *generation == msg.generation) {
             self.runs.remove(&msg.key);
             metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
         }

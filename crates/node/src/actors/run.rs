@@ -88,7 +88,6 @@ struct Live {
     snapshot: Arc<CompiledSnapshot>,
     state: RunState,
     run: StoredRun,
-    start_decision: Decision,
     failure: FailureTracker,
 }
 
@@ -99,7 +98,6 @@ pub struct RunActor {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
     live: Option<Live>,
-    last_seen: Instant,
 }
 
 impl std::fmt::Debug for RunActor {
@@ -111,7 +109,7 @@ impl std::fmt::Debug for RunActor {
 impl RunActor {
     /// A run actor for `key`, not yet loaded.
     pub fn new(key: RunKey, generation: u64, shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
-        Self { key, generation, shared, registry, live: None, last_seen: Instant::now() }
+        Self { key, generation, shared, registry, live: None }
     }
 }
 
@@ -119,13 +117,9 @@ impl Actor for RunActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // No timer of its own: the registry drops idle runs' addresses, and an actor whose last address
+        // is gone stops (one timer per live run would cost memory with 100,000 idle runs).
         ctx.set_mailbox_capacity(self.shared.config.limits.run_mailbox);
-        let idle = Duration::from_secs(self.shared.config.run_idle_s);
-        ctx.run_interval(idle.min(Duration::from_secs(30)), move |actor, ctx| {
-            if actor.last_seen.elapsed() >= idle {
-                ctx.stop();
-            }
-        });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -142,7 +136,8 @@ fn effects_bytes(effects: &Effects) -> Vec<u8> {
 fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     let run = loaded.run;
     let mut state = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
-    let mut replay_ok = true;
+    // A run is always stored with its run-start entry; without one it cannot be trusted.
+    let mut replay_ok = !loaded.ledger.is_empty();
     let mut failure = FailureTracker::default();
     for entry in &loaded.ledger {
         if let LedgerCall::Step(call) = &entry.call {
@@ -162,24 +157,9 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
             Arc::new(CompiledSnapshot::tampered(run.snapshot.hash.clone()))
         }
     };
-    let start_decision = loaded.ledger.first().map(|e| e.decision.clone()).unwrap_or_else(|| {
-        // A run is always stored with its run-start entry; without one it cannot be trusted.
-        placeholder_decision(&run, &snapshot)
-    });
     // Status, totals and termination come from the stored run, which the ledger replay must agree with.
     state.status = run.status;
-    Live { snapshot, state, run, start_decision, failure }
-}
-
-fn placeholder_decision(run: &StoredRun, snapshot: &CompiledSnapshot) -> Decision {
-    evaluate(
-        snapshot,
-        &RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone()),
-        Call::RunStart,
-        &TenantRates::default(),
-        run.created_at,
-    )
-    .decision
+    Live { snapshot, state, run, failure }
 }
 
 fn refusal(refusal: Refusal) -> ApiError {
@@ -283,7 +263,7 @@ impl RunActor {
         Ok(loaded.map(|loaded| rehydrate(&shared, loaded)))
     }
 
-    async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<Live, ApiError> {
+    async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
         let tenant = key.tenant.clone();
         let policies = shared
             .read(move |store| {
@@ -335,21 +315,16 @@ impl RunActor {
         shared.commit(batch).await?;
         record_metrics(&evaluation, Duration::ZERO);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %evaluation.decision.decision_id, "run created");
-        Ok(Live {
-            snapshot: compiled,
-            state,
-            run,
-            start_decision: evaluation.decision,
-            failure: FailureTracker::default(),
-        })
+        Ok(Live { snapshot: compiled, state, run, failure: FailureTracker::default() })
+            .map(|live| (live, evaluation.decision))
     }
 
-    fn answer(live: &Live) -> CreateAnswer {
+    fn answer(live: &Live, decision: Decision) -> CreateAnswer {
         CreateAnswer {
             run_id: live.run.run_id.to_string(),
             status: live.run.status.as_str(),
             snapshot: live.run.snapshot.clone(),
-            decision: live.start_decision.clone(),
+            decision,
         }
     }
 
@@ -372,7 +347,6 @@ impl Handler<RunMsg> for RunActor {
     type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
 
     fn handle(&mut self, msg: RunMsg, _: &mut Self::Context) -> Self::Result {
-        self.last_seen = Instant::now();
         let shared = Arc::clone(&self.shared);
         let key = self.key.clone();
         let loaded = self.live.is_some();
@@ -413,14 +387,24 @@ impl RunActor {
     }
 
     fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending {
-        if let Some(live) = &self.live {
-            let answer = Box::new(Self::answer(live));
-            return Box::pin(fut::ready(Ok(RunReply::Created { created: false, answer })));
+        if self.live.is_some() {
+            // The same run again: answer its creation, whose decision is the ledger's first entry (kept in
+            // the store rather than in every live run's memory).
+            let (tenant, run_id) = (self.key.tenant.clone(), self.key.run_id.clone());
+            let first = async move {
+                shared.read(move |store| store.ledger(&tenant, &run_id, &runguard_store::PageRequest::first(1))).await
+            };
+            return Box::pin(first.into_actor(self).map(|page, actor, _| {
+                let decision =
+                    page?.items.into_iter().next().map(|entry| entry.decision).ok_or_else(ApiError::internal)?;
+                let live = actor.live.as_ref().ok_or_else(ApiError::internal)?;
+                Ok(RunReply::Created { created: false, answer: Box::new(Self::answer(live, decision)) })
+            }));
         }
         let key = self.key.clone();
         Box::pin(RunActor::create(shared, key, request).into_actor(self).map(|created, actor, _| {
-            let live = created?;
-            let answer = Box::new(Self::answer(&live));
+            let (live, decision) = created?;
+            let answer = Box::new(Self::answer(&live, decision));
             actor.live = Some(live);
             Ok(RunReply::Created { created: true, answer })
         }))
