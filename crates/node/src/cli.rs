@@ -135,7 +135,10 @@ fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
         eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
         return ExitCode::from(USAGE);
     }
-    match Store::open(&config.data_dir, &StoreOptions::default()) {
+    match Store::open(
+        &config.data_dir,
+        &StoreOptions { cache_capacity_bytes: config.store_cache_bytes, ..StoreOptions::default() },
+    ) {
         Ok(store) => action(&store),
         Err(err) => {
             eprintln!("runguard: cannot open the store in `{}`: {err}", config.data_dir.display());

@@ -102,6 +102,9 @@ pub struct Config {
     pub http_workers: usize,
     /// Arbiters (threads) that host run actors.
     pub run_arbiters: usize,
+    /// sled's page cache budget in bytes (on-disk page size; most of what an idle node holds besides
+    /// its live runs).
+    pub store_cache_bytes: u64,
     /// Operator confirmations that activate a pending or shadow policy.
     pub confirmations_required: u32,
     /// Occurrences a pattern needs before it can be proposed.
@@ -125,6 +128,7 @@ impl Default for Config {
             ledger_texts: true,
             http_workers: 2,
             run_arbiters: 2,
+            store_cache_bytes: 64 * 1024 * 1024,
             confirmations_required: 3,
             proposal_min_occurrences: 3,
             limits: Limits::default(),
@@ -227,6 +231,9 @@ impl Config {
             if value == 0 {
                 return invalid(format!("`{name}` must be at least 1"));
             }
+        }
+        if self.store_cache_bytes < 1024 * 1024 {
+            return invalid("`store_cache_bytes` must be at least 1 MiB".into());
         }
         if self.run_ttl_s == 0 || self.run_idle_s == 0 || l.steps_per_run == 0 || l.call_timeout_ms == 0 {
             return invalid(

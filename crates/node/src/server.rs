@@ -32,8 +32,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let store = Arc::new(
-        Store::open(&config.data_dir, &StoreOptions::default())
-            .with_context(|| format!("cannot open the store in `{}`", config.data_dir.display()))?,
+        Store::open(
+            &config.data_dir,
+            &StoreOptions { cache_capacity_bytes: config.store_cache_bytes, ..StoreOptions::default() },
+        )
+        .with_context(|| format!("cannot open the store in `{}`", config.data_dir.display()))?,
     );
     let (next_seq, _) = store.chain_head().context("cannot read the record chain head")?;
     tracing::info!(data_dir = %config.data_dir.display(), records = next_seq.saturating_sub(1), "store open");
