@@ -25,6 +25,8 @@ pub struct Shared {
     pub config: Config,
     /// The learning actor (set once at start-up, after this context exists).
     pub learning: OnceLock<Addr<Learning>>,
+    /// The live runs (looked up by every call; changed only by the registry).
+    pub live_runs: crate::actors::registry::RunTable,
     tenant_rates: Mutex<HashMap<TenantId, TenantRates>>,
     snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
 }
@@ -73,6 +75,7 @@ impl Shared {
             writer,
             config,
             learning: OnceLock::new(),
+            live_runs: Default::default(),
             tenant_rates: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
         }

@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
 use runguard_contract::{RunId, TenantId};
@@ -36,12 +36,60 @@ pub struct RunHandle {
     pub addr: Addr<RunActor>,
     /// Calls in flight to it.
     pub in_flight: InFlightCounter,
+    /// The actor's generation (a replacement has a higher one).
+    pub generation: u64,
+    /// When a call last entered, in milliseconds since the Unix epoch (for idle eviction).
+    last_used: Arc<AtomicI64>,
 }
 
 impl RunHandle {
     /// Counts a call in, unless `limit` calls are already in flight.
     pub fn enter(&self, limit: usize) -> Option<InFlight> {
+        self.touch();
         self.in_flight.enter(limit)
+    }
+
+    fn touch(&self) {
+        self.last_used.store(crate::shared::now().unix_millis(), Ordering::Release);
+    }
+}
+
+/// The live runs: read by the HTTP handlers on every call without a round trip to the registry, changed
+/// only by the registry (spawn, deregistration, idle eviction).
+#[derive(Debug, Default)]
+pub struct RunTable {
+    runs: RwLock<HashMap<RunKey, RunHandle>>,
+}
+
+impl RunTable {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<RunKey, RunHandle>> {
+        self.runs.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<RunKey, RunHandle>> {
+        self.runs.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The live actor of a run, if it has one.
+    pub fn get(&self, key: &RunKey) -> Option<RunHandle> {
+        self.read().get(key).filter(|run| run.addr.connected()).cloned()
+    }
+
+    /// Whether `generation` is still the run's live actor. A caller that found a handle, then counted
+    /// its call in, checks this before sending: eviction only removes runs with nothing in flight, so a
+    /// handle still current after the count cannot be evicted before the call is answered.
+    pub fn is_current(&self, key: &RunKey, generation: u64) -> bool {
+        self.read().get(key).is_some_and(|run| run.generation == generation)
+    }
+
+    /// How many runs are live.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no run is live.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
     }
 }
 
@@ -89,25 +137,27 @@ pub struct Deregister {
 #[rtype(result = "usize")]
 pub struct LiveRuns;
 
-/// The registry actor.
+/// The registry actor: the only writer of the shared [`RunTable`].
 pub struct Registry {
     shared: Arc<Shared>,
     arbiters: Vec<ArbiterHandle>,
-    /// Live runs: handle, generation, and when the run was last resolved.
-    runs: HashMap<RunKey, (RunHandle, u64, std::time::Instant)>,
     next_generation: u64,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("live", &self.runs.len()).finish_non_exhaustive()
+        f.debug_struct("Registry").field("live", &self.shared.live_runs.len()).finish_non_exhaustive()
     }
 }
 
 impl Registry {
     /// A registry placing run actors on `arbiters` (by hash of the run key).
     pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
-        Self { shared, arbiters, runs: HashMap::new(), next_generation: 0 }
+        Self { shared, arbiters, next_generation: 0 }
+    }
+
+    fn gauge(&self, live: usize) {
+        metrics::gauge!("runguard_live_runs").set(live as f64);
     }
 }
 
@@ -127,15 +177,17 @@ impl Actor for Registry {
 }
 
 impl Registry {
-    /// Drops the addresses of runs not resolved for `idle` and with no call in flight; each such actor
+    /// Drops the addresses of runs with no call in flight and none entered for `idle`; each such actor
     /// stops once the last address (held only during a call) is gone, and is rehydrated on its next call.
-    /// Resolving happens here too, so a run being resolved is never evicted.
     fn evict_idle(&mut self, idle: std::time::Duration) {
-        let before = self.runs.len();
-        self.runs.retain(|_, (run, _, last_resolved)| run.in_flight.current() > 0 || last_resolved.elapsed() < idle);
-        if self.runs.len() != before {
-            metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
-        }
+        let oldest =
+            crate::shared::now().unix_millis().saturating_sub(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX));
+        let live = {
+            let mut runs = self.shared.live_runs.write();
+            runs.retain(|_, run| run.in_flight.current() > 0 || run.last_used.load(Ordering::Acquire) > oldest);
+            runs.len()
+        };
+        self.gauge(live);
     }
 
     /// Finds running runs past their TTL and touches each through its own actor, which expires it and
@@ -160,8 +212,12 @@ impl Registry {
                 .await;
             let Ok(due) = due else { return };
             for key in due {
-                let Ok(Ok(run)) = me.send(Resolve(key)).await else { continue };
-                let _ = run.addr.send(crate::actors::run::RunMsg::Touch).await;
+                let Ok(Ok(run)) = me.send(Resolve(key.clone())).await else { continue };
+                // Counted in like any call, so idle eviction cannot drop the actor while it expires the run.
+                let Some(_in_flight) = run.enter(usize::MAX) else { continue };
+                if shared.live_runs.is_current(&key, run.generation) {
+                    let _ = run.addr.send(crate::actors::run::RunMsg::Touch).await;
+                }
             }
         });
     }
@@ -171,15 +227,17 @@ impl Handler<Resolve> for Registry {
     type Result = Result<RunHandle, ApiError>;
 
     fn handle(&mut self, Resolve(key): Resolve, ctx: &mut Self::Context) -> Self::Result {
-        if let Some((run, _, last_resolved)) = self.runs.get_mut(&key)
-            && run.addr.connected()
-        {
-            *last_resolved = std::time::Instant::now();
-            return Ok(run.clone());
+        if let Some(run) = self.shared.live_runs.get(&key) {
+            run.touch();
+            return Ok(run);
         }
-        if self.runs.len() >= self.shared.config.limits.live_runs {
-            self.runs.retain(|_, (run, _, _)| run.addr.connected());
-            if self.runs.len() >= self.shared.config.limits.live_runs {
+        if self.shared.live_runs.len() >= self.shared.config.limits.live_runs {
+            let live = {
+                let mut runs = self.shared.live_runs.write();
+                runs.retain(|_, run| run.addr.connected());
+                runs.len()
+            };
+            if live >= self.shared.config.limits.live_runs {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "live_runs").increment(1);
                 return Err(ApiError::unavailable("too many live runs on this node; retry later", 1));
             }
@@ -197,9 +255,18 @@ impl Handler<Resolve> for Registry {
             Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
             None => RunActor::create(make),
         };
-        let run = RunHandle { addr, in_flight: InFlightCounter::default() };
-        self.runs.insert(key, (run.clone(), generation, std::time::Instant::now()));
-        metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
+        let run = RunHandle {
+            addr,
+            in_flight: InFlightCounter::default(),
+            generation,
+            last_used: Arc::new(AtomicI64::new(crate::shared::now().unix_millis())),
+        };
+        let live = {
+            let mut runs = self.shared.live_runs.write();
+            runs.insert(key, run.clone());
+            runs.len()
+        };
+        self.gauge(live);
         Ok(run)
     }
 }
@@ -208,10 +275,14 @@ impl Handler<Deregister> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Deregister, _: &mut Self::Context) {
-        if self.runs.get(&msg.key).is_some_and(|(_, generation, _)| *generation == msg.generation) {
-            self.runs.remove(&msg.key);
-            metrics::gauge!("runguard_live_runs").set(self.runs.len() as f64);
-        }
+        let live = {
+            let mut runs = self.shared.live_runs.write();
+            if runs.get(&msg.key).is_some_and(|run| run.generation == msg.generation) {
+                runs.remove(&msg.key);
+            }
+            runs.len()
+        };
+        self.gauge(live);
     }
 }
 
@@ -219,7 +290,7 @@ impl Handler<LiveRuns> for Registry {
     type Result = usize;
 
     fn handle(&mut self, _: LiveRuns, _: &mut Self::Context) -> usize {
-        self.runs.len()
+        self.shared.live_runs.len()
     }
 }
 

@@ -45,28 +45,41 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
     RunId::new(raw).map_err(|_| ApiError::not_found("run", raw))
 }
 
-/// Sends `msg` to the run's actor, resolving it again once if it stopped in between. A run with as many
-/// calls in flight as its mailbox holds is answered 429 at once rather than after the call timeout.
+/// Sends `msg` to the run's actor: found in the shared run table, or resolved (spawned and rehydrated)
+/// by the registry. A run with as many calls in flight as its mailbox holds is answered 429 at once
+/// rather than after the call timeout. A handle that was evicted or replaced between the lookup and the
+/// count is resolved again, so a run never has two actors.
 async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, ApiError> {
     let timeout = state.shared.call_timeout();
     let limit = state.shared.config.limits.run_mailbox;
-    for attempt in 0..2 {
-        let run = match state.registry.send(Resolve(key.clone())).timeout(timeout).await {
-            Ok(resolved) => resolved?,
-            Err(_) => {
-                return Err(ApiError::unavailable("the run registry is overloaded; treat the call as a block", 1));
-            }
+    let mut closed_once = false;
+    for _ in 0..4 {
+        let run = match state.shared.live_runs.get(&key) {
+            Some(run) => run,
+            None => match state.registry.send(Resolve(key.clone())).timeout(timeout).await {
+                Ok(resolved) => resolved?,
+                Err(_) => {
+                    return Err(ApiError::unavailable("the run registry is overloaded; treat the call as a block", 1));
+                }
+            },
         };
-        let Some(_in_flight) = run.enter(limit) else {
+        let Some(in_flight) = run.enter(limit) else {
             metrics::counter!("runguard_refused_calls_total", "reason" => "run_busy").increment(1);
             return Err(ApiError::overloaded(
                 "the run has too many calls in flight; treat the call as a block and retry",
                 1,
             ));
         };
+        if !state.shared.live_runs.is_current(&key, run.generation) {
+            drop(in_flight);
+            continue;
+        }
         match run.addr.send(clone_msg(&msg)).timeout(timeout).await {
             Ok(reply) => return reply,
-            Err(MailboxError::Closed) if attempt == 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(MailboxError::Closed) if !closed_once => {
+                closed_once = true;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             Err(MailboxError::Timeout) => {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "timeout").increment(1);
                 return Err(ApiError::unavailable("the run is busy; treat the call as a block and retry", 1));
