@@ -173,17 +173,26 @@ fn verify(store: &Store) -> ExitCode {
 }
 
 fn export(store: &Store) -> ExitCode {
+    write_ndjson("record", store.export_records(1))
+}
+
+/// Writes each item as one JSON line on standard output; stops with exit 1 at the first item that cannot
+/// be read or encoded.
+fn write_ndjson<T: serde::Serialize>(
+    what: &str,
+    items: impl Iterator<Item = Result<T, runguard_store::StoreError>>,
+) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for record in store.export_records(1) {
-        let line = match record.map(|r| serde_json::to_string(&r)) {
+    for item in items {
+        let line = match item.map(|item| serde_json::to_string(&item)) {
             Ok(Ok(line)) => line,
             Ok(Err(err)) => {
-                eprintln!("runguard: cannot encode a record: {err}");
+                eprintln!("runguard: cannot encode a {what}: {err}");
                 return ExitCode::from(FINDING);
             }
             Err(err) => {
-                eprintln!("runguard: export stopped at a record that cannot be read: {err}");
+                eprintln!("runguard: export stopped at a {what} that cannot be read: {err}");
                 return ExitCode::from(FINDING);
             }
         };
@@ -195,29 +204,12 @@ fn export(store: &Store) -> ExitCode {
 }
 
 fn export_runs(store: &Store) -> ExitCode {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for run in store.all_runs() {
-        let line = run.and_then(|run| {
-            let ledger = store.full_ledger(&run.tenant_id, &run.run_id)?;
-            Ok(crate::simulation::RecordedRun::from_ledger(&run, &ledger))
-        });
-        let line = match line.map(|run| serde_json::to_string(&run)) {
-            Ok(Ok(line)) => line,
-            Ok(Err(err)) => {
-                eprintln!("runguard: cannot encode a run: {err}");
-                return ExitCode::from(FINDING);
-            }
-            Err(err) => {
-                eprintln!("runguard: export stopped at a run that cannot be read: {err}");
-                return ExitCode::from(FINDING);
-            }
-        };
-        if writeln!(out, "{line}").is_err() {
-            return ExitCode::from(FINDING);
-        }
-    }
-    ExitCode::SUCCESS
+    let runs = store.all_runs().map(|run| {
+        let run = run?;
+        let ledger = store.full_ledger(&run.tenant_id, &run.run_id)?;
+        Ok(crate::simulation::RecordedRun::from_ledger(&run, &ledger))
+    });
+    write_ndjson("run", runs)
 }
 
 fn simulate(args: &SimulateArgs) -> ExitCode {

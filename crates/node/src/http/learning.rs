@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 use crate::shared::now;
 use crate::simulation;
@@ -75,7 +74,7 @@ struct SimulateBody {
 /// `POST /v1/simulate`.
 pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
-    let body: SimulateBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: SimulateBody = state.json(&req, payload).await?;
     if body.policies.len() > MAX_CANDIDATES {
         return Err(ApiError::bad_request("policies", format!("at most {MAX_CANDIDATES} candidate policies")));
     }

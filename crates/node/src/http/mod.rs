@@ -51,6 +51,20 @@ impl AppState {
         Ok(caller)
     }
 
+    /// The request body, refused above the configured size (413).
+    pub async fn body(&self, req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, ApiError> {
+        body::read_body(req, payload, self.shared.config.limits.body_bytes).await
+    }
+
+    /// The request body parsed as JSON into `T`, with the contract's path-naming errors.
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: &HttpRequest,
+        payload: web::Payload,
+    ) -> Result<T, ApiError> {
+        body::parse_json(&self.body(req, payload).await?)
+    }
+
     /// Whether the node accepts work.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.shared.writer.connected()

@@ -8,7 +8,6 @@ use serde_json::json;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::State;
-use crate::http::body::{parse_json, read_body};
 use crate::openapi;
 
 /// `GET /healthz`: the process answers.
@@ -50,7 +49,7 @@ pub async fn store_fault(state: State, req: HttpRequest, payload: Payload) -> Re
         return Err(ApiError::no_route(req.path()));
     }
     let caller = state.caller(&req, Role::Admin)?;
-    let body: StoreFault = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: StoreFault = state.json(&req, payload).await?;
     state.shared.store.inject_commit_failure(body.commit_failure);
     tracing::warn!(caller = %caller.name, commit_failure = body.commit_failure, "store fault injection changed");
     Ok(HttpResponse::Ok().json(json!({ "commit_failure": body.commit_failure })))

@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 use crate::actors::learning::Confirm;
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 use crate::shared::now;
 
@@ -62,7 +61,7 @@ fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument, ApiEr
 /// `POST /v1/policies`.
 pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
-    let body = read_body(&req, payload, state.shared.config.limits.body_bytes).await?;
+    let body = state.body(&req, payload).await?;
     let doc = validated(PolicyDocument::from_json(&body, &state.shared.config.limits.policy)?, &state)?;
     let owner: Option<TenantId> = match doc.scope {
         Scope::Global => {
@@ -148,7 +147,7 @@ pub async fn update(
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let id = policy_id(&id)?;
-    let mut body: Value = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let mut body: Value = state.json(&req, payload).await?;
     let expected = match body.as_object_mut().and_then(|o| o.remove("expected_version")) {
         Some(Value::Number(n)) => n
             .as_u64()
@@ -203,7 +202,7 @@ pub async fn set_mode(
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let id = policy_id(&id)?;
-    let body: ModeBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: ModeBody = state.json(&req, payload).await?;
     if body.reason.as_ref().is_some_and(|r| r.len() > 1024) {
         return Err(ApiError::bad_request("reason", "is longer than 1024 bytes"));
     }

@@ -10,7 +10,6 @@ use serde_json::json;
 use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,7 +79,7 @@ pub async fn regret(
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let record_id = RecordId::new(id.as_str()).map_err(|_| ApiError::not_found("prevention record", &id))?;
-    let body: RegretBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: RegretBody = state.json(&req, payload).await?;
     if !(1..=10).contains(&body.severity) {
         return Err(ApiError::bad_request("severity", format!("is {}; severities are 1–10", body.severity)));
     }

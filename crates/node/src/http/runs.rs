@@ -14,7 +14,6 @@ use crate::actors::registry::{Resolve, RunKey};
 use crate::actors::run::{CreateRun, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::body::{parse_json, read_body};
 use crate::http::{PageQuery, State, page_of, query};
 use crate::shared::now;
 
@@ -117,7 +116,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError
 /// `POST /v1/runs`.
 pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Worker)?;
-    let body: CreateBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: CreateBody = state.json(&req, payload).await?;
     check_labels(&body.labels)?;
     if let Some(endpoint) = &body.api_endpoint
         && endpoint.len() > state.shared.config.limits.step.max_field_len
@@ -164,7 +163,7 @@ pub async fn step(
 ) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Worker)?;
     let run_id = run_id(&id)?;
-    let body = read_body(&req, payload, state.shared.config.limits.body_bytes).await?;
+    let body = state.body(&req, payload).await?;
     let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::Step(Box::new(call))).await? {
@@ -177,7 +176,7 @@ pub async fn step(
 pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Worker)?;
     let run_id = run_id(&id)?;
-    let body: EndBody = parse_json(&read_body(&req, payload, state.shared.config.limits.body_bytes).await?)?;
+    let body: EndBody = state.json(&req, payload).await?;
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
         RunReply::Ended(run, incident_id) => {
