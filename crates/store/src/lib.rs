@@ -52,5 +52,5 @@ pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteO
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
-pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery};
+pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
 pub use store::{SCHEMA_VERSION, Store, StoreOptions};

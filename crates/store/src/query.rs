@@ -73,6 +73,23 @@ impl<T> Page<T> {
     }
 }
 
+/// Every item of a paginated list: calls `fetch` with the largest pages, following `next_cursor` to the
+/// end. For internal readers (snapshot capture, graduation) that need the whole list.
+pub fn all_pages<T>(
+    mut fetch: impl FnMut(&PageRequest) -> Result<Page<T>, crate::StoreError>,
+) -> Result<Vec<T>, crate::StoreError> {
+    let mut out = Vec::new();
+    let mut page = PageRequest::first(MAX_PAGE_LIMIT);
+    loop {
+        let got = fetch(&page)?;
+        out.extend(got.items);
+        match got.next_cursor {
+            Some(cursor) => page = PageRequest::after(MAX_PAGE_LIMIT, cursor),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// `GET /v1/prevention-records`: a tenant's records, optionally narrowed.
 ///
 /// Live and simulated records are listed separately: `simulated: false` (the default) lists live records

@@ -11,9 +11,7 @@ use runguard_contract::{
     PolicyDocument, PolicyId, RecordId, Regret, Rule, Scope, Signature, StepError, TenantId, Timestamp,
 };
 use runguard_engine::learning::{self, Level, TenantEvidence};
-use runguard_store::{
-    GraduationGates, GraduationState, MAX_PAGE_LIMIT, PageRequest, RecordQuery, Store, StoreError, WriteBatch,
-};
+use runguard_store::{GraduationGates, GraduationState, RecordQuery, Store, StoreError, WriteBatch, all_pages};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -141,21 +139,6 @@ fn commit_then<T: 'static>(actor: &Learning, batch: Result<(WriteBatch, T), ApiE
         }
         .into_actor(actor),
     ))
-}
-
-fn all_pages<T>(
-    mut fetch: impl FnMut(&PageRequest) -> Result<runguard_store::Page<T>, StoreError>,
-) -> Result<Vec<T>, StoreError> {
-    let mut out = Vec::new();
-    let mut page = PageRequest::first(MAX_PAGE_LIMIT);
-    loop {
-        let got = fetch(&page)?;
-        out.extend(got.items);
-        match got.next_cursor {
-            Some(cursor) => page = PageRequest::after(MAX_PAGE_LIMIT, cursor),
-            None => return Ok(out),
-        }
-    }
 }
 
 fn generated<T>(make: impl Fn([u8; 32]) -> T, domain: &str, parts: &[&str]) -> T {

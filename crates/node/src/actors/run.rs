@@ -303,20 +303,7 @@ impl RunActor {
     async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
         let tenant = key.tenant.clone();
         let policies = shared
-            .read(move |store| {
-                let mut all = Vec::new();
-                let mut page = runguard_store::PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
-                loop {
-                    let batch = store.list_policies(&tenant, None, &page)?;
-                    all.extend(batch.items);
-                    match batch.next_cursor {
-                        Some(cursor) => {
-                            page = runguard_store::PageRequest::after(runguard_store::MAX_PAGE_LIMIT, cursor)
-                        }
-                        None => return Ok(all),
-                    }
-                }
-            })
+            .read(move |store| runguard_store::all_pages(|page| store.list_policies(&tenant, None, page)))
             .await?;
         let snapshot = Snapshot::capture(&key.tenant, &policies);
         let reference = snapshot.reference().map_err(|_| ApiError::internal())?;

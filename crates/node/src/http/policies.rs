@@ -274,16 +274,10 @@ pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Res
     let records = state
         .shared
         .read(move |store| {
-            let mut all = Vec::new();
-            query.page = PageRequest::first(runguard_store::MAX_PAGE_LIMIT);
-            loop {
-                let page = store.list_records(&query)?;
-                all.extend(page.items);
-                match page.next_cursor {
-                    Some(cursor) => query.page = PageRequest::after(runguard_store::MAX_PAGE_LIMIT, cursor),
-                    None => return Ok(all),
-                }
-            }
+            runguard_store::all_pages(|page| {
+                query.page = page.clone();
+                store.list_records(&query)
+            })
         })
         .await?;
     Ok(HttpResponse::Ok().json(runguard_engine::learning::policy_graduation(&policy, &records)))
