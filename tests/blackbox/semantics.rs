@@ -211,6 +211,10 @@ fn runs_expire_after_their_ttl() {
 fn configured_limits_answer_clear_errors() {
     let node = Node::start_with_config("[limits]\npolicies_per_tenant = 2\nsteps_per_run = 2\n");
     let client = node.client();
+    // A global policy is listed with the tenant's but does not count against the tenant's limit.
+    let mut global = budget("pol_global", "tokens", 100);
+    global["scope"] = json!("global");
+    create_policy(&client, &global);
     create_policy(&client, &budget("pol_1", "tokens", 100));
     create_policy(&client, &budget("pol_2", "tokens", 100));
     client.post("/v1/policies", &budget("pol_3", "tokens", 100)).expect_error(409, "policy_limit");

@@ -3,7 +3,7 @@
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{ApprovalPath, AuditEntry, Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
-use runguard_store::{PageRequest, WriteBatch};
+use runguard_store::WriteBatch;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -77,9 +77,12 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
         .shared
         .read(move |store| {
             let exists = store.get_policy(lookup_owner.as_ref(), &lookup_id, None)?.is_some();
-            let count =
-                store.list_policies(&tenant, None, &PageRequest::first(runguard_store::MAX_PAGE_LIMIT))?.items.len();
-            Ok((exists, count))
+            // The tenant's own policies, across every page (global ones are listed with them but do not count).
+            let own = runguard_store::all_pages(|page| store.list_policies(&tenant, None, page))?
+                .into_iter()
+                .filter(|p| p.tenant_id.as_ref() == Some(&tenant))
+                .count();
+            Ok((exists, own))
         })
         .await?;
     if exists {
