@@ -95,11 +95,6 @@ impl ApiError {
         Self::new(500, "internal", "internal error; the call was not acknowledged and must be treated as a block")
     }
 
-    /// 501 for endpoints of a later milestone.
-    pub fn not_implemented(what: &str) -> Self {
-        Self::new(501, "not_implemented", format!("{what} is not available in this version"))
-    }
-
     /// The JSON body.
     pub fn body(&self) -> Value {
         json!({ "error": { "code": self.code, "message": self.message, "details": self.details } })

@@ -132,11 +132,6 @@ pub struct Deregister {
     pub generation: u64,
 }
 
-/// How many runs are live (for `/metrics` and tests).
-#[derive(Debug, Message)]
-#[rtype(result = "usize")]
-pub struct LiveRuns;
-
 /// The registry actor: the only writer of the shared [`RunTable`].
 pub struct Registry {
     shared: Arc<Shared>,
@@ -283,14 +278,6 @@ impl Handler<Deregister> for Registry {
             runs.len()
         };
         self.gauge(live);
-    }
-}
-
-impl Handler<LiveRuns> for Registry {
-    type Result = usize;
-
-    fn handle(&mut self, _: LiveRuns, _: &mut Self::Context) -> usize {
-        self.shared.live_runs.len()
     }
 }
 
