@@ -1,6 +1,6 @@
 //! Evaluation semantics seen over HTTP: inclusive limits, warn tiers, per-step and step budgets,
 //! conflict resolution, content evidence redaction, CEL failure modes, skills, tenant-wide rates,
-//! run expiry and the node's configured limits.
+//! run expiry, the node's configured limits, what the ledger keeps of texts, and run-start policies.
 
 use std::time::{Duration, Instant};
 
@@ -229,4 +229,73 @@ fn configured_limits_answer_clear_errors() {
     let labels: serde_json::Map<String, Value> = (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
     let resp = client.post("/v1/runs", &json!({ "run_id": "run-labels", "labels": labels }));
     assert_eq!(resp.expect_error(400, "invalid_request")["field"], "labels");
+}
+
+/// The runs a stopped node's data directory exports (`runguard export --runs`), one JSON value each.
+fn exported_runs(node: &mut Node) -> Vec<Value> {
+    node.terminate();
+    let data = node.data_dir();
+    let output = crate::harness::run_cli(&[
+        std::ffi::OsStr::new("export"),
+        std::ffi::OsStr::new("--runs"),
+        std::ffi::OsStr::new("--data"),
+        data.as_os_str(),
+    ]);
+    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+}
+
+/// SPEC §3.6: the ledger keeps each call's texts for replay unless `ledger_texts = false`; either way the
+/// texts are evaluated, and matched text never reaches the decision.
+#[test]
+fn ledger_texts_are_kept_unless_turned_off() {
+    let secret = "jane.doe@example.com";
+    let call = json!({ "index": 0, "phase": "post", "usage": { "tokens": 1 },
+                       "input_text": "look up the customer", "output_text": format!("mail {secret}") });
+    for (config, kept) in [("", true), ("ledger_texts = false\n", false)] {
+        let mut node = Node::start_with_config(config);
+        let client = node.client();
+        let rule = json!({ "kind": "content", "target": "output", "detectors": ["email"] });
+        create_policy(&client, &rule_policy("pol_pii", rule));
+        create_run(&client, "run-texts");
+        let decision = step(&client, "run-texts", &call);
+        assert_eq!(decision["action"], "block", "texts are evaluated whatever the ledger keeps");
+        assert!(!decision.to_string().contains(secret));
+        let runs = exported_runs(&mut node);
+        let recorded = &runs[0]["calls"][1]["call"]["Step"];
+        assert_eq!(recorded["index"], 0, "{recorded}");
+        assert_eq!(recorded["output_text"].is_string(), kept, "ledger_texts {kept}: {recorded}");
+        assert_eq!(recorded["input_text"].is_string(), kept, "ledger_texts {kept}: {recorded}");
+        assert_eq!(recorded["usage"]["tokens"], 1, "the rest of the call is always kept");
+    }
+}
+
+/// SPEC §3.1 and §4: `run_start` policies are evaluated at run creation; an active one that blocks stops
+/// the run at once and writes its prevention record, and the run refuses every step.
+#[test]
+fn run_start_policies_decide_at_run_creation() {
+    let node = Node::start();
+    let client = node.client();
+    let mut doc = rule_policy("pol_no_prod", json!({ "kind": "expr", "cel": "run.labels.env == 'prod'" }));
+    doc["bind_at"] = json!("run_start");
+    create_policy(&client, &doc);
+
+    let staging = client.post("/v1/runs", &json!({ "run_id": "run-staging", "labels": { "env": "staging" } }));
+    assert_eq!(staging.expect(201)["decision"]["action"], "allow");
+
+    let created =
+        client.post("/v1/runs", &json!({ "run_id": "run-prod", "labels": { "env": "prod" } })).expect(201).clone();
+    let decision = &created["decision"];
+    assert_eq!((decision["phase"].as_str(), decision["action"].as_str()), (Some("run_start"), Some("block")));
+    assert_eq!(decision["step_index"], Value::Null);
+    assert_eq!(created["status"], "stopped");
+    let record_id = decision["prevention_record_id"].as_str().expect("an active block writes a record");
+    let record = client.get(&format!("/v1/prevention-records/{record_id}")).expect(200).clone();
+    assert_eq!((record["phase"].as_str(), record["policy_id"].as_str()), (Some("run_start"), Some("pol_no_prod")));
+    let run = client.get("/v1/runs/run-prod").expect(200).clone();
+    assert_eq!(
+        (run["termination_reason"].as_str(), run["violation_policy_id"].as_str()),
+        (Some("policy_block"), Some("pol_no_prod"))
+    );
+    client.post("/v1/runs/run-prod/steps", &pre(0)).expect_error(409, "run_not_running");
 }
