@@ -400,3 +400,14 @@ impl Client {
         Ok(Resp { status, headers, text, body })
     }
 }
+
+/// A proptest runner for properties that drive one node across their cases: the case count comes from
+/// `PROPTEST_CASES`, and failures persist beside `source_file` (pass `file!()`) under `regressions`.
+pub fn property_runner(source_file: &'static str) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
+    TestRunner::new(Config {
+        source_file: Some(source_file),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..Config::default()
+    })
+}

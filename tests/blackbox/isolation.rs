@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::json;
 
 use crate::fixtures::budget;
@@ -33,12 +33,7 @@ fn ids_never_leak_across_tenants() {
     acme_op.post("/v1/policies", &budget("pol_blocker", "tokens", 0)).expect(201);
     let serial = AtomicU64::new(0);
 
-    let config = Config {
-        source_file: Some(file!()),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = crate::harness::property_runner(file!());
     let result = runner.run(&(id(), id()), |(policy_id, run_id)| {
         // Unique per case (cases and shrinking may repeat a generated id).
         let n = serial.fetch_add(1, Ordering::Relaxed);

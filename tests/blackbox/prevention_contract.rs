@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use runguard_contract::Signature;
 use serde_json::{Value, json};
 
@@ -130,12 +130,7 @@ fn prevention_records_follow_the_contract() {
     let node = Node::start_with_config(&tokens_config());
     let admin = node.client_as(ADMIN);
     let serial = AtomicU64::new(0);
-    let config = Config {
-        source_file: Some(file!()),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = crate::harness::property_runner(file!());
     let result = runner.run(&(menu(), steps()), |(menu, steps)| {
         let n = serial.fetch_add(1, Ordering::Relaxed);
         let (owner, other) = (admin.for_tenant(&format!("pc{n}a")), admin.for_tenant(&format!("pc{n}b")));

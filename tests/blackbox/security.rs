@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 
 use crate::fixtures::{budget, create_run, post, step};
@@ -26,12 +26,7 @@ fn another_tenants_ids_answer_exactly_like_unknown_ones() {
     let (beta_op, beta_worker) = (node.client_as(BETA_OPERATOR), node.client_as(BETA_WORKER));
     acme_op.post("/v1/policies", &budget("pol_blocker", "tokens", 0)).expect(201);
     let serial = std::sync::atomic::AtomicU64::new(0);
-    let config = Config {
-        source_file: Some(file!()),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = crate::harness::property_runner(file!());
     let result = runner.run(&"[A-Za-z0-9][A-Za-z0-9._:-]{0,30}", |raw| {
         let n = serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (existing, absent) = (format!("{raw}-{n}"), format!("{raw}-{n}-absent"));
