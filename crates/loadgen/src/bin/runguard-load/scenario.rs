@@ -265,31 +265,30 @@ pub async fn runs(
     Ok(total)
 }
 
-/// Creates `runs` runs over the scenario's connections; answers how long it took.
-pub async fn create_runs(
+/// One request of a striped batch: path, body, the bytes a good answer contains, and whether it is a
+/// decision.
+type Request = (String, String, &'static [u8], bool);
+
+/// Sends `request(i)` for every `i` in `0..count`, striped over the scenario's connections (connection `w`
+/// sends `w`, `w + n`, …); answers the merged sample and how long it took.
+async fn striped(
     addr: SocketAddr,
     concurrency: usize,
-    runs: u64,
+    count: u64,
     check: bool,
-    tag: &str,
+    request: impl Fn(u64) -> Request + Clone + Send + 'static,
 ) -> anyhow::Result<Sample> {
     let workers = open_workers(addr, concurrency, check, Pace::Closed).await?;
     let started = Instant::now();
     let n = workers.len() as u64;
     let mut tasks = Vec::new();
     for (w, mut worker) in workers.into_iter().enumerate() {
-        let tag = tag.to_owned();
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = w as u64;
-            while i < runs {
-                worker
-                    .call(
-                        "/v1/runs",
-                        json!({ "run_id": format!("{tag}-{i}") }).to_string(),
-                        br#""status":"running""#,
-                        false,
-                    )
-                    .await?;
+            while i < count {
+                let (path, body, expect, decision) = request(i);
+                worker.call(&path, body, expect, decision).await?;
                 i += n;
             }
             anyhow::Ok(worker.sample)
@@ -303,29 +302,29 @@ pub async fn create_runs(
     Ok(total)
 }
 
+/// Creates `runs` runs over the scenario's connections; answers how long it took.
+pub async fn create_runs(
+    addr: SocketAddr,
+    concurrency: usize,
+    runs: u64,
+    check: bool,
+    tag: &str,
+) -> anyhow::Result<Sample> {
+    let tag = tag.to_owned();
+    striped(addr, concurrency, runs, check, move |i| {
+        let body = json!({ "run_id": format!("{tag}-{i}") }).to_string();
+        ("/v1/runs".to_owned(), body, br#""status":"running""#.as_slice(), false)
+    })
+    .await
+}
+
 /// Sends the blocking call to each of the `runs` runs created by [`create_runs`] with the same tag.
 pub async fn blocks(addr: SocketAddr, concurrency: usize, runs: u64, check: bool, tag: &str) -> anyhow::Result<Sample> {
-    let workers = open_workers(addr, concurrency, check, Pace::Closed).await?;
-    let started = Instant::now();
-    let n = workers.len() as u64;
-    let mut tasks = Vec::new();
-    for (w, mut worker) in workers.into_iter().enumerate() {
-        let tag = tag.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut i = w as u64;
-            while i < runs {
-                worker.call(&format!("/v1/runs/{tag}-{i}/steps"), block_call(), br#""action":"block""#, true).await?;
-                i += n;
-            }
-            anyhow::Ok(worker.sample)
-        }));
-    }
-    let mut total = Sample::new();
-    for task in tasks {
-        total.merge(&task.await??);
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    let tag = tag.to_owned();
+    striped(addr, concurrency, runs, check, move |i| {
+        (format!("/v1/runs/{tag}-{i}/steps"), block_call(), br#""action":"block""#.as_slice(), true)
+    })
+    .await
 }
 
 /// Creates the scenario's policies on the node.
