@@ -112,17 +112,24 @@ impl Shared {
         })
     }
 
+    /// Runs blocking or CPU-heavy work (store reads, compiling regexes and CEL, replays) on the blocking
+    /// pool, never on an HTTP worker or actor thread.
+    pub async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+    {
+        let shared = Arc::clone(self);
+        actix_web::rt::task::spawn_blocking(move || work(&shared)).await.unwrap_or_else(|_| Err(ApiError::internal()))
+    }
+
     /// Runs a blocking store read off the async threads.
     pub async fn read<T, F>(self: &Arc<Self>, read: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
-        let shared = Arc::clone(self);
-        match actix_web::rt::task::spawn_blocking(move || read(&shared.store)).await {
-            Ok(result) => result.map_err(store_error),
-            Err(_) => Err(ApiError::internal()),
-        }
+        self.blocking(move |shared| read(&shared.store).map_err(store_error)).await
     }
 
     /// The compiled form of `snapshot`, shared between runs bound to the same hash. The snapshot must

@@ -296,18 +296,28 @@ fn record_metrics(evaluation: &Evaluation, elapsed: Duration) {
 impl RunActor {
     async fn load(shared: Arc<Shared>, key: RunKey) -> Result<Option<Live>, ApiError> {
         let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
-        let loaded = shared.read(move |store| store.load_run(&tenant, &run_id)).await?;
-        Ok(loaded.map(|loaded| rehydrate(&shared, loaded)))
+        shared
+            .blocking(move |shared| {
+                let loaded = shared.store.load_run(&tenant, &run_id).map_err(crate::shared::store_error)?;
+                Ok(loaded.map(|loaded| rehydrate(shared, loaded)))
+            })
+            .await
     }
 
     async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
         let tenant = key.tenant.clone();
-        let policies = shared
-            .read(move |store| runguard_store::all_pages(|page| store.list_policies(&tenant, None, page)))
+        // Reading the policies, hashing the snapshot and compiling it (regexes, CEL) all block: off the
+        // actor's thread.
+        let (snapshot, reference, compiled) = shared
+            .blocking(move |shared| {
+                let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))
+                    .map_err(crate::shared::store_error)?;
+                let snapshot = Snapshot::capture(&tenant, &policies);
+                let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
+                let compiled = shared.compiled(&snapshot, &reference.hash);
+                Ok((snapshot, reference, compiled))
+            })
             .await?;
-        let snapshot = Snapshot::capture(&key.tenant, &policies);
-        let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
-        let compiled = shared.compiled(&snapshot, &reference.hash);
         let at = now();
         let mut state = RunState::new(key.tenant.clone(), key.run_id.clone(), request.labels.clone());
         let evaluation = evaluate(&compiled, &state, Call::RunStart, &TenantRates::default(), at);

@@ -4,7 +4,7 @@ use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{PatternId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
-use runguard_store::{LedgerEntry, StoredRun, WriteBatch};
+use runguard_store::WriteBatch;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -12,7 +12,7 @@ use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::{PageQuery, State, page_of, query};
-use crate::shared::now;
+use crate::shared::{now, store_error};
 use crate::simulation;
 
 /// Most runs and candidate policies in one simulation.
@@ -81,46 +81,44 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
     if body.run_ids.is_empty() || body.run_ids.len() > MAX_SIMULATED_RUNS {
         return Err(ApiError::bad_request("run_ids", format!("give 1–{MAX_SIMULATED_RUNS} run ids")));
     }
-    let limits = state.shared.config.limits.policy.clone();
-    let policies = simulation::candidates(body.policies, &caller.tenant, &limits, now())?;
-    let snapshot = Snapshot::capture(&caller.tenant, &policies);
-    let candidate = CompiledSnapshot::compile(&snapshot, &limits).map_err(|_| ApiError::internal())?;
     let mut run_ids = Vec::with_capacity(body.run_ids.len());
     for (i, raw) in body.run_ids.iter().enumerate() {
         run_ids
             .push(RunId::new(raw.as_str()).map_err(|e| ApiError::bad_request(&format!("run_ids[{i}]"), e.message()))?);
     }
-    let tenant = caller.tenant.clone();
-    let runs: Vec<(StoredRun, Vec<LedgerEntry>)> = state
+    let (tenant, persist, docs) = (caller.tenant.clone(), body.persist, body.policies);
+    // Validating and compiling the candidates, reading the runs and replaying them is blocking and CPU
+    // work: all of it on the blocking pool.
+    let (hash, results, batch) = state
         .shared
-        .read(move |store| {
-            let mut out = Vec::new();
+        .blocking(move |shared| {
+            let limits = &shared.config.limits.policy;
+            let policies = simulation::candidates(docs, &tenant, limits, now())?;
+            let snapshot = Snapshot::capture(&tenant, &policies);
+            let candidate = CompiledSnapshot::compile(&snapshot, limits).map_err(|_| ApiError::internal())?;
+            let mut results = Vec::with_capacity(run_ids.len());
+            let mut batch = WriteBatch::new();
             for run_id in &run_ids {
-                let Some(run) = store.get_run(&tenant, run_id)? else { continue };
-                let ledger = store.full_ledger(&tenant, run_id)?;
-                out.push((run, ledger));
+                let run = shared
+                    .store
+                    .get_run(&tenant, run_id)
+                    .map_err(store_error)?
+                    .ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
+                let ledger = shared.store.full_ledger(&tenant, run_id).map_err(store_error)?;
+                let (result, records) =
+                    simulation::simulate(&candidate, &simulation::RecordedRun::from_ledger(&run, &ledger));
+                if persist {
+                    for record in records {
+                        batch.append_simulated_record(record);
+                    }
+                }
+                results.push(result);
             }
-            Ok(out)
+            Ok((candidate.hash().clone(), results, batch))
         })
         .await?;
-    if runs.len() != body.run_ids.len() {
-        let missing = body.run_ids.iter().find(|id| !runs.iter().any(|(r, _)| r.run_id.as_str() == id.as_str()));
-        return Err(ApiError::not_found("run", missing.map_or("", String::as_str)));
-    }
-    let mut results = Vec::new();
-    let mut batch = WriteBatch::new();
-    for (run, ledger) in runs {
-        let recorded = simulation::RecordedRun::from_ledger(&run, &ledger);
-        let (result, records) = simulation::simulate(&candidate, &recorded);
-        if body.persist {
-            for record in records {
-                batch.append_simulated_record(record);
-            }
-        }
-        results.push(result);
-    }
-    if body.persist && !batch.is_empty() {
+    if persist && !batch.is_empty() {
         state.shared.commit(batch).await?;
     }
-    Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": candidate.hash(), "results": results })))
+    Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": hash, "results": results })))
 }

@@ -53,16 +53,22 @@ fn audit_entry(
     }
 }
 
-fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument, ApiError> {
-    runguard_engine::validate_document(&doc, &state.shared.config.limits.policy)?;
-    Ok(doc)
+/// Compiles the document's regexes and CEL to validate it: CPU work, so off the HTTP worker.
+async fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument, ApiError> {
+    state
+        .shared
+        .blocking(move |shared| {
+            runguard_engine::validate_document(&doc, &shared.config.limits.policy)?;
+            Ok(doc)
+        })
+        .await
 }
 
 /// `POST /v1/policies`.
 pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let body = state.body(&req, payload).await?;
-    let doc = validated(PolicyDocument::from_json(&body, &state.shared.config.limits.policy)?, &state)?;
+    let doc = validated(PolicyDocument::from_json(&body, &state.shared.config.limits.policy)?, &state).await?;
     let owner: Option<TenantId> = match doc.scope {
         Scope::Global => {
             caller.require(Role::Admin).map_err(|_| ApiError::forbidden("only admins create global policies"))?;
@@ -159,7 +165,7 @@ pub async fn update(
         Some(_) => return Err(ApiError::bad_request("expected_version", "must be a positive whole number")),
         None => return Err(ApiError::bad_request("expected_version", "is required: the version this update replaces")),
     };
-    let doc = validated(PolicyDocument::from_value(body, &state.shared.config.limits.policy)?, &state)?;
+    let doc = validated(PolicyDocument::from_value(body, &state.shared.config.limits.policy)?, &state).await?;
     let existing = current(&state, &caller, &id, None).await?;
     may_change(&caller, &existing)?;
     if doc.id.as_ref().is_some_and(|doc_id| doc_id != &id) {
