@@ -156,7 +156,11 @@ impl CompiledSnapshot {
     /// mismatch the result is [`CompiledSnapshot::tampered`]: every decision blocks with `integrity`.
     pub fn load(snapshot: &Snapshot, expected: &SnapshotHash, limits: &PolicyLimits) -> Self {
         match snapshot.reference() {
-            Ok(reference) if &reference.hash == expected && snapshot.verify(expected) => {
+            // `reference` hashed the snapshot already; checking the format version completes `verify`.
+            Ok(reference)
+                if &reference.hash == expected
+                    && snapshot.format_version == runguard_contract::snapshot::SNAPSHOT_FORMAT_VERSION =>
+            {
                 Self::build(reference, snapshot, limits)
             }
             _ => Self::tampered(expected.clone()),

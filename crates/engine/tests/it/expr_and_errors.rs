@@ -113,4 +113,9 @@ fn a_tampered_snapshot_blocks_every_call_with_integrity_and_no_record() {
 
     let intact = CompiledSnapshot::load(&snap, &hash, &PolicyLimits::default());
     assert!(!intact.is_tampered());
+    // A snapshot of another format version is not trusted even when its hash is recomputed to match.
+    let mut future = snap.clone();
+    future.format_version += 1;
+    let future_hash = future.hash().unwrap();
+    assert!(CompiledSnapshot::load(&future, &future_hash, &PolicyLimits::default()).is_tampered());
 }
