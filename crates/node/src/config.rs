@@ -100,7 +100,8 @@ pub struct Config {
     pub ledger_texts: bool,
     /// HTTP worker threads.
     pub http_workers: usize,
-    /// Arbiters (threads) that host run actors.
+    /// Dedicated arbiters (threads) that host run actors; 0 (the default) places each run actor on the
+    /// HTTP worker thread that first needed it, which spares a thread wake-up per call.
     pub run_arbiters: usize,
     /// sled's page cache budget in bytes (on-disk page size; most of what an idle node holds besides
     /// its live runs).
@@ -127,7 +128,7 @@ impl Default for Config {
             run_idle_s: 300,
             ledger_texts: true,
             http_workers: 2,
-            run_arbiters: 2,
+            run_arbiters: 0,
             store_cache_bytes: 64 * 1024 * 1024,
             confirmations_required: 3,
             proposal_min_occurrences: 3,
@@ -226,7 +227,6 @@ impl Config {
             ("limits.writer_queue", l.writer_queue),
             ("limits.writer_batch", l.writer_batch),
             ("http_workers", self.http_workers),
-            ("run_arbiters", self.run_arbiters),
         ] {
             if value == 0 {
                 return invalid(format!("`{name}` must be at least 1"));

@@ -1,6 +1,7 @@
 //! The registry: maps `(tenant, run id)` to the live run actor, spawning (and so rehydrating) actors on
-//! demand across several arbiters. Entries carry a generation so that a stopping actor's late
-//! deregistration never evicts its replacement.
+//! demand, by default on the arbiter (HTTP worker thread) of the call that needed the actor, so that a
+//! run's calls arriving on that worker reach its actor without waking another thread. Entries carry a
+//! generation so that a stopping actor's late deregistration never evicts its replacement.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -26,7 +27,19 @@ pub struct RunKey {
 /// Returns the live actor of a run, spawning it if needed.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<RunHandle, ApiError>")]
-pub struct Resolve(pub RunKey);
+pub struct Resolve {
+    /// The run.
+    pub key: RunKey,
+    /// The arbiter of the caller, where a new actor is placed unless the node has dedicated run arbiters.
+    pub home: Option<ArbiterHandle>,
+}
+
+impl Resolve {
+    /// Resolves `key` for a caller on the current arbiter (an HTTP worker), if any.
+    pub fn from_here(key: RunKey) -> Self {
+        Self { key, home: Arbiter::try_current() }
+    }
+}
 
 /// A live run actor and the count of calls sent to it and not yet answered. actix holds a sender while
 /// a mailbox is full instead of refusing it; the count lets callers refuse at once (429) instead.
@@ -146,9 +159,18 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// A registry placing run actors on `arbiters` (by hash of the run key).
+    /// A registry placing run actors on `arbiters` (by hash of the run key), or, when there are none, on
+    /// the arbiter of the call that needed the actor.
     pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
         Self { shared, arbiters, next_generation: 0 }
+    }
+
+    /// The dedicated run arbiter of `key`, by hash, if the node has any.
+    fn placement(&self, key: &RunKey) -> Option<&ArbiterHandle> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let slot = usize::try_from(hasher.finish() % (self.arbiters.len().max(1) as u64)).unwrap_or(0);
+        self.arbiters.get(slot)
     }
 
     fn gauge(&self, live: usize) {
@@ -207,7 +229,7 @@ impl Registry {
                 .await;
             let Ok(due) = due else { return };
             for key in due {
-                let Ok(Ok(run)) = me.send(Resolve(key.clone())).await else { continue };
+                let Ok(Ok(run)) = me.send(Resolve { key: key.clone(), home: None }).await else { continue };
                 // Counted in like any call, so idle eviction cannot drop the actor while it expires the run.
                 let Some(_in_flight) = run.enter(usize::MAX) else { continue };
                 if shared.live_runs.is_current(&key, run.generation) {
@@ -221,7 +243,7 @@ impl Registry {
 impl Handler<Resolve> for Registry {
     type Result = Result<RunHandle, ApiError>;
 
-    fn handle(&mut self, Resolve(key): Resolve, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Resolve { key, home }: Resolve, ctx: &mut Self::Context) -> Self::Result {
         if let Some(run) = self.shared.live_runs.get(&key) {
             run.touch();
             return Ok(run);
@@ -239,14 +261,11 @@ impl Handler<Resolve> for Registry {
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        let slot = usize::try_from(hasher.finish() % (self.arbiters.len().max(1) as u64)).unwrap_or(0);
         let shared = Arc::clone(&self.shared);
         let registry = ctx.address();
         let actor_key = key.clone();
         let make = move |_: &mut Context<RunActor>| RunActor::new(actor_key, generation, shared, registry);
-        let addr = match self.arbiters.get(slot) {
+        let addr = match self.placement(&key).or(home.as_ref()) {
             Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
             None => RunActor::create(make),
         };

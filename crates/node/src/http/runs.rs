@@ -55,7 +55,7 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
     for _ in 0..4 {
         let run = match state.shared.live_runs.get(&key) {
             Some(run) => run,
-            None => match state.registry.send(Resolve(key.clone())).timeout(timeout).await {
+            None => match state.registry.send(Resolve::from_here(key.clone())).timeout(timeout).await {
                 Ok(resolved) => resolved?,
                 Err(_) => {
                     return Err(ApiError::unavailable("the run registry is overloaded; treat the call as a block", 1));

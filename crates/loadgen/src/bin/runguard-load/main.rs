@@ -14,7 +14,6 @@ mod fill;
 mod procs;
 mod scenario;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -154,14 +153,27 @@ fn fresh_node(work_dir: &Path, env: &[(&str, String)]) -> anyhow::Result<(Server
 
 fn line(label: &str, sample: &[Sample], rate: impl Fn(&Sample) -> f64) {
     let rates: Vec<f64> = sample.iter().map(&rate).collect();
+    let cpu: Vec<f64> = sample.iter().filter_map(Sample::cpu_us_per_request).collect();
+    let cpu = if cpu.is_empty() { String::new() } else { format!("  server cpu {:>6.1} us/req", median(cpu)) };
     println!(
-        "  {label:<9} median {:>9.0}/s  (runs: {})  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+        "  {label:<9} median {:>9.0}/s  (runs: {})  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}{cpu}",
         median(rates.clone()),
         rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" "),
         median(sample.iter().map(|s| s.ms(0.5)).collect()),
         median(sample.iter().map(|s| s.ms(0.99)).collect()),
         sample.iter().map(|s| s.errors).sum::<u64>(),
     );
+}
+
+/// Runs one measurement against `server` and records the CPU time the server spent during it.
+async fn with_server_cpu(
+    server: &Server,
+    measurement: impl std::future::Future<Output = anyhow::Result<Sample>>,
+) -> anyhow::Result<Sample> {
+    let before = server.cpu_time();
+    let mut sample = measurement.await?;
+    sample.server_cpu = before.zip(server.cpu_time()).map(|(b, a)| a.saturating_sub(b));
+    Ok(sample)
 }
 
 async fn http(
@@ -212,9 +224,16 @@ async fn http(
             scenario::runs(node.addr, &scenario, steps, Pace::Closed, warm, true, "warm").await?;
             let (mut base, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             for r in 0..repeats {
-                let b = scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, duration, false, "b").await?;
-                let n =
-                    scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &format!("r{r}")).await?;
+                let b = with_server_cpu(
+                    &baseline,
+                    scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, duration, false, "b"),
+                )
+                .await?;
+                let n = with_server_cpu(
+                    &node,
+                    scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &format!("r{r}")),
+                )
+                .await?;
                 ratios.push(n.rate() / b.rate());
                 base.push(b);
                 ours.push(n);
@@ -234,7 +253,11 @@ async fn http(
                 for r in 0..repeats {
                     let pace = Pace::Open { rate };
                     half.push(
-                        scenario::runs(node.addr, &scenario, steps, pace, duration, true, &format!("h{r}")).await?,
+                        with_server_cpu(
+                            &node,
+                            scenario::runs(node.addr, &scenario, steps, pace, duration, true, &format!("h{r}")),
+                        )
+                        .await?,
                     );
                 }
                 println!(
@@ -257,8 +280,8 @@ async fn http(
             );
             let (mut base, mut ours, mut ratios, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..repeats {
-                let b = block_round(baseline.addr, scenario.concurrency, runs, false, "b").await?.1;
-                let (c, n) = block_round(node.addr, scenario.concurrency, runs, true, &format!("k{r}")).await?;
+                let b = block_round(&baseline, scenario.concurrency, runs, false, "b").await?.1;
+                let (c, n) = block_round(&node, scenario.concurrency, runs, true, &format!("k{r}")).await?;
                 ratios.push(n.block_rate() / b.block_rate());
                 creates.push(c.rate());
                 base.push(b);
@@ -281,14 +304,14 @@ async fn http(
 }
 
 async fn block_round(
-    addr: SocketAddr,
+    server: &Server,
     concurrency: usize,
     runs: u64,
     check: bool,
     tag: &str,
 ) -> anyhow::Result<(Sample, Sample)> {
-    let created = scenario::create_runs(addr, concurrency, runs, check, tag).await?;
-    let blocked = scenario::blocks(addr, concurrency, runs, check, tag).await?;
+    let created = scenario::create_runs(server.addr, concurrency, runs, check, tag).await?;
+    let blocked = with_server_cpu(server, scenario::blocks(server.addr, concurrency, runs, check, tag)).await?;
     Ok((created, blocked))
 }
 

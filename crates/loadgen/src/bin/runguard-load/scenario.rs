@@ -97,6 +97,8 @@ pub struct Sample {
     pub blocks: u64,
     pub errors: u64,
     pub elapsed: Duration,
+    /// CPU time the server used during the measurement, when it was read.
+    pub server_cpu: Option<Duration>,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
 }
@@ -109,6 +111,7 @@ impl Sample {
             blocks: 0,
             errors: 0,
             elapsed: Duration::ZERO,
+            server_cpu: None,
             latency: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds")),
         }
     }
@@ -129,6 +132,12 @@ impl Sample {
     /// Blocks per second.
     pub fn block_rate(&self) -> f64 {
         self.blocks as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Server CPU microseconds per request, when the server's CPU time was read.
+    pub fn cpu_us_per_request(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
     }
 
     /// A latency quantile in milliseconds.
