@@ -15,6 +15,7 @@ pub mod actors;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod current_snapshots;
 pub mod error;
 pub mod failure;
 pub mod http;

@@ -27,6 +27,8 @@ pub struct Shared {
     pub learning: OnceLock<Addr<Learning>>,
     /// The live runs (looked up by every call; changed only by the registry).
     pub live_runs: crate::actors::registry::RunTable,
+    /// Each tenant's current snapshot, captured once per change of the policies.
+    pub current_snapshots: crate::current_snapshots::CurrentSnapshots,
     tenant_rates: Mutex<HashMap<TenantId, TenantRates>>,
     snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
 }
@@ -76,6 +78,7 @@ impl Shared {
             config,
             learning: OnceLock::new(),
             live_runs: Default::default(),
+            current_snapshots: Default::default(),
             tenant_rates: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
         }

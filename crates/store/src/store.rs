@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
@@ -109,6 +109,7 @@ pub struct Store {
     db_file: Option<File>,
     writer: Mutex<WriterState>,
     inject_failure: AtomicBool,
+    policy_generation: AtomicU64,
 }
 
 type TxError = ConflictableTransactionError<StoreError>;
@@ -130,6 +131,7 @@ impl Store {
                 poisoned: None,
             }),
             inject_failure: AtomicBool::new(false),
+            policy_generation: AtomicU64::new(0),
         };
         store.check_schema()?;
         let head = store.recover_head();
@@ -212,6 +214,13 @@ impl Store {
         self.inject_failure.store(fail, Ordering::SeqCst);
     }
 
+    /// A number that changes whenever a commit that writes policy versions was attempted (it is bumped
+    /// after the attempt, whether it committed or not). A cache of anything derived from the policies —
+    /// a tenant's current snapshot — reads it before reading the policies and is stale once it differs.
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation.load(Ordering::Acquire)
+    }
+
     /// The sequence number and hash of the last record, as recovered and advanced by commits.
     pub fn chain_head(&self) -> Result<(u64, RecordHash), StoreError> {
         self.writer().head.as_ref().map(|h| (h.seq, h.hash.clone())).map_err(Clone::clone)
@@ -233,12 +242,25 @@ impl Store {
                 format!("the store refuses writes after an earlier durability failure ({why}); restart the node"),
             ));
         }
+        let writes_policies = batch.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_)));
+        let result = self.commit_locked(&mut writer, &batch);
+        if writes_policies {
+            self.policy_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    fn commit_locked(&self, writer: &mut WriterState, batch: &WriteBatch) -> Result<CommitReceipt, StoreError> {
         let head = writer.head.clone();
-        let prepared = Prepare::new(self, head).run(&batch)?;
+        let prepared = Prepare::new(self, head).run(batch)?;
         let fail = self.inject_failure.load(Ordering::SeqCst);
-        let refs: Vec<&Tree> = self.trees.iter().collect();
+        if fail && prepared.batches.is_empty() {
+            return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
+        }
+        let refs: Vec<&Tree> = prepared.batches.iter().filter_map(|(t, _)| self.trees.get(*t)).collect();
+        debug_assert_eq!(refs.len(), prepared.batches.len(), "every written tree exists");
         let outcome = refs.as_slice().transaction(|views: &Vec<TransactionalTree>| {
-            for (view, tree_batch) in views.iter().zip(&prepared.batches) {
+            for (view, (_, tree_batch)) in views.iter().zip(&prepared.batches) {
                 view.apply_batch(tree_batch)?;
                 if fail {
                     return Err(TxError::Abort(StoreError::new(
@@ -267,7 +289,8 @@ impl Store {
     fn make_durable(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(|err| StoreError::from(err).context("flush failed"))?;
         if let Some(file) = &self.db_file {
-            file.sync_all().map_err(|err| StoreError::io("fsync of the database file failed", err))?;
+            // fdatasync: the data and the metadata needed to read it back (the file size), not timestamps.
+            file.sync_data().map_err(|err| StoreError::io("fsync of the database file failed", err))?;
         }
         Ok(())
     }
@@ -861,7 +884,7 @@ fn record_index_keys(r: &PreventionRecord) -> [(T, Vec<u8>); 4] {
 /// Checks and stages one batch without writing: every read happens here, under the writer lock.
 struct Prepare<'a> {
     store: &'a Store,
-    batches: Vec<Batch>,
+    batches: Vec<Option<Batch>>,
     head: Result<ChainHead, StoreError>,
     receipt: CommitReceipt,
     policy_heads: HashMap<Vec<u8>, u32>,
@@ -879,7 +902,9 @@ struct Prepare<'a> {
 }
 
 struct Prepared {
-    batches: Vec<Batch>,
+    /// The batch of each tree the commit writes, by tree index; untouched trees are left out of the
+    /// transaction (sled's transaction costs something per tree it spans).
+    batches: Vec<(usize, Batch)>,
     receipt: CommitReceipt,
 }
 
@@ -887,7 +912,7 @@ impl<'a> Prepare<'a> {
     fn new(store: &'a Store, head: Result<ChainHead, StoreError>) -> Self {
         Self {
             store,
-            batches: TREE_NAMES.iter().map(|_| Batch::default()).collect(),
+            batches: TREE_NAMES.iter().map(|_| None).collect(),
             head,
             receipt: CommitReceipt::default(),
             policy_heads: HashMap::new(),
@@ -905,12 +930,16 @@ impl<'a> Prepare<'a> {
         }
     }
 
+    fn tree_batch(&mut self, t: T) -> &mut Batch {
+        self.batches[t as usize].get_or_insert_with(Batch::default)
+    }
+
     fn put(&mut self, t: T, key: Vec<u8>, value: Vec<u8>) {
-        self.batches[t as usize].insert(key, value);
+        self.tree_batch(t).insert(key, value);
     }
 
     fn remove(&mut self, t: T, key: Vec<u8>) {
-        self.batches[t as usize].remove(key);
+        self.tree_batch(t).remove(key);
     }
 
     fn run(mut self, batch: &WriteBatch) -> Result<Prepared, StoreError> {
@@ -927,7 +956,8 @@ impl<'a> Prepare<'a> {
             self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
         self.receipt.ops = batch.len();
-        Ok(Prepared { batches: self.batches, receipt: self.receipt })
+        let batches = self.batches.into_iter().enumerate().filter_map(|(t, b)| b.map(|b| (t, b))).collect();
+        Ok(Prepared { batches, receipt: self.receipt })
     }
 
     fn apply(&mut self, op: &WriteOp) -> Result<(), StoreError> {

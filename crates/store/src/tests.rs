@@ -398,13 +398,21 @@ fn policy_versions_are_kept_and_races_conflict() {
     let (_dir, store) = fresh();
     let acme = tenant("acme");
     let v1 = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 10);
+    let generation = store.policy_generation();
     commit(&store, |b| {
         b.put_policy_version(v1.clone());
     });
+    assert_ne!(store.policy_generation(), generation, "a policy write changes the policy generation");
     let v2 = v1.with_mode(Mode::Active, at(5));
     commit(&store, |b| {
         b.put_policy_version(v2.clone());
     });
+    let (world, _) = world_with_runs(&store, 1);
+    let generation = store.policy_generation();
+    commit(&store, |b| {
+        b.put_run(world.run("r-other"));
+    });
+    assert_eq!(store.policy_generation(), generation, "writes of other things leave it alone");
     assert_eq!(store.get_policy(Some(&acme), &v1.id, None).unwrap(), Some(v2.clone()));
     assert_eq!(store.get_policy(Some(&acme), &v1.id, Some(1)).unwrap(), Some(v1.clone()));
     assert_eq!(store.get_policy(Some(&acme), &v1.id, Some(3)).unwrap(), None);
@@ -416,6 +424,7 @@ fn policy_versions_are_kept_and_races_conflict() {
     let err = store.commit(batch).unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Conflict);
     assert!(err.message().contains("is at version 2"), "{err}");
+    assert_ne!(store.policy_generation(), generation, "so does a failed attempt (caches only get colder)");
     // Creating an existing id conflicts; two versions in one batch chain.
     let mut batch = WriteBatch::new();
     batch.put_policy_version(v1.clone());

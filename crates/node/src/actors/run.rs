@@ -21,6 +21,7 @@ use serde_json::json;
 
 use crate::actors::learning::{EndRun, IncidentDraft};
 use crate::actors::registry::{Deregister, Registry, RunKey};
+use crate::current_snapshots::CurrentSnapshot;
 use crate::error::ApiError;
 use crate::failure::FailureTracker;
 use crate::shared::{Shared, now};
@@ -305,19 +306,8 @@ impl RunActor {
     }
 
     async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
-        let tenant = key.tenant.clone();
-        // Reading the policies, hashing the snapshot and compiling it (regexes, CEL) all block: off the
-        // actor's thread.
-        let (snapshot, reference, compiled) = shared
-            .blocking(move |shared| {
-                let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))
-                    .map_err(crate::shared::store_error)?;
-                let snapshot = Snapshot::capture(&tenant, &policies);
-                let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
-                let compiled = shared.compiled(&snapshot, &reference.hash);
-                Ok((snapshot, reference, compiled))
-            })
-            .await?;
+        let current = Self::current_snapshot(&shared, &key.tenant).await?;
+        let (reference, compiled) = (current.reference.clone(), Arc::clone(&current.compiled));
         let at = now();
         let mut state = RunState::new(key.tenant.clone(), key.run_id.clone(), request.labels.clone());
         let evaluation = evaluate(&compiled, &state, Call::RunStart, &TenantRates::default(), at);
@@ -331,17 +321,46 @@ impl RunActor {
         };
         let (meta, run) = run_after(&base, &state, at, None);
         let mut batch = WriteBatch::new();
-        batch.put_snapshot(snapshot);
+        if let Some(snapshot) = &current.unstored {
+            batch.put_snapshot(Snapshot::clone(snapshot));
+        }
         batch.put_run(run);
         let entry = LedgerEntry::new(LedgerCall::RunStart, evaluation.decision.clone(), state.totals)
             .with_effects(effects_bytes(&evaluation.effects));
         batch.append_ledger(key.tenant.clone(), key.run_id.clone(), entry);
         persist_evaluation(&mut batch, &compiled, &evaluation, &key.tenant);
         shared.commit(batch).await?;
+        if current.unstored.is_some() {
+            shared.current_snapshots.stored(&key.tenant, &current.reference);
+        }
         record_metrics(&evaluation, Duration::ZERO);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %evaluation.decision.decision_id, "run created");
         Ok(Live { snapshot: compiled, state, meta, failure: FailureTracker::default() })
             .map(|live| (live, evaluation.decision))
+    }
+
+    /// The snapshot a run of `tenant` created now is bound to: the cached one while the policies are
+    /// unchanged, else captured anew. Reading the policies, hashing the snapshot and compiling it (regexes,
+    /// CEL) all block: off the actor's thread.
+    async fn current_snapshot(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CurrentSnapshot, ApiError> {
+        // Read before the policies: a policy change committed after this read makes the entry stale.
+        let generation = shared.store.policy_generation();
+        if let Some(current) = shared.current_snapshots.get(tenant, generation) {
+            return Ok(current);
+        }
+        let tenant = tenant.clone();
+        shared
+            .blocking(move |shared| {
+                let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))
+                    .map_err(crate::shared::store_error)?;
+                let snapshot = Snapshot::capture(&tenant, &policies);
+                let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
+                let compiled = shared.compiled(&snapshot, &reference.hash);
+                let current = CurrentSnapshot { generation, reference, compiled, unstored: Some(Arc::new(snapshot)) };
+                shared.current_snapshots.insert(&tenant, current.clone());
+                Ok(current)
+            })
+            .await
     }
 
     fn answer(live: &Live, decision: Decision) -> CreateAnswer {
@@ -538,16 +557,22 @@ impl RunActor {
                     error,
                 }
             });
-        Box::pin(async move { shared.learn(EndRun { batch, incident }).await? }.into_actor(self).map(
-            move |committed, actor, _| {
-                let incident_id = committed?;
-                record_metrics(&evaluation, Duration::ZERO);
-                if let Some(live) = actor.live.as_mut() {
-                    live.state = next_state;
-                    live.meta = meta;
-                }
-                Ok(RunReply::Ended(Box::new(run), incident_id))
-            },
-        ))
+        // Only an end that creates an incident goes through the learning actor, which serialises the
+        // pattern read-modify-writes; any other end commits directly rather than queue behind them.
+        let committed = async move {
+            match incident {
+                Some(incident) => shared.learn(EndRun { batch, incident: Some(incident) }).await?,
+                None => shared.commit(batch).await.map(|_| None),
+            }
+        };
+        Box::pin(committed.into_actor(self).map(move |committed, actor, _| {
+            let incident_id = committed?;
+            record_metrics(&evaluation, Duration::ZERO);
+            if let Some(live) = actor.live.as_mut() {
+                live.state = next_state;
+                live.meta = meta;
+            }
+            Ok(RunReply::Ended(Box::new(run), incident_id))
+        }))
     }
 }

@@ -271,6 +271,19 @@ async fn http(
                     median(half.iter().map(|s| s.ms(0.99)).collect()),
                     median(half.iter().map(|s| s.ms(0.999)).collect()),
                 );
+                println!(
+                    "  half load, step calls only: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
+                    median(half.iter().map(|s| s.decision_ms(0.5)).collect()),
+                    median(half.iter().map(|s| s.decision_ms(0.9)).collect()),
+                    median(half.iter().map(|s| s.decision_ms(0.99)).collect()),
+                    median(half.iter().map(|s| s.decision_ms(0.999)).collect()),
+                );
+                println!(
+                    "  half load, run creations and ends: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+                    median(half.iter().map(|s| s.other_ms(0.5)).collect()),
+                    median(half.iter().map(|s| s.other_ms(0.9)).collect()),
+                    median(half.iter().map(|s| s.other_ms(0.99)).collect()),
+                );
             }
         }
         Shape::Blocks { runs } => {

@@ -101,6 +101,10 @@ pub struct Sample {
     pub server_cpu: Option<Duration>,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+    /// Latency of the step calls alone (decisions), in microseconds.
+    pub decision_latency: Histogram<u64>,
+    /// Latency of the other calls (run creation and end), in microseconds.
+    pub other_latency: Histogram<u64>,
 }
 
 impl Sample {
@@ -112,7 +116,9 @@ impl Sample {
             errors: 0,
             elapsed: Duration::ZERO,
             server_cpu: None,
-            latency: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds")),
+            latency: latency_histogram(),
+            decision_latency: latency_histogram(),
+            other_latency: latency_histogram(),
         }
     }
 
@@ -122,6 +128,8 @@ impl Sample {
         self.blocks += other.blocks;
         self.errors += other.errors;
         let _ = self.latency.add(&other.latency);
+        let _ = self.decision_latency.add(&other.decision_latency);
+        let _ = self.other_latency.add(&other.other_latency);
     }
 
     /// Requests per second.
@@ -144,6 +152,20 @@ impl Sample {
     pub fn ms(&self, q: f64) -> f64 {
         self.latency.value_at_quantile(q) as f64 / 1000.0
     }
+
+    /// A latency quantile of the step calls alone, in milliseconds.
+    pub fn decision_ms(&self, q: f64) -> f64 {
+        self.decision_latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// A latency quantile of run creations and ends, in milliseconds.
+    pub fn other_ms(&self, q: f64) -> f64 {
+        self.other_latency.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
 }
 
 /// How requests are paced.
@@ -178,9 +200,11 @@ impl Worker {
             }
         };
         let answer = self.conn.post(path, body).await?;
-        let took = scheduled.elapsed();
+        let took = (scheduled.elapsed().as_micros() as u64).max(1);
         self.sample.requests += 1;
-        let _ = self.sample.latency.record((took.as_micros() as u64).max(1));
+        let _ = self.sample.latency.record(took);
+        let _ =
+            if decision { self.sample.decision_latency.record(took) } else { self.sample.other_latency.record(took) };
         if self.check {
             if !(200..300).contains(&answer.status) || !answer.contains(expect) {
                 self.sample.errors += 1;
