@@ -46,6 +46,7 @@ mod integrity;
 mod keys;
 mod model;
 mod query;
+mod run_cache;
 mod store;
 
 pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};

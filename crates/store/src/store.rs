@@ -27,6 +27,7 @@ use crate::integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, St
 use crate::keys;
 use crate::model::{GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery, prefix_end};
+use crate::run_cache::{CachedRun, RunCache};
 
 /// The schema this build reads and writes, kept in the `meta` tree.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -96,6 +97,8 @@ struct WriterState {
     head: Result<ChainHead, StoreError>,
     /// Set when a transaction committed but flush or fsync failed: the store refuses further commits.
     poisoned: Option<String>,
+    /// Recently written runs, so that their next commit need not read them back.
+    runs: RunCache,
 }
 
 /// The runguard store: one sled database holding every tree, written only through [`Store::commit`].
@@ -129,13 +132,14 @@ impl Store {
             writer: Mutex::new(WriterState {
                 head: Ok(ChainHead { seq: 0, hash: RecordHash::genesis() }),
                 poisoned: None,
+                runs: RunCache::default(),
             }),
             inject_failure: AtomicBool::new(false),
             policy_generation: AtomicU64::new(0),
         };
         store.check_schema()?;
         let head = store.recover_head();
-        store.writer = Mutex::new(WriterState { head, poisoned: None });
+        store.writer = Mutex::new(WriterState { head, poisoned: None, runs: RunCache::default() });
         Ok(store)
     }
 
@@ -252,7 +256,7 @@ impl Store {
 
     fn commit_locked(&self, writer: &mut WriterState, batch: &WriteBatch) -> Result<CommitReceipt, StoreError> {
         let head = writer.head.clone();
-        let prepared = Prepare::new(self, head).run(batch)?;
+        let prepared = Prepare::new(self, &writer.runs, head).run(batch)?;
         let fail = self.inject_failure.load(Ordering::SeqCst);
         if fail && prepared.batches.is_empty() {
             return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
@@ -282,6 +286,9 @@ impl Store {
         if let Err(err) = self.make_durable() {
             writer.poisoned = Some(err.to_string());
             return Err(err);
+        }
+        for (key, learned) in prepared.runs {
+            writer.runs.learn(key, learned);
         }
         Ok(prepared.receipt)
     }
@@ -884,6 +891,7 @@ fn record_index_keys(r: &PreventionRecord) -> [(T, Vec<u8>); 4] {
 /// Checks and stages one batch without writing: every read happens here, under the writer lock.
 struct Prepare<'a> {
     store: &'a Store,
+    cache: &'a RunCache,
     batches: Vec<Option<Batch>>,
     head: Result<ChainHead, StoreError>,
     receipt: CommitReceipt,
@@ -892,6 +900,7 @@ struct Prepare<'a> {
     ledger_next: HashMap<Vec<u8>, u64>,
     graduation_next: HashMap<Vec<u8>, u64>,
     runs: HashMap<Vec<u8>, SnapshotHash>,
+    live: HashMap<Vec<u8>, bool>,
     snapshots: HashSet<SnapshotHash>,
     record_ids: HashMap<RecordId, (TenantId, PolicyId)>,
     shadow: BTreeMap<Vec<u8>, ShadowStats>,
@@ -906,12 +915,15 @@ struct Prepared {
     /// transaction (sled's transaction costs something per tree it spans).
     batches: Vec<(usize, Batch)>,
     receipt: CommitReceipt,
+    /// What the commit establishes about the runs it writes, for the writer's cache once it succeeded.
+    runs: HashMap<Vec<u8>, CachedRun>,
 }
 
 impl<'a> Prepare<'a> {
-    fn new(store: &'a Store, head: Result<ChainHead, StoreError>) -> Self {
+    fn new(store: &'a Store, cache: &'a RunCache, head: Result<ChainHead, StoreError>) -> Self {
         Self {
             store,
+            cache,
             batches: TREE_NAMES.iter().map(|_| None).collect(),
             head,
             receipt: CommitReceipt::default(),
@@ -920,6 +932,7 @@ impl<'a> Prepare<'a> {
             ledger_next: HashMap::new(),
             graduation_next: HashMap::new(),
             runs: HashMap::new(),
+            live: HashMap::new(),
             snapshots: HashSet::new(),
             record_ids: HashMap::new(),
             shadow: BTreeMap::new(),
@@ -956,8 +969,18 @@ impl<'a> Prepare<'a> {
             self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
         self.receipt.ops = batch.len();
+        let mut runs: HashMap<Vec<u8>, CachedRun> = HashMap::new();
+        for (key, hash) in self.runs {
+            runs.entry(key).or_default().snapshot = Some(hash);
+        }
+        for (key, next) in self.ledger_next {
+            runs.entry(key).or_default().next_position = Some(next);
+        }
+        for (key, live) in self.live {
+            runs.entry(key).or_default().live = Some(live);
+        }
         let batches = self.batches.into_iter().enumerate().filter_map(|(t, b)| b.map(|b| (t, b))).collect();
-        Ok(Prepared { batches, receipt: self.receipt })
+        Ok(Prepared { batches, receipt: self.receipt, runs })
     }
 
     fn apply(&mut self, op: &WriteOp) -> Result<(), StoreError> {
@@ -1063,19 +1086,17 @@ impl<'a> Prepare<'a> {
                 run.run_id
             )));
         }
-        let bound = match self.runs.get(&key) {
-            Some(hash) => Some(hash.clone()),
-            None => self.store.get_decoded::<StoredRun>(T::Runs, &key)?.map(|r| r.snapshot.hash),
-        };
-        if let Some(bound) = bound
-            && bound != run.snapshot.hash
+        let bound = self.bound_snapshot(&key)?;
+        if let Some(bound) = &bound
+            && *bound != run.snapshot.hash
         {
             return Err(StoreError::conflict(format!(
                 "run `{}` is bound to snapshot `{bound}` and cannot be rebound",
                 run.run_id
             )));
         }
-        if !self.snapshot_exists(&run.snapshot.hash)? {
+        // A run already bound to this snapshot was checked when it was bound; snapshots are never deleted.
+        if bound.is_none() && !self.snapshot_exists(&run.snapshot.hash)? {
             return Err(StoreError::not_found(format!(
                 "snapshot `{}` of run `{}` is not stored",
                 run.snapshot.hash, run.run_id
@@ -1085,20 +1106,33 @@ impl<'a> Prepare<'a> {
         Ok(())
     }
 
-    fn run_binding(&self, tenant: &TenantId, run: &RunId) -> Result<Option<SnapshotHash>, StoreError> {
-        let key = keys::run(tenant, run);
-        if let Some(hash) = self.runs.get(&key) {
+    /// The snapshot the run with `key` is bound to: from this batch, the writer's cache or the store.
+    fn bound_snapshot(&self, key: &[u8]) -> Result<Option<SnapshotHash>, StoreError> {
+        if let Some(hash) = self.runs.get(key) {
             return Ok(Some(hash.clone()));
         }
-        Ok(self.store.get_decoded::<StoredRun>(T::Runs, &key)?.map(|r| r.snapshot.hash))
+        if let Some(hash) = self.cache.get(key).and_then(|c| c.snapshot.as_ref()) {
+            return Ok(Some(hash.clone()));
+        }
+        Ok(self.store.get_decoded::<StoredRun>(T::Runs, key)?.map(|r| r.snapshot.hash))
+    }
+
+    fn run_binding(&self, tenant: &TenantId, run: &RunId) -> Result<Option<SnapshotHash>, StoreError> {
+        self.bound_snapshot(&keys::run(tenant, run))
     }
 
     fn put_run(&mut self, run: &StoredRun) -> Result<(), StoreError> {
         let key = keys::run(&run.tenant_id, &run.run_id);
-        if run.status == RunStatus::Running {
-            self.put(T::RunsLive, key.clone(), Vec::new());
-        } else {
-            self.remove(T::RunsLive, key.clone());
+        let live = run.status == RunStatus::Running;
+        let listed = self.live.get(&key).copied().or_else(|| self.cache.get(&key).and_then(|c| c.live));
+        // Every step rewrites its run; its live listing changes only when it stops running.
+        if listed != Some(live) {
+            if live {
+                self.put(T::RunsLive, key.clone(), Vec::new());
+            } else {
+                self.remove(T::RunsLive, key.clone());
+            }
+            self.live.insert(key.clone(), live);
         }
         self.put(T::Runs, key, run.encode()?);
         Ok(())
@@ -1109,7 +1143,10 @@ impl<'a> Prepare<'a> {
             return Err(StoreError::not_found(format!("run `{run}` of the ledger entry does not exist")));
         }
         let prefix = keys::run(tenant, run);
-        let position = self.next_counter(T::Ledger, &prefix, &self.ledger_next)?;
+        let position = match (self.ledger_next.get(&prefix), self.cache.get(&prefix)) {
+            (None, Some(CachedRun { next_position: Some(next), .. })) => *next,
+            _ => self.next_counter(T::Ledger, &prefix, &self.ledger_next)?,
+        };
         self.ledger_next.insert(prefix, position.saturating_add(1));
         let mut entry = entry.clone();
         entry.position = position;
