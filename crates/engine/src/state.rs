@@ -107,8 +107,8 @@ pub struct RunState {
     pub fired_tiers: BTreeSet<TierKey>,
     /// Run-scope rate events inside the longest window.
     pub rate_events: VecDeque<RateEvent>,
-    /// The last accepted call.
-    pub last: Option<LastCall>,
+    /// The last accepted call (boxed: most live runs are idle, and an idle run's state stays small).
+    pub last: Option<Box<LastCall>>,
     /// Set once the run is stopped.
     pub termination: Option<Termination>,
 }
@@ -309,12 +309,12 @@ impl RunState {
     pub fn apply(&mut self, decision: &Decision, effects: &Effects) {
         self.decisions = self.decisions.saturating_add(1);
         if let Some(digest) = &effects.digest {
-            self.last = Some(LastCall {
+            self.last = Some(Box::new(LastCall {
                 index: decision.step_index,
                 phase: decision.phase,
                 digest: digest.clone(),
                 decision: decision.clone(),
-            });
+            }));
         }
         if decision.action == Action::Throttle {
             return;
