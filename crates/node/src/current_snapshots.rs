@@ -22,8 +22,8 @@ const MAX_TENANTS: usize = 4096;
 pub struct CurrentSnapshot {
     /// The policy generation it was captured under.
     pub generation: u64,
-    /// Its reference (id and hash).
-    pub reference: SnapshotRef,
+    /// Its reference (id and hash), shared by the runs bound to it.
+    pub reference: Arc<SnapshotRef>,
     /// Its compiled form.
     pub compiled: Arc<CompiledSnapshot>,
     /// The snapshot itself while it may not be stored yet; `None` once a commit stored it.
@@ -74,7 +74,7 @@ mod tests {
 
     fn current(tenant: &TenantId, generation: u64) -> CurrentSnapshot {
         let snapshot = Snapshot::capture(tenant, &[]);
-        let reference = snapshot.reference().unwrap();
+        let reference = Arc::new(snapshot.reference().unwrap());
         CurrentSnapshot {
             generation,
             compiled: Arc::new(CompiledSnapshot::tampered(reference.hash.clone())),
@@ -100,7 +100,7 @@ mod tests {
         let cache = CurrentSnapshots::default();
         let tenant = TenantId::new("acme").unwrap();
         let entry = current(&tenant, 1);
-        let reference = entry.reference.clone();
+        let reference = SnapshotRef::clone(&entry.reference);
         cache.insert(&tenant, entry);
         assert!(cache.get(&tenant, 1).unwrap().unstored.is_some());
         cache.stored(&tenant, &reference);

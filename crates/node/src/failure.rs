@@ -4,10 +4,11 @@ use runguard_contract::{Signature, StepCall, StepError};
 
 /// Follows a run's step calls and remembers the failing step: the latest `post` that reported an error,
 /// else the latest step. `pre` and `post` fields of one index are merged (the `post` wins).
+/// Boxed: every live run carries one, and most never see a failing step.
 #[derive(Clone, Debug, Default)]
 pub struct FailureTracker {
-    current: Option<StepFields>,
-    failing: Option<(StepFields, StepError)>,
+    current: Option<Box<StepFields>>,
+    failing: Option<Box<(StepFields, StepError)>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -21,7 +22,7 @@ struct StepFields {
 impl FailureTracker {
     /// Observes an accepted step call.
     pub fn observe(&mut self, call: &StepCall) {
-        let fields = match self.current.take() {
+        let fields = match self.current.take().map(|fields| *fields) {
             Some(mut fields) if fields.index == call.index => {
                 if call.skill.is_some() {
                     fields.skill.clone_from(&call.skill);
@@ -42,20 +43,19 @@ impl FailureTracker {
             },
         };
         if let Some(error) = &call.error {
-            self.failing = Some((fields.clone(), error.clone()));
+            self.failing = Some(Box::new((fields.clone(), error.clone())));
         }
-        self.current = Some(fields);
+        self.current = Some(Box::new(fields));
     }
 
     /// The signature and error of the failing step; `end_error` (from the run-end call) fills in when no
     /// step reported one.
     pub fn incident_basis(&self, end_error: Option<&StepError>) -> (Signature, StepError) {
-        let (fields, error) = match (&self.failing, end_error) {
+        let current = self.current.as_deref();
+        let (fields, error) = match (self.failing.as_deref(), end_error) {
             (Some((fields, error)), _) => (Some(fields), error.clone()),
-            (None, Some(error)) => (self.current.as_ref(), error.clone()),
-            (None, None) => {
-                (self.current.as_ref(), StepError { error_type: Some("unknown".into()), ..StepError::default() })
-            }
+            (None, Some(error)) => (current, error.clone()),
+            (None, None) => (current, StepError { error_type: Some("unknown".into()), ..StepError::default() }),
         };
         let signature = match fields {
             Some(f) => Signature::normalize(f.skill.as_deref(), f.api_endpoint.as_deref(), &f.input_keys),

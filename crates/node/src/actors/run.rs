@@ -96,7 +96,8 @@ struct Live {
 /// status, totals, termination, next call): one copy of each, which matters with 100,000 idle runs.
 #[derive(Clone, Debug)]
 struct RunMeta {
-    snapshot: SnapshotRef,
+    /// Shared with every run created on the same snapshot.
+    snapshot: Arc<SnapshotRef>,
     api_endpoint: Option<String>,
     created_at: Timestamp,
     ended_at: Option<Timestamp>,
@@ -106,7 +107,7 @@ struct RunMeta {
 impl RunMeta {
     fn of(run: &StoredRun) -> Self {
         Self {
-            snapshot: run.snapshot.clone(),
+            snapshot: Arc::new(run.snapshot.clone()),
             api_endpoint: run.api_endpoint.clone(),
             created_at: run.created_at,
             ended_at: run.ended_at,
@@ -120,7 +121,7 @@ impl RunMeta {
         StoredRun {
             tenant_id: state.tenant_id.clone(),
             run_id: state.run_id.clone(),
-            snapshot: self.snapshot.clone(),
+            snapshot: SnapshotRef::clone(&self.snapshot),
             status: state.status,
             totals: state.totals,
             termination_reason: termination.map(|t| t.reason),
@@ -307,7 +308,7 @@ impl RunActor {
 
     async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
         let current = Self::current_snapshot(&shared, &key.tenant).await?;
-        let (reference, compiled) = (current.reference.clone(), Arc::clone(&current.compiled));
+        let (reference, compiled) = (Arc::clone(&current.reference), Arc::clone(&current.compiled));
         let at = now();
         let mut state = RunState::new(key.tenant.clone(), key.run_id.clone(), request.labels.clone());
         let evaluation = evaluate(&compiled, &state, Call::RunStart, &TenantRates::default(), at);
@@ -354,7 +355,7 @@ impl RunActor {
                 let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))
                     .map_err(crate::shared::store_error)?;
                 let snapshot = Snapshot::capture(&tenant, &policies);
-                let reference = snapshot.reference().map_err(|_| ApiError::internal())?;
+                let reference = Arc::new(snapshot.reference().map_err(|_| ApiError::internal())?);
                 let compiled = shared.compiled(&snapshot, &reference.hash);
                 let current = CurrentSnapshot { generation, reference, compiled, unstored: Some(Arc::new(snapshot)) };
                 shared.current_snapshots.insert(&tenant, current.clone());
@@ -367,7 +368,7 @@ impl RunActor {
         CreateAnswer {
             run_id: live.state.run_id.to_string(),
             status: live.state.status.as_str(),
-            snapshot: live.meta.snapshot.clone(),
+            snapshot: SnapshotRef::clone(&live.meta.snapshot),
             decision,
         }
     }
