@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr};
+use cel::common::types::{CelInt, CelList, CelMap, CelMapKey, CelString};
 use cel::{Context, Env, IdedExpr, Program, Value};
 use runguard_contract::{StepCall, Timestamp, Totals, ValidationError};
 
@@ -193,15 +194,16 @@ impl CelRule {
     }
 
     /// The evaluation context for `input` in this rule's environment. Building it converts every
-    /// variable (texts included), so build it once per call and evaluate every rule of the same
-    /// environment in it.
-    pub fn context(&self, input: &CelInput<'_>) -> CelContext {
+    /// variable, so build it once per call and evaluate every rule of the same environment in it. The
+    /// values borrow the input's strings (a step's texts may be kilobytes), so the context lives no longer
+    /// than the input's borrows.
+    pub fn context<'a>(&self, input: &CelInput<'a>) -> CelContext<'a> {
         let mut context = Context::with_env(Arc::clone(&self.env));
-        context.add_variable_from_value("run", input.run_value());
+        context.add_variable_as_val("run", input.run_value());
         if let Some(step) = input.step {
-            context.add_variable_from_value("step", step_value(step));
+            context.add_variable_as_val("step", step_value(step));
         }
-        context.add_variable_from_value("now", Value::Int(input.now.unix_millis()));
+        context.add_variable_as_val("now", Box::new(CelInt::from(input.now.unix_millis())));
         CelContext(context)
     }
 
@@ -211,7 +213,7 @@ impl CelRule {
     }
 
     /// Evaluates the rule in a context built by a rule of the same environment.
-    pub fn evaluate_in(&self, context: &CelContext) -> Result<bool, String> {
+    pub fn evaluate_in(&self, context: &CelContext<'_>) -> Result<bool, String> {
         match self.program.execute(&context.0) {
             Ok(Value::Bool(violated)) => Ok(violated),
             Ok(other) => Err(format!("the expression returned {:?}, not a bool", other.type_of())),
@@ -262,34 +264,40 @@ pub struct CelInput<'a> {
 }
 
 /// The variables a CEL rule sees (`run`, `step`, `now`), converted once per call.
-pub struct CelContext(Context<'static, 'static>);
+pub struct CelContext<'a>(Context<'a, 'a>);
 
-impl std::fmt::Debug for CelContext {
+impl std::fmt::Debug for CelContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CelContext").finish_non_exhaustive()
     }
 }
 
-fn int(n: u64) -> Value {
-    Value::Int(i64::try_from(n).unwrap_or(i64::MAX))
+/// A CEL value that may borrow strings for `'a`.
+type Val<'a> = Box<dyn cel::common::value::Val + 'a>;
+
+// The values are the types cel itself converts `Value`s into (maps, lists, strings and ints), built
+// directly: going through `Value` copied every string twice and rebuilt every map.
+fn int<'a>(n: u64) -> Val<'a> {
+    Box::new(CelInt::from(i64::try_from(n).unwrap_or(i64::MAX)))
 }
 
-fn string(s: &str) -> Value {
-    Value::String(Arc::new(s.to_owned()))
+fn string(s: &str) -> Val<'_> {
+    Box::new(CelString::from(s))
 }
 
-fn map(entries: Vec<(&'static str, Value)>) -> Value {
-    let map: HashMap<String, Value> = entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    Value::from(map)
+fn map<'a>(entries: Vec<(&'static str, Val<'a>)>) -> Val<'a> {
+    let map: HashMap<CelMapKey<'a>, Val<'a>> = entries.into_iter().map(|(k, v)| (CelMapKey::from(k), v)).collect();
+    Box::new(CelMap::from(map))
 }
 
-impl CelInput<'_> {
-    fn run_value(&self) -> Value {
-        let labels: HashMap<String, Value> = self.labels.iter().map(|(k, v)| (k.clone(), string(v))).collect();
+impl<'a> CelInput<'a> {
+    fn run_value(&self) -> Val<'a> {
+        let labels: HashMap<CelMapKey<'a>, Val<'a>> =
+            self.labels.iter().map(|(k, v)| (CelMapKey::from(k.as_str()), string(v))).collect();
         map(vec![
             ("id", string(self.run_id)),
             ("tenant", string(self.tenant)),
-            ("labels", Value::from(labels)),
+            ("labels", Box::new(CelMap::from(labels))),
             ("tokens", int(self.totals.tokens)),
             ("cost_micros", int(self.totals.cost_micros)),
             ("steps", int(self.totals.steps)),
@@ -300,11 +308,14 @@ impl CelInput<'_> {
 
 /// The `step` map: absent optional fields are absent keys, so reading one is an error unless guarded
 /// with `has()`.
-fn step_value(step: &StepCall) -> Value {
+fn step_value(step: &StepCall) -> Val<'_> {
     let mut entries = vec![
         ("index", int(step.index)),
         ("phase", string(step.phase.as_str())),
-        ("input_keys", Value::List(Arc::new(step.input_keys.iter().map(|k| string(k)).collect()))),
+        (
+            "input_keys",
+            Box::new(CelList::from(step.input_keys.iter().map(|k| string(k)).collect::<Vec<_>>())) as Val<'_>,
+        ),
     ];
     if let Some(skill) = &step.skill {
         entries.push(("skill", string(skill)));

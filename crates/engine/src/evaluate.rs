@@ -11,6 +11,7 @@ use runguard_contract::{
 
 use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
+use crate::content::ScanText;
 use crate::state::{Effects, RateEvent, RunState, TenantRates, TierKey, call_digest};
 
 /// The call being evaluated.
@@ -29,7 +30,7 @@ pub enum Call<'a> {
     },
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
     fn bind_at(&self) -> BindAt {
         match self {
             Call::RunStart => BindAt::RunStart,
@@ -49,7 +50,7 @@ impl Call<'_> {
         }
     }
 
-    fn step(&self) -> Option<&StepCall> {
+    fn step(&self) -> Option<&'a StepCall> {
         match self {
             Call::Step(step) => Some(step),
             _ => None,
@@ -119,16 +120,18 @@ struct Cx<'a> {
     tenant_rates: &'a TenantRates,
     now: Timestamp,
     /// The CEL context, built for the first CEL rule and shared by the others of its environment.
-    cel_context: std::cell::OnceCell<(CelContext, &'a crate::cel_rule::CelRule)>,
-    /// Screen matches of the input and output texts, computed on first use.
-    screened: [std::cell::OnceCell<Option<crate::compiled::Screened>>; 2],
+    cel_context: std::cell::OnceCell<(CelContext<'a>, &'a crate::cel_rule::CelRule)>,
+    /// The input and output texts with their screen matches, computed on first use.
+    screened: [std::cell::OnceCell<(ScanText<'a>, Option<crate::compiled::Screened>)>; 2],
     snapshot: &'a CompiledSnapshot,
 }
 
-impl Cx<'_> {
-    fn screen(&self, field: &str, text: &str) -> Option<&crate::compiled::Screened> {
+impl<'a> Cx<'a> {
+    fn screen(&self, field: &str, text: &'a str) -> (&ScanText<'a>, Option<&crate::compiled::Screened>) {
         let slot = if field == "input_text" { &self.screened[0] } else { &self.screened[1] };
-        slot.get_or_init(|| self.snapshot.screen().map(|screen| screen.matches(text))).as_ref()
+        let (text, screened) =
+            slot.get_or_init(|| (ScanText::new(text), self.snapshot.screen().map(|screen| screen.matches(text))));
+        (text, screened.as_ref())
     }
 }
 
@@ -180,9 +183,9 @@ fn check_budget(policy: &Policy, rule: &BudgetRule, cx: &Cx<'_>) -> Vec<Finding>
             }
             if cx.bind == BindAt::StepPost {
                 for &tier in &rule.warn_at {
-                    let key = TierKey { policy_id: policy.id.clone(), tier };
                     let reached = u128::from(actual) * 100 >= u128::from(rule.max) * u128::from(tier);
-                    if reached && !cx.state.fired_tiers.contains(&key) {
+                    // Only a reached tier needs the key (a clone of the policy id) to look up.
+                    if reached && !cx.state.fired_tiers.contains(&TierKey { policy_id: policy.id.clone(), tier }) {
                         let threshold =
                             u64::try_from(u128::from(rule.max) * u128::from(tier) / 100).unwrap_or(u64::MAX);
                         let mut warning = Finding::new(
@@ -306,17 +309,17 @@ fn check_rate(policy: &Policy, rule: &RateRule, cx: &Cx<'_>) -> Vec<Finding> {
     vec![finding]
 }
 
-fn check_content(
+fn check_content<'a>(
     policy: &Policy,
     target: ContentTarget,
     matcher: &crate::content::ContentMatcher,
     screen: &[usize],
-    cx: &Cx<'_>,
+    cx: &Cx<'a>,
 ) -> Vec<Finding> {
     let Some(step) = cx.call.step() else { return Vec::new() };
     let reads_input = matches!(target, ContentTarget::Input | ContentTarget::Both);
     let reads_output = matches!(target, ContentTarget::Output | ContentTarget::Both);
-    let mut texts: Vec<(&str, &str)> = Vec::new();
+    let mut texts: Vec<(&str, &'a str)> = Vec::new();
     if reads_input && let Some(text) = &step.input_text {
         texts.push(("input_text", text));
     }
@@ -329,10 +332,10 @@ fn check_content(
     let mut found = Vec::new();
     for (field, text) in texts {
         let matches = match cx.screen(field, text) {
-            Some(hits) if !screen.is_empty() => {
+            (text, Some(hits)) if !screen.is_empty() => {
                 matcher.scan_screened(text, |part| screen.get(part).is_none_or(|i| hits.may_match(*i)))
             }
-            _ => matcher.scan(text),
+            (text, _) => matcher.scan_screened(text, |_| true),
         };
         if matches.is_empty() {
             continue;
@@ -407,10 +410,11 @@ fn check<'a>(compiled: &'a CompiledPolicy, cx: &Cx<'a>) -> Result<Vec<Finding>, 
         Matcher::Skill { allow, skills } => check_skill(policy, *allow, skills, cx),
         Matcher::Pattern(rule) => check_pattern(policy, rule, cx),
         Matcher::Expr(rule) => {
+            let state = cx.state;
             let input = || CelInput {
-                run_id: cx.state.run_id.as_str(),
-                tenant: cx.state.tenant_id.as_str(),
-                labels: &cx.state.labels,
+                run_id: state.run_id.as_str(),
+                tenant: state.tenant_id.as_str(),
+                labels: &state.labels,
                 totals: cx.totals,
                 step: cx.call.step(),
                 now: cx.now,

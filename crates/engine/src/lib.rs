@@ -48,7 +48,7 @@ mod state;
 
 pub use cel_rule::{COMPREHENSION_FANOUT, CelContext, CelRule};
 pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, validate_document};
-pub use content::{ContentMatcher, luhn_valid, redact};
+pub use content::{ContentMatcher, ScanText, luhn_valid, redact};
 pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};
 pub use replay::{ReplayedCall, replay};
 pub use state::{
