@@ -129,7 +129,7 @@ impl Default for Config {
             ledger_texts: true,
             http_workers: 2,
             run_arbiters: 0,
-            store_cache_bytes: 64 * 1024 * 1024,
+            store_cache_bytes: 32 * 1024 * 1024,
             confirmations_required: 3,
             proposal_min_occurrences: 3,
             limits: Limits::default(),

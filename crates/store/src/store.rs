@@ -46,7 +46,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 64 * 1024 * 1024, fsync: true }
+        Self { cache_capacity_bytes: 32 * 1024 * 1024, fsync: true }
     }
 }
 

@@ -47,23 +47,21 @@ impl Resolve {
 pub struct RunHandle {
     /// The actor.
     pub addr: Addr<RunActor>,
-    /// Calls in flight to it.
-    pub in_flight: InFlightCounter,
+    /// Calls in flight to it, and when one last entered.
+    pub activity: Arc<Activity>,
     /// The actor's generation (a replacement has a higher one).
     pub generation: u64,
-    /// When a call last entered, in milliseconds since the Unix epoch (for idle eviction).
-    last_used: Arc<AtomicI64>,
 }
 
 impl RunHandle {
     /// Counts a call in, unless `limit` calls are already in flight.
     pub fn enter(&self, limit: usize) -> Option<InFlight> {
         self.touch();
-        self.in_flight.enter(limit)
+        self.activity.enter(limit)
     }
 
     fn touch(&self) {
-        self.last_used.store(crate::shared::now().unix_millis(), Ordering::Release);
+        self.activity.last_used.store(crate::shared::now().unix_millis(), Ordering::Release);
     }
 }
 
@@ -71,15 +69,16 @@ impl RunHandle {
 /// only by the registry (spawn, deregistration, idle eviction).
 #[derive(Debug, Default)]
 pub struct RunTable {
-    runs: RwLock<HashMap<RunKey, RunHandle>>,
+    /// Keyed by the same `Arc` the run's actor holds (one copy of the ids per live run).
+    runs: RwLock<HashMap<Arc<RunKey>, RunHandle>>,
 }
 
 impl RunTable {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<RunKey, RunHandle>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<RunKey>, RunHandle>> {
         self.runs.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<RunKey, RunHandle>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<RunKey>, RunHandle>> {
         self.runs.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -106,32 +105,41 @@ impl RunTable {
     }
 }
 
-/// Calls in flight to one run, shared by every caller of it.
-#[derive(Clone, Debug, Default)]
-pub struct InFlightCounter(Arc<AtomicUsize>);
+/// What every caller of one run shares: the calls in flight to it and when one last entered (one
+/// allocation per live run).
+#[derive(Debug, Default)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since the Unix epoch (for idle eviction).
+    last_used: AtomicI64,
+}
 
-impl InFlightCounter {
+impl Activity {
+    fn starting_now() -> Arc<Self> {
+        Arc::new(Self { in_flight: AtomicUsize::new(0), last_used: AtomicI64::new(crate::shared::now().unix_millis()) })
+    }
+
     /// Counts a call in, unless `limit` calls are already in flight.
-    pub fn enter(&self, limit: usize) -> Option<InFlight> {
-        let previous = self.0.fetch_add(1, Ordering::AcqRel);
+    pub fn enter(self: &Arc<Self>, limit: usize) -> Option<InFlight> {
+        let previous = self.in_flight.fetch_add(1, Ordering::AcqRel);
         // The guard is made first so that a refused call is counted out again when it drops.
-        let guard = InFlight(Arc::clone(&self.0));
+        let guard = InFlight(Arc::clone(self));
         (previous < limit).then_some(guard)
     }
 
     /// Calls in flight now.
     pub fn current(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::Acquire)
     }
 }
 
-/// One call counted in an [`InFlightCounter`]; released when dropped.
+/// One call counted in an [`Activity`]; released when dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -140,7 +148,7 @@ impl Drop for InFlight {
 #[rtype(result = "()")]
 pub struct Deregister {
     /// The run.
-    pub key: RunKey,
+    pub key: Arc<RunKey>,
     /// The generation of the stopping actor.
     pub generation: u64,
 }
@@ -201,7 +209,7 @@ impl Registry {
             crate::shared::now().unix_millis().saturating_sub(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX));
         let live = {
             let mut runs = self.shared.live_runs.write();
-            runs.retain(|_, run| run.in_flight.current() > 0 || run.last_used.load(Ordering::Acquire) > oldest);
+            runs.retain(|_, run| run.activity.current() > 0 || run.activity.last_used.load(Ordering::Acquire) > oldest);
             runs.len()
         };
         self.gauge(live);
@@ -262,19 +270,15 @@ impl Handler<Resolve> for Registry {
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
         let shared = Arc::clone(&self.shared);
-        let registry = ctx.address();
-        let actor_key = key.clone();
+        let registry = ctx.address().downgrade();
+        let key = Arc::new(key);
+        let actor_key = Arc::clone(&key);
         let make = move |_: &mut Context<RunActor>| RunActor::new(actor_key, generation, shared, registry);
         let addr = match self.placement(&key).or(home.as_ref()) {
             Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
             None => RunActor::create(make),
         };
-        let run = RunHandle {
-            addr,
-            in_flight: InFlightCounter::default(),
-            generation,
-            last_used: Arc::new(AtomicI64::new(crate::shared::now().unix_millis())),
-        };
+        let run = RunHandle { addr, activity: Activity::starting_now(), generation };
         let live = {
             let mut runs = self.shared.live_runs.write();
             runs.insert(key, run.clone());
@@ -306,7 +310,7 @@ mod tests {
 
     #[test]
     fn calls_in_flight_are_bounded_and_released() {
-        let counter = InFlightCounter::default();
+        let counter = Arc::new(Activity::default());
         let first = counter.enter(2).expect("room for one");
         let second = counter.enter(2).expect("room for two");
         assert!(counter.enter(2).is_none(), "a third call is refused");

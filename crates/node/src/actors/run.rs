@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::WeakAddr;
 use actix::prelude::*;
 use runguard_contract::{
     Action, Decision, Outcome, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp, ViolationType,
@@ -139,10 +140,11 @@ impl RunMeta {
 
 /// The actor.
 pub struct RunActor {
-    key: RunKey,
+    key: Arc<RunKey>,
     generation: u64,
     shared: Arc<Shared>,
-    registry: Addr<Registry>,
+    /// Weak: a strong address costs two allocations per live run, and it is only used when stopping.
+    registry: WeakAddr<Registry>,
     live: Option<Live>,
 }
 
@@ -154,7 +156,7 @@ impl std::fmt::Debug for RunActor {
 
 impl RunActor {
     /// A run actor for `key`, not yet loaded.
-    pub fn new(key: RunKey, generation: u64, shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
+    pub fn new(key: Arc<RunKey>, generation: u64, shared: Arc<Shared>, registry: WeakAddr<Registry>) -> Self {
         Self { key, generation, shared, registry, live: None }
     }
 }
@@ -169,7 +171,9 @@ impl Actor for RunActor {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.registry.do_send(Deregister { key: self.key.clone(), generation: self.generation });
+        if let Some(registry) = self.registry.upgrade() {
+            registry.do_send(Deregister { key: Arc::clone(&self.key), generation: self.generation });
+        }
     }
 }
 
@@ -296,7 +300,7 @@ fn record_metrics(evaluation: &Evaluation, elapsed: Duration) {
 }
 
 impl RunActor {
-    async fn load(shared: Arc<Shared>, key: RunKey) -> Result<Option<Live>, ApiError> {
+    async fn load(shared: Arc<Shared>, key: Arc<RunKey>) -> Result<Option<Live>, ApiError> {
         let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
         shared
             .blocking(move |shared| {
@@ -306,7 +310,7 @@ impl RunActor {
             .await
     }
 
-    async fn create(shared: Arc<Shared>, key: RunKey, request: CreateRun) -> Result<(Live, Decision), ApiError> {
+    async fn create(shared: Arc<Shared>, key: Arc<RunKey>, request: CreateRun) -> Result<(Live, Decision), ApiError> {
         let current = Self::current_snapshot(&shared, &key.tenant).await?;
         let (reference, compiled) = (Arc::clone(&current.reference), Arc::clone(&current.compiled));
         let at = now();
