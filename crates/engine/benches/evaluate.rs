@@ -9,6 +9,8 @@
 //! - `scaling/{10,100,1000}`: budget and CEL policies, to show cost grows at most linearly in policies.
 //! - `compile/fifty_policies`: [`CompiledSnapshot::compile`], the one-time cost at run start.
 //! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
+//! - `tenant_rate/{allow,throttle}/{100,100000}`: one tenant-scope rate rule checked against a window
+//!   holding 100 or 100,000 events; the check must cost the same for both.
 //!
 //! Every input is built, validated and checked once outside the timed closures: each bench asserts the
 //! decision it expects, so a broken setup cannot produce a meaningless fast number.
@@ -25,8 +27,8 @@ use runguard_contract::{
     Totals, Usage,
 };
 use runguard_engine::{
-    Admission, Call, CompiledSnapshot, Evaluation, Matcher, RunState, TenantRates, call_digest, evaluate,
-    validate_document,
+    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, RateEvent, RunState, TenantRates, call_digest,
+    evaluate, validate_document,
 };
 use serde_json::{Value, json};
 
@@ -502,6 +504,57 @@ fn breakdown(c: &mut Criterion) {
     group.finish();
 }
 
+/// A tenant-scope steps rate rule against `events` recorded 2 ms apart, the newest 1 ms before the call:
+/// all of them inside the 300 s window. With `max` = half the events the call is throttled until the
+/// oldest half has left the window; with `max` above the count it is allowed.
+fn tenant_rates(c: &mut Criterion) {
+    const WINDOW_S: u32 = 300;
+    let mut group = c.benchmark_group("tenant_rate");
+    for (name, throttled) in [("allow", false), ("throttle", true)] {
+        for events in [100i64, 100_000] {
+            let max = if throttled { events / 2 } else { events + 1 };
+            let rule = policy(json!({
+                "id": "t01_tenant_steps", "name": "tenant steps per 5 minutes",
+                "rule": {"kind": "rate", "metric": "steps", "max": max, "window_s": WINDOW_S, "scope": "tenant"},
+            }));
+            let snapshot = compile(&[rule]);
+            let now = pre_time(0);
+            let at = |i: i64| now.plus_millis(-1 - 2 * (events - 1 - i));
+            let mut rates = TenantRates::default();
+            for i in 0..events {
+                rates.apply(&Effects {
+                    tenant_rate_event: Some(RateEvent { at: at(i), steps: 1, tokens: 0, cost_micros: 0 }),
+                    tenant_window_ms: i64::from(WINDOW_S) * 1000,
+                    ..Effects::default()
+                });
+            }
+            let run = RunState::new(tenant(), RunId::new("run-bench").expect("valid run id"), labels());
+            let call = pre_call(0);
+            let decision = evaluate(&snapshot, &run, Call::Step(&call), &rates, now).decision;
+            if throttled {
+                // `max` events may stay: the call fits once the oldest `events - max + 1` have left.
+                let fits_at = at(events - max).plus_millis(i64::from(WINDOW_S) * 1000);
+                assert_eq!(decision.action, Action::Throttle, "{:?}", decision.violations);
+                assert_eq!(decision.retry_after_ms, Some(fits_at.millis_since(now)));
+            } else {
+                assert_eq!(decision.action, Action::Allow, "{:?}", decision.violations);
+            }
+            group.bench_with_input(BenchmarkId::new(name, events), &rates, |b, rates| {
+                b.iter(|| {
+                    evaluate(
+                        black_box(&snapshot),
+                        black_box(&run),
+                        Call::Step(black_box(&call)),
+                        black_box(rates),
+                        black_box(now),
+                    )
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(50)
 }
@@ -509,6 +562,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, engine, scaling, compile_snapshot, breakdown
+    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates
 }
 criterion_main!(benches);

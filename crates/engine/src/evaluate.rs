@@ -12,6 +12,7 @@ use runguard_contract::{
 use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::content::ScanText;
+use crate::rates::RateEvents;
 use crate::state::{Effects, RateEvent, RunState, TenantRates, TierKey, call_digest};
 
 /// The call being evaluated.
@@ -244,24 +245,15 @@ fn check_budget(policy: &Policy, rule: &BudgetRule, cx: &Cx<'_>) -> Vec<Finding>
     found
 }
 
-fn rate_value(event: &RateEvent, metric: RateMetric) -> u64 {
-    match metric {
-        RateMetric::Steps => event.steps,
-        RateMetric::Tokens => event.tokens,
-        RateMetric::CostMicros => event.cost_micros,
-    }
-}
-
 fn check_rate(policy: &Policy, rule: &RateRule, cx: &Cx<'_>) -> Vec<Finding> {
     let Some(step) = cx.call.step() else { return Vec::new() };
-    let events = match rule.scope {
+    let events: &dyn RateEvents = match rule.scope {
         RateScope::Run => &cx.state.rate_events,
-        RateScope::Tenant => cx.tenant_rates.events(),
+        RateScope::Tenant => cx.tenant_rates.window(),
     };
     let window_ms = i64::from(rule.window_s).saturating_mul(1000);
     let start = cx.now.plus_millis(window_ms.saturating_neg());
-    let in_window: Vec<&RateEvent> = events.iter().filter(|e| e.at > start).collect();
-    let used: u64 = in_window.iter().map(|e| rate_value(e, rule.metric)).fold(0, u64::saturating_add);
+    let used = u64::try_from(events.used_after(start, rule.metric)).unwrap_or(u64::MAX);
     let request = match rule.metric {
         RateMetric::Steps => 1,
         RateMetric::Tokens => step.estimate.and_then(|e| e.tokens).unwrap_or(0),
@@ -275,15 +267,13 @@ fn check_rate(policy: &Policy, rule: &RateRule, cx: &Cx<'_>) -> Vec<Finding> {
     let retry_after_ms = if request > rule.max {
         window_u64
     } else {
-        let mut remaining = used;
-        let mut wait = window_u64;
-        for event in &in_window {
-            remaining = remaining.saturating_sub(rate_value(event, rule.metric));
-            if remaining.saturating_add(request) <= rule.max {
-                wait = event.at.plus_millis(window_ms).millis_since(cx.now);
-                break;
-            }
-        }
+        // The call fits once what is left in the window is at most `room`: once the oldest events
+        // (in the order they were recorded) that sum to `used - room` have left it.
+        let room = rule.max - request;
+        debug_assert!(used > room, "a call that does not fit has more than `room` in the window");
+        let wait = events
+            .reaching(start, rule.metric, u128::from(used.saturating_sub(room)))
+            .map_or(window_u64, |at| at.plus_millis(window_ms).millis_since(cx.now));
         wait.max(1)
     };
     let action = match policy.action {

@@ -43,6 +43,7 @@ mod compiled;
 mod content;
 mod evaluate;
 pub mod learning;
+mod rates;
 mod replay;
 mod state;
 

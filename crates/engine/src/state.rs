@@ -10,6 +10,8 @@ use runguard_contract::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::rates::RateWindow;
+
 /// A warn tier of a budget policy that has fired in this run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TierKey {
@@ -32,7 +34,7 @@ pub struct RateEvent {
     pub cost_micros: u64,
 }
 
-/// Rate events older than the longest window are dropped.
+/// Run-scope rate events older than the longest window are dropped.
 fn prune(events: &mut VecDeque<RateEvent>, now: Timestamp, horizon_ms: i64) {
     let oldest_kept = now.plus_millis(horizon_ms.saturating_neg());
     while events.front().is_some_and(|e| e.at <= oldest_kept) {
@@ -42,23 +44,61 @@ fn prune(events: &mut VecDeque<RateEvent>, now: Timestamp, horizon_ms: i64) {
 
 /// The tenant-wide rate windows on this node. The caller owns one per tenant and passes it to
 /// [`evaluate`](crate::evaluate), then applies [`Effects::tenant_rate_event`] to it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A tenant's window holds every call of the tenant within the longest window (hundreds of thousands
+/// under load): running totals are kept beside the events, so that a rate check takes time logarithmic
+/// in their number. Events of the same millisecond recorded one after the other are kept as one.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(from = "TenantEvents", into = "TenantEvents")]
 pub struct TenantRates {
+    window: RateWindow,
+}
+
+/// How [`TenantRates`] serialises: its events, in the order they were recorded.
+#[derive(Serialize, Deserialize)]
+struct TenantEvents {
     events: VecDeque<RateEvent>,
 }
+
+impl From<TenantEvents> for TenantRates {
+    fn from(stored: TenantEvents) -> Self {
+        let mut window = RateWindow::default();
+        stored.events.into_iter().for_each(|event| window.push(event));
+        Self { window }
+    }
+}
+
+impl From<TenantRates> for TenantEvents {
+    fn from(rates: TenantRates) -> Self {
+        Self { events: rates.events().collect() }
+    }
+}
+
+impl PartialEq for TenantRates {
+    fn eq(&self, other: &Self) -> bool {
+        self.events().eq(other.events())
+    }
+}
+
+impl Eq for TenantRates {}
 
 impl TenantRates {
     /// Records the tenant-scope consumption of an applied evaluation.
     pub fn apply(&mut self, effects: &Effects) {
         if let Some(event) = effects.tenant_rate_event {
-            self.events.push_back(event);
-            prune(&mut self.events, event.at, effects.tenant_window_ms);
+            self.window.push(event);
+            self.window.drop_through(event.at.plus_millis(effects.tenant_window_ms.saturating_neg()));
         }
     }
 
-    /// The events still inside some window.
-    pub fn events(&self) -> &VecDeque<RateEvent> {
-        &self.events
+    /// The events still inside some window, in the order they were recorded; consecutive events of the
+    /// same millisecond come merged into one.
+    pub fn events(&self) -> impl Iterator<Item = RateEvent> + '_ {
+        self.window.events()
+    }
+
+    pub(crate) fn window(&self) -> &RateWindow {
+        &self.window
     }
 }
 

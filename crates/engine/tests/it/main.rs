@@ -6,6 +6,7 @@ mod content_skill_pattern;
 mod expr_and_errors;
 mod order;
 mod properties;
+mod rate_windows;
 mod rates;
 mod run_model;
 mod support;
