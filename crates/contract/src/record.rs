@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::canonical::{CanonicalError, RECORD_DOMAIN, canonical_json, domain_hash};
+use crate::canonical::{CanonicalError, RECORD_DOMAIN, canonical_json_value, domain_hash};
 use crate::decision::DecisionPhase;
 use crate::ids::{
     DecisionId, IncidentId, PatternId, PolicyId, RecordHash, RecordId, RunId, SignatureHash, SnapshotHash, TenantId,
@@ -56,7 +56,7 @@ impl PreventionRecord {
         if let Some(object) = value.as_object_mut() {
             object.remove("hash");
         }
-        Ok(RecordHash::from_bytes(&domain_hash(RECORD_DOMAIN, &canonical_json(&value)?)))
+        Ok(RecordHash::from_bytes(&domain_hash(RECORD_DOMAIN, &canonical_json_value(&value)?)))
     }
 
     /// Links this record after `prev_hash` at position `seq` and seals it with its hash.

@@ -4,13 +4,15 @@
 //! run's snapshot binding (a read and decode of the stored run), its next ledger position (a reverse scan
 //! of its ledger) and whether it is listed as live. The cache holds those three for recently written runs.
 //! It is filled only from commits that succeeded, under the writer lock, so it always agrees with the
-//! store; a miss falls back to reading the store. It is bounded: when full it starts over.
+//! store; a miss falls back to reading the store. It is bounded by two generations: when the current one
+//! is full it becomes the previous one (the one before is dropped), so the runs written most recently
+//! are kept, and a run found in the previous generation moves back into the current one.
 
 use std::collections::HashMap;
 
 use runguard_contract::SnapshotHash;
 
-/// Runs remembered at most (a few megabytes; the runs in flight on a busy node are far fewer).
+/// Runs per generation; at most twice as many are remembered (a few megabytes).
 const CAPACITY: usize = 16_384;
 
 /// What is known of one run, each part only once a commit established it.
@@ -27,21 +29,25 @@ pub(crate) struct CachedRun {
 /// The cache, keyed by the run key (`tenant\0 run\0`).
 #[derive(Debug, Default)]
 pub(crate) struct RunCache {
-    runs: HashMap<Vec<u8>, CachedRun>,
+    current: HashMap<Vec<u8>, CachedRun>,
+    previous: HashMap<Vec<u8>, CachedRun>,
 }
 
 impl RunCache {
     /// What is known of the run with `key`.
     pub(crate) fn get(&self, key: &[u8]) -> Option<&CachedRun> {
-        self.runs.get(key)
+        self.current.get(key).or_else(|| self.previous.get(key))
     }
 
     /// Merges what a successful commit established about the run with `key`.
     pub(crate) fn learn(&mut self, key: Vec<u8>, learned: CachedRun) {
-        if self.runs.len() >= CAPACITY && !self.runs.contains_key(&key) {
-            self.runs.clear();
+        let mut known = match self.current.remove(&key) {
+            Some(known) => known,
+            None => self.previous.remove(&key).unwrap_or_default(),
+        };
+        if self.current.len() >= CAPACITY {
+            self.previous = std::mem::take(&mut self.current);
         }
-        let known = self.runs.entry(key).or_default();
         if learned.snapshot.is_some() {
             known.snapshot = learned.snapshot;
         }
@@ -51,12 +57,13 @@ impl RunCache {
         if learned.live.is_some() {
             known.live = learned.live;
         }
+        self.current.insert(key, known);
     }
 
     /// How many runs are remembered.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.runs.len()
+        self.current.len() + self.previous.len()
     }
 }
 
@@ -74,9 +81,13 @@ mod tests {
             cache.get(b"a"),
             Some(&CachedRun { snapshot: Some(hash), next_position: Some(3), live: Some(true) })
         );
-        for i in 0..CAPACITY + 10 {
+        for i in 0..3 * CAPACITY {
             cache.learn(i.to_be_bytes().to_vec(), CachedRun { live: Some(false), ..CachedRun::default() });
         }
-        assert!(cache.len() <= CAPACITY);
+        assert!(cache.len() <= 2 * CAPACITY);
+        let newest = (3 * CAPACITY - 1).to_be_bytes();
+        let within = (2 * CAPACITY).to_be_bytes();
+        assert!(cache.get(&newest).is_some() && cache.get(&within).is_some(), "the most recent runs are kept");
+        assert!(cache.get(&0usize.to_be_bytes()).is_none(), "the oldest are dropped");
     }
 }
