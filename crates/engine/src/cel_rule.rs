@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cel::common::ast::{EntryExpr, Expr};
+use cel::common::traits::Indexer;
 use cel::common::types::{CelInt, CelList, CelMap, CelMapKey, CelString};
+use cel::common::value::CowVal;
 use cel::{Context, Env, IdedExpr, Program, Value};
 use runguard_contract::{StepCall, Timestamp, Totals, ValidationError};
 
@@ -193,18 +195,15 @@ impl CelRule {
         self.evaluate_in(&self.context(input))
     }
 
-    /// The evaluation context for `input` in this rule's environment. Building it converts every
-    /// variable, so build it once per call and evaluate every rule of the same environment in it. The
-    /// values borrow the input's strings (a step's texts may be kilobytes), so the context lives no longer
-    /// than the input's borrows.
+    /// The variables of `input`, converted for this rule's environment. Converting costs more than
+    /// evaluating most rules, so convert once per call and evaluate every rule of the same environment
+    /// against them. The values borrow the input's strings (a step's texts may be kilobytes).
     pub fn context<'a>(&self, input: &CelInput<'a>) -> CelContext<'a> {
-        let mut context = Context::with_env(Arc::clone(&self.env));
-        context.add_variable_as_val("run", input.run_value());
-        if let Some(step) = input.step {
-            context.add_variable_as_val("step", step_value(step));
+        CelContext {
+            run: input.run_value(),
+            step: input.step.map(step_value),
+            now: Box::new(CelInt::from(input.now.unix_millis())),
         }
-        context.add_variable_as_val("now", Box::new(CelInt::from(input.now.unix_millis())));
-        CelContext(context)
     }
 
     /// Whether this rule was compiled in `env` (and so can be evaluated in its contexts).
@@ -212,9 +211,11 @@ impl CelRule {
         Arc::ptr_eq(&self.env, &other.env)
     }
 
-    /// Evaluates the rule in a context built by a rule of the same environment.
-    pub fn evaluate_in(&self, context: &CelContext<'_>) -> Result<bool, String> {
-        match self.program.execute(&context.0) {
+    /// Evaluates the rule against variables converted by a rule of the same environment.
+    pub fn evaluate_in(&self, variables: &CelContext<'_>) -> Result<bool, String> {
+        let mut context = Context::with_env(Arc::clone(&self.env));
+        context.set_variable_resolver(variables);
+        match self.program.execute(&context) {
             Ok(Value::Bool(violated)) => Ok(violated),
             Ok(other) => Err(format!("the expression returned {:?}, not a bool", other.type_of())),
             Err(err) => Err(describe(&err)),
@@ -264,11 +265,40 @@ pub struct CelInput<'a> {
 }
 
 /// The variables a CEL rule sees (`run`, `step`, `now`), converted once per call.
-pub struct CelContext<'a>(Context<'a, 'a>);
+pub struct CelContext<'a> {
+    run: Val<'a>,
+    step: Option<Val<'a>>,
+    now: Val<'a>,
+}
 
 impl std::fmt::Debug for CelContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CelContext").finish_non_exhaustive()
+    }
+}
+
+/// cel resolves a qualified name such as `step.usage.tokens` by looking up `step.usage.tokens`, then
+/// `step.usage`, then `step` (as variables, and the whole name as a type too) and selecting the fields
+/// left on the value found. Answering the whole name at once selects the same value through the maps
+/// and skips the failed lookups; any name it does not find whole (a missing field, a field of something
+/// other than a map) is left to cel, which resolves and reports it as it would anyway.
+impl cel::context::VariableResolver for CelContext<'_> {
+    fn resolve<'b>(&'b self, name: &str) -> Option<CowVal<'b, 'b>> {
+        let mut path = name.split('.');
+        let mut value: &'b (dyn cel::common::value::Val + 'b) = match path.next()? {
+            "run" => self.run.as_ref(),
+            "step" => self.step.as_deref()?,
+            "now" => self.now.as_ref(),
+            _ => return None,
+        };
+        for field in path {
+            let map = value.downcast_ref::<CelMap>()?;
+            match map.get(&CelString::from(field)).ok()? {
+                CowVal::Borrowed(found) => value = found,
+                CowVal::Owned(_) => return None,
+            }
+        }
+        Some(CowVal::Borrowed(value))
     }
 }
 
@@ -397,6 +427,59 @@ mod tests {
         assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
         let rule = CelRule::compile("step.index == 3 && now == 5 && step.skill == 'fetch'", 1000).unwrap();
         assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
+    }
+
+    /// The resolver answering whole names must give every expression the result (value or error) it gets
+    /// with the same values bound as plain variables.
+    #[test]
+    fn resolved_names_evaluate_as_bound_variables() {
+        let labels = BTreeMap::from([("team".to_owned(), "red".to_owned())]);
+        let step = StepCall {
+            skill: Some("fetch".into()),
+            input_keys: vec!["query".into()],
+            usage: Some(Usage { tokens: 150, ..Usage::default() }),
+            output_text: Some("some output".into()),
+            ..StepCall::new(3, Phase::Post)
+        };
+        let expressions = [
+            "now",
+            "run",
+            "step.usage.tokens",
+            "step.usage.missing",
+            "step.missing.tokens",
+            "has(step.usage.tokens)",
+            "has(step.error)",
+            "step.error.status",
+            "step.index.x",
+            "step.input_keys.x",
+            "step.output_text.size",
+            "run.labels.team",
+            "run.labels.nope",
+            "'team' in run.labels",
+            "step['usage'].tokens",
+            "step == step",
+            "size(step)",
+            ".step.index",
+            "[{'x': 2}].all(step, step.x == 2)",
+            "[{'usage': {'tokens': 1}}].exists(step, step.usage.tokens == 1)",
+            "step.input_keys.exists(k, k == 'query') && step.skill == 'fetch'",
+        ];
+        // Without a step (run start and end), `step` is not declared at all.
+        for input in [input(&labels, Some(&step)), input(&labels, None)] {
+            for source in expressions {
+                let rule = CelRule::compile(source, 100_000).unwrap();
+                let mut bound = Context::with_env(Arc::clone(&rule.env));
+                bound.add_variable_as_val("run", input.run_value());
+                if let Some(step) = input.step {
+                    bound.add_variable_as_val("step", step_value(step));
+                }
+                bound.add_variable_as_val("now", Box::new(CelInt::from(input.now.unix_millis())));
+                let variables = rule.context(&input);
+                let mut resolved = Context::with_env(Arc::clone(&rule.env));
+                resolved.set_variable_resolver(&variables);
+                assert_eq!(rule.program.execute(&resolved), rule.program.execute(&bound), "{source}");
+            }
+        }
     }
 
     #[test]

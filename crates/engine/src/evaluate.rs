@@ -120,7 +120,7 @@ struct Cx<'a> {
     totals: Totals,
     tenant_rates: &'a TenantRates,
     now: Timestamp,
-    /// The CEL context, built for the first CEL rule and shared by the others of its environment.
+    /// The CEL variables, converted for the first CEL rule and shared by the others of its environment.
     cel_context: std::cell::OnceCell<(CelContext<'a>, &'a crate::cel_rule::CelRule)>,
     /// The input and output texts with their screen matches, computed on first use.
     screened: [std::cell::OnceCell<(ScanText<'a>, Option<crate::compiled::Screened>)>; 2],
