@@ -165,6 +165,15 @@ fn line(label: &str, sample: &[Sample], rate: impl Fn(&Sample) -> f64) {
     );
 }
 
+/// Prints latency percentiles, each the median over the repeats of `samples`.
+fn percentiles(label: &str, samples: &[Sample], quantile_ms: impl Fn(&Sample, f64) -> f64) {
+    let parts: Vec<String> = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)]
+        .iter()
+        .map(|(name, q)| format!("{name} {:.2} ms", median(samples.iter().map(|s| quantile_ms(s, *q)).collect())))
+        .collect();
+    println!("  {label}: {}", parts.join("  "));
+}
+
 /// Runs one measurement against `server` and records the CPU time the server spent during it.
 async fn with_server_cpu(
     server: &Server,
@@ -264,26 +273,9 @@ async fn http(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
                 );
                 line("node", &half, Sample::rate);
-                println!(
-                    "  half load: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms (medians over repeats)",
-                    median(half.iter().map(|s| s.ms(0.5)).collect()),
-                    median(half.iter().map(|s| s.ms(0.9)).collect()),
-                    median(half.iter().map(|s| s.ms(0.99)).collect()),
-                    median(half.iter().map(|s| s.ms(0.999)).collect()),
-                );
-                println!(
-                    "  half load, step calls only: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
-                    median(half.iter().map(|s| s.decision_ms(0.5)).collect()),
-                    median(half.iter().map(|s| s.decision_ms(0.9)).collect()),
-                    median(half.iter().map(|s| s.decision_ms(0.99)).collect()),
-                    median(half.iter().map(|s| s.decision_ms(0.999)).collect()),
-                );
-                println!(
-                    "  half load, run creations and ends: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
-                    median(half.iter().map(|s| s.other_ms(0.5)).collect()),
-                    median(half.iter().map(|s| s.other_ms(0.9)).collect()),
-                    median(half.iter().map(|s| s.other_ms(0.99)).collect()),
-                );
+                percentiles("half load (medians over repeats)", &half, Sample::ms);
+                percentiles("half load, step calls only", &half, Sample::decision_ms);
+                percentiles("half load, run creations and ends", &half, Sample::other_ms);
             }
         }
         Shape::Blocks { runs } => {
