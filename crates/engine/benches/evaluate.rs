@@ -5,7 +5,8 @@
 //! - `four_budgets`: a typical snapshot of four budgets answering a `post` call (target: under 1 µs).
 //! - `fifty_policies_content_cel`: fifty policies (budgets, run-scope rates, content, skill and CEL rules)
 //!   answering a `post` call that carries 4 KiB of output text, without and with matches (target: under
-//!   25 µs). `fifty_policies_pre` answers the `pre` call of the same snapshot, where the rate rules bind.
+//!   25 µs); `clean_4k_non_ascii` is the clean text with one sentence of typographic punctuation.
+//!   `fifty_policies_pre` answers the `pre` call of the same snapshot, where the rate rules bind.
 //! - `scaling/{10,100,1000}`: budget and CEL policies, to show cost grows at most linearly in policies.
 //! - `compile/fifty_policies`: [`CompiledSnapshot::compile`], the one-time cost at run start.
 //! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
@@ -266,7 +267,11 @@ const MATCHING: [&str; 2] = [
     "This summary is Confidential and meant for the platform team. ",
 ];
 
-/// Exactly [`TEXT_LEN`] bytes of ASCII report text, with `inserts` (sentence position, text) spliced in.
+/// A clean sentence with typographic punctuation, as model output often has: the text is no longer ASCII.
+const TYPOGRAPHIC: &str =
+    "The team\u{2019}s review \u{2014} \u{201c}cut-over went well\u{201d} \u{2014} closed the item. ";
+
+/// Exactly [`TEXT_LEN`] bytes of report text, with `inserts` (sentence position, text) spliced in.
 fn output_text(inserts: &[(usize, &str)]) -> String {
     let mut text = String::with_capacity(TEXT_LEN + 128);
     for i in 0.. {
@@ -422,6 +427,8 @@ fn engine(c: &mut Criterion) {
     let mut group = c.benchmark_group("fifty_policies_content_cel");
     group.bench_function("clean_4k", |b| b.iter(|| clean.evaluate()));
     group.bench_function("two_matches_4k", |b| b.iter(|| matching.evaluate()));
+    let typographic = Case::post(&fifty, Some(output_text(&[(3, TYPOGRAPHIC)]))).expect(Action::Allow, 0);
+    group.bench_function("clean_4k_non_ascii", |b| b.iter(|| typographic.evaluate()));
     group.finish();
 
     Case::pre(&fifty).expect(Action::Allow, 0).bench(c, "fifty_policies_pre");
