@@ -643,6 +643,10 @@ pub fn evaluate(
     }
     decision.action = action;
     if action == Action::Throttle {
+        // A throttled step does not run: it consumes no rate allowance of its run or its tenant
+        // (`RunState::apply` skips throttles; the caller's `TenantRates` must not count it either).
+        effects.run_rate_event = None;
+        effects.tenant_rate_event = None;
         decision.retry_after_ms =
             active.iter().filter(|(v, _, _)| v.action == Action::Throttle).filter_map(|(_, _, retry)| *retry).max();
     }

@@ -70,6 +70,21 @@ fn tenant_scope_windows_are_shared_between_runs() {
 }
 
 #[test]
+fn throttled_calls_do_not_fill_the_tenant_window() {
+    let mut run = Driver::new(&[steps_rate("tenant", 1, 10)]);
+    run.send(&pre(0), at(0));
+    run.send(&post(0, 0), at(10));
+    // Retried every second while throttled: none of the retries counts as a step of the tenant.
+    for t in 1..10 {
+        let e = run.send(&pre(1), at(t * 1_000));
+        assert_eq!(e.decision.action, Action::Throttle, "at {t} s");
+        assert!(e.effects.tenant_rate_event.is_none() && e.effects.run_rate_event.is_none());
+    }
+    // The only step in the window leaves it at 10 s: the call fits then, not 10 s after the last retry.
+    assert_eq!(run.send(&pre(1), at(10_000)).decision.action, Action::Allow);
+}
+
+#[test]
 fn a_warn_rate_rule_warns_instead_of_throttling() {
     let rate = policy(
         r#"{"id":"pol_rate","name":"rate","action":"warn","rule":{"kind":"rate","metric":"steps","max":0,"window_s":5}}"#,
