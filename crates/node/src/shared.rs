@@ -29,7 +29,8 @@ pub struct Shared {
     pub live_runs: crate::actors::registry::RunTable,
     /// Each tenant's current snapshot, captured once per change of the policies.
     pub current_snapshots: crate::current_snapshots::CurrentSnapshots,
-    tenant_rates: Mutex<HashMap<TenantId, TenantRates>>,
+    /// One lock per tenant, so that one tenant's rate-limited calls never wait for another's.
+    tenant_rates: Mutex<HashMap<TenantId, Arc<Mutex<TenantRates>>>>,
     snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
 }
 
@@ -152,7 +153,11 @@ impl Shared {
 
     /// Runs `f` with the tenant's rate windows locked (only snapshots with tenant-scope rate rules need it).
     pub fn with_tenant_rates<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut TenantRates) -> T) -> T {
-        let mut rates = self.tenant_rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(rates.entry(tenant.clone()).or_default())
+        let rates = {
+            let mut tenants = self.tenant_rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(tenants.entry(tenant.clone()).or_default())
+        };
+        let mut rates = rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut rates)
     }
 }
