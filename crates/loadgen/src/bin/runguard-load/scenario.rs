@@ -290,6 +290,14 @@ pub async fn runs(
             anyhow::Ok(worker.sample)
         }));
     }
+    merged(tasks, started).await
+}
+
+/// Waits for every connection's task and merges their samples; `elapsed` is measured from `started`.
+async fn merged(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Sample>>>,
+    started: Instant,
+) -> anyhow::Result<Sample> {
     let mut total = Sample::new();
     for task in tasks {
         total.merge(&task.await??);
@@ -327,12 +335,7 @@ async fn striped(
             anyhow::Ok(worker.sample)
         }));
     }
-    let mut total = Sample::new();
-    for task in tasks {
-        total.merge(&task.await??);
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    merged(tasks, started).await
 }
 
 /// Creates `runs` runs over the scenario's connections; answers how long it took.
