@@ -49,13 +49,13 @@ impl RateEvents for VecDeque<RateEvent> {
 /// Running totals of the three metrics. They wrap: only differences between two totals are read, and
 /// those are exact as long as the events between them sum to less than 2^128.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Totals {
+struct RunningSums {
     steps: u128,
     tokens: u128,
     cost_micros: u128,
 }
 
-impl Totals {
+impl RunningSums {
     fn plus(self, event: &RateEvent) -> Self {
         Self {
             steps: self.steps.wrapping_add(u128::from(event.steps)),
@@ -83,8 +83,8 @@ struct Slot {
     /// The earliest `at` of this slot and of every slot recorded after it: when it is after a window's
     /// start, so is every slot from here on. Non-decreasing along the window.
     earliest_from_here: Timestamp,
-    /// Totals of every event recorded up to and including this slot.
-    totals: Totals,
+    /// RunningSums of every event recorded up to and including this slot.
+    totals: RunningSums,
 }
 
 /// Rate events in the order they were recorded, with running totals, so that the sums and the wait of a
@@ -100,8 +100,8 @@ struct Slot {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RateWindow {
     slots: VecDeque<Slot>,
-    /// Totals of every event recorded before the first slot (dropped ones included).
-    dropped: Totals,
+    /// RunningSums of every event recorded before the first slot (dropped ones included).
+    dropped: RunningSums,
 }
 
 impl RateWindow {
@@ -153,7 +153,7 @@ impl RateWindow {
     }
 
     /// The totals of every event recorded before slot `index`.
-    fn totals_before(&self, index: usize) -> Totals {
+    fn totals_before(&self, index: usize) -> RunningSums {
         index.checked_sub(1).and_then(|i| self.slots.get(i)).map_or(self.dropped, |slot| slot.totals)
     }
 
@@ -190,7 +190,7 @@ impl RateWindow {
 
 /// Whether `event` can join the slot spanning `before..end` with every sum still fitting a `u64`, so that
 /// the slot still reads as one [`RateEvent`].
-fn fits_in_one_event(before: Totals, end: Totals, event: &RateEvent) -> bool {
+fn fits_in_one_event(before: RunningSums, end: RunningSums, event: &RateEvent) -> bool {
     let fits = |metric, add: u64| {
         u64::try_from(end.get(metric).wrapping_sub(before.get(metric)))
             .is_ok_and(|held| held.checked_add(add).is_some())
