@@ -83,7 +83,7 @@ struct Slot {
     /// The earliest `at` of this slot and of every slot recorded after it: when it is after a window's
     /// start, so is every slot from here on. Non-decreasing along the window.
     earliest_from_here: Timestamp,
-    /// RunningSums of every event recorded up to and including this slot.
+    /// The sums of every event recorded up to and including this slot.
     totals: RunningSums,
 }
 
