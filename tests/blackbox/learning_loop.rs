@@ -158,6 +158,11 @@ fn the_learning_loop_end_to_end() {
     assert_eq!(audit["items"].as_array().unwrap().last().unwrap()["approval_path"], "auto:regret");
     op.post(&format!("/v1/policies/{policy_id}/confirm"), &json!({})).expect_error(409, "policy_disabled");
     assert_eq!(op.get(&format!("/v1/policies/{policy_id}/graduation")).expect(200)["status"], "demoted");
+    // A run created after the demotion no longer carries the policy: the call it blocked goes ahead (the
+    // demotion is a policy write of the learning loop, which must make the node capture a new snapshot).
+    worker.post("/v1/runs", &json!({ "run_id": "after-demotion" })).expect(201);
+    let decision = worker.post("/v1/runs/after-demotion/steps", &pre("Fetch", "/v1/users/4242/")).expect(200).clone();
+    assert_eq!(decision["action"], "allow", "{decision}");
 
     // The level and its history survive a restart.
     node.kill();
