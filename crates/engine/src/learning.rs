@@ -4,7 +4,8 @@
 
 use runguard_contract::prevention::counts_for_graduation;
 use runguard_contract::{
-    Incident, Mode, Outcome, Policy, PreventionRecord, RecordId, Regret, Rule, StepCall, StepError, Timestamp,
+    Decision, Incident, Mode, Outcome, Policy, PreventionRecord, RecordId, Regret, Rule, StepCall, StepError,
+    Timestamp, ViolationType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,15 @@ pub fn regret_score(regrets: &[Regret], activated_at: Option<Timestamp>, now: Ti
         })
         .sum();
     (score, counted.len())
+}
+
+/// Whether a blocking decision was a fault rather than a prevention (SPEC §12.2): its deciding violation
+/// is an `evaluation_error` or an `integrity` failure. A record of such a block (an older store may hold
+/// one) never counts for graduation, prevention rates or regret.
+pub fn is_fault(decision: &Decision) -> bool {
+    decision
+        .deciding_violation()
+        .is_some_and(|v| matches!(v.violation_type, ViolationType::EvaluationError | ViolationType::Integrity))
 }
 
 /// Whether regrets demote the policy (score ≥ 5.0 or 3 regrets since its latest activation).
@@ -370,6 +380,42 @@ mod tests {
             caller: "op".into(),
             at: now.plus_millis(-days_ago * DAY_MS),
         }
+    }
+
+    #[test]
+    fn a_block_decided_by_an_evaluation_error_or_integrity_is_a_fault_not_a_prevention() {
+        use runguard_contract::{
+            Action, DecisionId, DecisionPhase, PolicyRef, Remaining, RunId, SnapshotHash, Violation, ViolationType,
+        };
+        let block = |violation_type: ViolationType| Decision {
+            decision_id: DecisionId::new("dec_1").unwrap(),
+            run_id: RunId::new("r").unwrap(),
+            step_index: Some(0),
+            phase: DecisionPhase::Post,
+            action: Action::Block,
+            deciding_policy: Some(PolicyRef { id: PolicyId::from_u128(1), name: "p".into(), version: 1 }),
+            violations: vec![Violation {
+                policy_id: PolicyId::from_u128(1),
+                policy_name: "p".into(),
+                policy_version: 1,
+                violation_type,
+                action: Action::Block,
+                threshold: None,
+                actual: None,
+                reason: "r".into(),
+                evidence: None,
+            }],
+            shadow: Vec::new(),
+            remaining: Remaining::default(),
+            retry_after_ms: None,
+            snapshot_hash: SnapshotHash::from_bytes(&[0; 32]),
+            prevention_record_id: None,
+            evaluated_at: Timestamp::from_unix_millis(0),
+        };
+        assert!(is_fault(&block(ViolationType::EvaluationError)));
+        assert!(is_fault(&block(ViolationType::Integrity)));
+        assert!(!is_fault(&block(ViolationType::TokenLimit)));
+        assert!(!is_fault(&block(ViolationType::PatternMatch)));
     }
 
     #[test]

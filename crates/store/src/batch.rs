@@ -64,10 +64,13 @@ pub enum WriteOp {
     },
     /// Appends a prevention record to the chain.
     AppendRecord(Box<RecordAppend>),
-    /// Adds `delta` to a policy's shadow statistics.
+    /// Adds `delta` to a policy's shadow statistics as seen by the run's tenant: a global policy keeps
+    /// them per tenant (SPEC §12.1).
     AddShadowStats {
         /// The policy's owner (`None` for a global policy).
         tenant: Option<TenantId>,
+        /// The tenant of the run that evaluated it (the owner itself for a tenant policy).
+        run_tenant: TenantId,
         /// The policy.
         policy_id: PolicyId,
         /// What to add.
@@ -177,9 +180,15 @@ impl WriteBatch {
         self.push(WriteOp::AppendRecord(Box::new(RecordAppend { record, authority: RecordAuthority::Simulated })))
     }
 
-    /// Adds a shadow statistics delta.
-    pub fn add_shadow_stats(&mut self, tenant: Option<TenantId>, policy_id: PolicyId, delta: ShadowStats) -> &mut Self {
-        self.push(WriteOp::AddShadowStats { tenant, policy_id, delta })
+    /// Adds a shadow statistics delta of the policy owned by `tenant`, evaluated by a run of `run_tenant`.
+    pub fn add_shadow_stats(
+        &mut self,
+        tenant: Option<TenantId>,
+        run_tenant: TenantId,
+        policy_id: PolicyId,
+        delta: ShadowStats,
+    ) -> &mut Self {
+        self.push(WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta })
     }
 
     /// Adds an incident.

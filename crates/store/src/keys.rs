@@ -87,6 +87,15 @@ pub(crate) fn owner_prefix(tenant: Option<&TenantId>) -> Vec<u8> {
     Key::new().seg(owner(tenant)).into_vec()
 }
 
+/// `shadow_stats`: a tenant policy's `owner\0 id\0`; a global policy's `\0 id\0 tenant\0`, one entry per
+/// tenant whose runs evaluated it, so that no tenant sees another's counts (SPEC §12.1).
+pub(crate) fn shadow_stats(owner: Option<&TenantId>, id: &PolicyId, run_tenant: &TenantId) -> Vec<u8> {
+    match owner {
+        Some(tenant) => policy_prefix(Some(tenant), id),
+        None => Key::new().seg("").seg(id.as_str()).seg(run_tenant.as_str()).into_vec(),
+    }
+}
+
 /// `audit`: `owner\0 id\0 n`.
 pub(crate) fn audit(tenant: Option<&TenantId>, id: &PolicyId, n: u64) -> Vec<u8> {
     Key::new().seg(owner(tenant)).seg(id.as_str()).u64(n).into_vec()
@@ -153,6 +162,11 @@ pub(crate) fn incident_by_time(tenant: &TenantId, at: Timestamp, id: &str) -> Ve
     Key::new().seg(tenant.as_str()).time(at).tail(id).into_vec()
 }
 
+/// `incidents_by_time` from `since` on: `tenant\0 time`.
+pub(crate) fn incidents_from(tenant: &TenantId, since: Timestamp) -> Vec<u8> {
+    Key::new().seg(tenant.as_str()).time(since).into_vec()
+}
+
 /// `patterns_by_sig`: `tenant\0 signature_hash\0 error_type`.
 pub(crate) fn pattern_by_signature(tenant: &TenantId, signature: &SignatureHash, error_type: &str) -> Vec<u8> {
     Key::new().seg(tenant.as_str()).seg(signature.as_str()).tail(error_type).into_vec()
@@ -195,5 +209,16 @@ mod tests {
         assert!(bits.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(trailing_u64(&record(42)), Some(42));
         assert_eq!(policy_version(None, &PolicyId::new("p").unwrap(), 7).last(), Some(&7));
+    }
+
+    #[test]
+    fn a_global_policys_shadow_statistics_are_kept_per_tenant() {
+        let (acme, beta) = (TenantId::new("acme").unwrap(), TenantId::new("beta").unwrap());
+        let id = PolicyId::new("pol_g").unwrap();
+        assert_ne!(shadow_stats(None, &id, &acme), shadow_stats(None, &id, &beta));
+        assert_eq!(shadow_stats(Some(&acme), &id, &acme), policy_prefix(Some(&acme), &id));
+        // Never the key of the tenant's own policy with the same id, nor the old all-tenant key.
+        assert_ne!(shadow_stats(None, &id, &acme), policy_prefix(Some(&acme), &id));
+        assert_ne!(shadow_stats(None, &id, &acme), policy_prefix(None, &id));
     }
 }

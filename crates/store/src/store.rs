@@ -14,8 +14,9 @@ use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash}
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::record::verify_chain_from;
 use runguard_contract::{
-    AuditEntry, Incident, IncidentId, Mode, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RecordHash,
-    RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
+    AuditEntry, Decision, Incident, IncidentId, Mode, Pattern, PatternId, Policy, PolicyId, PreventionRecord,
+    RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId,
+    Timestamp,
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Batch, IVec, Transactional, Tree};
@@ -365,7 +366,7 @@ impl Store {
             },
         };
         let heads = self.tree(T::PolicyHeads);
-        let ranges = [global, own].into_iter().map(|prefix| {
+        let ranges = [global.clone(), own.clone()].into_iter().map(|prefix| {
             let start = match &cursor {
                 Some(c) if c.as_slice() >= prefix.as_slice() => Bound::Excluded(c.clone()),
                 _ => Bound::Included(prefix.clone()),
@@ -375,6 +376,16 @@ impl Store {
         });
         let mut iter = ranges.flatten();
         collect_page(&mut iter, limit, |key, value| {
+            // One id names one policy in a tenant's view (SPEC §12.1). Creation refuses collisions; a store
+            // written before that may hold a global policy and a tenant policy with one id, and then the
+            // tenant's own wins here as in `find_policy`, so that snapshots never hold both.
+            if let Some(id_segment) = key.strip_prefix(global.as_slice()) {
+                let mut own_key = own.clone();
+                own_key.extend_from_slice(id_segment);
+                if heads.contains_key(own_key)? {
+                    return Ok(None);
+                }
+            }
             let version = u32::decode(value)?;
             let mut policy_key = key.to_vec();
             policy_key.extend_from_slice(&version.to_be_bytes());
@@ -395,9 +406,42 @@ impl Store {
         self.page_prefix(T::Audit, &keys::policy_prefix(owner, id), page, |_, v| AuditEntry::decode(v).map(Some))
     }
 
-    /// A policy's shadow statistics (zero when none were recorded).
-    pub fn shadow_stats(&self, owner: Option<&TenantId>, id: &PolicyId) -> Result<ShadowStats, StoreError> {
-        Ok(self.get_decoded(T::ShadowStatsTree, &keys::policy_prefix(owner, id))?.unwrap_or_default())
+    /// A policy's shadow statistics as `tenant` sees them (zero when none were recorded): a tenant policy's
+    /// own, a global policy's from `tenant`'s runs only.
+    pub fn shadow_stats(
+        &self,
+        owner: Option<&TenantId>,
+        id: &PolicyId,
+        tenant: &TenantId,
+    ) -> Result<ShadowStats, StoreError> {
+        Ok(self.get_decoded(T::ShadowStatsTree, &keys::shadow_stats(owner, id, tenant))?.unwrap_or_default())
+    }
+
+    /// Whether any tenant has a policy with this id (a global policy may not take it, SPEC §12.1).
+    ///
+    /// Reads every policy head: creating a global policy is rare and done by an admin.
+    pub fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError> {
+        tenant_heads_hold(self.tree(T::PolicyHeads).iter().keys(), id)
+    }
+
+    /// A policy's audit entries made at or after `since`, oldest first. Entries are appended in time
+    /// order, so the audit is read backwards from its end and only as far as `since`.
+    pub fn policy_audit_since(
+        &self,
+        owner: Option<&TenantId>,
+        id: &PolicyId,
+        since: Timestamp,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree(T::Audit).scan_prefix(keys::policy_prefix(owner, id)).rev() {
+            let entry = AuditEntry::decode(&item?.1)?;
+            if entry.at < since {
+                break;
+            }
+            out.push(entry);
+        }
+        out.reverse();
+        Ok(out)
     }
 
     // ---- snapshots --------------------------------------------------------------------------------
@@ -525,6 +569,19 @@ impl Store {
         Ok((&record.tenant_id == tenant).then_some(record))
     }
 
+    /// The decision a live record was written for, from its run's ledger (`None` when the ledger does not
+    /// hold it). The blocking decision is almost always the run's last entry, since a block stops the run.
+    pub fn record_decision(&self, record: &PreventionRecord) -> Result<Option<Decision>, StoreError> {
+        let prefix = keys::run(&record.tenant_id, &record.run_id);
+        for item in self.tree(T::Ledger).scan_prefix(prefix).rev() {
+            let entry = LedgerEntry::decode(&item?.1)?;
+            if entry.decision.decision_id == record.decision_id {
+                return Ok(Some(entry.decision));
+            }
+        }
+        Ok(None)
+    }
+
     /// The record at `seq`.
     pub fn record_at(&self, seq: u64) -> Result<Option<PreventionRecord>, StoreError> {
         self.get_decoded(T::Records, &keys::record(seq))
@@ -583,6 +640,24 @@ impl Store {
                 .ok_or_else(|| StoreError::corrupt("the incident index names a missing incident"))
                 .map(Some)
         })
+    }
+
+    /// A tenant's incidents created at or after `since`, oldest first: a range of the time index, so the
+    /// cost follows the incidents in the window, not every incident ever stored.
+    pub fn incidents_since(&self, tenant: &TenantId, since: Timestamp) -> Result<Vec<Incident>, StoreError> {
+        let prefix = keys::tenant(tenant);
+        let end = prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
+        let start = Bound::Included(keys::incidents_from(tenant, since));
+        let mut out = Vec::new();
+        for item in self.tree(T::IncidentsByTime).range::<Vec<u8>, _>((start, end)) {
+            let (key, _) = item?;
+            let id = key.get(prefix.len() + 8..).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
+            let incident = self
+                .get_decoded(T::Incidents, &keys::tenant_item(tenant, id))?
+                .ok_or_else(|| StoreError::corrupt("the incident index names a missing incident"))?;
+            out.push(incident);
+        }
+        Ok(out)
     }
 
     /// A pattern of `tenant`.
@@ -871,6 +946,30 @@ fn check_ledger_totals(run: &StoredRun, ledger: &[LedgerEntry]) -> Result<(), In
     Ok(())
 }
 
+/// Whether any of these `policy_heads` keys is a tenant's policy (not a global one) with this id.
+fn tenant_heads_hold<K: AsRef<[u8]>, E>(
+    keys: impl Iterator<Item = Result<K, E>>,
+    id: &PolicyId,
+) -> Result<bool, StoreError>
+where
+    StoreError: From<E>,
+{
+    let mut id_segment = id.as_str().as_bytes().to_vec();
+    id_segment.push(0);
+    for key in keys {
+        let key = key?;
+        let key = key.as_ref();
+        // `owner\0 id\0`: a global policy's owner segment is empty, so its key starts with 0.
+        if key.first().is_some_and(|b| *b != 0) && key.ends_with(&id_segment) {
+            let owner_len = key.len() - id_segment.len();
+            if key.get(owner_len.wrapping_sub(1)) == Some(&0) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// The index entries of a record.
 fn record_index_keys(r: &PreventionRecord) -> [(T, Vec<u8>); 4] {
     let sim = r.is_simulated;
@@ -991,7 +1090,9 @@ impl<'a> Prepare<'a> {
             WriteOp::PutRun(run) => self.put_run(run),
             WriteOp::AppendLedger { tenant_id, run_id, entry } => self.append_ledger(tenant_id, run_id, entry),
             WriteOp::AppendRecord(append) => self.append_record(append),
-            WriteOp::AddShadowStats { tenant, policy_id, delta } => self.add_shadow(tenant.as_ref(), policy_id, *delta),
+            WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta } => {
+                self.add_shadow(tenant.as_ref(), run_tenant, policy_id, *delta)
+            }
             WriteOp::PutIncident(incident) => self.put_incident(incident),
             WriteOp::PutPattern(pattern) => self.put_pattern(pattern),
             WriteOp::PutRegret { tenant_id, regret } => self.put_regret(tenant_id, regret),
@@ -1028,6 +1129,9 @@ impl<'a> Prepare<'a> {
             Some(v) => Some(*v),
             None => self.store.policy_head(owner, &policy.id)?,
         };
+        if current.is_none() {
+            self.check_policy_id_free(policy)?;
+        }
         let expected = current.map_or(1, |v| v.saturating_add(1));
         if policy.version != expected {
             return Err(StoreError::conflict(match current {
@@ -1043,6 +1147,29 @@ impl<'a> Prepare<'a> {
         self.policy_heads.insert(head_key.clone(), policy.version);
         self.put(T::Policies, keys::policy_version(owner, &policy.id, policy.version), policy.encode()?);
         self.put(T::PolicyHeads, head_key, policy.version.encode()?);
+        Ok(())
+    }
+
+    /// A new policy's id must name one policy in every tenant's view (SPEC §12.1): a tenant policy may not
+    /// take a global policy's id, nor a global policy any tenant's. Checked here, under the writer lock,
+    /// so that two racing creations cannot both pass the node's earlier check.
+    fn check_policy_id_free(&self, policy: &Policy) -> Result<(), StoreError> {
+        let taken = match &policy.tenant_id {
+            Some(_) => {
+                let global = keys::policy_prefix(None, &policy.id);
+                self.policy_heads.contains_key(&global) || self.store.policy_head(None, &policy.id)?.is_some()
+            }
+            None => {
+                tenant_heads_hold(self.policy_heads.keys().map(|k| Ok::<_, sled::Error>(k.as_slice())), &policy.id)?
+                    || self.store.tenant_policy_id_exists(&policy.id)?
+            }
+        };
+        if taken {
+            return Err(StoreError::conflict(format!(
+                "policy id `{}` is taken: one id names one policy wherever a tenant sees it",
+                policy.id
+            )));
+        }
         Ok(())
     }
 
@@ -1216,10 +1343,16 @@ impl<'a> Prepare<'a> {
     fn add_shadow(
         &mut self,
         owner: Option<&TenantId>,
+        run_tenant: &TenantId,
         policy: &PolicyId,
         delta: ShadowStats,
     ) -> Result<(), StoreError> {
-        let key = keys::policy_prefix(owner, policy);
+        if owner.is_some_and(|owner| owner != run_tenant) {
+            return Err(StoreError::contract(format!(
+                "shadow statistics of tenant policy `{policy}` from another tenant's run"
+            )));
+        }
+        let key = keys::shadow_stats(owner, policy, run_tenant);
         let current = match self.shadow.get(&key) {
             Some(stats) => *stats,
             None => self.store.get_decoded::<ShadowStats>(T::ShadowStatsTree, &key)?.unwrap_or_default(),
@@ -1286,7 +1419,16 @@ impl<'a> Prepare<'a> {
     fn put_regret(&mut self, tenant: &TenantId, regret: &Regret) -> Result<(), StoreError> {
         let target = match self.record_ids.get(&regret.record_id) {
             Some(found) => Some(found.clone()),
-            None => self.store.get_record(tenant, &regret.record_id)?.map(|r| (r.tenant_id, r.policy_id)),
+            None => match self.store.get_record(tenant, &regret.record_id)? {
+                // SPEC §12.4: a simulation's record prevented nothing and never changes a live policy.
+                Some(record) if record.is_simulated => {
+                    return Err(StoreError::contract(format!(
+                        "record `{}` is simulated and cannot be regretted",
+                        regret.record_id
+                    )));
+                }
+                found => found.map(|r| (r.tenant_id, r.policy_id)),
+            },
         };
         match target {
             Some((record_tenant, policy)) if &record_tenant == tenant && policy == regret.policy_id => {}

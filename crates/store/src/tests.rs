@@ -726,16 +726,166 @@ fn shadow_stats_add_batch_deltas() {
     let id = PolicyId::new("pol_s").unwrap();
     let d = ShadowStats { evaluations: 3, would_block: 1, would_warn: 1, would_throttle: 0 };
     commit(&store, |b| {
-        b.add_shadow_stats(Some(acme.clone()), id.clone(), d).add_shadow_stats(Some(acme.clone()), id.clone(), d);
+        b.add_shadow_stats(Some(acme.clone()), acme.clone(), id.clone(), d).add_shadow_stats(
+            Some(acme.clone()),
+            acme.clone(),
+            id.clone(),
+            d,
+        );
     });
     commit(&store, |b| {
-        b.add_shadow_stats(Some(acme.clone()), id.clone(), ShadowStats { would_throttle: 2, ..ShadowStats::default() });
+        let throttles = ShadowStats { would_throttle: 2, ..ShadowStats::default() };
+        b.add_shadow_stats(Some(acme.clone()), acme.clone(), id.clone(), throttles);
     });
     assert_eq!(
-        store.shadow_stats(Some(&acme), &id).unwrap(),
+        store.shadow_stats(Some(&acme), &id, &acme).unwrap(),
         ShadowStats { evaluations: 6, would_block: 2, would_warn: 2, would_throttle: 2 }
     );
-    assert_eq!(store.shadow_stats(None, &id).unwrap(), ShadowStats::default());
+    assert_eq!(store.shadow_stats(None, &id, &acme).unwrap(), ShadowStats::default());
+}
+
+#[test]
+fn a_global_policys_shadow_stats_are_kept_per_tenant() {
+    let (_dir, store) = fresh();
+    let (acme, beta) = (tenant("acme"), tenant("beta"));
+    let id = PolicyId::new("pol_g").unwrap();
+    let one = ShadowStats { evaluations: 1, would_block: 1, ..ShadowStats::default() };
+    commit(&store, |b| {
+        b.add_shadow_stats(None, acme.clone(), id.clone(), one).add_shadow_stats(None, acme.clone(), id.clone(), one);
+        b.add_shadow_stats(None, beta.clone(), id.clone(), one);
+    });
+    assert_eq!(store.shadow_stats(None, &id, &acme).unwrap().evaluations, 2);
+    assert_eq!(store.shadow_stats(None, &id, &beta).unwrap().evaluations, 1);
+    assert_eq!(store.shadow_stats(Some(&acme), &id, &acme).unwrap(), ShadowStats::default());
+    // A tenant policy's statistics come only from its own tenant's runs.
+    let mut batch = WriteBatch::new();
+    batch.add_shadow_stats(Some(acme.clone()), beta.clone(), id.clone(), one);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+}
+
+#[test]
+fn policy_ids_name_one_policy_in_every_tenant_view() {
+    let (_dir, store) = fresh();
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    commit(&store, |b| {
+        b.put_policy_version(budget_policy(None, "pol_shared", Mode::Shadow, 1));
+        b.put_policy_version(budget_policy(Some(&acme), "pol_own", Mode::Active, 1));
+    });
+    let refused = |policy: Policy| {
+        let mut batch = WriteBatch::new();
+        batch.put_policy_version(policy);
+        store.commit(batch).unwrap_err().kind()
+    };
+    // Both ways: a tenant may not take a global id, a global policy may not take any tenant's id.
+    assert_eq!(refused(budget_policy(Some(&acme), "pol_shared", Mode::Active, 10)), StoreErrorKind::Conflict);
+    assert_eq!(refused(budget_policy(None, "pol_own", Mode::Active, 10)), StoreErrorKind::Conflict);
+    // Two creations racing into one commit are caught as well, in either order.
+    for global_first in [true, false] {
+        let mut batch = WriteBatch::new();
+        let (global, own) = (
+            budget_policy(None, "pol_race", Mode::Active, 1),
+            budget_policy(Some(&globex), "pol_race", Mode::Active, 1),
+        );
+        if global_first {
+            batch.put_policy_version(global).put_policy_version(own);
+        } else {
+            batch.put_policy_version(own).put_policy_version(global);
+        }
+        assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
+    }
+    // Another tenant's id, or a prefix of one, is free; a new version of an existing policy is not a creation.
+    commit(&store, |b| {
+        b.put_policy_version(budget_policy(Some(&globex), "pol_own", Mode::Active, 1));
+        b.put_policy_version(budget_policy(None, "pol_ow", Mode::Active, 1));
+        b.put_policy_version(budget_policy(None, "pol_shared", Mode::Shadow, 1).with_mode(Mode::Active, at(5)));
+    });
+    assert!(store.tenant_policy_id_exists(&PolicyId::new("pol_own").unwrap()).unwrap());
+    assert!(!store.tenant_policy_id_exists(&PolicyId::new("pol_shared").unwrap()).unwrap());
+}
+
+#[test]
+fn a_tenant_sees_its_own_policy_where_an_older_store_holds_a_global_one_with_its_id() {
+    let (_dir, store) = fresh();
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    let own = budget_policy(Some(&acme), "pol_shared", Mode::Active, 10);
+    commit(&store, |b| {
+        b.put_policy_version(own.clone());
+    });
+    // Written as a store from before the check would hold it.
+    let global = budget_policy(None, "pol_shared", Mode::Shadow, 100);
+    store
+        .raw_tree("policies")
+        .insert(crate::keys::policy_version(None, &global.id, 1), global.encode().unwrap())
+        .unwrap();
+    store
+        .raw_tree("policy_heads")
+        .insert(crate::keys::policy_prefix(None, &global.id), 1u32.encode().unwrap())
+        .unwrap();
+    let listed = store.list_policies(&acme, None, &PageRequest::first(10)).unwrap().items;
+    assert_eq!(listed, std::slice::from_ref(&own), "only the tenant's own policy, never both");
+    assert_eq!(store.find_policy(&acme, &own.id, None).unwrap(), Some(own));
+    assert_eq!(store.list_policies(&globex, None, &PageRequest::first(10)).unwrap().items, [global]);
+}
+
+#[test]
+fn incidents_and_audits_are_read_from_the_window_on() {
+    let (_dir, store) = fresh();
+    let acme = tenant("acme");
+    let sig = runguard_contract::Signature::normalize(Some("fetch"), Some("/v1/users/1"), &[]);
+    let pid = PatternId::new("pat_1").unwrap();
+    commit(&store, |b| {
+        for n in 0..50u128 {
+            b.put_incident(incident(&acme, n, i64::try_from(n).unwrap(), &sig, &pid));
+        }
+        b.put_incident(incident(&tenant("globex"), 99, 45, &sig, &pid));
+    });
+    let since = store.incidents_since(&acme, at(45)).unwrap();
+    assert_eq!(since.iter().map(|i| i.created_at).collect::<Vec<_>>(), (45..50).map(at).collect::<Vec<_>>());
+    assert!(store.incidents_since(&acme, at(50)).unwrap().is_empty());
+
+    let policy = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 1);
+    let entry = |to: Mode, n: i64| AuditEntry {
+        policy_id: policy.id.clone(),
+        from: None,
+        to,
+        at: at(n),
+        caller: "ops".into(),
+        reason: None,
+        approval_path: ApprovalPath::Manual,
+    };
+    commit(&store, |b| {
+        b.put_policy_version(policy.clone());
+        for n in 0..10 {
+            b.append_audit(Some(acme.clone()), entry(if n % 2 == 0 { Mode::Active } else { Mode::Shadow }, n));
+        }
+    });
+    let recent = store.policy_audit_since(Some(&acme), &policy.id, at(7)).unwrap();
+    assert_eq!(recent.iter().map(|e| e.at).collect::<Vec<_>>(), [at(7), at(8), at(9)]);
+    assert!(store.policy_audit_since(None, &policy.id, at(0)).unwrap().is_empty());
+}
+
+#[test]
+fn simulated_records_cannot_be_regretted_and_live_ones_find_their_decision() {
+    let (_dir, store) = fresh();
+    let (world, runs) = records_fixture(&store);
+    let simulated = store.get_record(&world.tenant, &RecordId::new("prv_sim").unwrap()).unwrap().unwrap();
+    assert!(simulated.is_simulated);
+    let regret = Regret {
+        record_id: simulated.id.clone(),
+        policy_id: simulated.policy_id.clone(),
+        severity: 10,
+        note: None,
+        caller: "ops".into(),
+        at: at(1000),
+    };
+    let mut batch = WriteBatch::new();
+    batch.put_regret(world.tenant.clone(), regret);
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
+    assert!(store.get_regret(&simulated.id).unwrap().is_none());
+
+    let live = store.record_at(1).unwrap().unwrap();
+    let decision = store.record_decision(&live).unwrap().unwrap();
+    assert_eq!((decision.decision_id, decision.run_id), (live.decision_id.clone(), runs[0].run_id.clone()));
 }
 
 fn incident(t: &TenantId, n: u128, when: i64, sig: &runguard_contract::Signature, pattern: &PatternId) -> Incident {
@@ -1005,6 +1155,7 @@ fn every_entry_of_a_failed_multi_run_batch_is_absent() {
     batch.append_ledger(world.tenant.clone(), run.run_id.clone(), entry).put_run(run.clone());
     batch.add_shadow_stats(
         Some(world.tenant.clone()),
+        world.tenant.clone(),
         world.policy.id.clone(),
         ShadowStats { evaluations: 1, ..ShadowStats::default() },
     );
@@ -1012,5 +1163,8 @@ fn every_entry_of_a_failed_multi_run_batch_is_absent() {
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
     assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap().totals, Totals::default());
     assert!(store.last_ledger_entry(&world.tenant, &run.run_id).unwrap().is_none());
-    assert_eq!(store.shadow_stats(Some(&world.tenant), &world.policy.id).unwrap(), ShadowStats::default());
+    assert_eq!(
+        store.shadow_stats(Some(&world.tenant), &world.policy.id, &world.tenant).unwrap(),
+        ShadowStats::default()
+    );
 }

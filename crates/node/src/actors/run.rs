@@ -275,8 +275,9 @@ fn persist_evaluation(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, evalu
                 Action::Allow => {}
             }
         }
+        // A global policy's statistics are kept per tenant of the runs that evaluated it (SPEC §12.1).
         let owner = snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone());
-        batch.add_shadow_stats(owner, policy_id.clone(), delta);
+        batch.add_shadow_stats(owner, tenant.clone(), policy_id.clone(), delta);
     }
 }
 

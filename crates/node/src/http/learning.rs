@@ -2,7 +2,9 @@
 
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use runguard_contract::{PatternId, RunId, Snapshot};
+use std::collections::HashMap;
+
+use runguard_contract::{PatternId, RecordId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
 use runguard_store::WriteBatch;
 use serde::Deserialize;
@@ -81,15 +83,20 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
     if body.run_ids.is_empty() || body.run_ids.len() > MAX_SIMULATED_RUNS {
         return Err(ApiError::bad_request("run_ids", format!("give 1–{MAX_SIMULATED_RUNS} run ids")));
     }
-    let mut run_ids = Vec::with_capacity(body.run_ids.len());
+    let mut run_ids: Vec<RunId> = Vec::with_capacity(body.run_ids.len());
     for (i, raw) in body.run_ids.iter().enumerate() {
-        run_ids
-            .push(RunId::new(raw.as_str()).map_err(|e| ApiError::bad_request(&format!("run_ids[{i}]"), e.message()))?);
+        let run_id =
+            RunId::new(raw.as_str()).map_err(|e| ApiError::bad_request(&format!("run_ids[{i}]"), e.message()))?;
+        // A run replayed twice would answer (and persist) the same simulated records twice.
+        if run_ids.contains(&run_id) {
+            return Err(ApiError::bad_request(&format!("run_ids[{i}]"), format!("repeats run `{run_id}`")));
+        }
+        run_ids.push(run_id);
     }
     let (tenant, persist, docs) = (caller.tenant.clone(), body.persist, body.policies);
     // Validating and compiling the candidates, reading the runs and replaying them is blocking and CPU
     // work: all of it on the blocking pool.
-    let (hash, results, batch) = state
+    let (hash, mut results, batch, mut sealed) = state
         .shared
         .blocking(move |shared| {
             let limits = &shared.config.limits.policy;
@@ -98,6 +105,8 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             let candidate = CompiledSnapshot::compile(&snapshot, limits).map_err(|_| ApiError::internal())?;
             let mut results = Vec::with_capacity(run_ids.len());
             let mut batch = WriteBatch::new();
+            // Records an identical earlier simulation already persisted are answered as stored, not again.
+            let mut stored = HashMap::new();
             for run_id in &run_ids {
                 let run = shared
                     .store
@@ -109,16 +118,38 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
                     simulation::simulate(&candidate, &simulation::RecordedRun::from_ledger(&run, &ledger));
                 if persist {
                     for record in records {
-                        batch.append_simulated_record(record);
+                        match shared.store.get_record(&tenant, &record.id).map_err(store_error)? {
+                            Some(existing) if existing.is_simulated => {
+                                stored.insert(existing.id.clone(), existing);
+                            }
+                            Some(_) => return Err(ApiError::internal()),
+                            None => {
+                                batch.append_simulated_record(record);
+                            }
+                        }
                     }
                 }
                 results.push(result);
             }
-            Ok((candidate.hash().clone(), results, batch))
+            Ok((candidate.hash().clone(), results, batch, stored))
         })
         .await?;
-    if persist && !batch.is_empty() {
-        state.shared.commit(batch).await?;
+    if persist {
+        if !batch.is_empty() {
+            let receipt = state.shared.commit(batch).await?;
+            sealed.extend(receipt.records.into_iter().map(|record| (record.id.clone(), record)));
+        }
+        // Answer the records as stored: sealed into the chain with their `seq`, `prev_hash` and `hash`.
+        for result in &mut results {
+            if let Some(records) = result.get_mut("records").and_then(Value::as_array_mut) {
+                for record in records.iter_mut() {
+                    let id = record.get("id").and_then(Value::as_str).unwrap_or_default();
+                    if let Some(stored) = RecordId::new(id).ok().and_then(|id| sealed.get(&id)) {
+                        *record = serde_json::to_value(stored).map_err(|_| ApiError::internal())?;
+                    }
+                }
+            }
+        }
     }
     Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": hash, "results": results })))
 }

@@ -3,11 +3,11 @@
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{ApprovalPath, AuditEntry, Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
-use runguard_store::WriteBatch;
+use runguard_store::{Store, StoreError, WriteBatch};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::actors::learning::Confirm;
+use crate::actors::learning::{Confirm, policy_id_taken, preventions};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::http::{PageQuery, State, page_of, query};
@@ -64,6 +64,15 @@ async fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument,
         .await
 }
 
+/// Whether a new policy of `owner` with `id` would share its id with a policy of the other scope that
+/// a tenant sees: a global one for a tenant policy, any tenant's for a global one (SPEC §12.1).
+fn id_taken(store: &Store, owner: Option<&TenantId>, id: &PolicyId) -> Result<bool, StoreError> {
+    match owner {
+        Some(_) => Ok(store.get_policy(None, id, None)?.is_some()),
+        None => store.tenant_policy_id_exists(id),
+    }
+}
+
 /// `POST /v1/policies`.
 pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
@@ -79,20 +88,24 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
     let id = doc.id.clone().unwrap_or_else(|| PolicyId::from_u128(uuid::Uuid::now_v7().as_u128()));
     let limit = state.shared.config.limits.policies_per_tenant;
     let (lookup_owner, lookup_id, tenant) = (owner.clone(), id.clone(), caller.tenant.clone());
-    let (exists, count) = state
+    let (exists, taken, count) = state
         .shared
         .read(move |store| {
             let exists = store.get_policy(lookup_owner.as_ref(), &lookup_id, None)?.is_some();
+            let taken = id_taken(store, lookup_owner.as_ref(), &lookup_id)?;
             // The tenant's own policies, across every page (global ones are listed with them but do not count).
             let own = runguard_store::all_pages(|page| store.list_policies(&tenant, None, page))?
                 .into_iter()
                 .filter(|p| p.tenant_id.as_ref() == Some(&tenant))
                 .count();
-            Ok((exists, own))
+            Ok((exists, taken, own))
         })
         .await?;
     if exists {
         return Err(ApiError::conflict("policy_exists", format!("policy `{id}` already exists; update it with PUT")));
+    }
+    if taken {
+        return Err(policy_id_taken(&id));
     }
     if owner.is_some() && count >= limit {
         return Err(ApiError::conflict("policy_limit", format!("a tenant may have at most {limit} policies")));
@@ -100,8 +113,23 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
     let policy = Policy::create(doc, id, owner.clone(), now());
     let mut batch = WriteBatch::new();
     batch.put_policy_version(policy.clone());
-    batch.append_audit(owner, audit_entry(&policy, None, &caller, Some("created".into()), ApprovalPath::Manual));
-    state.shared.commit(batch).await?;
+    batch
+        .append_audit(owner.clone(), audit_entry(&policy, None, &caller, Some("created".into()), ApprovalPath::Manual));
+    if let Err(err) = state.shared.commit(batch).await {
+        // The store refuses a creation that lost a race to another policy with this id; name which.
+        if err.status == 409 {
+            let (lookup_owner, lookup_id) = (owner, policy.id.clone());
+            let taken = state.shared.read(move |store| id_taken(store, lookup_owner.as_ref(), &lookup_id)).await?;
+            if taken {
+                return Err(policy_id_taken(&policy.id));
+            }
+            return Err(ApiError::conflict(
+                "policy_exists",
+                format!("policy `{}` already exists; update it with PUT", policy.id),
+            ));
+        }
+        return Err(err);
+    }
     tracing::info!(policy_id = %policy.id, caller = %caller.name, mode = policy.mode.as_str(), "policy created");
     Ok(HttpResponse::Created().json(policy))
 }
@@ -261,8 +289,9 @@ pub async fn audit(state: State, req: HttpRequest, id: Path<String>) -> Result<H
 pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let policy = current(&state, &caller, &policy_id(&id)?, None).await?;
-    let (owner, pid) = (policy.tenant_id.clone(), policy.id.clone());
-    let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid)).await?;
+    let (owner, pid, tenant) = (policy.tenant_id.clone(), policy.id.clone(), caller.tenant.clone());
+    // A global policy's statistics count only the caller's tenant's runs (SPEC §12.1).
+    let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid, &tenant)).await?;
     Ok(HttpResponse::Ok().json(json!({
         "policy_id": policy.id,
         "mode": policy.mode,
@@ -283,10 +312,12 @@ pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Res
     let records = state
         .shared
         .read(move |store| {
-            runguard_store::all_pages(|page| {
+            let records = runguard_store::all_pages(|page| {
                 query.page = page.clone();
                 store.list_records(&query)
-            })
+            })?;
+            // A block by an evaluation error was a fault, not a prevention (SPEC §12.2).
+            preventions(store, records)
         })
         .await?;
     Ok(HttpResponse::Ok().json(runguard_engine::learning::policy_graduation(&policy, &records)))

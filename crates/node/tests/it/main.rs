@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+mod learning_isolation;
+
 use actix::Actor;
 use actix_web::{App, test as web_test, web};
 use runguard_node::actors::registry::Registry;
