@@ -54,3 +54,66 @@ fn learning_loop_endpoints_answer_their_shapes() {
         .post("/v1/prevention-records/prv_00000000000000000000000000000000/regret", &json!({ "severity": 3 }))
         .expect_error(404, "not_found");
 }
+
+/// SPEC §6: a persisted simulation answers its records as stored (sealed into the chain, not with
+/// placeholder `seq` and hashes), and a simulation naming a run twice is refused (400) with nothing stored.
+#[test]
+fn persisted_simulations_answer_what_was_stored_and_refuse_repeated_runs() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "ra1");
+    step(&client, "ra1", &post(0, 50));
+    create_run(&client, "ra2");
+    step(&client, "ra2", &post(0, 60));
+    let candidate = budget("pol_tight", "tokens", 10);
+    let repeated = json!({ "policies": [candidate], "run_ids": ["ra1", "ra1"], "persist": true });
+    let details = client.post("/v1/simulate", &repeated).expect_error(400, "invalid_request").clone();
+    assert_eq!(details["field"], "run_ids[1]");
+    let stored = |c: &crate::harness::Client| {
+        c.get("/v1/prevention-records?simulated=true").expect(200)["items"].as_array().unwrap().clone()
+    };
+    assert!(stored(&client).is_empty(), "a refused simulation stores nothing");
+
+    let body = json!({ "policies": [candidate], "run_ids": ["ra1", "ra2"], "persist": true });
+    let sim = client.post("/v1/simulate", &body).expect(200).clone();
+    let answered: Vec<serde_json::Value> =
+        sim["results"].as_array().unwrap().iter().map(|r| r["records"][0].clone()).collect();
+    assert_eq!(answered.len(), 2);
+    let zero = "0".repeat(64);
+    for record in &answered {
+        assert!(record["seq"].as_u64() > Some(0), "{record}");
+        assert_ne!(record["hash"].as_str(), Some(zero.as_str()), "{record}");
+        let id = record["id"].as_str().unwrap();
+        assert_eq!(&client.get(&format!("/v1/prevention-records/{id}")).expect(200).clone(), record);
+    }
+    assert_eq!(answered[1]["prev_hash"], answered[0]["hash"], "chained one after the other");
+    assert_eq!(stored(&client).len(), 2);
+}
+
+/// SPEC §12.2: a block caused by an evaluation error is a fault, not a prevention: it never proves a
+/// policy, never raises the tenant's level, and cannot be regretted.
+#[test]
+fn blocks_by_evaluation_errors_never_count_as_preventions() {
+    let node = Node::start();
+    let client = node.client();
+    // Reading an absent field is an evaluation error; `on_error` defaults to block.
+    let broken = json!({ "id": "pol_broken", "name": "always errors",
+                         "rule": { "kind": "expr", "cel": "step.output_text == 'boom'" } });
+    create_policy(&client, &broken);
+    create_run(&client, "fault-run");
+    let decision = step(&client, "fault-run", &post(0, 1));
+    assert_eq!(decision["action"], "block", "{decision}");
+    assert_eq!(decision["violations"][0]["violation_type"], "evaluation_error", "{decision}");
+    let graduation = client.get("/v1/policies/pol_broken/graduation").expect(200).clone();
+    assert_eq!((graduation["status"].as_str(), graduation["counted_records"].as_u64()), (Some("unproven"), Some(0)));
+    let level = client.get("/v1/graduation").expect(200).clone();
+    assert_eq!(level["level"], "alpha", "{level}");
+    assert_eq!(level["gates"]["prevention"]["counted_preventions"], 0, "{level}");
+    // Where a record exists (a store from before faults stopped writing them), it cannot be regretted.
+    if let Some(record) = decision["prevention_record_id"].as_str() {
+        client
+            .post(&format!("/v1/prevention-records/{record}/regret"), &json!({ "severity": 10 }))
+            .expect_error(409, "not_a_prevention");
+        assert_eq!(client.get("/v1/policies/pol_broken").expect(200)["mode"], "active");
+    }
+}

@@ -265,3 +265,54 @@ fn invalid_policy_documents_are_rejected_naming_the_field() {
     let stored = client.get("/v1/policies/pol_good").expect(200).clone();
     assert_eq!((stored["version"].clone(), stored["rule"]["kind"].clone()), (json!(1), json!("budget")));
 }
+
+/// SPEC §12.1: within what a tenant sees, one id names one policy. A tenant may not take a global
+/// policy's id, an admin may not give a global policy an id a tenant uses, and two creations racing for
+/// one id never both succeed.
+#[test]
+fn a_policy_id_names_one_policy_wherever_a_tenant_sees_it() {
+    use crate::harness::{ACME_OPERATOR, ACME_WORKER, ADMIN, BETA_OPERATOR, tokens_config};
+    let node = Node::start_with_config(&tokens_config());
+    let (admin, acme, beta) = (node.client_as(ADMIN), node.client_as(ACME_OPERATOR), node.client_as(BETA_OPERATOR));
+    let global = |id: &str, max: u64| {
+        let mut doc = budget(id, "tokens", max);
+        doc["scope"] = json!("global");
+        doc
+    };
+    let mut shadow = global("pol_shared", 100);
+    shadow["mode"] = json!("shadow");
+    admin.post("/v1/policies", &shadow).expect(201);
+    acme.post("/v1/policies", &budget("pol_shared", "tokens", 10)).expect_error(409, "policy_id_taken");
+    // Ids are unique per tenant view: two tenants may each have `pol_mine`, but no global policy may.
+    acme.post("/v1/policies", &budget("pol_mine", "tokens", 10)).expect(201);
+    beta.post("/v1/policies", &budget("pol_mine", "tokens", 10)).expect(201);
+    admin.post("/v1/policies", &global("pol_mine", 10)).expect_error(409, "policy_id_taken");
+
+    // The one `pol_shared` acme sees is the global shadow policy: it never blocks acme's run.
+    let worker = node.client_as(ACME_WORKER);
+    crate::fixtures::create_run(&worker, "shared-run");
+    let decision = crate::fixtures::step(&worker, "shared-run", &crate::fixtures::post(0, 11));
+    assert_eq!(decision["action"], "block", "pol_mine (max 10) blocks: {decision}");
+    assert_eq!(decision["deciding_policy"]["id"], "pol_mine", "{decision}");
+    assert!(decision["prevention_record_id"].is_string(), "{decision}");
+
+    // Racing creations of one id, tenant against global: exactly one wins, the other is told why.
+    for n in 0..6 {
+        let id = format!("pol_race_{n}");
+        let (own, shared) = (budget(&id, "tokens", 1), global(&id, 1));
+        let (acme_race, admin_race) = (acme.clone(), admin.clone());
+        let tenant = std::thread::spawn(move || acme_race.post("/v1/policies", &own));
+        let everyone = std::thread::spawn(move || admin_race.post("/v1/policies", &shared));
+        let (tenant, everyone) = (tenant.join().unwrap(), everyone.join().unwrap());
+        let mut statuses = [tenant.status, everyone.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409], "{id}: tenant {} / global {}", tenant.text, everyone.text);
+        let loser = if tenant.status == 409 { &tenant } else { &everyone };
+        loser.expect_error(409, "policy_id_taken");
+    }
+    // Every id in acme's list names exactly one policy.
+    let listed = acme.get("/v1/policies?limit=1000").expect(200).clone();
+    let ids: Vec<&str> = listed["items"].as_array().unwrap().iter().filter_map(|p| p["id"].as_str()).collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "{ids:?}");
+}

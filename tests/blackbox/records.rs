@@ -95,3 +95,28 @@ fn warns_and_passing_steps_write_no_records() {
     assert_eq!(client.get("/v1/runs/run-w").expect(200)["status"], "running");
     assert_eq!(ids(&client, ""), Vec::<String>::new());
 }
+
+/// SPEC §12.4: a simulated record cannot be regretted (409) and never changes a live policy.
+#[test]
+fn simulated_records_cannot_be_regretted_and_never_change_a_live_policy() {
+    let node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_live", "tokens", 100));
+    create_run(&client, "sim-run");
+    assert_eq!(step(&client, "sim-run", &post(0, 50))["action"], "allow");
+    // A tighter candidate with the live policy's id would have blocked; its record is persisted.
+    let candidate = budget("pol_live", "tokens", 10);
+    let sim = client
+        .post("/v1/simulate", &json!({ "policies": [candidate], "run_ids": ["sim-run"], "persist": true }))
+        .expect(200)
+        .clone();
+    let record = sim["results"][0]["records"][0]["id"].as_str().expect("a simulated record").to_owned();
+    assert_eq!(client.get(&format!("/v1/prevention-records/{record}")).expect(200)["is_simulated"], true);
+    client
+        .post(&format!("/v1/prevention-records/{record}/regret"), &json!({ "severity": 10 }))
+        .expect_error(409, "simulated_record");
+    let policy = client.get("/v1/policies/pol_live").expect(200).clone();
+    assert_eq!((policy["mode"].as_str(), policy["version"].as_u64()), (Some("active"), Some(1)), "{policy}");
+    let level = client.get("/v1/graduation").expect(200).clone();
+    assert_eq!(level["gates"]["rollback"]["regrets"], 0, "{level}");
+}

@@ -4,7 +4,7 @@ use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use std::collections::HashMap;
 
-use runguard_contract::{PatternId, RecordId, RunId, Snapshot};
+use runguard_contract::{PatternId, PreventionRecord, RecordId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
 use runguard_store::WriteBatch;
 use serde::Deserialize;
@@ -96,7 +96,7 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
     let (tenant, persist, docs) = (caller.tenant.clone(), body.persist, body.policies);
     // Validating and compiling the candidates, reading the runs and replaying them is blocking and CPU
     // work: all of it on the blocking pool.
-    let (hash, mut results, batch, mut sealed) = state
+    let (hash, mut results, batch) = state
         .shared
         .blocking(move |shared| {
             let limits = &shared.config.limits.policy;
@@ -105,8 +105,6 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             let candidate = CompiledSnapshot::compile(&snapshot, limits).map_err(|_| ApiError::internal())?;
             let mut results = Vec::with_capacity(run_ids.len());
             let mut batch = WriteBatch::new();
-            // Records an identical earlier simulation already persisted are answered as stored, not again.
-            let mut stored = HashMap::new();
             for run_id in &run_ids {
                 let run = shared
                     .store
@@ -118,27 +116,18 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
                     simulation::simulate(&candidate, &simulation::RecordedRun::from_ledger(&run, &ledger));
                 if persist {
                     for record in records {
-                        match shared.store.get_record(&tenant, &record.id).map_err(store_error)? {
-                            Some(existing) if existing.is_simulated => {
-                                stored.insert(existing.id.clone(), existing);
-                            }
-                            Some(_) => return Err(ApiError::internal()),
-                            None => {
-                                batch.append_simulated_record(record);
-                            }
-                        }
+                        batch.append_simulated_record(record);
                     }
                 }
                 results.push(result);
             }
-            Ok((candidate.hash().clone(), results, batch, stored))
+            Ok((candidate.hash().clone(), results, batch))
         })
         .await?;
-    if persist {
-        if !batch.is_empty() {
-            let receipt = state.shared.commit(batch).await?;
-            sealed.extend(receipt.records.into_iter().map(|record| (record.id.clone(), record)));
-        }
+    if persist && !batch.is_empty() {
+        let receipt = state.shared.commit(batch).await?;
+        let sealed: HashMap<RecordId, PreventionRecord> =
+            receipt.records.into_iter().map(|record| (record.id.clone(), record)).collect();
         // Answer the records as stored: sealed into the chain with their `seq`, `prev_hash` and `hash`.
         for result in &mut results {
             if let Some(records) = result.get_mut("records").and_then(Value::as_array_mut) {
