@@ -103,6 +103,11 @@ type LockKey = Option<TenantId>;
 /// Lock map entries kept before unused ones are dropped.
 const LOCKS_KEPT: usize = 1024;
 
+/// Requests of one tenant waiting for (or holding) its lock at most; past it the tenant's next request is
+/// answered 503 at once. A caller that times out leaves its request queued, so without a bound a tenant
+/// retrying faster than its requests complete would grow the queue without limit (SPEC §9).
+const WAITING_PER_TENANT: usize = 1024;
+
 /// The actor. It only hands out locks: each request runs as a future that takes its tenant's lock, reads
 /// on the blocking pool, commits through the writer and answers, so that one tenant's learning work
 /// (a graduation over many incidents, say) never queues another tenant's run ends behind it.
@@ -149,6 +154,13 @@ impl Learning {
         plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), ApiError> + Send + 'static,
     ) -> Answer<T> {
         let locks: Vec<Arc<AsyncMutex<()>>> = keys.into_iter().map(|key| self.lock(key)).collect();
+        // Each waiting request holds a clone of its lock; the map holds one more.
+        if locks.iter().any(|lock| Arc::strong_count(lock) > WAITING_PER_TENANT + 1) {
+            return Box::pin(std::future::ready(Err(ApiError::unavailable(
+                "too many learning-loop requests of this tenant are waiting; retry",
+                1,
+            ))));
+        }
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             let mut held = Vec::with_capacity(locks.len());
