@@ -1,9 +1,9 @@
 //! In-process tests of the node's HTTP layer (the black-box suite in `tests/` drives the real binary).
 
+mod learning_isolation;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-
-mod learning_isolation;
 
 use actix::Actor;
 use actix_web::{App, test as web_test, web};
