@@ -24,6 +24,10 @@ pub struct PolicyLimits {
     pub max_cel_cost: u64,
     /// Longest endpoint or other short text, in bytes.
     pub max_text_len: usize,
+    /// The step limits a CEL rule's cost is bounded for (SPEC §12.5). Not configured on its own: the node
+    /// copies its `[limits.step]` here, so that raising a text limit raises every rule's computed cost.
+    #[serde(skip)]
+    pub cel_inputs: StepLimits,
 }
 
 impl Default for PolicyLimits {
@@ -38,6 +42,7 @@ impl Default for PolicyLimits {
             max_cel_len: 4096,
             max_cel_cost: 100_000,
             max_text_len: 2048,
+            cel_inputs: StepLimits::default(),
         }
     }
 }

@@ -22,8 +22,6 @@ use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqA
 /// The largest integer RFC 8785 canonical JSON (and so a snapshot hash) represents exactly: 2^53 − 1.
 pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
-const INTEGER_RANGE: &str = "an integer of at most 9007199254740991 (2^53 − 1) in magnitude";
-
 /// A deserializer that applies the checks of the module docs to everything read through it.
 pub(crate) struct Strict<'k, D> {
     inner: D,
@@ -52,14 +50,20 @@ impl<'k, V> Checked<'k, V> {
 }
 
 fn check_unsigned<E: de::Error>(value: u128) -> Result<(), E> {
-    if value > u128::from(MAX_SAFE_INTEGER) {
-        return Err(E::invalid_value(de::Unexpected::Other("an integer above 2^53 − 1"), &INTEGER_RANGE));
-    }
-    Ok(())
+    check_magnitude(value, value)
 }
 
 fn check_signed<E: de::Error>(value: i128) -> Result<(), E> {
-    check_unsigned(value.unsigned_abs())
+    check_magnitude(value, value.unsigned_abs())
+}
+
+fn check_magnitude<E: de::Error>(value: impl fmt::Display, magnitude: u128) -> Result<(), E> {
+    if magnitude > u128::from(MAX_SAFE_INTEGER) {
+        return Err(E::custom(format!(
+            "is {value}, beyond 9007199254740991 (2^53 − 1), the largest integer accepted in magnitude"
+        )));
+    }
+    Ok(())
 }
 
 macro_rules! forward_deserialize {

@@ -176,7 +176,9 @@ impl Config {
         if let Some(data) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("data_dir", data));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        // CEL costs are bounded for the step inputs the node accepts (SPEC §12.5).
+        config.limits.policy.cel_inputs = config.limits.step.clone();
         config.validate()?;
         Ok(config)
     }
