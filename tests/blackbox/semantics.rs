@@ -208,7 +208,7 @@ fn the_worst_accepted_rules_are_fast_at_the_largest_text() {
     let decision = step(&client, "run-worst", &call);
     let took = started.elapsed();
     assert_eq!(decision["action"], "allow", "{decision}");
-    assert!(took < Duration::from_secs(3), "two worst-case rules on 256 KiB took {took:?}");
+    assert!(took < Duration::from_secs(5), "two worst-case rules on 256 KiB took {took:?}");
 }
 
 #[test]

@@ -96,8 +96,8 @@ enum Ty {
     Map(u64, Box<Ty>),
     /// One of the input objects.
     Obj(Object),
-    /// Unknown until evaluation.
-    Dyn,
+    /// Unknown until evaluation; if it is a string, at most this many bytes (it may be any input text).
+    Dyn(u64),
 }
 
 impl Ty {
@@ -112,14 +112,14 @@ impl Ty {
             Ty::Str(_) => "string",
             Ty::List(..) => "list",
             Ty::Map(..) | Ty::Obj(_) => "map",
-            Ty::Dyn => "dyn",
+            Ty::Dyn(_) => "dyn",
         }
     }
 
     /// The most bytes a string (or the longest element of a list of strings) may hold.
     fn text_len(&self) -> u64 {
         match self {
-            Ty::Str(n) => *n,
+            Ty::Str(n) | Ty::Dyn(n) => *n,
             Ty::List(_, element) => element.text_len(),
             _ => 0,
         }
@@ -209,7 +209,7 @@ struct Checker {
 pub fn check(expr: &IdedExpr, sizes: TextSizes, max_regex_len: usize) -> Result<Checked, ValidationError> {
     let mut checker = Checker { sizes, max_regex_len: max_regex_len.min(MAX_REGEX_LEN), scope: Vec::new() };
     let (ty, cost) = checker.walk(expr)?;
-    if !matches!(ty, Ty::Bool | Ty::Dyn) {
+    if !matches!(ty, Ty::Bool | Ty::Dyn(_)) {
         return Err(refuse(format!(
             "returns `{}`, not `bool`; a rule is an expression that is true when it is violated",
             ty.name()
@@ -231,6 +231,22 @@ impl Checker {
         }
     }
 
+    /// A value whose type shows only at evaluation: it may be any input, the longest text included.
+    fn unknown(&self) -> Ty {
+        Ty::Dyn(self.sizes.text)
+    }
+
+    fn field(&self, object: Object, field: &str) -> Result<Ty, ValidationError> {
+        object.field(field, self.sizes).ok_or_else(|| {
+            refuse(format!(
+                "reads `{}.{field}`, which does not exist; `{}` has {}",
+                object.name(),
+                object.name(),
+                object.fields().join(", ")
+            ))
+        })
+    }
+
     /// The type of `expr` and the cost of evaluating it.
     fn walk(&mut self, expr: &IdedExpr) -> Result<(Ty, u64), ValidationError> {
         match &expr.expr {
@@ -246,16 +262,9 @@ impl Checker {
                 let (operand, cost) = self.walk(&select.operand)?;
                 let field = select.field.as_str();
                 let ty = match &operand {
-                    Ty::Obj(object) => object.field(field, self.sizes).ok_or_else(|| {
-                        refuse(format!(
-                            "reads `{}.{field}`, which does not exist; `{}` has {}",
-                            object.name(),
-                            object.name(),
-                            object.fields().join(", ")
-                        ))
-                    })?,
+                    Ty::Obj(object) => self.field(*object, field)?,
                     Ty::Map(_, value) => (**value).clone(),
-                    Ty::Dyn => Ty::Dyn,
+                    Ty::Dyn(_) => self.unknown(),
                     other => {
                         return Err(refuse(format!(
                             "reads the field `{field}` of a value of type `{}`, which has none",
@@ -278,7 +287,7 @@ impl Checker {
                     });
                 }
                 let len = u64::try_from(list.elements.len()).unwrap_or(u64::MAX);
-                Ok((Ty::List(len, Box::new(element.unwrap_or(Ty::Dyn))), cost))
+                Ok((Ty::List(len, Box::new(element.unwrap_or(Ty::Dyn(0)))), cost))
             }
             Expr::Map(map) => {
                 let mut cost = 1u64;
@@ -297,16 +306,16 @@ impl Checker {
                         Some(seen) => unify(seen, value),
                     });
                 }
-                Ok((Ty::Map(key_len, Box::new(value_ty.unwrap_or(Ty::Dyn))), cost))
+                Ok((Ty::Map(key_len, Box::new(value_ty.unwrap_or(Ty::Dyn(0)))), cost))
             }
             Expr::Struct(_) => Err(refuse("builds a message, which rules cannot")),
             Expr::Comprehension(c) => {
                 let (range, range_cost) = self.walk(&c.iter_range)?;
                 let (fanout, element, value) = match &range {
-                    Ty::List(n, element) => (*n, (**element).clone(), Ty::Dyn),
+                    Ty::List(n, element) => (*n, (**element).clone(), self.unknown()),
                     Ty::Map(key, value) => (self.sizes.list, Ty::Str(*key), (**value).clone()),
-                    Ty::Dyn => (self.sizes.list, Ty::Dyn, Ty::Dyn),
-                    Ty::Obj(_) => (self.sizes.list, Ty::Str(self.sizes.field), Ty::Dyn),
+                    Ty::Dyn(_) => (self.sizes.list, self.unknown(), self.unknown()),
+                    Ty::Obj(_) => (self.sizes.list, Ty::Str(self.sizes.field), self.unknown()),
                     other => {
                         return Err(refuse(format!(
                             "iterates over a value of type `{}`, which is not a list or a map",
@@ -369,7 +378,7 @@ impl Checker {
             cost = cost.saturating_add(c);
             types.push(ty);
         }
-        let first = types.first().cloned().unwrap_or(Ty::Dyn);
+        let first = types.first().cloned().unwrap_or(Ty::Dyn(0));
         let longest = types.iter().map(Ty::text_len).max().unwrap_or(0);
         let (ty, work) = match function {
             "_&&_" | "_||_" | "!_" | "@not_strictly_false" => (Ty::Bool, 0),
@@ -377,6 +386,10 @@ impl Checker {
             "@in" => {
                 let work = match types.get(1) {
                     Some(Ty::List(n, element)) => n.saturating_mul(scan(element.text_len()).max(1)),
+                    // Unknown: it may be the longest list of the longest strings.
+                    Some(Ty::Dyn(_)) => {
+                        self.sizes.list.saturating_mul(scan(self.sizes.field).max(1)).max(scan(longest))
+                    }
                     _ => scan(longest),
                 };
                 (Ty::Bool, work)
@@ -391,24 +404,32 @@ impl Checker {
                     (Ty::List(len, element.clone()), len)
                 }
                 (Some(a @ (Ty::Int | Ty::Uint | Ty::Double)), _) => (a.clone(), 0),
-                _ => (Ty::Dyn, scan(longest)),
+                // Unknown operands: if they are strings, the result is as long as both.
+                (a, b) => {
+                    let len = a.map_or(0, Ty::text_len).saturating_add(b.map_or(0, Ty::text_len));
+                    (Ty::Dyn(len), scan(len))
+                }
             },
             "_-_" | "_*_" | "_/_" | "_%_" | "-_" => {
-                let ty = if matches!(first, Ty::Int | Ty::Uint | Ty::Double) { first } else { Ty::Dyn };
+                let ty = if matches!(first, Ty::Int | Ty::Uint | Ty::Double) { first } else { Ty::Dyn(0) };
                 (ty, 0)
             }
             "_?_:_" => {
                 let ty = match (types.get(1), types.get(2)) {
                     (Some(a), Some(b)) => unify(a.clone(), b.clone()),
-                    _ => Ty::Dyn,
+                    _ => self.unknown(),
                 };
                 (ty, 0)
             }
             "_[_]" => {
-                let ty = match first {
-                    Ty::List(_, element) => *element,
-                    Ty::Map(_, value) => *value,
-                    _ => Ty::Dyn,
+                let ty = match (first, args.last()) {
+                    (Ty::List(_, element), _) => *element,
+                    (Ty::Map(_, value), _) => *value,
+                    // `step['usage']` is `step.usage`, and is checked like it.
+                    (Ty::Obj(object), Some(IdedExpr { expr: Expr::Literal(LiteralValue::String(key)), .. })) => {
+                        self.field(object, key.inner())?
+                    }
+                    _ => self.unknown(),
                 };
                 (ty, 0)
             }
@@ -434,14 +455,14 @@ impl Checker {
                 };
                 (Ty::Str(len), scan(len))
             }
-            _ => (Ty::Dyn, 0),
+            _ => (self.unknown(), 0),
         };
         Ok((ty, cost.saturating_add(work)))
     }
 
     /// String functions take strings: a known non-string argument is refused.
     fn strings(&self, function: &str, types: &[Ty]) -> Result<(), ValidationError> {
-        match types.iter().find(|ty| !matches!(ty, Ty::Str(_) | Ty::Dyn)) {
+        match types.iter().find(|ty| !matches!(ty, Ty::Str(_) | Ty::Dyn(_))) {
             Some(other) => {
                 Err(refuse(format!("calls `{function}` with a value of type `{}`; it takes strings", other.name())))
             }
@@ -498,6 +519,6 @@ fn unify(a: Ty, b: Ty) -> Ty {
         (Ty::List(x, e), Ty::List(y, f)) => Ty::List(x.max(y), Box::new(unify(*e, *f))),
         (Ty::Map(x, e), Ty::Map(y, f)) => Ty::Map(x.max(y), Box::new(unify(*e, *f))),
         (a, b) if a == b => a,
-        _ => Ty::Dyn,
+        (a, b) => Ty::Dyn(a.text_len().max(b.text_len())),
     }
 }

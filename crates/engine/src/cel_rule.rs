@@ -514,7 +514,7 @@ mod tests {
         assert!(err.message().contains("not `bool`"), "{err}");
         // A result that cannot be seen before evaluation is an evaluation error.
         let labels = BTreeMap::new();
-        let rule = CelRule::compile("step['index']", &limits(1000)).unwrap();
+        let rule = CelRule::compile("[1, 'a'][0]", &limits(1000)).unwrap();
         let step = StepCall::new(0, Phase::Pre);
         assert!(rule.evaluate(&input(&labels, Some(&step))).is_err());
     }
@@ -597,6 +597,13 @@ mod tests {
         assert!(cost > 3 * default, "{default} -> {cost}");
         let short = CelRule::cost("has(step.skill) && step.skill.contains('secret')", &limits(100_000)).unwrap();
         assert!(short * 10 < default, "{short} vs {default}");
+        // A field read by index, or a value known only at evaluation, is charged as the longest text.
+        let indexed =
+            CelRule::cost("has(step.output_text) && step['output_text'].contains('secret')", &limits(100_000));
+        assert!(indexed.unwrap().abs_diff(default) <= 2, "the same scan, one node more or less");
+        let unknown = CelRule::cost("step[run.labels.field].contains('secret')", &limits(100_000)).unwrap();
+        assert!(unknown * 10 > default * 9, "{unknown} vs {default}");
+        assert!(CelRule::compile("step['outptu_text'] == ''", &limits(100_000)).is_err());
         // Scanning the output in a comprehension multiplies by the list bound.
         let looped = "step.input_keys.exists(k, has(step.output_text) && step.output_text.contains(k))";
         assert!(CelRule::compile(looped, &limits(100_000)).unwrap_err().message().contains("cost"));

@@ -289,6 +289,17 @@ sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         assert_eq!(config.tokens[0].role, Role::Worker);
     }
 
+    /// CEL costs are computed for the step inputs the node accepts, whatever the file says.
+    #[test]
+    fn cel_costs_follow_the_step_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runguard.toml");
+        std::fs::write(&file, "[limits.step]\nmax_text_len = 1048576\nmax_input_keys = 16\n").unwrap();
+        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.limits.policy.cel_inputs, config.limits.step);
+        assert_eq!(config.limits.policy.cel_inputs.max_text_len, 1_048_576);
+    }
+
     #[test]
     fn bad_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
