@@ -195,9 +195,8 @@ fn the_worst_accepted_rules_are_fast_at_the_largest_text() {
     let node = Node::start();
     let client = node.client();
     let scan = "step.output_text.matches('\\\\bpassw(or)?d[0-9]{2,8}\\\\b')";
-    let regexes = format!("has(step.output_text) && ({})", vec![scan; 3].join(" || "));
-    let contains =
-        format!("has(step.output_text) && ({})", vec!["step.output_text.contains('aaaaaaab')"; 20].join(" || "));
+    let regexes = format!("has(step.output_text) && ({})", [scan; 3].join(" || "));
+    let contains = format!("has(step.output_text) && ({})", ["step.output_text.contains('aaaaaaab')"; 20].join(" || "));
     for (id, cel) in [("pol_regexes", regexes), ("pol_contains", contains)] {
         create_policy(&client, &rule_policy(id, json!({ "kind": "expr", "cel": cel })));
     }

@@ -22,7 +22,9 @@ const SHAPES: &[(&str, &str, &str)] = &[
     // Concatenation of the largest texts.
     ("concat_texts", "has(step.output_text) && has(step.input_text)", "size(step.output_text + step.input_text) < 0"),
     // A comprehension over the input keys, scanning each key.
-    ("keys_scan", "true", "step.input_keys.exists(k, k.contains('aaaaaaab') || k.matches('^b+$'))"),
+    ("keys_scan", "true", "step.input_keys.exists(k, k.contains('aaaaaaab') || k.endsWith('b'))"),
+    // A regex compiled on every call of a loop (cel compiles `matches` patterns per call).
+    ("regex_compiles", "true", "[1,2,3,4,5,6,7,8].exists(i, run.id.matches('^(b|c)+[0-9]{2}$'))"),
     ("keys_in", "true", "'zzz' in step.input_keys"),
     // Nested comprehensions over literal lists, reading the run.
     (
