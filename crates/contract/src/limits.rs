@@ -20,7 +20,8 @@ pub struct PolicyLimits {
     pub max_skills: usize,
     /// Longest CEL expression, in bytes.
     pub max_cel_len: usize,
-    /// Highest static cost of a CEL expression (nodes, multiplied through comprehensions).
+    /// Highest static cost of a CEL expression: nodes plus the text it may scan at the step limits of
+    /// `cel_inputs`, multiplied through comprehensions (see `runguard_engine::cel_check`).
     pub max_cel_cost: u64,
     /// Longest endpoint or other short text, in bytes.
     pub max_text_len: usize,
