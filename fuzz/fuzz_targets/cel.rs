@@ -1,7 +1,7 @@
-//! CEL: any expression within the policy limits is compiled as an `expr` rule (validation: syntax and
-//! static cost) and every one that compiles is evaluated at run start and over several steps. Compilation
-//! must accept or reject without crashing; evaluation must end (bounded cost) with a boolean or an error
-//! that `on_error` handles.
+//! CEL: any expression within the policy limits is compiled as an `expr` rule (validation: syntax, the
+//! static check of names, functions and result type, and the cost bound) and every one that compiles is
+//! evaluated at run start and over several steps. Compilation must accept or reject without crashing;
+//! evaluation must end (bounded cost) with a boolean or an error that `on_error` handles.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

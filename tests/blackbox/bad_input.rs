@@ -102,3 +102,148 @@ fn the_default_limit_is_one_mebibyte() {
     let resp = client.send("POST", "/v1/runs/run-big/steps", Some(padded_step(1024 * 1024 - 16))).expect("transport");
     assert_eq!(resp.expect(200)["action"], "allow");
 }
+
+/// SPEC §12.6: an array never stands in for an object, and a key given twice in any JSON body is invalid;
+/// SPEC §12.3: integers above 2^53 − 1 are invalid. All 400, naming the field, and nothing is applied.
+#[test]
+fn arrays_repeated_keys_and_unsafe_integers_are_400_naming_the_field() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "run-x");
+    assert_eq!(step_field(&client, r#"{"index":0,"phase":"post","usage":[500,0,0]}"#), "usage");
+    let resp = client.send("POST", "/v1/runs/run-x/steps", Some(br#"[0,"post"]"#.to_vec())).expect("transport");
+    resp.expect_error(400, "invalid_request");
+    assert_eq!(step_field(&client, r#"{"index":0,"phase":"post","phase":"pre"}"#), "phase");
+    assert_eq!(step_field(&client, r#"{"index":0,"phase":"post","usage":{"tokens":1,"tokens":2}}"#), "usage.tokens");
+    assert_eq!(
+        step_field(&client, r#"{"index":0,"phase":"post","usage":{"tokens":9007199254740992}}"#),
+        "usage.tokens"
+    );
+    assert_eq!(
+        step_field(&client, r#"{"index":0,"phase":"post","usage":{"tokens":18446744073709551615}}"#),
+        "usage.tokens"
+    );
+    // A zero fraction is not an integer.
+    assert_eq!(step_field(&client, r#"{"index":0,"phase":"post","usage":{"tokens":2.0}}"#), "usage.tokens");
+    assert_eq!(client.get("/v1/runs/run-x").expect(200)["totals"]["steps"], 0, "nothing was applied");
+    let largest = br#"{"index":0,"phase":"post","usage":{"tokens":9007199254740991}}"#.to_vec();
+    let resp = client.send("POST", "/v1/runs/run-x/steps", Some(largest)).expect("transport");
+    assert_eq!(resp.expect(200)["action"], "allow");
+    assert_eq!(client.get("/v1/runs/run-x").expect(200)["totals"]["tokens"], 9_007_199_254_740_991u64);
+
+    // Policy documents: the repeated `mode` is refused, not read as its last value; nothing is stored.
+    let send_policy = |body: &str| {
+        let resp = client.send("POST", "/v1/policies", Some(body.as_bytes().to_vec())).expect("transport");
+        resp.expect_error(400, "invalid_request")["field"].as_str().unwrap_or_default().to_owned()
+    };
+    let budget =
+        |max: &str| format!(r#"{{"name":"b","rule":{{"kind":"budget","metric":"tokens","per":"run","max":{max}}}}}"#);
+    assert_eq!(
+        send_policy(r#"{"name":"b","mode":"active","mode":"disabled","rule":{"kind":"expr","cel":"run.tokens > 5"}}"#),
+        "mode"
+    );
+    assert_eq!(send_policy(&budget("18446744073709551615")), "rule.max");
+    assert_eq!(send_policy(&budget("9007199254740992")), "rule.max");
+    assert_eq!(send_policy(&budget("2.0")), "rule.max");
+    assert_eq!(send_policy(r#"{"name":"b","rule":["budget","tokens","run",5]}"#), "rule");
+    assert_eq!(client.get("/v1/policies").expect(200)["items"], json!([]));
+    let resp = client.send("POST", "/v1/policies", Some(budget("9007199254740991").into_bytes())).expect("transport");
+    assert_eq!(resp.expect(201)["rule"]["max"], 9_007_199_254_740_991u64);
+
+    // Run bodies.
+    let resp = client.send("POST", "/v1/runs", Some(br#"{"run_id":"r1","run_id":"r2"}"#.to_vec())).expect("transport");
+    assert_eq!(resp.expect_error(400, "invalid_request")["field"], "run_id");
+    let resp = client
+        .send("POST", "/v1/runs", Some(br#"{"run_id":"r3","labels":{"a":"1","a":"2"}}"#.to_vec()))
+        .expect("transport");
+    assert_eq!(resp.expect_error(400, "invalid_request")["field"], "labels.a");
+    let resp = client.send("POST", "/v1/runs", Some(br#"{"labels":["a"]}"#.to_vec())).expect("transport");
+    assert_eq!(resp.expect_error(400, "invalid_request")["field"], "labels");
+    client.get("/v1/runs/r1").expect_error(404, "not_found");
+}
+
+/// SPEC §12.6: every text field has a configured length limit, the `error` of an end body included.
+#[test]
+fn end_bodies_are_read_strictly_and_their_error_texts_are_limited() {
+    let node = Node::start_with_config("[limits.step]\nmax_field_len = 64\n");
+    let client = node.client();
+    create_run(&client, "run-end");
+    let end = |body: &str| {
+        let resp = client.send("POST", "/v1/runs/run-end/end", Some(body.as_bytes().to_vec())).expect("transport");
+        resp.expect_error(400, "invalid_request")["field"].as_str().unwrap_or_default().to_owned()
+    };
+    let long = "x".repeat(65);
+    assert_eq!(end(&format!(r#"{{"outcome":"failed","error":{{"message":"{long}"}}}}"#)), "error.message");
+    assert_eq!(end(&format!(r#"{{"outcome":"failed","error":{{"type":"{long}"}}}}"#)), "error.type");
+    assert_eq!(end(&format!(r#"{{"outcome":"failed","error":{{"code":"{long}"}}}}"#)), "error.code");
+    assert_eq!(end(r#"{"outcome":"failed","outcome":"succeeded"}"#), "outcome");
+    assert_eq!(end(r#"{"outcome":"failed","error":["timeout"]}"#), "error");
+    assert_eq!(client.get("/v1/runs/run-end").expect(200)["status"], "running", "nothing was applied");
+    let fits = "x".repeat(64);
+    let body = format!(r#"{{"outcome":"failed","error":{{"type":"timeout","message":"{fits}"}}}}"#);
+    let resp = client.send("POST", "/v1/runs/run-end/end", Some(body.into_bytes())).expect("transport");
+    assert_eq!(resp.expect(200)["run"]["status"], "failed");
+}
+
+fn lint(files: &[&std::path::Path]) -> (Option<i32>, String) {
+    let mut args = vec![std::ffi::OsStr::new("policy"), std::ffi::OsStr::new("lint")];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    let output = crate::harness::run_cli(&args);
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `runguard policy lint` applies the same checks as the node: repeated keys, unsafe integers (JSON and
+/// TOML), and CEL typos and non-literal regexes are findings naming the field.
+#[test]
+fn policy_lint_refuses_what_the_node_refuses() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let cases = [
+        (
+            write(
+                "repeated.json",
+                r#"{"name":"b","mode":"active","mode":"disabled","rule":{"kind":"expr","cel":"true"}}"#,
+            ),
+            "`mode`",
+        ),
+        (
+            write(
+                "huge.json",
+                r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":18446744073709551615}}"#,
+            ),
+            "`rule.max`",
+        ),
+        (
+            write(
+                "huge.toml",
+                "name = \"b\"\n[rule]\nkind = \"budget\"\nmetric = \"tokens\"\nper = \"run\"\nmax = 9007199254740992\n",
+            ),
+            "`rule.max`",
+        ),
+        (write("repeated.toml", "name = \"b\"\nname = \"c\"\n"), "TOML"),
+        (write("typo.json", r#"{"name":"b","rule":{"kind":"expr","cel":"rn.tokens > 5"}}"#), "`rule.cel`"),
+        (write("nofn.json", r#"{"name":"b","rule":{"kind":"expr","cel":"nosuchfn(run.tokens)"}}"#), "`rule.cel`"),
+        (write("nonbool.json", r#"{"name":"b","rule":{"kind":"expr","cel":"run.tokens + 1"}}"#), "`rule.cel`"),
+        (
+            write(
+                "regex.json",
+                r#"{"name":"b","rule":{"kind":"expr","cel":"has(step.output_text) && step.output_text.matches(step.output_text)"}}"#,
+            ),
+            "`rule.cel`",
+        ),
+    ];
+    for (path, says) in &cases {
+        let (code, out) = lint(&[path]);
+        assert_eq!(code, Some(1), "{}: {out}", path.display());
+        assert!(out.contains(says), "{}: {out}", path.display());
+    }
+    let fine = write(
+        "fine.json",
+        r#"{"name":"b","rule":{"kind":"expr","cel":"has(step.skill) && step.skill.matches('^sh')"}}"#,
+    );
+    assert_eq!(lint(&[&fine]).0, Some(0));
+}

@@ -194,3 +194,36 @@ fn prevention_records_follow_the_contract() {
         panic!("{err}\n--- node log ---\n{}", node.logs());
     }
 }
+
+/// SPEC §12.2: a block caused by an evaluation error stops the run and is kept in the ledger and the
+/// decisions, but it is a fault, not a prevention: no record, and the decision names none.
+#[test]
+fn evaluation_error_blocks_stop_the_run_without_a_record() {
+    let node = Node::start();
+    let client = node.client();
+    // `step.skill` is absent from the steps sent below: reading it fails on every call (on_error block).
+    let doc = json!({ "id": "pol_faulty", "name": "faulty",
+                      "rule": { "kind": "expr", "cel": "step.skill == 'shell'" } });
+    client.post("/v1/policies", &doc).expect(201);
+    client.post("/v1/runs", &json!({ "run_id": "run-fault" })).expect(201);
+    let decision = client
+        .post("/v1/runs/run-fault/steps", &json!({ "index": 0, "phase": "post", "usage": { "tokens": 1 } }))
+        .expect(200)
+        .clone();
+    assert_eq!(decision["action"], "block", "{decision}");
+    assert_eq!(decision["deciding_policy"]["id"], "pol_faulty");
+    assert_eq!(decision["violations"][0]["violation_type"], "evaluation_error");
+    assert!(decision["prevention_record_id"].is_null(), "{decision}");
+
+    let run = client.get("/v1/runs/run-fault").expect(200).clone();
+    assert_eq!(run["status"], "stopped");
+    assert_eq!(run["violation_policy_id"], "pol_faulty");
+    let refused = client.post("/v1/runs/run-fault/steps", &json!({ "index": 1, "phase": "post" }));
+    refused.expect_error(409, "run_not_running");
+    let decisions = client.get("/v1/runs/run-fault/decisions").expect(200).clone();
+    assert!(decisions["items"].as_array().is_some_and(|items| items.iter().any(|d| d == &decision)), "{decisions}");
+    let records = client.get("/v1/prevention-records?run_id=run-fault").expect(200).clone();
+    assert_eq!(records["items"], json!([]), "{records}");
+    let records = client.get("/v1/prevention-records").expect(200).clone();
+    assert_eq!(records["items"], json!([]), "{records}");
+}

@@ -160,6 +160,54 @@ fn cel_failures_follow_on_error() {
     assert_eq!(blocked["action"], "block");
     assert_eq!(blocked["deciding_policy"]["id"], "pol_cel_block");
     assert!(blocked["violations"].as_array().unwrap().iter().all(|v| v["policy_id"] != "pol_cel_guarded"));
+    assert!(blocked["prevention_record_id"].is_null(), "an evaluation error is a fault, not a prevention");
+}
+
+/// SPEC §12.5: an expression may name only `run`, `step`, `now` and the documented functions and macros,
+/// must be seen to return a bool, and takes regexes as literals: anything else is 400 `rule.cel`, and
+/// nothing is stored.
+#[test]
+fn cel_rules_are_checked_before_they_are_stored() {
+    let node = Node::start();
+    let client = node.client();
+    for cel in [
+        "nosuchfn(run.tokens)",
+        "rn.tokens > 5",
+        "foo.bar > 1",
+        "run.tokens + 1",
+        "run.tokns > 5",
+        "has(step.output_text) && step.output_text.matches(step.output_text)",
+        "step.input_keys.exists(k, has(step.output_text) && step.output_text.contains(k))",
+    ] {
+        let resp = client.post("/v1/policies", &rule_policy("pol_cel", json!({ "kind": "expr", "cel": cel })));
+        let details = resp.expect_error(400, "invalid_request");
+        assert_eq!(details["field"], "rule.cel", "{cel}: {details}");
+    }
+    assert_eq!(client.get("/v1/policies").expect(200)["items"], json!([]));
+}
+
+/// SPEC §12.5: the most expensive rules the check accepts stay fast at the largest step text. The rule of
+/// the issue (a self-match) took 4 s on 32 KiB of output and over 60 s on 128 KiB; these are accepted
+/// and answered well inside the bound with 256 KiB (an unoptimised node build; the release figures are in
+/// `docs/evaluation.md`).
+#[test]
+fn the_worst_accepted_rules_are_fast_at_the_largest_text() {
+    let node = Node::start();
+    let client = node.client();
+    let scan = "step.output_text.matches('\\\\bpassw(or)?d[0-9]{2,8}\\\\b')";
+    let regexes = format!("has(step.output_text) && ({})", [scan; 3].join(" || "));
+    let contains = format!("has(step.output_text) && ({})", ["step.output_text.contains('aaaaaaab')"; 20].join(" || "));
+    for (id, cel) in [("pol_regexes", regexes), ("pol_contains", contains)] {
+        create_policy(&client, &rule_policy(id, json!({ "kind": "expr", "cel": cel })));
+    }
+    let text: String = std::iter::repeat_n(format!("{}\u{e9}", "a".repeat(62)), 256 * 1024 / 64).collect();
+    create_run(&client, "run-worst");
+    let call = json!({ "index": 0, "phase": "post", "usage": { "tokens": 1 }, "output_text": text });
+    let started = Instant::now();
+    let decision = step(&client, "run-worst", &call);
+    let took = started.elapsed();
+    assert_eq!(decision["action"], "allow", "{decision}");
+    assert!(took < Duration::from_secs(5), "two worst-case rules on 256 KiB took {took:?}");
 }
 
 #[test]

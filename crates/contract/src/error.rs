@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::strict::Strict;
+
 /// Input that was rejected, with the JSON path of the offending field.
 ///
 /// Messages are lowercase, have no trailing period, and put caller input in backticks.
@@ -51,9 +53,11 @@ impl fmt::Debug for ValidationError {
 ///
 /// Unknown fields, wrong types, negative or fractional numbers where an unsigned integer is expected, and
 /// malformed JSON all come back as a [`ValidationError`] whose `field` is the path (empty for syntax errors).
+/// The input is read strictly (see [`crate::strict`]): a repeated key, an array where an object is
+/// expected, or an integer beyond 2^53 − 1 is refused the same way.
 pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+    let value = serde_path_to_error::deserialize(Strict::new(&mut de)).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let field = if path == "." { String::new() } else { path };
@@ -64,9 +68,9 @@ pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T
 }
 
 /// Deserializes `T` from an already parsed JSON value, reporting the path of the first field that does
-/// not fit.
+/// not fit. Read strictly, like [`from_json_slice`] (a value converted from TOML has not been checked).
 pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ValidationError> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
+    serde_path_to_error::deserialize(Strict::new(value)).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         let field = if path == "." { String::new() } else { path };

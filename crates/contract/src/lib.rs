@@ -40,6 +40,7 @@ pub mod run;
 pub mod signature;
 pub mod snapshot;
 pub mod step;
+pub mod strict;
 pub mod timestamp;
 
 #[cfg(feature = "proptest")]
@@ -65,4 +66,5 @@ pub use run::{NextCall, Outcome, RunStatus, TerminationReason, Totals};
 pub use signature::{ErrorClass, Signature, normalize_endpoint};
 pub use snapshot::{Snapshot, SnapshotRef};
 pub use step::{Estimate, Phase, StepCall, StepError, Usage};
+pub use strict::MAX_SAFE_INTEGER;
 pub use timestamp::Timestamp;

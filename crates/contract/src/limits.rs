@@ -20,10 +20,15 @@ pub struct PolicyLimits {
     pub max_skills: usize,
     /// Longest CEL expression, in bytes.
     pub max_cel_len: usize,
-    /// Highest static cost of a CEL expression (nodes, multiplied through comprehensions).
+    /// Highest static cost of a CEL expression: nodes plus the text it may scan at the step limits of
+    /// `cel_inputs`, multiplied through comprehensions (see `runguard_engine::cel_check`).
     pub max_cel_cost: u64,
     /// Longest endpoint or other short text, in bytes.
     pub max_text_len: usize,
+    /// The step limits a CEL rule's cost is bounded for (SPEC §12.5). Not configured on its own: the node
+    /// copies its `[limits.step]` here, so that raising a text limit raises every rule's computed cost.
+    #[serde(skip)]
+    pub cel_inputs: StepLimits,
 }
 
 impl Default for PolicyLimits {
@@ -38,6 +43,7 @@ impl Default for PolicyLimits {
             max_cel_len: 4096,
             max_cel_cost: 100_000,
             max_text_len: 2048,
+            cel_inputs: StepLimits::default(),
         }
     }
 }

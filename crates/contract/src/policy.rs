@@ -527,6 +527,11 @@ impl PolicyDocument {
     /// Like [`PolicyDocument::from_json`], from an already parsed JSON value.
     pub fn from_value(value: serde_json::Value, limits: &PolicyLimits) -> Result<Self, ValidationError> {
         let rule = value.get("rule").cloned();
+        // The `kind` tag makes serde read the rule as any value, where a list of the fields in order
+        // would pass for an object; an array never stands in for an object (SPEC §12.6).
+        if rule.as_ref().is_some_and(|rule| !rule.is_object()) {
+            return Err(ValidationError::new("rule", "must be an object with a `kind`"));
+        }
         let doc: PolicyDocument = crate::error::from_json_value(value).map_err(|err| {
             // The `kind` tag makes serde buffer the rule, which loses the path inside it; re-parse the
             // rule against its variant to name the exact field.
@@ -763,6 +768,36 @@ mod tests {
         assert_eq!(err.field(), "rule.scope");
         let err = parse(r#"{"name":"b","precedence":-3,"rule":{"kind":"expr","cel":"x"}}"#).unwrap_err();
         assert_eq!(err.field(), "precedence");
+    }
+
+    #[test]
+    fn repeated_keys_arrays_and_unsafe_integers_are_refused() {
+        let err =
+            parse(r#"{"name":"b","mode":"active","mode":"disabled","rule":{"kind":"expr","cel":"true"}}"#).unwrap_err();
+        assert_eq!((err.field(), err.message()), ("mode", "is given more than once"));
+        let err = parse(r#"{"name":"b","rule":{"kind":"expr","kind":"budget","cel":"true"}}"#).unwrap_err();
+        assert_eq!(err.field(), "rule.kind");
+        let err = parse(r#"{"name":"b","rule":["budget","tokens","run",5]}"#).unwrap_err();
+        assert_eq!(err.field(), "rule");
+        let max = r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":18446744073709551615}}"#;
+        let err = parse(max).unwrap_err();
+        assert_eq!(err.field(), "rule.max");
+        assert!(err.message().contains("2^53"), "{err}");
+        let err =
+            parse(r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":9007199254740992}}"#)
+                .unwrap_err();
+        assert_eq!(err.field(), "rule.max");
+        let doc =
+            parse(r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":9007199254740991}}"#)
+                .unwrap();
+        assert!(matches!(doc.rule, Rule::Budget(BudgetRule { max: crate::MAX_SAFE_INTEGER, .. })));
+        let err =
+            parse(r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":2.0}}"#).unwrap_err();
+        assert_eq!(err.field(), "rule.max", "a zero fraction does not make an integer");
+        // A document converted from TOML (integers up to 2^63) is checked the same way.
+        let value =
+            serde_json::json!({"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max": i64::MAX}});
+        assert_eq!(PolicyDocument::from_value(value, &PolicyLimits::default()).unwrap_err().field(), "rule.max");
     }
 
     #[test]

@@ -44,14 +44,19 @@ pub fn pattern_policy_matches(req: &PatternRequest<'_>) -> bool {
     same_signature && same_tenant && endpoint_ok
 }
 
+/// Whether a deciding violation of this type is a fault of the system or of the policy's evaluation
+/// rather than a policy that held (SPEC §12.2): such a block stops the run but prevents nothing.
+pub const fn is_fault(violation_type: ViolationType) -> bool {
+    matches!(violation_type, ViolationType::EvaluationError | ViolationType::Integrity)
+}
+
 /// Whether a decision earns a prevention record: it blocks, an **active** policy decided it, and the
-/// deciding violation is not an `integrity` failure. Shadow would-blocks, throttles and warns never do.
+/// deciding violation is not a fault (`evaluation_error` or `integrity`, see [`is_fault`]). Shadow
+/// would-blocks, throttles and warns never do.
 pub fn requires_prevention_record(decision: &Decision, deciding_mode: Option<Mode>) -> bool {
     decision.action == Action::Block
         && deciding_mode == Some(Mode::Active)
-        && decision
-            .deciding_violation()
-            .is_some_and(|v| v.action == Action::Block && v.violation_type != ViolationType::Integrity)
+        && decision.deciding_violation().is_some_and(|v| v.action == Action::Block && !is_fault(v.violation_type))
 }
 
 /// A record the contract does not allow.
@@ -70,6 +75,9 @@ pub fn check_record_against_decision(
     run_tenant: &TenantId,
 ) -> Result<(), ContractBreach> {
     let breach = |why: &str| Err(ContractBreach(why.to_owned()));
+    if decision.deciding_violation().is_some_and(|v| is_fault(v.violation_type)) {
+        return breach("a block caused by a fault (an evaluation error or an integrity failure) prevents nothing");
+    }
     if !requires_prevention_record(decision, Some(policy.mode)) {
         return breach("the decision is not a block decided by an active policy");
     }

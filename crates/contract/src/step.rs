@@ -165,11 +165,19 @@ impl StepCall {
             check_short(&format!("input_keys[{i}]"), Some(key), limits)?;
         }
         if let Some(error) = &self.error {
-            check_short("error.type", error.error_type.as_deref(), limits)?;
-            check_short("error.code", error.code.as_deref(), limits)?;
-            check_short("error.message", error.message.as_deref(), limits)?;
+            error.validate(limits)?;
         }
         Ok(())
+    }
+}
+
+impl StepError {
+    /// Checks the length of each text (in a step call, and in the `error` of a run's end body), naming
+    /// the field under `error`.
+    pub fn validate(&self, limits: &StepLimits) -> Result<(), ValidationError> {
+        check_short("error.type", self.error_type.as_deref(), limits)?;
+        check_short("error.code", self.code.as_deref(), limits)?;
+        check_short("error.message", self.message.as_deref(), limits)
     }
 }
 
@@ -222,6 +230,37 @@ mod tests {
         assert!(err.message().contains("not valid JSON"), "{err}");
         let err = parse(r#"{"index":0,"phase":"pre"} trailing"#).unwrap_err();
         assert!(err.message().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn arrays_duplicate_keys_and_unsafe_integers_are_refused() {
+        let err = parse(r#"{"index":0,"phase":"post","usage":[500,0,0]}"#).unwrap_err();
+        assert_eq!(err.field(), "usage");
+        assert!(err.message().contains("sequence"), "{err}");
+        assert_eq!(parse(r#"[0,"post"]"#).unwrap_err().field(), "");
+        let err = parse(r#"{"index":0,"phase":"post","phase":"pre"}"#).unwrap_err();
+        assert_eq!((err.field(), err.message()), ("phase", "is given more than once"));
+        let err = parse(r#"{"index":0,"phase":"post","usage":{"tokens":1,"tokens":2}}"#).unwrap_err();
+        assert_eq!(err.field(), "usage.tokens");
+        let err = parse(r#"{"index":0,"phase":"post","error":{"type":"a","typ\u0065":"b"}}"#).unwrap_err();
+        assert_eq!(err.field(), "error.type", "an escaped repeat is a repeat");
+        let err = parse(r#"{"index":0,"phase":"post","usage":{"tokens":9007199254740992}}"#).unwrap_err();
+        assert_eq!(err.field(), "usage.tokens");
+        assert!(err.message().contains("2^53"), "{err}");
+        assert_eq!(
+            parse(r#"{"index":0,"phase":"post","usage":{"tokens":9007199254740991}}"#).unwrap().usage.unwrap().tokens,
+            crate::MAX_SAFE_INTEGER
+        );
+        assert_eq!(parse(r#"{"index":0,"phase":"post","usage":{"tokens":2.0}}"#).unwrap_err().field(), "usage.tokens");
+        // The same key in two different objects is no repeat.
+        assert!(parse(r#"{"index":0,"phase":"post","usage":{"tokens":1},"error":{"type":"tokens"}}"#).is_ok());
+    }
+
+    #[test]
+    fn error_texts_are_limited() {
+        let limits = StepLimits { max_field_len: 4, ..StepLimits::default() };
+        let error = StepError { message: Some("12345".into()), ..StepError::default() };
+        assert_eq!(error.validate(&limits).unwrap_err().field(), "error.message");
     }
 
     #[test]

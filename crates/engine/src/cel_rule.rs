@@ -1,10 +1,11 @@
-//! Custom rules in CEL: compilation with a static cost bound, and evaluation against a run and a step.
+//! Custom rules in CEL: compilation with a static check and cost bound, and evaluation against a run and
+//! a step.
 //!
-//! CEL is not Turing-complete, but comprehensions (`all`, `exists`, `map`, `filter`) iterate over inputs and
-//! can nest. The cost of an expression is bounded at compile time: every AST node costs 1, and the body of
-//! a comprehension costs its size times [`COMPREHENSION_FANOUT`] (the most elements any input list holds),
-//! multiplied again for every level of nesting. An expression over the limit is rejected when the policy
-//! is validated, so evaluation never runs unbounded.
+//! CEL is not Turing-complete, but comprehensions (`all`, `exists`, `map`, `filter`) iterate over inputs
+//! and can nest, and string functions scan texts of up to the step text limit. [`crate::cel_check`]
+//! refuses unknown names, functions and fields, non-literal regexes and non-boolean results, and bounds the
+//! work of one evaluation at the configured input limits; an expression over `max_cel_cost` is rejected
+//! when the policy is validated, so evaluation never runs unbounded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,10 +15,10 @@ use cel::common::traits::Indexer;
 use cel::common::types::{CelInt, CelList, CelMap, CelMapKey, CelString};
 use cel::common::value::CowVal;
 use cel::{Context, Env, IdedExpr, Program, Value};
+use runguard_contract::PolicyLimits;
 use runguard_contract::{StepCall, Timestamp, Totals, ValidationError};
 
-/// The bound assumed for the length of any list a comprehension iterates (input keys, labels).
-pub const COMPREHENSION_FANOUT: u64 = 256;
+use crate::cel_check::{self, TextSizes};
 
 /// A compiled CEL rule with its environment (the standard library, built once: building it costs more
 /// than evaluating most rules).
@@ -107,44 +108,40 @@ fn push_entry<'a>(stack: &mut Vec<(&'a IdedExpr, usize)>, entry: &'a EntryExpr, 
     }
 }
 
-/// The static cost of an expression (see the module docs).
-pub fn static_cost(expr: &IdedExpr) -> u64 {
-    match &expr.expr {
-        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => 1,
-        Expr::Call(call) => {
-            let target = call.target.as_deref().map_or(0, static_cost);
-            call.args.iter().map(static_cost).fold(1u64.saturating_add(target), u64::saturating_add)
-        }
-        Expr::Comprehension(c) => {
-            let body = static_cost(&c.loop_cond).saturating_add(static_cost(&c.loop_step));
-            1u64.saturating_add(static_cost(&c.iter_range))
-                .saturating_add(static_cost(&c.accu_init))
-                .saturating_add(static_cost(&c.result))
-                .saturating_add(body.saturating_mul(COMPREHENSION_FANOUT))
-        }
-        Expr::List(list) => list.elements.iter().map(static_cost).fold(1, u64::saturating_add),
-        Expr::Map(map) => map.entries.iter().map(|e| entry_cost(&e.expr)).fold(1, u64::saturating_add),
-        Expr::Struct(st) => st.entries.iter().map(|e| entry_cost(&e.expr)).fold(1, u64::saturating_add),
-        Expr::Select(select) => 1u64.saturating_add(static_cost(&select.operand)),
-    }
-}
-
-fn entry_cost(entry: &EntryExpr) -> u64 {
-    match entry {
-        EntryExpr::StructField(field) => static_cost(&field.value),
-        EntryExpr::MapEntry(entry) => static_cost(&entry.key).saturating_add(static_cost(&entry.value)),
-    }
-}
-
 impl CelRule {
-    /// Compiles `source`, rejecting syntax errors and expressions whose static cost exceeds `max_cost`.
-    pub fn compile(source: &str, max_cost: u64) -> Result<Self, ValidationError> {
-        Self::compile_in(source, max_cost, Arc::new(Env::stdlib()))
+    /// Compiles `source`, rejecting syntax errors, what [`crate::cel_check`] refuses, and expressions whose
+    /// cost at the input limits of `limits` exceeds its `max_cel_cost`.
+    pub fn compile(source: &str, limits: &PolicyLimits) -> Result<Self, ValidationError> {
+        Self::compile_in(source, limits, Arc::new(Env::stdlib()))
     }
 
     /// Like [`CelRule::compile`], in an environment shared with the other rules of a snapshot (so that
     /// one evaluation context serves them all).
-    pub fn compile_in(source: &str, max_cost: u64, env: Arc<Env>) -> Result<Self, ValidationError> {
+    pub fn compile_in(source: &str, limits: &PolicyLimits, env: Arc<Env>) -> Result<Self, ValidationError> {
+        let rule = Self::parse(source, env)?;
+        let checked = cel_check::check(rule.program.expression(), sizes(limits), limits.max_pattern_len)?;
+        if checked.cost > limits.max_cel_cost {
+            return Err(ValidationError::new(
+                "rule.cel",
+                format!(
+                    "has a cost of {} at the input size limits, the limit is {}; scan fewer or shorter texts, or \
+                     un-nest comprehensions",
+                    checked.cost, limits.max_cel_cost
+                ),
+            ));
+        }
+        Ok(rule)
+    }
+
+    /// The cost [`crate::cel_check`] computes for `source` at `limits`, if it is accepted at all (for
+    /// measurements and tests).
+    pub fn cost(source: &str, limits: &PolicyLimits) -> Result<u64, ValidationError> {
+        let rule = Self::parse(source, Arc::new(Env::stdlib()))?;
+        cel_check::check(rule.program.expression(), sizes(limits), limits.max_pattern_len).map(|checked| checked.cost)
+    }
+
+    /// Parses `source` within the nesting limits, without the static check.
+    fn parse(source: &str, env: Arc<Env>) -> Result<Self, ValidationError> {
         // The CEL parser and interpreter recurse once per nesting level; deep input overflowed the stack
         // of the thread that compiled (a node's HTTP worker) or evaluated it, aborting the process.
         // Brackets are bounded before parsing, the parse runs on a thread with a stack sized for that
@@ -177,13 +174,6 @@ impl CelRule {
                 format!(
                     "nests {depth} levels deep, the limit is {MAX_CEL_DEPTH}; split long chains into several rules"
                 ),
-            ));
-        }
-        let cost = static_cost(program.expression());
-        if cost > max_cost {
-            return Err(ValidationError::new(
-                "rule.cel",
-                format!("has a static cost of {cost}, the limit is {max_cost}; simplify or un-nest comprehensions"),
             ));
         }
         Ok(Self { program, env })
@@ -239,6 +229,16 @@ fn describe(err: &cel::ExecutionError) -> String {
             let variant = debug.split(['(', '{', ' ']).next().unwrap_or("error").to_owned();
             format!("runtime error `{variant}`")
         }
+    }
+}
+
+/// The input sizes a rule's cost is computed for.
+fn sizes(limits: &PolicyLimits) -> TextSizes {
+    let inputs = &limits.cel_inputs;
+    TextSizes {
+        text: u64::try_from(inputs.max_text_len).unwrap_or(u64::MAX),
+        field: u64::try_from(inputs.max_field_len).unwrap_or(u64::MAX),
+        list: u64::try_from(inputs.max_input_keys).unwrap_or(u64::MAX),
     }
 }
 
@@ -403,6 +403,10 @@ mod tests {
     use super::*;
     use runguard_contract::{Phase, Usage};
 
+    fn limits(max_cel_cost: u64) -> PolicyLimits {
+        PolicyLimits { max_cel_cost, ..PolicyLimits::default() }
+    }
+
     fn input<'a>(labels: &'a BTreeMap<String, String>, step: Option<&'a StepCall>) -> CelInput<'a> {
         CelInput {
             run_id: "r1",
@@ -423,9 +427,10 @@ mod tests {
             ..StepCall::new(3, Phase::Post)
         };
         let rule =
-            CelRule::compile("run.tokens > 500 && step.usage.tokens > 100 && run.labels.team == 'red'", 1000).unwrap();
+            CelRule::compile("run.tokens > 500 && step.usage.tokens > 100 && run.labels.team == 'red'", &limits(1000))
+                .unwrap();
         assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
-        let rule = CelRule::compile("step.index == 3 && now == 5 && step.skill == 'fetch'", 1000).unwrap();
+        let rule = CelRule::compile("step.index == 3 && now == 5 && step.skill == 'fetch'", &limits(1000)).unwrap();
         assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(true));
     }
 
@@ -467,7 +472,8 @@ mod tests {
         // Without a step (run start and end), `step` is not declared at all.
         for input in [input(&labels, Some(&step)), input(&labels, None)] {
             for source in expressions {
-                let rule = CelRule::compile(source, 100_000).unwrap();
+                // Many of these are refused by the static check; the resolver must still agree on them.
+                let rule = CelRule::parse(source, Arc::new(Env::stdlib())).unwrap();
                 let mut bound = Context::with_env(Arc::clone(&rule.env));
                 bound.add_variable_as_val("run", input.run_value());
                 if let Some(step) = input.step {
@@ -486,9 +492,9 @@ mod tests {
     fn absent_fields_are_errors_unless_guarded() {
         let labels = BTreeMap::new();
         let step = StepCall::new(0, Phase::Pre);
-        let rule = CelRule::compile("step.skill == 'x'", 1000).unwrap();
+        let rule = CelRule::compile("step.skill == 'x'", &limits(1000)).unwrap();
         assert!(rule.evaluate(&input(&labels, Some(&step))).is_err());
-        let rule = CelRule::compile("has(step.skill) && step.skill == 'x'", 1000).unwrap();
+        let rule = CelRule::compile("has(step.skill) && step.skill == 'x'", &limits(1000)).unwrap();
         assert_eq!(rule.evaluate(&input(&labels, Some(&step))), Ok(false));
     }
 
@@ -496,25 +502,111 @@ mod tests {
     fn runtime_errors_never_quote_values() {
         let labels = BTreeMap::new();
         let step = StepCall { output_text: Some("TOP-SECRET-VALUE".into()), ..StepCall::new(0, Phase::Post) };
-        let rule = CelRule::compile("step.output_text - 1 > 0", 1000).unwrap();
+        let rule = CelRule::compile("step.output_text - 1 > 0", &limits(1000)).unwrap();
         let err = rule.evaluate(&input(&labels, Some(&step))).unwrap_err();
         assert!(!err.contains("TOP-SECRET"), "{err}");
     }
 
     #[test]
-    fn non_boolean_results_are_errors() {
+    fn non_boolean_results_are_refused_or_errors() {
+        let err = CelRule::compile("run.tokens + 1", &limits(1000)).unwrap_err();
+        assert_eq!(err.field(), "rule.cel");
+        assert!(err.message().contains("not `bool`"), "{err}");
+        // A result that cannot be seen before evaluation is an evaluation error.
         let labels = BTreeMap::new();
-        let rule = CelRule::compile("run.tokens + 1", 1000).unwrap();
-        assert!(rule.evaluate(&input(&labels, None)).is_err());
+        let rule = CelRule::compile("[1, 'a'][0]", &limits(1000)).unwrap();
+        let step = StepCall::new(0, Phase::Pre);
+        assert!(rule.evaluate(&input(&labels, Some(&step))).is_err());
     }
 
     #[test]
     fn syntax_errors_and_costly_expressions_are_rejected() {
-        assert_eq!(CelRule::compile("run.tokens >", 1000).unwrap_err().field(), "rule.cel");
+        assert_eq!(CelRule::compile("run.tokens >", &limits(1000)).unwrap_err().field(), "rule.cel");
         let nested = "step.input_keys.all(a, step.input_keys.all(b, step.input_keys.all(c, a + b + c != '')))";
-        let err = CelRule::compile(nested, 100_000).unwrap_err();
-        assert!(err.message().contains("static cost"), "{err}");
-        assert!(CelRule::compile("step.input_keys.all(k, k != 'password')", 100_000).is_ok());
+        let err = CelRule::compile(nested, &limits(100_000)).unwrap_err();
+        assert!(err.message().contains("cost"), "{err}");
+        assert!(CelRule::compile("step.input_keys.all(k, k != 'password')", &limits(100_000)).is_ok());
+    }
+
+    /// SPEC §12.5: unknown names, fields and functions, and non-boolean results, are refused when the
+    /// policy is validated instead of failing (and blocking) every call.
+    #[test]
+    fn typos_are_refused_at_validation() {
+        for (source, says) in [
+            ("nosuchfn(run.tokens)", "`nosuchfn`"),
+            ("rn.tokens > 5", "`rn`"),
+            ("foo.bar > 1", "`foo`"),
+            ("run.tokns > 5", "`run.tokns`"),
+            ("has(step.usage.tokenz)", "`step.usage.tokenz`"),
+            ("step.output_text.lowerAscii() == 'x'", "`lowerAscii`"),
+            ("run.tokens + 1", "not `bool`"),
+            ("'text'", "not `bool`"),
+            ("step.input_keys.map(k, k)", "not `bool`"),
+            ("run.tokens.contains('x')", "takes strings"),
+            ("run.steps.all(x, x > 0)", "not a list"),
+            ("type(run) == map", "`type`"),
+        ] {
+            let err = CelRule::compile(source, &limits(100_000)).unwrap_err();
+            assert_eq!(err.field(), "rule.cel", "{source}");
+            assert!(err.message().contains(says), "{source}: {err}");
+        }
+        for source in [
+            "run.tokens > 5 && step.index >= 1",
+            "has(step.skill) && step.skill.startsWith('shell')",
+            "run.labels.team == 'red' || 'env' in run.labels",
+            "step.input_keys.exists(k, k == 'password')",
+            "[1, 2].all(run, run > 0)",
+            "has(step.error) && step.error.status >= 500",
+            "has(step.output_text) && step.output_text.matches('(?i)secret')",
+            "size(step.input_keys) > 3 && now > 0",
+            "run.tokens > 1 ? run.steps > 2 : false",
+            "int(run.labels.limit) < run.tokens",
+        ] {
+            assert!(CelRule::compile(source, &limits(100_000)).is_ok(), "{source}");
+        }
+    }
+
+    /// SPEC §12.5: a regex computed at evaluation could be anything (the issue's rule matched a 128 KiB
+    /// output against itself for over a minute); patterns are literals that compile within limits.
+    #[test]
+    fn regexes_are_literal_and_bounded() {
+        for (source, says) in [
+            ("has(step.output_text) && step.output_text.matches(step.output_text)", "not a string literal"),
+            ("run.id.matches(run.tenant)", "not a string literal"),
+            ("run.id.matches('a' + 'b')", "not a string literal"),
+            ("matches(run.id, run.tenant)", "not a string literal"),
+            ("run.id.matches('(unclosed')", "not a usable regex"),
+            ("run.id.matches('\\\\w{1000}')", "not a usable regex"),
+        ] {
+            let err = CelRule::compile(source, &limits(100_000)).unwrap_err();
+            assert_eq!(err.field(), "rule.cel", "{source}");
+            assert!(err.message().contains(says), "{source}: {err}");
+        }
+        assert!(CelRule::compile("matches(run.id, '^r[0-9]+$')", &limits(100_000)).is_ok());
+    }
+
+    /// The cost follows the text sizes at the configured limits: a scan of the output text costs its
+    /// length, so raising the step text limit raises the cost of the same rule.
+    #[test]
+    fn the_cost_accounts_for_text_sizes() {
+        let source = "has(step.output_text) && step.output_text.contains('secret')";
+        let default = CelRule::cost(source, &limits(100_000)).unwrap();
+        let mut larger = limits(100_000);
+        larger.cel_inputs.max_text_len *= 4;
+        let cost = CelRule::cost(source, &larger).unwrap();
+        assert!(cost > 3 * default, "{default} -> {cost}");
+        let short = CelRule::cost("has(step.skill) && step.skill.contains('secret')", &limits(100_000)).unwrap();
+        assert!(short * 10 < default, "{short} vs {default}");
+        // A field read by index, or a value known only at evaluation, is charged as the longest text.
+        let indexed =
+            CelRule::cost("has(step.output_text) && step['output_text'].contains('secret')", &limits(100_000));
+        assert!(indexed.unwrap().abs_diff(default) <= 2, "the same scan, one node more or less");
+        let unknown = CelRule::cost("step[run.labels.field].contains('secret')", &limits(100_000)).unwrap();
+        assert!(unknown * 10 > default * 9, "{unknown} vs {default}");
+        assert!(CelRule::compile("step['outptu_text'] == ''", &limits(100_000)).is_err());
+        // Scanning the output in a comprehension multiplies by the list bound.
+        let looped = "step.input_keys.exists(k, has(step.output_text) && step.output_text.contains(k))";
+        assert!(CelRule::compile(looped, &limits(100_000)).unwrap_err().message().contains("cost"));
     }
 
     /// Regression: deep nesting overflowed the stack of the compiling thread (found by the black-box
@@ -523,15 +615,15 @@ mod tests {
     fn deep_expressions_are_refused_not_stack_overflows() {
         let labels = BTreeMap::new();
         let deep = format!("{}true{}", "(".repeat(2000), ")".repeat(2000));
-        assert!(CelRule::compile(&deep, 100_000).unwrap_err().message().contains("brackets"));
+        assert!(CelRule::compile(&deep, &limits(100_000)).unwrap_err().message().contains("brackets"));
         let at_limit = format!("{}run.steps == 0{}", "(".repeat(MAX_CEL_NESTING), ")".repeat(MAX_CEL_NESTING));
-        assert_eq!(CelRule::compile(&at_limit, 100_000).unwrap().evaluate(&input(&labels, None)), Ok(true));
+        assert_eq!(CelRule::compile(&at_limit, &limits(100_000)).unwrap().evaluate(&input(&labels, None)), Ok(true));
         let chain = vec!["run.steps"; 300].join(" + ") + " > 0";
-        assert!(CelRule::compile(&chain, 100_000).unwrap_err().message().contains("levels deep"));
+        assert!(CelRule::compile(&chain, &limits(100_000)).unwrap_err().message().contains("levels deep"));
         let short = vec!["run.steps"; 40].join(" + ") + " >= 0";
-        assert_eq!(CelRule::compile(&short, 100_000).unwrap().evaluate(&input(&labels, None)), Ok(true));
+        assert_eq!(CelRule::compile(&short, &limits(100_000)).unwrap().evaluate(&input(&labels, None)), Ok(true));
         // Brackets inside string literals do not count.
         let quoted = format!("'{}' != ''", "(".repeat(100));
-        assert!(CelRule::compile(&quoted, 100_000).is_ok());
+        assert!(CelRule::compile(&quoted, &limits(100_000)).is_ok());
     }
 }

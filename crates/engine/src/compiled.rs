@@ -56,7 +56,7 @@ fn compile_rule_in(
         Rule::Pattern(p) => Matcher::Pattern(p.clone()),
         Rule::Expr(e) => {
             let env = cel_env.get_or_init(|| std::sync::Arc::new(cel::Env::stdlib()));
-            Matcher::Expr(Box::new(CelRule::compile_in(&e.cel, limits.max_cel_cost, std::sync::Arc::clone(env))?))
+            Matcher::Expr(Box::new(CelRule::compile_in(&e.cel, limits, std::sync::Arc::clone(env))?))
         }
     })
 }

@@ -38,6 +38,7 @@
 //! ```
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
 
+pub mod cel_check;
 mod cel_rule;
 mod compiled;
 mod content;
@@ -47,7 +48,7 @@ mod rates;
 mod replay;
 mod state;
 
-pub use cel_rule::{COMPREHENSION_FANOUT, CelContext, CelRule};
+pub use cel_rule::{CelContext, CelRule};
 pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, validate_document};
 pub use content::{ContentMatcher, ScanText, luhn_valid, redact};
 pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};

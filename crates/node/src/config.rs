@@ -176,7 +176,9 @@ impl Config {
         if let Some(data) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("data_dir", data));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        // CEL costs are bounded for the step inputs the node accepts (SPEC §12.5).
+        config.limits.policy.cel_inputs = config.limits.step.clone();
         config.validate()?;
         Ok(config)
     }
@@ -285,6 +287,17 @@ sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         assert_eq!(config.run_ttl_s, 60);
         assert_eq!(config.limits.body_bytes, 2048);
         assert_eq!(config.tokens[0].role, Role::Worker);
+    }
+
+    /// CEL costs are computed for the step inputs the node accepts, whatever the file says.
+    #[test]
+    fn cel_costs_follow_the_step_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("runguard.toml");
+        std::fs::write(&file, "[limits.step]\nmax_text_len = 1048576\nmax_input_keys = 16\n").unwrap();
+        let config = Config::load(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.limits.policy.cel_inputs, config.limits.step);
+        assert_eq!(config.limits.policy.cel_inputs.max_text_len, 1_048_576);
     }
 
     #[test]

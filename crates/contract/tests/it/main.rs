@@ -144,3 +144,33 @@ fn only_running_runs_that_fail_create_incidents() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// SPEC §12.3: a budget is accepted exactly when its `max` is at most 2^53 − 1, and every accepted one
+    /// keeps its snapshot hash through a JSON round trip (a larger one was written as a float by RFC 8785
+    /// and failed its integrity check after a restart).
+    #[test]
+    fn only_integers_canonical_json_keeps_exact_are_accepted(
+        max in prop_oneof![0..=MAX_SAFE_INTEGER, (MAX_SAFE_INTEGER - 4)..=MAX_SAFE_INTEGER + 4, any::<u64>()],
+    ) {
+        let limits = PolicyLimits::default();
+        let json = format!(r#"{{"name":"b","rule":{{"kind":"budget","metric":"tokens","per":"run","max":{max}}}}}"#);
+        let parsed = PolicyDocument::from_json(json.as_bytes(), &limits);
+        prop_assert_eq!(parsed.is_ok(), max <= MAX_SAFE_INTEGER);
+        if let Ok(doc) = parsed {
+            let tenant = TenantId::new("acme").unwrap();
+            let policy = Policy::create(doc, PolicyId::new("pol_b").unwrap(), Some(tenant.clone()), Timestamp::from_unix_millis(0));
+            let snapshot = Snapshot::capture(&tenant, [&policy]);
+            let hash = snapshot.hash().unwrap();
+            let reloaded: Snapshot = serde_json::from_slice(&serde_json::to_vec(&snapshot).unwrap()).unwrap();
+            prop_assert!(reloaded.verify(&hash));
+        } else if let Err(err) = parsed {
+            prop_assert_eq!(err.field(), "rule.max");
+        }
+        let step = format!(r#"{{"index":0,"phase":"post","usage":{{"cost_micros":{max}}}}}"#);
+        let call = StepCall::from_json(step.as_bytes(), &StepLimits::default());
+        prop_assert_eq!(call.is_ok(), max <= MAX_SAFE_INTEGER);
+    }
+}

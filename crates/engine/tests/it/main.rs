@@ -1,6 +1,7 @@
 //! Integration tests of runguard-engine: one binary, one module per concern.
 
 mod budgets;
+mod cel_bounds;
 mod conflicts;
 mod content_skill_pattern;
 mod expr_and_errors;

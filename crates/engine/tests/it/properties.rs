@@ -262,4 +262,58 @@ proptest! {
             prop_assert_eq!(&record.tenant_id, &owner);
         }
     }
+
+    /// SPEC §12.2: a block whose deciding violation is a fault (`evaluation_error`) stops the run like any
+    /// block but is no prevention: no record, no record id, and the store's check refuses one forged for it.
+    #[test]
+    fn fault_blocks_stop_the_run_and_write_no_record(
+        policies in policies_for(TenantId::new("acme").unwrap(), 4),
+        faulty_precedence in 0u32..4,
+        calls in calls(4),
+    ) {
+        let tenant = TenantId::new("acme").unwrap();
+        // Dividing by zero is an evaluation error on every call.
+        let doc = PolicyDocument { id: None, name: "faulty".into(), scope: Scope::Tenant, mode: Mode::Active,
+            action: PolicyAction::Block, precedence: faulty_precedence, on_error: OnError::Block, bind_at: None,
+            rule: Rule::Expr(ExprRule { cel: "run.tokens / (run.steps - run.steps) > 0".into() }) };
+        let faulty = Policy::create(doc, PolicyId::new("pol_faulty").unwrap(), Some(tenant.clone()), Timestamp::from_unix_millis(T0));
+        let mut all = policies;
+        all.retain(|p| p.id != faulty.id);
+        all.push(faulty.clone());
+        let snapshot = compile(&tenant, &all);
+        let mut saw_fault = false;
+        for (_, evaluation) in drive(&snapshot, &tenant, &calls) {
+            let decision = &evaluation.decision;
+            let fault = decision.deciding_violation().is_some_and(|v| v.violation_type == ViolationType::EvaluationError);
+            if !fault {
+                continue;
+            }
+            saw_fault = true;
+            prop_assert_eq!(decision.action, Action::Block);
+            prop_assert!(evaluation.record.is_none());
+            prop_assert!(decision.prevention_record_id.is_none());
+            prop_assert!(!requires_prevention_record(decision, evaluation.deciding_mode));
+            let mut state = new_run(&tenant);
+            state.apply(decision, &evaluation.effects);
+            prop_assert_eq!(state.status, RunStatus::Stopped);
+            // A record forged for the fault block is refused by the check the store applies.
+            let deciding = decision.deciding_policy.as_ref().unwrap();
+            let policy = &snapshot.policy(&deciding.id).unwrap().policy;
+            let mut forged_decision = decision.clone();
+            let record_id = RecordId::new("prv_forged").unwrap();
+            forged_decision.prevention_record_id = Some(record_id.clone());
+            let forged = PreventionRecord {
+                id: record_id, seq: 0, tenant_id: tenant.clone(), run_id: decision.run_id.clone(),
+                step_index: decision.step_index, phase: decision.phase, decision_id: decision.decision_id.clone(),
+                policy_id: policy.id.clone(), policy_version: policy.version, pattern_id: None, signature_hash: None,
+                incident_id_blocked: IncidentId::new("inc_forged").unwrap(), snapshot_hash: decision.snapshot_hash.clone(),
+                prevented_at: decision.evaluated_at, is_simulated: false, prev_hash: RecordHash::genesis(), hash: RecordHash::genesis(),
+            };
+            prop_assert!(check_record_against_decision(&forged, &forged_decision, policy, &tenant).is_err());
+        }
+        // Alone, the faulty policy decides the first `post` (other policies may stop the run earlier).
+        if all.len() == 1 {
+            prop_assert!(saw_fault);
+        }
+    }
 }

@@ -177,6 +177,9 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     let caller = state.caller(&req, Role::Worker)?;
     let run_id = run_id(&id)?;
     let body: EndBody = state.json(&req, payload).await?;
+    if let Some(error) = &body.error {
+        error.validate(&state.shared.config.limits.step)?;
+    }
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
         RunReply::Ended(run, incident_id) => {
