@@ -91,8 +91,23 @@ impl Shared {
     }
 
     /// Makes `batch` durable through the writer; answers 503 if the writer is full, slow or failing.
+    ///
+    /// A call that times out answers 503 only if the writer has not taken its batch yet (and then never
+    /// will); once taken, the call waits for the commit's real outcome, so that a 503 is never answered
+    /// for a batch that lands (SPEC §12.10).
     pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, ApiError> {
-        match self.writer.send(Commit::new(batch)).timeout(self.call_timeout()).await {
+        let commit = Commit::new(batch);
+        let ticket = commit.ticket.clone();
+        let mut sent = std::pin::pin!(self.writer.send(commit));
+        let answer = match actix_web::rt::time::timeout(self.call_timeout(), &mut sent).await {
+            Ok(answer) => answer,
+            Err(_) if ticket.abandon() => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "commit_timeout").increment(1);
+                return Err(ApiError::unavailable("the writer is overloaded; treat the call as a block", 1));
+            }
+            Err(_) => sent.await,
+        };
+        match answer {
             Ok(Ok(receipt)) => Ok(receipt),
             Ok(Err(err)) => Err(store_error(err)),
             Err(err) => {

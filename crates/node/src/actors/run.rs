@@ -68,6 +68,17 @@ pub enum RunMsg {
     },
 }
 
+/// A call from the HTTP edge: `msg`, done only if the actor takes `ticket` before the caller's timeout
+/// abandons it (a call answered 503 is never applied, SPEC §12.10).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RunReply, ApiError>")]
+pub struct RunCall {
+    /// What to do.
+    pub msg: RunMsg,
+    /// Raced for with the caller.
+    pub ticket: crate::ticket::Ticket,
+}
+
 /// What a run actor answers.
 #[derive(Clone, Debug)]
 pub enum RunReply {
@@ -410,6 +421,21 @@ impl Handler<RunMsg> for RunActor {
             }
             actor.dispatch(msg, shared)
         })))
+    }
+}
+
+impl Handler<RunCall> for RunActor {
+    type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
+
+    fn handle(&mut self, call: RunCall, ctx: &mut Self::Context) -> Self::Result {
+        if !call.ticket.take() {
+            // The caller already answered 503: the call must not happen.
+            return AtomicResponse::new(Box::pin(fut::ready(Err(ApiError::unavailable(
+                "the call timed out before the run took it; treat it as a block",
+                1,
+            )))));
+        }
+        <Self as Handler<RunMsg>>::handle(self, call.msg, ctx)
     }
 }
 
