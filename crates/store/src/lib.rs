@@ -38,6 +38,8 @@ extern crate self as runguard_store;
 mod fixtures;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_durability;
 
 mod batch;
 pub mod codec;
