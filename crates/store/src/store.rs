@@ -245,10 +245,11 @@ impl Store {
     /// A store that recovered to an earlier state than it acknowledged is refused (`Corrupt`, naming
     /// what is missing) and never re-initialised.
     pub fn open(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<Self, StoreError> {
-        Self::open_with(dir.as_ref(), options, Acknowledged::Enforce)
+        Self::open_with(dir.as_ref(), dir.as_ref(), options, Acknowledged::Enforce)
     }
 
-    fn open_with(dir: &Path, options: &StoreOptions, check: Acknowledged) -> Result<Self, StoreError> {
+    /// Opens the store in `dir`, naming it `shown` in messages (the original of a copy).
+    fn open_with(dir: &Path, shown: &Path, options: &StoreOptions, check: Acknowledged) -> Result<Self, StoreError> {
         let dir = dir.to_path_buf();
         let mark = watermark::read(&dir);
         let engine = Engine::open(&dir, options)?;
@@ -261,11 +262,11 @@ impl Store {
             }
             Err(err) => return Err(err),
         };
-        let fresh = check_schema(&engine, &dir)?;
+        let fresh = check_schema(&engine, shown)?;
         let commits = engine.commits()?;
         let head = engine.head();
         if let Some(problem) = acknowledged_problem(&engine, fresh, commits, head.as_ref().ok(), mark.as_ref())? {
-            let problem = format!("the store in `{}` {problem}", dir.display());
+            let problem = format!("the store in `{}` {problem}", shown.display());
             match check {
                 Acknowledged::Enforce => return Err(StoreError::corrupt(problem)),
                 Acknowledged::Report => lost = lost.or(Some(problem)),
@@ -310,7 +311,7 @@ impl Store {
     pub fn verify_dir(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<VerifyReport, StoreError> {
         let dir = dir.as_ref();
         let copy = crate::offline::locked_copy(dir)?;
-        let opened = std::panic::catch_unwind(|| Self::open_with(copy.path(), options, Acknowledged::Report));
+        let opened = std::panic::catch_unwind(|| Self::open_with(copy.path(), dir, options, Acknowledged::Report));
         let store = match opened {
             Ok(Ok(store)) => store,
             Ok(Err(err)) if err.kind() == StoreErrorKind::Io && crate::offline::is_lock_error(&err) => return Err(err),
@@ -1147,27 +1148,24 @@ fn acknowledged_problem(
     if held < mark.commits {
         let records = match head {
             Some(head) if head.seq < mark.record_seq => {
-                format!("; prevention records {}..={} are missing", head.seq.saturating_add(1), mark.record_seq)
+                format!("; {} missing", span("prevention record", head.seq.saturating_add(1), mark.record_seq))
             }
             _ => String::new(),
         };
         return Ok(Some(format!(
             "holds {held} commits, but {} had been acknowledged: the database recovered to an earlier state, \
-             commits {}..={} are missing{records}",
+             {} missing{records}",
             mark.commits,
-            held.saturating_add(1),
-            mark.commits
+            span("commit", held.saturating_add(1), mark.commits)
         )));
     }
     let Some(head) = head else { return Ok(None) };
     if head.seq < mark.record_seq {
         return Ok(Some(format!(
-            "ends its record chain at seq {}, but records up to seq {} had been acknowledged; records {}..={} are \
-             missing",
+            "ends its record chain at seq {}, but records up to seq {} had been acknowledged: {} missing",
             head.seq,
             mark.record_seq,
-            head.seq.saturating_add(1),
-            mark.record_seq
+            span("prevention record", head.seq.saturating_add(1), mark.record_seq)
         )));
     }
     if mark.record_seq > 0 {
@@ -1181,6 +1179,11 @@ fn acknowledged_problem(
         }
     }
     Ok(None)
+}
+
+/// `commit 5 is` or `commits 5..=9 are`.
+fn span(what: &str, first: u64, last: u64) -> String {
+    if first == last { format!("{what} {first} is") } else { format!("{what}s {first}..={last} are") }
 }
 
 /// How long `open` waits for the directory lock: sled's background threads release it shortly after the

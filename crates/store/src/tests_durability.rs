@@ -77,10 +77,13 @@ fn a_store_behind_its_watermark_is_refused_and_reported() {
     assert_eq!(err.kind(), StoreErrorKind::Corrupt);
     assert!(err.message().contains("commits 3..=5 are missing"), "{err}");
     assert!(err.message().contains("prevention records 2..=3 are missing"), "{err}");
+    assert!(err.message().contains(&dir.path().display().to_string()), "{err}");
     let before = contents(dir.path());
     let report = Store::verify_dir(dir.path(), &options()).unwrap();
     assert!(!report.is_ok());
-    assert!(report.lost.as_deref().is_some_and(|l| l.contains("commits 3..=5 are missing")), "{report:?}");
+    let lost = report.lost.clone().unwrap_or_default();
+    assert!(lost.contains("commits 3..=5 are missing"), "{report:?}");
+    assert!(lost.contains(&dir.path().display().to_string()), "verify names the original directory: {lost}");
     assert_eq!(contents(dir.path()), before, "verify changed the data directory");
 }
 
