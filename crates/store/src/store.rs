@@ -316,8 +316,10 @@ impl Store {
             Ok(Ok(store)) => store,
             Ok(Err(err)) if err.kind() == StoreErrorKind::Io && crate::offline::is_lock_error(&err) => return Err(err),
             Ok(Err(err)) => {
+                // Name the original, not the copy.
+                let why = err.to_string().replace(&copy.path().display().to_string(), &dir.display().to_string());
                 return Ok(VerifyReport {
-                    lost: Some(format!("the store cannot be opened: {err}")),
+                    lost: Some(format!("the store cannot be opened: {why}")),
                     ..Default::default()
                 });
             }
