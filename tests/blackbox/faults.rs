@@ -123,3 +123,141 @@ fn the_fault_endpoint_is_off_by_default_and_admin_only() {
     // Nothing was switched on by the refused calls.
     node.client_as(ACME_WORKER).post("/v1/runs", &json!({ "run_id": "run-ok" })).expect(201);
 }
+
+/// Retries `call` while it answers 503 (a refused call may be sent again); returns the first other answer.
+fn until_not_503(mut call: impl FnMut() -> crate::harness::Resp) -> crate::harness::Resp {
+    for _ in 0..200 {
+        let resp = call();
+        if resp.status != 503 {
+            return resp;
+        }
+    }
+    panic!("still 503 after 200 attempts");
+}
+
+/// (index, phase) of every step decision of a run, in order.
+fn decided_steps(client: &Client, run: &str) -> Vec<(Value, Value)> {
+    decisions(client, run)
+        .iter()
+        .filter(|d| !d["step_index"].is_null())
+        .map(|d| (d["step_index"].clone(), d["phase"].clone()))
+        .collect()
+}
+
+#[test]
+fn a_call_answered_503_on_timeout_is_never_applied() {
+    // SPEC §12.10. A commit outlives the call timeout: the call queued behind it answers 503, and its
+    // batch must never land — not in reads, not after the same call is sent again, not after a restart.
+    let mut node = Node::start_with_config(&format!("{FAULTS_ON}[limits]\ncall_timeout_ms = 300\n"));
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-slow");
+    create_run(&client, "run-late");
+    client.post("/v1/faults/store", &json!({ "commit_delay_ms": 1500 })).expect(200);
+    let slow_client = client.clone();
+    // The writer is busy with this commit for 1.5 s; the caller waits for its real outcome.
+    let slow = std::thread::spawn(move || slow_client.post("/v1/runs/run-slow/steps", &post(0, 10)));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let late = client.post("/v1/runs/run-late/steps", &post(0, 10));
+    expect_unavailable(&late);
+    let slow = slow.join().expect("the slow call returns");
+    assert_eq!(slow.expect(200)["action"], "allow");
+    // Let the writer reach the abandoned batch, then look.
+    std::thread::sleep(std::time::Duration::from_millis(1800));
+    client.post("/v1/faults/store", &json!({ "commit_delay_ms": 0 })).expect(200);
+    let run = client.get("/v1/runs/run-late").expect(200).clone();
+    assert_eq!(run["totals"]["tokens"], 0, "{run}");
+    assert!(decided_steps(&client, "run-late").is_empty(), "the refused call was committed");
+    // Sent again, it is evaluated afresh and decided once.
+    assert_eq!(step(&client, "run-late", &post(0, 10))["action"], "allow");
+    assert_eq!(decided_steps(&client, "run-late"), vec![(json!(0), json!("post"))]);
+    node.kill();
+    node.restart();
+    let client = node.client();
+    assert_eq!(decided_steps(&client, "run-late"), vec![(json!(0), json!("post"))]);
+    assert_eq!(client.get("/v1/runs/run-late").expect(200)["totals"]["tokens"], 10);
+    assert_eq!(client.get("/v1/runs/run-slow").expect(200)["totals"]["tokens"], 10);
+}
+
+#[test]
+fn with_a_tiny_call_timeout_every_step_is_decided_once() {
+    // The reproduction: `call_timeout_ms = 3`, so that many calls time out mid-commit. Whatever
+    // each call answers, the ledger holds exactly one decision per acknowledged (index, phase), and the
+    // totals are the sum of the acknowledged usage — also after a restart.
+    let mut node = Node::start_with_config("[limits]\ncall_timeout_ms = 3\n");
+    let client = node.client();
+    until_not_503(|| client.post("/v1/runs", &json!({ "run_id": "run-tiny" }))).expect(201);
+    let mut refused = 0;
+    for index in 0..20u64 {
+        let call = post(index, 1);
+        let first = client.post("/v1/runs/run-tiny/steps", &call);
+        if first.status == 503 {
+            refused += 1;
+        }
+        until_not_503(|| client.post("/v1/runs/run-tiny/steps", &call)).expect(200);
+    }
+    let expected: Vec<(Value, Value)> = (0..20u64).map(|i| (json!(i), json!("post"))).collect();
+    assert_eq!(decided_steps(&client, "run-tiny"), expected, "{refused} calls were first answered 503");
+    assert_eq!(client.get("/v1/runs/run-tiny").expect(200)["totals"]["tokens"], 20);
+    node.kill();
+    node.restart();
+    let client = node.client();
+    assert_eq!(decided_steps(&client, "run-tiny"), expected);
+    assert_eq!(client.get("/v1/runs/run-tiny").expect(200)["totals"]["tokens"], 20);
+}
+
+#[test]
+fn a_failed_flush_is_never_shown_and_readiness_follows_the_store() {
+    // SPEC §12.10, §12.11. The disk fails under a commit (injected: tests may run as root, where a
+    // read-only directory still accepts writes): the call answers 503, reads never show it, /readyz
+    // answers 503 while the store cannot write and 200 again by itself once it can, with no restart.
+    let mut node = Node::start_with_config(FAULTS_ON);
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-disk");
+    step(&client, "run-disk", &post(0, 10));
+    client.get("/readyz").expect(200);
+    let before = client.get("/v1/runs/run-disk").expect(200).clone();
+    let decided = decided_steps(&client, "run-disk");
+
+    client.post("/v1/faults/store", &json!({ "durability_failure": true })).expect(200);
+    expect_unavailable(&client.post("/v1/runs/run-disk/steps", &post(1, 95)));
+    client.get("/readyz").expect_error(503, "unavailable");
+    // Reads answer 503 while the store reopens itself, then the state as acknowledged — never the call.
+    let mut served = false;
+    for _ in 0..100 {
+        let run = client.get("/v1/runs/run-disk");
+        if run.status == 200 {
+            assert_eq!(run.body, before);
+            assert_eq!(decided_steps(&client, "run-disk"), decided);
+            assert!(records(&client).is_empty(), "the refused block wrote a record");
+            served = true;
+            break;
+        }
+        assert_eq!(run.status, 503, "{}", run.text);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(served, "reads never came back while the disk was failing");
+    client.get("/readyz").expect_error(503, "unavailable");
+    expect_unavailable(&client.post("/v1/runs/run-disk/steps", &post(1, 95)));
+
+    client.post("/v1/faults/store", &json!({ "durability_failure": false })).expect(200);
+    let mut ready = false;
+    for _ in 0..100 {
+        if client.get("/readyz").status == 200 {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ready, "/readyz did not return to 200 by itself");
+    assert_eq!(client.get("/v1/runs/run-disk").expect(200), &before);
+    // The same call is decided afresh: a block, once.
+    assert_eq!(step(&client, "run-disk", &post(1, 95))["action"], "block");
+    assert_eq!(records(&client).len(), 1);
+    node.kill();
+    node.restart();
+    let client = node.client();
+    assert_eq!(records(&client).len(), 1);
+    assert_eq!(decided_steps(&client, "run-disk"), vec![(json!(0), json!("post")), (json!(1), json!("post"))]);
+}
