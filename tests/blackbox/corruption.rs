@@ -70,9 +70,11 @@ enum Damage {
     DeleteWatermark,
     /// 4 KiB of zeros in the middle of the database file.
     ZeroPage,
+    /// sled's configuration file overwritten, so that the database cannot be opened at all.
+    GarbageConf,
 }
 
-const ALL: [Damage; 7] = [
+const ALL: [Damage; 8] = [
     Damage::FlipEarly,
     Damage::FlipMiddle,
     Damage::FlipLate,
@@ -80,11 +82,12 @@ const ALL: [Damage; 7] = [
     Damage::DeleteDb,
     Damage::DeleteWatermark,
     Damage::ZeroPage,
+    Damage::GarbageConf,
 ];
 
 fn find(haystack: &[u8], needle: &[u8], last: bool) -> Option<usize> {
     let mut hits = haystack.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i);
-    if last { hits.last() } else { hits.next() }
+    if last { hits.next_back() } else { hits.next() }
 }
 
 fn damage(data: &Path, how: Damage) {
@@ -106,6 +109,10 @@ fn damage(data: &Path, how: Damage) {
         }
         Damage::DeleteDb => {
             std::fs::remove_file(&db).expect("delete db");
+            return;
+        }
+        Damage::GarbageConf => {
+            std::fs::write(data.join("conf"), b"not a sled configuration").expect("write conf");
             return;
         }
         Damage::DeleteWatermark => {

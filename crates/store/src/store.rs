@@ -541,8 +541,9 @@ impl Store {
             let chosen: Vec<&WriteBatch> = included.iter().map(|i| &batches[*i]).collect();
             match Prepare::new(self, &engine, &writer.runs, writer.head.clone(), writer.commits).run(&chosen) {
                 Ok(prepared) => break (included, prepared),
-                // A read that fails is the store's failure, not the caller's: everyone gets it.
-                Err((_, err)) if matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Corrupt) => return Err(err),
+                // A read that fails is the store's failure, not the caller's: everyone gets it. Anything else
+                // (a refusal, or damage to what this caller touches) fails only this caller.
+                Err((_, err)) if err.kind() == StoreErrorKind::Io => return Err(err),
                 Err((which, err)) => outcomes[included[which]] = Some(Err(err)),
             }
         };

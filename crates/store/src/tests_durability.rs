@@ -238,3 +238,16 @@ fn a_commit_whose_flush_fails_leaves_no_trace_and_the_store_recovers_by_itself()
     assert_eq!(store.chain_head().unwrap().0, 2);
     let _ = tenant("acme");
 }
+
+#[test]
+fn a_store_too_damaged_to_open_is_a_verify_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path(), 1);
+    std::fs::write(dir.path().join("conf"), b"this is not sled's configuration").unwrap();
+    let before = contents(dir.path());
+    let report = Store::verify_dir(dir.path(), &options()).unwrap();
+    let lost = report.lost.clone().unwrap_or_default();
+    assert!(lost.contains("cannot be opened"), "{report:?}");
+    assert!(!lost.contains("runguard-verify-"), "names the copy: {lost}");
+    assert_eq!(contents(dir.path()), before);
+}
