@@ -269,3 +269,102 @@ fn a_failed_flush_is_never_shown_and_readiness_follows_the_store() {
     assert_eq!(records(&client).len(), 1);
     assert_eq!(decided_steps(&client, "run-disk"), vec![(json!(0), json!("post")), (json!(1), json!("post"))]);
 }
+
+/// A tmpfs of `size` mounted on `dir` until dropped (lazily unmounted, so a failing test never leaves it
+/// busy). `None` where mounting is not permitted (not root, no mount namespace).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        status.is_ok_and(|s| s.success()).then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn a_full_disk_refuses_calls_hides_them_and_recovers_by_itself() {
+    // The real fault behind `durability_failure`: the data directory on a 2 MiB tmpfs that fills up. Needs
+    // permission to mount (root in a mount namespace); skipped elsewhere.
+    let mut node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-full");
+    step(&client, "run-full", &post(0, 10));
+    assert!(node.terminate().success());
+    let data = node.data_dir();
+    let saved = tempfile::tempdir().expect("tempdir");
+    copy_dir(&data, saved.path());
+    let Some(_tmpfs) = Tmpfs::mount(&data, "2m") else {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    };
+    copy_dir(saved.path(), &data);
+    node.restart();
+    let client = node.client();
+    let before = client.get("/v1/runs/run-full").expect(200).clone();
+    // Fill the disk; sled writes into what it already allocated, so calls fail only a little later.
+    let filler = data.join("filler");
+    let mut file = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+    let mut refused = None;
+    for n in 0..500 {
+        let answer = client.post("/v1/runs", &json!({ "run_id": format!("run-{n}") }));
+        if answer.status != 201 {
+            expect_unavailable(&answer);
+            refused = Some(format!("run-{n}"));
+            break;
+        }
+    }
+    let refused = refused.expect("a call was refused once the disk was full");
+    client.get("/readyz").expect_error(503, "unavailable");
+    // Reads never show the refused run: 503 while the store cannot reopen, never 200.
+    let answer = client.get(&format!("/v1/runs/{refused}"));
+    assert!(matches!(answer.status, 404 | 503), "{}", answer.text);
+    std::fs::remove_file(&filler).expect("free the disk");
+    wait_for("/readyz 200 after the disk was freed", || client.get("/readyz").status == 200);
+    client.get(&format!("/v1/runs/{refused}")).expect_error(404, "not_found");
+    assert_eq!(client.get("/v1/runs/run-full").expect(200), &before);
+    assert_eq!(step(&client, "run-full", &post(1, 95))["action"], "block");
+    create_run(&client, &refused);
+    node.kill();
+    node.restart();
+    let client = node.client();
+    assert_eq!(client.get("/v1/runs/run-full").expect(200)["status"], "stopped");
+    assert_eq!(client.get(&format!("/v1/runs/{refused}")).expect(200)["totals"]["tokens"], 0);
+    node.kill();
+}

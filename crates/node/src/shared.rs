@@ -148,7 +148,18 @@ impl Shared {
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.blocking(move |shared| read(&shared.store).map_err(store_error)).await
+        self.blocking(move |shared| {
+            read(&shared.store).map_err(|err| match err.kind() {
+                // After a write failure the store hides what it applied but could not make durable until
+                // it has reopened itself from disk.
+                StoreErrorKind::Io => {
+                    tracing::warn!(error = %err, "store unreadable");
+                    ApiError::unavailable("the store is recovering from a write failure; retry", 1)
+                }
+                _ => store_error(err),
+            })
+        })
+        .await
     }
 
     /// The compiled form of `snapshot`, shared between runs bound to the same hash. The snapshot must
