@@ -195,3 +195,75 @@ impl Handler<Drain> for Writer {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix::Actor;
+    use runguard_contract::{ApprovalPath, AuditEntry, Mode, PolicyId, Snapshot, TenantId, Timestamp};
+    use runguard_store::{Store, StoreErrorKind, StoreOptions, WriteBatch};
+
+    use super::{Commit, Writer};
+    use crate::ticket::Ticket;
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+        (dir, Arc::new(store))
+    }
+
+    /// A write the store refuses: an audit entry of a policy that does not exist.
+    fn refused(tenant: &str) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        batch.append_audit(
+            Some(TenantId::new(tenant).unwrap()),
+            AuditEntry {
+                policy_id: PolicyId::new("pol_missing").unwrap(),
+                from: None,
+                to: Mode::Active,
+                at: Timestamp::from_unix_millis(1),
+                caller: "test".to_owned(),
+                reason: None,
+                approval_path: ApprovalPath::Manual,
+            },
+        );
+        batch
+    }
+
+    fn accepted(tenant: &str) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        batch.put_snapshot(Snapshot::capture(&TenantId::new(tenant).unwrap(), []));
+        batch
+    }
+
+    #[actix_rt::test]
+    async fn a_refused_caller_fails_alone_in_its_group() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        // Sent together, so that the writer commits them as one group.
+        let (ok, bad, ok_too) = tokio::join!(
+            writer.send(Commit::new(accepted("globex"))),
+            writer.send(Commit::new(refused("acme"))),
+            writer.send(Commit::new(accepted("initech"))),
+        );
+        assert!(ok.unwrap().is_ok());
+        assert!(ok_too.unwrap().is_ok());
+        let err = bad.unwrap().unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound);
+        assert!(!err.message().contains("globex") && !err.message().contains("initech"), "{err}");
+        assert_eq!(store.commit_count(), 1, "the two accepted callers shared one commit");
+    }
+
+    #[actix_rt::test]
+    async fn an_abandoned_commit_is_never_made() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        let ticket = Ticket::new();
+        assert!(ticket.abandon());
+        let answer = writer.send(Commit { batch: accepted("acme"), ticket }).await;
+        // The writer dropped it: the caller (long gone in real life) sees the reply channel closed.
+        assert_eq!(answer.unwrap().unwrap_err().kind(), StoreErrorKind::Io);
+        assert_eq!(store.commit_count(), 0);
+    }
+}
