@@ -15,6 +15,15 @@ use crate::actors::writer::{Commit, Writer};
 use crate::config::Config;
 use crate::error::ApiError;
 
+/// A commit that failed: the answer, and whether the batch surely did not land (`false`: unknown).
+#[derive(Debug)]
+pub struct Refused {
+    /// What the call answers.
+    pub error: ApiError,
+    /// Whether the batch is known not to have landed.
+    pub settled: bool,
+}
+
 /// The node's shared context.
 pub struct Shared {
     /// Read access to the store (reads run on blocking threads, never on an actor or HTTP thread).
@@ -96,6 +105,12 @@ impl Shared {
     /// will); once taken, the call waits for the commit's real outcome, so that a 503 is never answered
     /// for a batch that lands (SPEC §12.10).
     pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, ApiError> {
+        self.commit_settled(batch).await.map_err(|refused| refused.error)
+    }
+
+    /// [`Shared::commit`], telling a failure whose batch surely did not land from one whose outcome is
+    /// unknown (the writer stopped after taking it).
+    pub async fn commit_settled(&self, batch: WriteBatch) -> Result<CommitReceipt, Refused> {
         let commit = Commit::new(batch);
         let ticket = commit.ticket.clone();
         let mut sent = std::pin::pin!(self.writer.send(commit));
@@ -103,16 +118,20 @@ impl Shared {
             Ok(answer) => answer,
             Err(_) if ticket.abandon() => {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "commit_timeout").increment(1);
-                return Err(ApiError::unavailable("the writer is overloaded; treat the call as a block", 1));
+                let error = ApiError::unavailable("the writer is overloaded; treat the call as a block", 1);
+                return Err(Refused { error, settled: true });
             }
             Err(_) => sent.await,
         };
         match answer {
             Ok(Ok(receipt)) => Ok(receipt),
-            Ok(Err(err)) => Err(store_error(err)),
+            // The store writes nothing of a batch it answers with an error.
+            Ok(Err(err)) => Err(Refused { error: store_error(err), settled: true }),
             Err(err) => {
                 tracing::error!(error = %err, "writer unavailable");
-                Err(ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1))
+                let error = ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1);
+                // A batch the writer never took never will be; one it took may have landed.
+                Err(Refused { error, settled: ticket.abandon() })
             }
         }
     }
