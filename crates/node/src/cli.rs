@@ -94,7 +94,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Verify(args) => with_store(args, verify),
+        Command::Verify(args) => verify(args),
         Command::Export(args) => with_store(args.data, if args.runs { export_runs } else { export }),
         Command::Simulate(args) => simulate(&args),
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
@@ -147,11 +147,26 @@ fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
     }
 }
 
-fn verify(store: &Store) -> ExitCode {
-    match store.verify() {
+/// `verify` works on a copy of the data directory (see `Store::verify_dir`), so it never changes it; a
+/// store too damaged to open, or behind what it had acknowledged, is a finding (exit 1).
+fn verify(args: DataArgs) -> ExitCode {
+    let overrides = Overrides { listen: None, data_dir: args.data };
+    let config = match load_config(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if !config.data_dir.is_dir() {
+        eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
+        return ExitCode::from(USAGE);
+    }
+    let options = StoreOptions { cache_capacity_bytes: config.store_cache_bytes, fsync: false };
+    match Store::verify_dir(&config.data_dir, &options) {
         Ok(report) => {
             println!("snapshots checked: {}", report.snapshots_checked);
             println!("records checked: {}", report.records_checked);
+            if let Some(lost) = &report.lost {
+                println!("lost: {lost}");
+            }
             if let Some(broken) = &report.snapshot_break {
                 println!("first broken snapshot: {broken}");
             }
@@ -164,6 +179,10 @@ fn verify(store: &Store) -> ExitCode {
             } else {
                 ExitCode::from(FINDING)
             }
+        }
+        Err(err) if err.kind() == runguard_store::StoreErrorKind::Io => {
+            eprintln!("runguard: cannot verify the store in `{}`: {err}", config.data_dir.display());
+            ExitCode::from(USAGE)
         }
         Err(err) => {
             eprintln!("runguard: verification could not run: {err}");

@@ -24,3 +24,4 @@ pub mod server;
 pub mod shared;
 pub mod simulation;
 pub mod telemetry;
+pub mod ticket;

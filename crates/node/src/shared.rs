@@ -15,6 +15,15 @@ use crate::actors::writer::{Commit, Writer};
 use crate::config::Config;
 use crate::error::ApiError;
 
+/// A commit that failed: the answer, and whether the batch surely did not land (`false`: unknown).
+#[derive(Debug)]
+pub struct Refused {
+    /// What the call answers.
+    pub error: ApiError,
+    /// Whether the batch is known not to have landed.
+    pub settled: bool,
+}
+
 /// The node's shared context.
 pub struct Shared {
     /// Read access to the store (reads run on blocking threads, never on an actor or HTTP thread).
@@ -91,13 +100,38 @@ impl Shared {
     }
 
     /// Makes `batch` durable through the writer; answers 503 if the writer is full, slow or failing.
+    ///
+    /// A call that times out answers 503 only if the writer has not taken its batch yet (and then never
+    /// will); once taken, the call waits for the commit's real outcome, so that a 503 is never answered
+    /// for a batch that lands (SPEC §12.10).
     pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, ApiError> {
-        match self.writer.send(Commit::new(batch)).timeout(self.call_timeout()).await {
+        self.commit_settled(batch).await.map_err(|refused| refused.error)
+    }
+
+    /// [`Shared::commit`], telling a failure whose batch surely did not land from one whose outcome is
+    /// unknown (the writer stopped after taking it).
+    pub async fn commit_settled(&self, batch: WriteBatch) -> Result<CommitReceipt, Refused> {
+        let commit = Commit::new(batch);
+        let ticket = commit.ticket.clone();
+        let mut sent = std::pin::pin!(self.writer.send(commit));
+        let answer = match actix_web::rt::time::timeout(self.call_timeout(), &mut sent).await {
+            Ok(answer) => answer,
+            Err(_) if ticket.abandon() => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "commit_timeout").increment(1);
+                let error = ApiError::unavailable("the writer is overloaded; treat the call as a block", 1);
+                return Err(Refused { error, settled: true });
+            }
+            Err(_) => sent.await,
+        };
+        match answer {
             Ok(Ok(receipt)) => Ok(receipt),
-            Ok(Err(err)) => Err(store_error(err)),
+            // The store writes nothing of a batch it answers with an error.
+            Ok(Err(err)) => Err(Refused { error: store_error(err), settled: true }),
             Err(err) => {
                 tracing::error!(error = %err, "writer unavailable");
-                Err(ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1))
+                let error = ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1);
+                // A batch the writer never took never will be; one it took may have landed.
+                Err(Refused { error, settled: ticket.abandon() })
             }
         }
     }
@@ -133,7 +167,18 @@ impl Shared {
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
-        self.blocking(move |shared| read(&shared.store).map_err(store_error)).await
+        self.blocking(move |shared| {
+            read(&shared.store).map_err(|err| match err.kind() {
+                // After a write failure the store hides what it applied but could not make durable until
+                // it has reopened itself from disk.
+                StoreErrorKind::Io => {
+                    tracing::warn!(error = %err, "store unreadable");
+                    ApiError::unavailable("the store is recovering from a write failure; retry", 1)
+                }
+                _ => store_error(err),
+            })
+        })
+        .await
     }
 
     /// The compiled form of `snapshot`, shared between runs bound to the same hash. The snapshot must

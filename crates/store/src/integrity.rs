@@ -134,11 +134,16 @@ pub struct VerifyReport {
     pub snapshot_break: Option<SnapshotBreak>,
     /// The first break of the record chain.
     pub record_break: Option<RecordBreak>,
+    /// What is missing or unreadable as a whole: the store recovered to an earlier state than its
+    /// acknowledgement watermark records, or cannot be opened at all (only [`Store::verify_dir`] sets it).
+    ///
+    /// [`Store::verify_dir`]: crate::Store::verify_dir
+    pub lost: Option<String>,
 }
 
 impl VerifyReport {
     /// Whether everything verified.
     pub fn is_ok(&self) -> bool {
-        self.snapshot_break.is_none() && self.record_break.is_none()
+        self.snapshot_break.is_none() && self.record_break.is_none() && self.lost.is_none()
     }
 }

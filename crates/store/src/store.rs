@@ -8,7 +8,8 @@ use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
@@ -19,7 +20,7 @@ use runguard_contract::{
     Timestamp,
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::{Batch, IVec, Transactional, Tree};
+use sled::{IVec, Transactional, Tree};
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
 use crate::codec::{self, Stored};
@@ -29,11 +30,14 @@ use crate::keys;
 use crate::model::{GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery, prefix_end};
 use crate::run_cache::{CachedRun, RunCache};
+use crate::watermark::{self, Watermark};
 
 /// The schema this build reads and writes, kept in the `meta` tree.
 pub const SCHEMA_VERSION: u32 = 1;
 
 const META_SCHEMA: &[u8] = b"schema_version";
+/// The number of commits made so far, bumped inside every commit's own transaction.
+const META_COMMITS: &[u8] = b"commits";
 
 /// How to open a store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,69 +95,26 @@ struct ChainHead {
     hash: RecordHash,
 }
 
-#[derive(Debug)]
-struct WriterState {
-    /// The chain head recovered at open and advanced by each commit; an error when the last record does not
-    /// decode (then no record can be appended until the store is repaired).
-    head: Result<ChainHead, StoreError>,
-    /// Set when a transaction committed but flush or fsync failed: the store refuses further commits.
-    poisoned: Option<String>,
-    /// Recently written runs, so that their next commit need not read them back.
-    runs: RunCache,
-}
-
-/// The runguard store: one sled database holding every tree, written only through [`Store::commit`].
-///
-/// Reads may run on any thread concurrently with a commit; commits are serialised by an internal lock.
-#[derive(Debug)]
-pub struct Store {
+/// One open sled database with its trees. Replaced as a whole when the store reopens itself after a
+/// write failure (sled keeps an I/O error for the life of a `Db`, so only a new one can write again).
+struct Engine {
     db: sled::Db,
-    dir: PathBuf,
     trees: Vec<Tree>,
     db_file: Option<File>,
-    writer: Mutex<WriterState>,
-    inject_failure: AtomicBool,
-    policy_generation: AtomicU64,
 }
 
-type TxError = ConflictableTransactionError<StoreError>;
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
 
-impl Store {
-    /// Opens (creating if needed) the store in `dir`, checks the schema version and recovers the chain head.
-    pub fn open(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<Self, StoreError> {
-        let dir = dir.as_ref().to_path_buf();
-        let db = open_db(&dir, options)?;
+impl Engine {
+    fn open(dir: &Path, options: &StoreOptions) -> Result<Self, StoreError> {
+        let db = open_db(dir, options)?;
         let trees = TREE_NAMES.iter().map(|name| db.open_tree(name)).collect::<Result<Vec<Tree>, _>>()?;
         let db_file = if options.fsync { Some(File::open(dir.join("db"))?) } else { None };
-        let mut store = Self {
-            db,
-            dir,
-            trees,
-            db_file,
-            writer: Mutex::new(WriterState {
-                head: Ok(ChainHead { seq: 0, hash: RecordHash::genesis() }),
-                poisoned: None,
-                runs: RunCache::default(),
-            }),
-            inject_failure: AtomicBool::new(false),
-            policy_generation: AtomicU64::new(0),
-        };
-        store.check_schema()?;
-        let head = store.recover_head();
-        store.writer = Mutex::new(WriterState { head, poisoned: None, runs: RunCache::default() });
-        Ok(store)
-    }
-
-    /// The directory the store lives in.
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
-    /// A tree by name, for tests that corrupt stored bytes on purpose.
-    #[cfg(test)]
-    pub(crate) fn raw_tree(&self, name: &str) -> Tree {
-        let index = TREE_NAMES.iter().position(|n| *n == name).unwrap_or(0);
-        self.trees[index].clone()
+        Ok(Self { db, trees, db_file })
     }
 
     fn tree(&self, t: T) -> &Tree {
@@ -161,37 +122,20 @@ impl Store {
         &self.trees[t as usize]
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
-        let meta = self.tree(T::Meta);
-        match meta.get(META_SCHEMA)? {
-            Some(bytes) => {
-                let version = u32::decode(&bytes)?;
-                if version != SCHEMA_VERSION {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Schema,
-                        format!(
-                            "the store in `{}` has schema version {version}; this build reads version {SCHEMA_VERSION}",
-                            self.dir.display()
-                        ),
-                    ));
-                }
-            }
-            None => {
-                let populated = self.trees.iter().skip(1).any(|t| !t.is_empty());
-                if populated {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Schema,
-                        format!("the store in `{}` holds data but no schema version", self.dir.display()),
-                    ));
-                }
-                meta.insert(META_SCHEMA, SCHEMA_VERSION.encode()?)?;
-                self.db.flush()?;
-            }
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|err| StoreError::from(err).context("flush failed"))?;
+        if let Some(file) = &self.db_file {
+            // fdatasync: the data and the metadata needed to read it back (the file size), not timestamps.
+            file.sync_data().map_err(|err| StoreError::io("fsync of the database file failed", err))?;
         }
         Ok(())
     }
 
-    fn recover_head(&self) -> Result<ChainHead, StoreError> {
+    fn commits(&self) -> Result<Option<u64>, StoreError> {
+        self.tree(T::Meta).get(META_COMMITS)?.map(|bytes| u64::decode(&bytes)).transpose()
+    }
+
+    fn head(&self) -> Result<ChainHead, StoreError> {
         match self.tree(T::Records).last()? {
             None => Ok(ChainHead { seq: 0, hash: RecordHash::genesis() }),
             Some((key, value)) => {
@@ -208,6 +152,216 @@ impl Store {
         }
     }
 
+    /// Writes back the values a failed commit replaced, in one transaction.
+    fn undo(&self, undo: &Undo) -> Result<(), StoreError> {
+        if undo.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&Tree> = undo.iter().map(|(t, _)| &self.trees[*t]).collect();
+        refs.as_slice()
+            .transaction(|views: &Vec<TransactionalTree>| {
+                for (view, (_, writes)) in views.iter().zip(undo) {
+                    for (key, old) in writes {
+                        match old {
+                            Some(value) => view.insert(key.as_slice(), value.clone())?,
+                            None => view.remove(key.as_slice())?,
+                        };
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|err: TransactionError<StoreError>| match err {
+                TransactionError::Abort(err) => err,
+                TransactionError::Storage(err) => err.into(),
+            })
+    }
+}
+
+/// For each tree a failed commit wrote: every key it wrote with the value it had before.
+type Undo = Vec<(usize, Vec<(Vec<u8>, Option<IVec>)>)>;
+
+/// A commit whose transaction applied in memory but whose flush or fsync failed: it was refused, so its
+/// writes must not be seen or survive. The store reopens itself from disk and writes `undo` back
+/// (durably) before it serves again.
+#[derive(Debug)]
+struct Failure {
+    undo: Undo,
+}
+
+#[derive(Debug)]
+struct WriterState {
+    /// The chain head recovered at open and advanced by each durable commit; an error when the last record
+    /// does not decode (then no record can be appended until the store is repaired).
+    head: Result<ChainHead, StoreError>,
+    /// Commits made durable: the `commits` counter of the meta tree.
+    commits: u64,
+    /// The commit count the watermark file holds.
+    watermarked: u64,
+    /// Set when a commit's transaction applied but its flush or fsync failed.
+    failure: Option<Failure>,
+    /// Recently written runs, so that their next commit need not read them back.
+    runs: RunCache,
+}
+
+/// What the acknowledgement check at open does with a store behind its watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Acknowledged {
+    /// Refuse to open (serving).
+    Enforce,
+    /// Open anyway and report it (`verify`, on a copy).
+    Report,
+}
+
+/// The runguard store: one sled database holding every tree, written only through [`Store::commit`] and
+/// [`Store::commit_each`].
+///
+/// Reads may run on any thread concurrently with a commit; commits are serialised by an internal lock.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    options: StoreOptions,
+    /// `None` while the store reopens itself after a write failure: reads then fail (503) rather than
+    /// show writes that were refused.
+    engine: RwLock<Option<Arc<Engine>>>,
+    writer: Mutex<WriterState>,
+    /// Whether the latest commit attempt (or readiness probe) could write.
+    healthy: AtomicBool,
+    inject_failure: AtomicBool,
+    inject_durability_failure: AtomicBool,
+    commit_delay_ms: AtomicU64,
+    policy_generation: AtomicU64,
+    /// What the acknowledgement check found (only with [`Acknowledged::Report`]).
+    lost: Option<String>,
+}
+
+type TxError = ConflictableTransactionError<StoreError>;
+
+/// What one caller's batch of a [`Store::commit_each`] got.
+pub type CommitOutcome = Result<CommitReceipt, StoreError>;
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, checks the schema version, checks that the store
+    /// holds everything its acknowledgement watermark says was acknowledged, and recovers the chain head.
+    ///
+    /// A store that recovered to an earlier state than it acknowledged is refused (`Corrupt`, naming
+    /// what is missing) and never re-initialised.
+    pub fn open(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with(dir.as_ref(), dir.as_ref(), options, Acknowledged::Enforce)
+    }
+
+    /// Opens the store in `dir`, naming it `shown` in messages (the original of a copy).
+    fn open_with(dir: &Path, shown: &Path, options: &StoreOptions, check: Acknowledged) -> Result<Self, StoreError> {
+        let dir = dir.to_path_buf();
+        let mark = watermark::read(&dir);
+        let engine = Engine::open(&dir, options)?;
+        let mut lost = None;
+        let mark = match mark {
+            Ok(mark) => mark,
+            Err(err) if check == Acknowledged::Report => {
+                lost = Some(err.message().to_owned());
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        let fresh = check_schema(&engine, shown)?;
+        let commits = engine.commits()?;
+        let head = engine.head();
+        if let Some(problem) = acknowledged_problem(&engine, fresh, commits, head.as_ref().ok(), mark.as_ref())? {
+            let problem = format!("the store in `{}` {problem}", shown.display());
+            match check {
+                Acknowledged::Enforce => return Err(StoreError::corrupt(problem)),
+                Acknowledged::Report => lost = lost.or(Some(problem)),
+            }
+        }
+        let commits = commits.unwrap_or(0);
+        if fresh && lost.is_none() {
+            engine.tree(T::Meta).insert(META_SCHEMA, SCHEMA_VERSION.encode()?)?;
+            engine.make_durable()?;
+        }
+        let store = Self {
+            dir,
+            options: options.clone(),
+            engine: RwLock::new(Some(Arc::new(engine))),
+            writer: Mutex::new(WriterState {
+                head,
+                commits,
+                watermarked: u64::MAX,
+                failure: None,
+                runs: RunCache::default(),
+            }),
+            healthy: AtomicBool::new(true),
+            inject_failure: AtomicBool::new(false),
+            inject_durability_failure: AtomicBool::new(false),
+            commit_delay_ms: AtomicU64::new(0),
+            policy_generation: AtomicU64::new(0),
+            lost,
+        };
+        if check == Acknowledged::Enforce {
+            // The store holds at least what was acknowledged: from now on it is the new baseline.
+            store.sync_watermark()?;
+        }
+        Ok(store)
+    }
+
+    /// Verifies the store in `dir` without changing it: the directory is copied (under sled's lock, so
+    /// that no node writes it meanwhile) into a temporary directory beside nothing else, and the copy is
+    /// opened and walked. Finds a store behind its acknowledgement watermark, a store too damaged to open
+    /// (both reported in [`VerifyReport::lost`]), and every break [`Store::verify`] finds.
+    ///
+    /// Errors only when the directory cannot be read or copied, or another process holds the store.
+    pub fn verify_dir(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<VerifyReport, StoreError> {
+        let dir = dir.as_ref();
+        let copy = crate::offline::locked_copy(dir)?;
+        let opened = std::panic::catch_unwind(|| Self::open_with(copy.path(), dir, options, Acknowledged::Report));
+        let store = match opened {
+            Ok(Ok(store)) => store,
+            Ok(Err(err)) if err.kind() == StoreErrorKind::Io && crate::offline::is_lock_error(&err) => return Err(err),
+            Ok(Err(err)) => {
+                // Name the original, not the copy.
+                let why = err.to_string().replace(&copy.path().display().to_string(), &dir.display().to_string());
+                return Ok(VerifyReport {
+                    lost: Some(format!("the store cannot be opened: {why}")),
+                    ..Default::default()
+                });
+            }
+            Err(_) => {
+                return Ok(VerifyReport {
+                    lost: Some("the store cannot be opened: the database engine panicked on its files".to_owned()),
+                    ..Default::default()
+                });
+            }
+        };
+        let mut report = store.verify().unwrap_or_else(|err| VerifyReport {
+            lost: Some(format!("the store cannot be read: {err}")),
+            ..VerifyReport::default()
+        });
+        report.lost = report.lost.or_else(|| store.lost.clone());
+        Ok(report)
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A tree by name, for tests that corrupt stored bytes on purpose.
+    #[cfg(test)]
+    pub(crate) fn raw_tree(&self, name: &str) -> Tree {
+        let index = TREE_NAMES.iter().position(|n| *n == name).unwrap_or(0);
+        self.engine().map(|e| e.trees[index].clone()).unwrap_or_else(|_| unreachable!("the engine is open"))
+    }
+
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        let engine = self.engine.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        engine.clone().ok_or_else(|| {
+            StoreError::new(StoreErrorKind::Io, "the store is recovering from a write failure and cannot be read")
+        })
+    }
+
+    fn tree(&self, t: T) -> Result<Tree, StoreError> {
+        Ok(self.engine()?.tree(t).clone())
+    }
+
     fn writer(&self) -> MutexGuard<'_, WriterState> {
         // A panic while holding the lock cannot leave half a batch: sled transactions are atomic.
         self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -217,6 +371,23 @@ impl Store {
     /// the fault-injection point of reliability tests. A failed commit writes nothing.
     pub fn inject_commit_failure(&self, fail: bool) {
         self.inject_failure.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every flush fail after the commit's transaction applied, until turned off: the test stand-in
+    /// for a full or read-only disk (which a test running as root cannot arrange with permissions).
+    pub fn inject_durability_failure(&self, fail: bool) {
+        self.inject_durability_failure.store(fail, Ordering::SeqCst);
+    }
+
+    /// Makes every commit wait this long (under the writer lock) before its transaction: a test hook for
+    /// commits that outlive their callers' timeout. Zero turns it off.
+    pub fn inject_commit_delay(&self, delay: Duration) {
+        self.commit_delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Whether the latest commit attempt (or [`Store::probe`]) could write: readiness.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
     }
 
     /// A number that changes whenever a commit that writes policy versions was attempted (it is bumped
@@ -231,6 +402,71 @@ impl Store {
         self.writer().head.as_ref().map(|h| (h.seq, h.hash.clone())).map_err(Clone::clone)
     }
 
+    /// Commits made durable so far (the counter the acknowledgement watermark is checked against).
+    pub fn commit_count(&self) -> u64 {
+        self.writer().commits
+    }
+
+    /// Rewrites the acknowledgement watermark if commits were made durable since it was last written. The
+    /// node calls it about once a second and at a graceful stop; the check at open lags by that much.
+    pub fn sync_watermark(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer();
+        if writer.failure.is_some() || writer.commits == writer.watermarked {
+            return Ok(());
+        }
+        let Ok(head) = writer.head.clone() else { return Ok(()) };
+        let mark = Watermark { commits: writer.commits, record_seq: head.seq, record_hash: head.hash };
+        watermark::write(&self.dir, &mark)?;
+        writer.watermarked = mark.commits;
+        Ok(())
+    }
+
+    /// Checks that the store can write (recovering it from an earlier write failure first): the
+    /// readiness probe, run while the store is unhealthy. Sets readiness either way.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer();
+        let result = self.recover_locked(&mut writer).and_then(|engine| {
+            if self.inject_failure.load(Ordering::SeqCst) {
+                return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
+            }
+            self.durable(&engine)
+        });
+        self.healthy.store(result.is_ok(), Ordering::SeqCst);
+        result
+    }
+
+    fn durable(&self, engine: &Engine) -> Result<(), StoreError> {
+        if self.inject_durability_failure.load(Ordering::SeqCst) {
+            return Err(StoreError::new(StoreErrorKind::Injected, "flush failure injected by a test"));
+        }
+        engine.make_durable()
+    }
+
+    /// After a write failure: reopens sled from disk, writes back what the failed commit replaced, makes
+    /// that durable and checks the store still holds every acknowledged commit. Until it succeeds, reads
+    /// and commits fail.
+    fn recover_locked(&self, writer: &mut WriterState) -> Result<Arc<Engine>, StoreError> {
+        let Some(failure) = &writer.failure else { return self.engine() };
+        // Every handle to the old database must go before sled lets the directory be opened again.
+        *self.engine.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let engine = Arc::new(Engine::open(&self.dir, &self.options)?);
+        engine.undo(&failure.undo)?;
+        let commits = engine.commits()?.unwrap_or(0);
+        if commits != writer.commits {
+            return Err(StoreError::corrupt(format!(
+                "after reopening, the store holds {commits} commits; {} were acknowledged",
+                writer.commits
+            )));
+        }
+        let head = engine.head();
+        // The store now shows exactly what was acknowledged: reads may go on even if it cannot write yet.
+        *self.engine.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&engine));
+        self.durable(&engine)?;
+        writer.failure = None;
+        writer.head = head;
+        Ok(engine)
+    }
+
     // ---- group commit -----------------------------------------------------------------------------
 
     /// Makes every write of `batch` durable together: checks them, assigns record sequence numbers and
@@ -240,33 +476,97 @@ impl Store {
         if batch.is_empty() {
             return Ok(CommitReceipt::default());
         }
+        self.commit_each(vec![batch]).pop().unwrap_or_else(|| Ok(CommitReceipt::default()))
+    }
+
+    /// Group commit of several callers' batches in one transaction, flush and fsync, failing only the
+    /// callers whose own writes are refused (SPEC §12.8): each batch is checked against the state the
+    /// earlier ones leave; a refused one is dropped and the others are checked again without it. A store
+    /// that cannot write fails every caller with the same (I/O) error. Answers one outcome per batch, in
+    /// order.
+    pub fn commit_each(&self, batches: Vec<WriteBatch>) -> Vec<CommitOutcome> {
+        let mut outcomes: Vec<Option<CommitOutcome>> = batches.iter().map(|_| None).collect();
+        let writes_policies =
+            batches.iter().any(|b| b.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_))));
         let mut writer = self.writer();
-        if let Some(why) = &writer.poisoned {
-            return Err(StoreError::new(
-                StoreErrorKind::Io,
-                format!("the store refuses writes after an earlier durability failure ({why}); restart the node"),
-            ));
-        }
-        let writes_policies = batch.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_)));
-        let result = self.commit_locked(&mut writer, &batch);
+        let result = self.commit_locked(&mut writer, &batches, &mut outcomes);
+        drop(writer);
         if writes_policies {
             self.policy_generation.fetch_add(1, Ordering::AcqRel);
         }
-        result
+        outcomes
+            .into_iter()
+            .map(|outcome| match (outcome, &result) {
+                (Some(outcome), _) => outcome,
+                (None, Err(err)) => Err(err.clone()),
+                (None, Ok(())) => Ok(CommitReceipt::default()),
+            })
+            .collect()
     }
 
-    fn commit_locked(&self, writer: &mut WriterState, batch: &WriteBatch) -> Result<CommitReceipt, StoreError> {
-        let head = writer.head.clone();
-        let prepared = Prepare::new(self, &writer.runs, head).run(batch)?;
+    /// Fills `outcomes` for refused batches and, on success, for committed ones; an `Err` answers every
+    /// batch left without an outcome.
+    fn commit_locked(
+        &self,
+        writer: &mut WriterState,
+        batches: &[WriteBatch],
+        outcomes: &mut [Option<CommitOutcome>],
+    ) -> Result<(), StoreError> {
+        let delay = self.commit_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        let attempt = self.attempt_locked(writer, batches, outcomes);
+        match &attempt {
+            Ok(()) => self.healthy.store(true, Ordering::SeqCst),
+            Err(err) if matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Injected) => {
+                self.healthy.store(false, Ordering::SeqCst);
+            }
+            Err(_) => {}
+        }
+        attempt
+    }
+
+    fn attempt_locked(
+        &self,
+        writer: &mut WriterState,
+        batches: &[WriteBatch],
+        outcomes: &mut [Option<CommitOutcome>],
+    ) -> Result<(), StoreError> {
+        let engine = self.recover_locked(writer)?;
+        let prepared = loop {
+            let included: Vec<usize> = (0..batches.len()).filter(|i| outcomes[*i].is_none()).collect();
+            if included.is_empty() {
+                return Ok(());
+            }
+            let chosen: Vec<&WriteBatch> = included.iter().map(|i| &batches[*i]).collect();
+            match Prepare::new(self, &engine, &writer.runs, writer.head.clone(), writer.commits).run(&chosen) {
+                Ok(prepared) => break (included, prepared),
+                // A read that fails is the store's failure, not the caller's: everyone gets it. Anything else
+                // (a refusal, or damage to what this caller touches) fails only this caller.
+                Err((_, err)) if err.kind() == StoreErrorKind::Io => return Err(err),
+                Err((which, err)) => outcomes[included[which]] = Some(Err(err)),
+            }
+        };
+        let (included, prepared) = prepared;
         let fail = self.inject_failure.load(Ordering::SeqCst);
-        if fail && prepared.batches.is_empty() {
+        if fail && prepared.writes.is_empty() {
             return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
         }
-        let refs: Vec<&Tree> = prepared.batches.iter().filter_map(|(t, _)| self.trees.get(*t)).collect();
-        debug_assert_eq!(refs.len(), prepared.batches.len(), "every written tree exists");
+        let refs: Vec<&Tree> = prepared.writes.iter().filter_map(|(t, _)| engine.trees.get(*t)).collect();
+        debug_assert_eq!(refs.len(), prepared.writes.len(), "every written tree exists");
         let outcome = refs.as_slice().transaction(|views: &Vec<TransactionalTree>| {
-            for (view, (_, tree_batch)) in views.iter().zip(&prepared.batches) {
-                view.apply_batch(tree_batch)?;
+            let mut undo: Undo = Vec::with_capacity(views.len());
+            for (view, (t, writes)) in views.iter().zip(&prepared.writes) {
+                let mut old = Vec::with_capacity(writes.len());
+                for (key, value) in writes {
+                    let previous = match value {
+                        Some(value) => view.insert(key.as_slice(), value.as_slice())?,
+                        None => view.remove(key.as_slice())?,
+                    };
+                    old.push((key.clone(), previous));
+                }
+                undo.push((*t, old));
                 if fail {
                     return Err(TxError::Abort(StoreError::new(
                         StoreErrorKind::Injected,
@@ -274,33 +574,41 @@ impl Store {
                     )));
                 }
             }
-            Ok(())
+            Ok(undo)
         });
-        match outcome {
-            Ok(()) => {}
+        let undo = match outcome {
+            Ok(undo) => undo,
             Err(TransactionError::Abort(err)) => return Err(err),
-            Err(TransactionError::Storage(err)) => return Err(err.into()),
-        }
-        if let Some(last) = prepared.receipt.records.last() {
-            writer.head = Ok(ChainHead { seq: last.seq, hash: last.hash.clone() });
-        }
-        if let Err(err) = self.make_durable() {
-            writer.poisoned = Some(err.to_string());
+            Err(TransactionError::Storage(err)) => {
+                // sled may keep the error for the life of this database: reopen before the next write.
+                let err = StoreError::from(err);
+                self.fail_locked(writer, Vec::new());
+                return Err(err);
+            }
+        };
+        if let Err(err) = self.durable(&engine) {
+            // The transaction is applied in memory but not durable: it is refused, so it must vanish.
+            self.fail_locked(writer, undo);
             return Err(err);
+        }
+        writer.commits = prepared.commits;
+        if let Some(head) = prepared.head {
+            writer.head = Ok(head);
         }
         for (key, learned) in prepared.runs {
             writer.runs.learn(key, learned);
         }
-        Ok(prepared.receipt)
-    }
-
-    fn make_durable(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|err| StoreError::from(err).context("flush failed"))?;
-        if let Some(file) = &self.db_file {
-            // fdatasync: the data and the metadata needed to read it back (the file size), not timestamps.
-            file.sync_data().map_err(|err| StoreError::io("fsync of the database file failed", err))?;
+        for (i, receipt) in included.into_iter().zip(prepared.receipts) {
+            outcomes[i] = Some(Ok(receipt));
         }
         Ok(())
+    }
+
+    fn fail_locked(&self, writer: &mut WriterState, undo: Undo) {
+        writer.failure = Some(Failure { undo });
+        // What the cache learned may include the refused commit; the store is read again once recovered.
+        writer.runs = RunCache::default();
+        *self.engine.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     // ---- policies ---------------------------------------------------------------------------------
@@ -337,7 +645,7 @@ impl Store {
 
     /// Every version of a policy, oldest first.
     pub fn policy_versions(&self, owner: Option<&TenantId>, id: &PolicyId) -> Result<Vec<Policy>, StoreError> {
-        self.tree(T::Policies)
+        self.tree(T::Policies)?
             .scan_prefix(keys::policy_prefix(owner, id))
             .map(|item| Policy::decode(&item?.1))
             .collect()
@@ -365,7 +673,7 @@ impl Store {
                 Err(_) => page.cursor_key(&own)?,
             },
         };
-        let heads = self.tree(T::PolicyHeads);
+        let heads = self.tree(T::PolicyHeads)?;
         let ranges = [global.clone(), own.clone()].into_iter().map(|prefix| {
             let start = match &cursor {
                 Some(c) if c.as_slice() >= prefix.as_slice() => Bound::Excluded(c.clone()),
@@ -421,7 +729,7 @@ impl Store {
     ///
     /// Reads every policy head: creating a global policy is rare and done by an admin.
     pub fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError> {
-        tenant_heads_hold(self.tree(T::PolicyHeads).iter().keys(), id)
+        tenant_heads_hold(self.tree(T::PolicyHeads)?.iter().keys(), id)
     }
 
     /// A policy's audit entries made at or after `since`, oldest first. Entries are appended in time
@@ -433,7 +741,7 @@ impl Store {
         since: Timestamp,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree(T::Audit).scan_prefix(keys::policy_prefix(owner, id)).rev() {
+        for item in self.tree(T::Audit)?.scan_prefix(keys::policy_prefix(owner, id)).rev() {
             let entry = AuditEntry::decode(&item?.1)?;
             if entry.at < since {
                 break;
@@ -454,7 +762,7 @@ impl Store {
                 return Err(IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason: err.to_string() });
             }
         };
-        match self.tree(T::Snapshots).get(&key) {
+        match self.tree(T::Snapshots).and_then(|tree| Ok(tree.get(&key)?)) {
             Ok(Some(value)) => verify_snapshot(hash, &value),
             Ok(None) => Err(IntegrityError::SnapshotMissing { hash: hash.clone() }),
             Err(err) => Err(IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason: err.to_string() }),
@@ -465,7 +773,7 @@ impl Store {
     pub fn snapshot_by_id(&self, id: &SnapshotId) -> Result<Option<StoredSnapshot>, StoreError> {
         let Some(hex_prefix) = id.as_str().strip_prefix(SnapshotId::PREFIX) else { return Ok(None) };
         let Ok(prefix) = hex::decode(hex_prefix) else { return Ok(None) };
-        match self.tree(T::Snapshots).scan_prefix(prefix).next() {
+        match self.tree(T::Snapshots)?.scan_prefix(prefix).next() {
             None => Ok(None),
             Some(item) => {
                 let (key, value) = item?;
@@ -491,7 +799,7 @@ impl Store {
 
     /// Every run whose status is `running`, across tenants (for expiry and rehydration).
     pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
-        self.tree(T::RunsLive).iter().map(move |item| {
+        self.items_from(T::RunsLive, Vec::new()).map(move |item| {
             let (key, _) = item?;
             self.get_decoded::<StoredRun>(T::Runs, &key)?
                 .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))
@@ -500,12 +808,12 @@ impl Store {
 
     /// Every run of every tenant, in key order (for exports).
     pub fn all_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
-        self.tree(T::Runs).iter().map(|item| StoredRun::decode(&item?.1))
+        self.items_from(T::Runs, Vec::new()).map(|item| StoredRun::decode(&item?.1))
     }
 
     /// A run's whole ledger, in order.
     pub fn full_ledger(&self, tenant: &TenantId, run: &RunId) -> Result<Vec<LedgerEntry>, StoreError> {
-        self.tree(T::Ledger).scan_prefix(keys::run(tenant, run)).map(|item| LedgerEntry::decode(&item?.1)).collect()
+        self.tree(T::Ledger)?.scan_prefix(keys::run(tenant, run)).map(|item| LedgerEntry::decode(&item?.1)).collect()
     }
 
     /// A run's ledger, in order.
@@ -515,7 +823,7 @@ impl Store {
 
     /// The last ledger entry of a run (the answer to an identical retry).
     pub fn last_ledger_entry(&self, tenant: &TenantId, run: &RunId) -> Result<Option<LedgerEntry>, StoreError> {
-        match self.tree(T::Ledger).scan_prefix(keys::run(tenant, run)).next_back() {
+        match self.tree(T::Ledger)?.scan_prefix(keys::run(tenant, run)).next_back() {
             None => Ok(None),
             Some(item) => Ok(Some(LedgerEntry::decode(&item?.1)?)),
         }
@@ -530,7 +838,7 @@ impl Store {
         let snapshot = self.load_snapshot(&stored.snapshot.hash);
         let mut ledger = Vec::new();
         let mut problem = None;
-        for item in self.tree(T::Ledger).scan_prefix(keys::run(tenant, run)) {
+        for item in self.tree(T::Ledger)?.scan_prefix(keys::run(tenant, run)) {
             let (key, value) = item?;
             match LedgerEntry::decode(&value) {
                 Ok(entry) => ledger.push(entry),
@@ -559,7 +867,7 @@ impl Store {
 
     /// A record of `tenant` (another tenant's record is `None`).
     pub fn get_record(&self, tenant: &TenantId, id: &RecordId) -> Result<Option<PreventionRecord>, StoreError> {
-        let Some(item) = self.tree(T::RecById).scan_prefix(keys::record_id_prefix(id)).next() else {
+        let Some(item) = self.tree(T::RecById)?.scan_prefix(keys::record_id_prefix(id)).next() else {
             return Ok(None);
         };
         let (key, _) = item?;
@@ -573,7 +881,7 @@ impl Store {
     /// hold it). The blocking decision is almost always the run's last entry, since a block stops the run.
     pub fn record_decision(&self, record: &PreventionRecord) -> Result<Option<Decision>, StoreError> {
         let prefix = keys::run(&record.tenant_id, &record.run_id);
-        for item in self.tree(T::Ledger).scan_prefix(prefix).rev() {
+        for item in self.tree(T::Ledger)?.scan_prefix(prefix).rev() {
             let entry = LedgerEntry::decode(&item?.1)?;
             if entry.decision.decision_id == record.decision_id {
                 return Ok(Some(entry.decision));
@@ -619,9 +927,7 @@ impl Store {
 
     /// Every record from `from_seq` on, in chain order (for `runguard export`).
     pub fn export_records(&self, from_seq: u64) -> impl Iterator<Item = Result<PreventionRecord, StoreError>> + '_ {
-        self.tree(T::Records)
-            .range(keys::record(from_seq)..)
-            .map(|item| item.map_err(StoreError::from).and_then(|(_, v)| PreventionRecord::decode(&v)))
+        self.items_from(T::Records, keys::record(from_seq)).map(|item| PreventionRecord::decode(&item?.1))
     }
 
     // ---- learning loop ----------------------------------------------------------------------------
@@ -649,7 +955,7 @@ impl Store {
         let end = prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
         let start = Bound::Included(keys::incidents_from(tenant, since));
         let mut out = Vec::new();
-        for item in self.tree(T::IncidentsByTime).range::<Vec<u8>, _>((start, end)) {
+        for item in self.tree(T::IncidentsByTime)?.range::<Vec<u8>, _>((start, end)) {
             let (key, _) = item?;
             let id = key.get(prefix.len() + 8..).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
             let incident = self
@@ -704,7 +1010,7 @@ impl Store {
         };
         let end = prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
         let mut out = Vec::new();
-        for item in self.tree(T::RegretsByPolicy).range::<Vec<u8>, _>((Bound::Included(start), end)) {
+        for item in self.tree(T::RegretsByPolicy)?.range::<Vec<u8>, _>((Bound::Included(start), end)) {
             let (key, _) = item?;
             let id = key.get(prefix.len() + 8..).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
             let regret = self
@@ -735,7 +1041,7 @@ impl Store {
     /// each. Used by `runguard verify`; reads only.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        for item in self.tree(T::Snapshots).iter() {
+        for item in self.tree(T::Snapshots)?.iter() {
             let (key, value) = item?;
             report.snapshots_checked += 1;
             let hex_key = hex::encode(&key);
@@ -748,7 +1054,7 @@ impl Store {
         }
         let mut prev = RecordHash::genesis();
         let mut next_seq = 1u64;
-        for item in self.tree(T::Records).iter() {
+        for item in self.tree(T::Records)?.iter() {
             let (key, value) = item?;
             let key_seq = keys::trailing_u64(&key).unwrap_or(0);
             let record = match PreventionRecord::decode(&value) {
@@ -782,7 +1088,7 @@ impl Store {
 
     fn missing_index(&self, r: &PreventionRecord) -> Result<Option<&'static str>, StoreError> {
         for (t, key) in record_index_keys(r) {
-            if !self.tree(t).contains_key(key)? {
+            if !self.tree(t)?.contains_key(key)? {
                 return Ok(Some(TREE_NAMES[t as usize]));
             }
         }
@@ -791,8 +1097,20 @@ impl Store {
 
     // ---- helpers ----------------------------------------------------------------------------------
 
+    /// Every entry of a tree from key `from` on; a store that cannot be read yields one error.
+    fn items_from(&self, t: T, from: Vec<u8>) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + use<> {
+        let (tree, unreadable) = match self.tree(t) {
+            Ok(tree) => (Some(tree), None),
+            Err(err) => (None, Some(err)),
+        };
+        unreadable
+            .map(Err)
+            .into_iter()
+            .chain(tree.into_iter().flat_map(move |tree| tree.range(from.clone()..)).map(|item| Ok(item?)))
+    }
+
     fn get_decoded<V: Stored>(&self, t: T, key: &[u8]) -> Result<Option<V>, StoreError> {
-        match self.tree(t).get(key)? {
+        match self.tree(t)?.get(key)? {
             Some(value) => Ok(Some(V::decode(&value)?)),
             None => Ok(None),
         }
@@ -840,9 +1158,110 @@ impl Store {
         {
             return Ok(Page::empty());
         }
-        let mut iter = self.tree(t).range::<Vec<u8>, _>((start, end));
+        let mut iter = self.tree(t)?.range::<Vec<u8>, _>((start, end));
         collect_page(&mut iter, limit, |k, v| map(k, v))
     }
+}
+
+/// Checks the schema version; answers whether the store is fresh (no schema version and no data), which
+/// the caller initialises only once it knows nothing acknowledged is missing.
+fn check_schema(engine: &Engine, dir: &Path) -> Result<bool, StoreError> {
+    match engine.tree(T::Meta).get(META_SCHEMA)? {
+        Some(bytes) => {
+            let version = u32::decode(&bytes)?;
+            if version != SCHEMA_VERSION {
+                return Err(StoreError::new(
+                    StoreErrorKind::Schema,
+                    format!(
+                        "the store in `{}` has schema version {version}; this build reads version {SCHEMA_VERSION}",
+                        dir.display()
+                    ),
+                ));
+            }
+            Ok(false)
+        }
+        None => {
+            let populated = engine.trees.iter().skip(1).any(|t| !t.is_empty());
+            if populated {
+                return Err(StoreError::new(
+                    StoreErrorKind::Schema,
+                    format!("the store in `{}` holds data but no schema version", dir.display()),
+                ));
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Compares the store with its acknowledgement watermark (SPEC §12.9); describes what is missing.
+///
+/// A store without a commit counter and without a watermark was written before either existed and is
+/// accepted as it is (the counting starts now).
+fn acknowledged_problem(
+    engine: &Engine,
+    fresh: bool,
+    commits: Option<u64>,
+    head: Option<&ChainHead>,
+    mark: Option<&Watermark>,
+) -> Result<Option<String>, StoreError> {
+    let file = watermark::WATERMARK_FILE;
+    let Some(mark) = mark else {
+        return Ok(match commits {
+            Some(n) if n > 0 => Some(format!(
+                "holds {n} commits but its acknowledgement file `{file}` is missing; what was acknowledged is unknown"
+            )),
+            _ => None,
+        });
+    };
+    if fresh {
+        return Ok((mark.commits > 0).then(|| {
+            format!(
+                "is empty, but {} commits (prevention records up to seq {}) had been acknowledged: the database \
+                 recovered to an earlier state, everything is missing",
+                mark.commits, mark.record_seq
+            )
+        }));
+    }
+    let held = commits.unwrap_or(0);
+    if held < mark.commits {
+        let records = match head {
+            Some(head) if head.seq < mark.record_seq => {
+                format!("; {} missing", span("prevention record", head.seq.saturating_add(1), mark.record_seq))
+            }
+            _ => String::new(),
+        };
+        return Ok(Some(format!(
+            "holds {held} commits, but {} had been acknowledged: the database recovered to an earlier state, \
+             {} missing{records}",
+            mark.commits,
+            span("commit", held.saturating_add(1), mark.commits)
+        )));
+    }
+    let Some(head) = head else { return Ok(None) };
+    if head.seq < mark.record_seq {
+        return Ok(Some(format!(
+            "ends its record chain at seq {}, but records up to seq {} had been acknowledged: {} missing",
+            head.seq,
+            mark.record_seq,
+            span("prevention record", head.seq.saturating_add(1), mark.record_seq)
+        )));
+    }
+    if mark.record_seq > 0 {
+        let at = engine.tree(T::Records).get(keys::record(mark.record_seq))?;
+        let same = at.and_then(|v| PreventionRecord::decode(&v).ok()).is_some_and(|r| r.hash == mark.record_hash);
+        if !same {
+            return Ok(Some(format!(
+                "holds another record at seq {} than the one acknowledged (hash `{}`)",
+                mark.record_seq, mark.record_hash
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// `commit 5 is` or `commits 5..=9 are`.
+fn span(what: &str, first: u64, last: u64) -> String {
+    if first == last { format!("{what} {first} is") } else { format!("{what}s {first}..={last} are") }
 }
 
 /// How long `open` waits for the directory lock: sled's background threads release it shortly after the
@@ -987,12 +1406,16 @@ fn record_index_keys(r: &PreventionRecord) -> [(T, Vec<u8>); 4] {
     ]
 }
 
-/// Checks and stages one batch without writing: every read happens here, under the writer lock.
+/// The staged writes of one tree: each key's last value (`None`: removed).
+type TreeWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Checks and stages callers' batches without writing: every read happens here, under the writer lock.
 struct Prepare<'a> {
     store: &'a Store,
     cache: &'a RunCache,
-    batches: Vec<Option<Batch>>,
+    writes: Vec<Option<TreeWrites>>,
     head: Result<ChainHead, StoreError>,
+    commits: u64,
     receipt: CommitReceipt,
     policy_heads: HashMap<Vec<u8>, u32>,
     audit_next: HashMap<Vec<u8>, u64>,
@@ -1010,21 +1433,33 @@ struct Prepare<'a> {
 }
 
 struct Prepared {
-    /// The batch of each tree the commit writes, by tree index; untouched trees are left out of the
+    /// The writes of each tree the commit touches, by tree index; untouched trees are left out of the
     /// transaction (sled's transaction costs something per tree it spans).
-    batches: Vec<(usize, Batch)>,
-    receipt: CommitReceipt,
+    writes: Vec<(usize, TreeWrites)>,
+    /// One receipt per batch, in order.
+    receipts: Vec<CommitReceipt>,
+    /// The chain head after the commit.
+    head: Option<ChainHead>,
+    /// The commit counter after the commit.
+    commits: u64,
     /// What the commit establishes about the runs it writes, for the writer's cache once it succeeded.
     runs: HashMap<Vec<u8>, CachedRun>,
 }
 
 impl<'a> Prepare<'a> {
-    fn new(store: &'a Store, cache: &'a RunCache, head: Result<ChainHead, StoreError>) -> Self {
+    fn new(
+        store: &'a Store,
+        _engine: &'a Engine,
+        cache: &'a RunCache,
+        head: Result<ChainHead, StoreError>,
+        commits: u64,
+    ) -> Self {
         Self {
             store,
             cache,
-            batches: TREE_NAMES.iter().map(|_| None).collect(),
+            writes: TREE_NAMES.iter().map(|_| None).collect(),
             head,
+            commits,
             receipt: CommitReceipt::default(),
             policy_heads: HashMap::new(),
             audit_next: HashMap::new(),
@@ -1042,32 +1477,25 @@ impl<'a> Prepare<'a> {
         }
     }
 
-    fn tree_batch(&mut self, t: T) -> &mut Batch {
-        self.batches[t as usize].get_or_insert_with(Batch::default)
-    }
-
     fn put(&mut self, t: T, key: Vec<u8>, value: Vec<u8>) {
-        self.tree_batch(t).insert(key, value);
+        self.writes[t as usize].get_or_insert_with(BTreeMap::new).insert(key, Some(value));
     }
 
     fn remove(&mut self, t: T, key: Vec<u8>) {
-        self.tree_batch(t).remove(key);
+        self.writes[t as usize].get_or_insert_with(BTreeMap::new).insert(key, None);
     }
 
-    fn run(mut self, batch: &WriteBatch) -> Result<Prepared, StoreError> {
-        // Snapshots and run bindings first, so that a run, its ledger and its records may share a batch in
-        // any order.
-        for op in batch.ops() {
-            match op {
-                WriteOp::PutSnapshot(snapshot) => self.put_snapshot(snapshot)?,
-                WriteOp::PutRun(run) => self.bind_run(run)?,
-                _ => {}
-            }
+    /// Stages `batches` in order, each checked against what the earlier ones leave; the first refused one
+    /// is answered with its index.
+    fn run(mut self, batches: &[&WriteBatch]) -> Result<Prepared, (usize, StoreError)> {
+        let mut receipts = Vec::with_capacity(batches.len());
+        for (which, batch) in batches.iter().enumerate() {
+            self.stage(batch).map_err(|err| (which, err))?;
+            receipts.push(std::mem::take(&mut self.receipt));
         }
-        for (i, op) in batch.ops().iter().enumerate() {
-            self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
-        }
-        self.receipt.ops = batch.len();
+        let commits = self.commits.saturating_add(1);
+        let counter = commits.encode().map_err(|err| (0, err))?;
+        self.put(T::Meta, META_COMMITS.to_vec(), counter);
         let mut runs: HashMap<Vec<u8>, CachedRun> = HashMap::new();
         for (key, hash) in self.runs {
             runs.entry(key).or_default().snapshot = Some(hash);
@@ -1078,8 +1506,26 @@ impl<'a> Prepare<'a> {
         for (key, live) in self.live {
             runs.entry(key).or_default().live = Some(live);
         }
-        let batches = self.batches.into_iter().enumerate().filter_map(|(t, b)| b.map(|b| (t, b))).collect();
-        Ok(Prepared { batches, receipt: self.receipt, runs })
+        let writes = self.writes.into_iter().enumerate().filter_map(|(t, w)| w.map(|w| (t, w))).collect();
+        Ok(Prepared { writes, receipts, head: self.head.ok(), commits, runs })
+    }
+
+    fn stage(&mut self, batch: &WriteBatch) -> Result<(), StoreError> {
+        // Snapshots and run bindings first, so that a run, its ledger and its records may share a batch in
+        // any order.
+        for (i, op) in batch.ops().iter().enumerate() {
+            let bound = match op {
+                WriteOp::PutSnapshot(snapshot) => self.put_snapshot(snapshot),
+                WriteOp::PutRun(run) => self.bind_run(run),
+                _ => Ok(()),
+            };
+            bound.map_err(|err| err.context(format!("write {i} of the batch")))?;
+        }
+        for (i, op) in batch.ops().iter().enumerate() {
+            self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
+        }
+        self.receipt.ops = batch.len();
+        Ok(())
     }
 
     fn apply(&mut self, op: &WriteOp) -> Result<(), StoreError> {
@@ -1105,7 +1551,7 @@ impl<'a> Prepare<'a> {
         if let Some(n) = overlay.get(prefix) {
             return Ok(*n);
         }
-        match self.store.tree(t).scan_prefix(prefix).next_back() {
+        match self.store.tree(t)?.scan_prefix(prefix).next_back() {
             None => Ok(0),
             Some(item) => {
                 let (key, _) = item?;
@@ -1201,7 +1647,7 @@ impl<'a> Prepare<'a> {
             return Ok(true);
         }
         let key = hex::decode(hash.as_str()).map_err(|_| StoreError::contract("a snapshot hash is not hex"))?;
-        Ok(self.store.tree(T::Snapshots).contains_key(key)?)
+        Ok(self.store.tree(T::Snapshots)?.contains_key(key)?)
     }
 
     /// First pass over runs: the binding to a snapshot is immutable and the snapshot must exist.
@@ -1320,7 +1766,7 @@ impl<'a> Prepare<'a> {
             }
         }
         let duplicate = self.record_ids.contains_key(&record.id)
-            || self.store.tree(T::RecById).scan_prefix(keys::record_id_prefix(&record.id)).next().is_some();
+            || self.store.tree(T::RecById)?.scan_prefix(keys::record_id_prefix(&record.id)).next().is_some();
         if duplicate {
             return Err(StoreError::conflict(format!("record `{}` already exists", record.id)));
         }
@@ -1365,7 +1811,7 @@ impl<'a> Prepare<'a> {
 
     fn put_incident(&mut self, incident: &Incident) -> Result<(), StoreError> {
         let key = keys::tenant_item(&incident.tenant_id, incident.id.as_str());
-        if self.incidents.contains(&key) || self.store.tree(T::Incidents).contains_key(&key)? {
+        if self.incidents.contains(&key) || self.store.tree(T::Incidents)?.contains_key(&key)? {
             return Err(StoreError::conflict(format!("incident `{}` already exists", incident.id)));
         }
         self.incidents.insert(key.clone());
@@ -1441,7 +1887,7 @@ impl<'a> Prepare<'a> {
             None => return Err(StoreError::not_found(format!("record `{}` does not exist", regret.record_id))),
         }
         let key = keys::regret(&regret.record_id);
-        if self.regrets.contains(&regret.record_id) || self.store.tree(T::Regrets).contains_key(&key)? {
+        if self.regrets.contains(&regret.record_id) || self.store.tree(T::Regrets)?.contains_key(&key)? {
             return Err(StoreError::conflict(format!("record `{}` is already regretted", regret.record_id)));
         }
         self.regrets.insert(regret.record_id.clone());

@@ -25,7 +25,7 @@ use crate::actors::registry::{Deregister, Registry, RunKey};
 use crate::current_snapshots::CurrentSnapshot;
 use crate::error::ApiError;
 use crate::failure::FailureTracker;
-use crate::shared::{Shared, now};
+use crate::shared::{Refused, Shared, now};
 
 /// `POST /v1/runs` after the id is settled.
 #[derive(Clone, Debug)]
@@ -66,6 +66,17 @@ pub enum RunMsg {
         /// The failing step's error.
         error: Option<StepError>,
     },
+}
+
+/// A call from the HTTP edge: `msg`, done only if the actor takes `ticket` before the caller's timeout
+/// abandons it (a call answered 503 is never applied, SPEC §12.10).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RunReply, ApiError>")]
+pub struct RunCall {
+    /// What to do.
+    pub msg: RunMsg,
+    /// Raced for with the caller.
+    pub ticket: crate::ticket::Ticket,
 }
 
 /// What a run actor answers.
@@ -414,17 +425,43 @@ impl Handler<RunMsg> for RunActor {
     }
 }
 
+impl Handler<RunCall> for RunActor {
+    type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
+
+    fn handle(&mut self, call: RunCall, ctx: &mut Self::Context) -> Self::Result {
+        if !call.ticket.take() {
+            // The caller already answered 503: the call must not happen.
+            return AtomicResponse::new(Box::pin(fut::ready(Err(ApiError::unavailable(
+                "the call timed out before the run took it; treat it as a block",
+                1,
+            )))));
+        }
+        <Self as Handler<RunMsg>>::handle(self, call.msg, ctx)
+    }
+}
+
 type Reply = Result<RunReply, ApiError>;
 type Pending = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Reply>>>;
 
 impl RunActor {
+    /// Forgets the run's state, so that its next call reads it back from the store (SPEC §12.10): after a
+    /// commit whose outcome is unknown (the writer stopped after taking it, or the learning actor did not
+    /// answer in time), or after an expiry applied in memory whose commit failed.
+    fn forget(&mut self) {
+        self.live = None;
+    }
+
     fn dispatch(&mut self, msg: RunMsg, shared: Arc<Shared>) -> Pending {
         let at = now();
         if let Some(batch) = self.expiry(at) {
             let shared2 = Arc::clone(&shared);
             return Box::pin(async move { shared2.commit(batch).await }.into_actor(self).then(
                 move |committed, actor, _| match committed {
-                    Err(err) => Box::pin(fut::ready(Err(err))) as Pending,
+                    Err(err) => {
+                        // The expiry was applied in memory before its commit failed.
+                        actor.forget();
+                        Box::pin(fut::ready(Err(err))) as Pending
+                    }
                     Ok(_) => actor.dispatch(msg, shared),
                 },
             ));
@@ -502,8 +539,13 @@ impl RunActor {
         batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
         batch.put_run(run);
         persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
-        Box::pin(async move { shared.commit(batch).await }.into_actor(self).map(move |committed, actor, _| {
-            committed?;
+        Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
+            if let Err(refused) = committed {
+                if !refused.settled {
+                    actor.forget();
+                }
+                return Err(refused.error);
+            }
             record_metrics(&evaluation, elapsed);
             if let Some(live) = actor.live.as_mut() {
                 live.state = next_state;
@@ -567,12 +609,24 @@ impl RunActor {
         // pattern read-modify-writes; any other end commits directly rather than queue behind them.
         let committed = async move {
             match incident {
-                Some(incident) => shared.learn(EndRun { batch, incident: Some(incident) }).await?,
-                None => shared.commit(batch).await.map(|_| None),
+                // The learning actor's own answer is settled; not getting one in time is not.
+                Some(incident) => match shared.learn(EndRun { batch, incident: Some(incident) }).await {
+                    Ok(answer) => answer.map_err(|error| Refused { error, settled: true }),
+                    Err(error) => Err(Refused { error, settled: false }),
+                },
+                None => shared.commit_settled(batch).await.map(|_| None),
             }
         };
         Box::pin(committed.into_actor(self).map(move |committed, actor, _| {
-            let incident_id = committed?;
+            let incident_id = match committed {
+                Ok(incident_id) => incident_id,
+                Err(refused) => {
+                    if !refused.settled {
+                        actor.forget();
+                    }
+                    return Err(refused.error);
+                }
+            };
             record_metrics(&evaluation, Duration::ZERO);
             if let Some(live) = actor.live.as_mut() {
                 live.state = next_state;

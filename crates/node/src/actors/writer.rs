@@ -1,17 +1,29 @@
 //! The writer actor: the only writer of the store, on its own arbiter (thread), group-committing.
 //!
 //! Callers `send` a [`Commit`] and wait; the writer queues it and, once its mailbox is drained (or the
-//! batch is full), merges every queued batch into one store commit — one transaction, one flush, one
-//! fsync — and then answers every caller. Blocking sled calls are fine here: nothing else runs on this
-//! thread. Batches that change policies commit alone, so that an optimistic-concurrency conflict fails
-//! only its own caller.
+//! batch is full), commits every queued batch together — one transaction, one flush, one fsync — and then
+//! answers every caller. The store checks each caller's batch against what the earlier ones leave and
+//! refuses only the callers whose own writes are refused (SPEC §12.8). Blocking sled calls are fine here:
+//! nothing else runs on this thread.
+//!
+//! A caller that gives up (its timeout) abandons its [`Ticket`]; the writer takes every ticket before it
+//! commits and drops the abandoned ones, so a call answered 503 is never committed (SPEC §12.10).
+//!
+//! About once a second the writer rewrites the store's acknowledgement watermark and, while the store
+//! cannot write, probes it so that readiness returns by itself (SPEC §12.9, §12.11).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch, WriteOp};
+use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
 use tokio::sync::oneshot;
+
+use crate::ticket::Ticket;
+
+/// How often the watermark is rewritten (if commits happened) and an unhealthy store is probed: the lag
+/// of the acknowledged-state check at start.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// Asks the writer to make `batch` durable.
 #[derive(Debug, Message)]
@@ -19,12 +31,14 @@ use tokio::sync::oneshot;
 pub struct Commit {
     /// The writes.
     pub batch: WriteBatch,
+    /// Raced for with the caller: the batch is committed only if the writer takes it first.
+    pub ticket: Ticket,
 }
 
 impl Commit {
-    /// Wraps a batch.
+    /// Wraps a batch with a fresh ticket.
     pub fn new(batch: WriteBatch) -> Self {
-        Self { batch }
+        Self { batch, ticket: Ticket::new() }
     }
 }
 
@@ -39,6 +53,7 @@ struct Flush;
 
 struct Pending {
     batch: WriteBatch,
+    ticket: Ticket,
     reply: oneshot::Sender<Result<CommitReceipt, StoreError>>,
 }
 
@@ -46,7 +61,6 @@ struct Pending {
 pub struct Writer {
     store: Arc<Store>,
     pending: Vec<Pending>,
-    queued_ops: usize,
     max_batch: usize,
     mailbox: usize,
     draining: bool,
@@ -61,14 +75,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// A writer over `store`, committing at most `max_batch` calls at once, with a mailbox of `mailbox`.
     pub fn new(store: Arc<Store>, max_batch: usize, mailbox: usize) -> Self {
-        Self {
-            store,
-            pending: Vec::new(),
-            queued_ops: 0,
-            max_batch: max_batch.max(1),
-            mailbox: mailbox.max(1),
-            draining: false,
-        }
+        Self { store, pending: Vec::new(), max_batch: max_batch.max(1), mailbox: mailbox.max(1), draining: false }
     }
 
     /// Starts the writer on a dedicated arbiter and returns its address and the arbiter (to stop it).
@@ -78,68 +85,57 @@ impl Writer {
         (addr, arbiter)
     }
 
-    fn changes_policies(batch: &WriteBatch) -> bool {
-        batch.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_) | WriteOp::PutRegret { .. }))
-    }
-
-    /// Commits everything queued, in groups: consecutive ordinary batches merge into one commit; batches
-    /// that change policies commit alone.
+    /// Commits everything queued whose caller still waits, as one group.
     fn flush(&mut self) {
         let pending = std::mem::take(&mut self.pending);
-        self.queued_ops = 0;
-        let mut group: Vec<Pending> = Vec::new();
-        for item in pending {
-            if Self::changes_policies(&item.batch) {
-                self.commit_group(std::mem::take(&mut group));
-                self.commit_group(vec![item]);
+        let mut batches = Vec::with_capacity(pending.len());
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut abandoned = 0usize;
+        for Pending { batch, ticket, reply } in pending {
+            if ticket.take() {
+                batches.push(batch);
+                replies.push(reply);
             } else {
-                group.push(item);
+                abandoned += 1;
             }
         }
-        self.commit_group(group);
-    }
-
-    fn commit_group(&mut self, group: Vec<Pending>) {
-        if group.is_empty() {
+        if abandoned > 0 {
+            tracing::warn!(abandoned, "dropped commits whose callers timed out");
+            metrics::counter!("runguard_writer_abandoned_total").increment(abandoned as u64);
+        }
+        if batches.is_empty() {
             return;
         }
         let started = Instant::now();
-        let mut merged = WriteBatch::new();
-        let mut shares = Vec::with_capacity(group.len());
-        let mut replies = Vec::with_capacity(group.len());
-        for Pending { batch, reply } in group {
-            let records = batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendRecord(_))).count();
-            let ledger = batch.ops().iter().filter(|op| matches!(op, WriteOp::AppendLedger { .. })).count();
-            shares.push((records, ledger, batch.len()));
-            replies.push(reply);
-            // Moved, not copied: a ledger entry carries the call, its texts and the decision.
-            merged.append(batch);
-        }
-        let calls = replies.len();
-        let result = self.store.commit(merged);
+        let calls = batches.len();
+        let outcomes = self.store.commit_each(batches);
         let elapsed = started.elapsed();
         metrics::histogram!("runguard_writer_batch_size").record(calls as f64);
         metrics::histogram!("runguard_writer_commit_seconds").record(elapsed.as_secs_f64());
-        match result {
-            Ok(receipt) => {
-                let mut records = receipt.records.into_iter();
-                let mut positions = receipt.ledger_positions.into_iter();
-                for (reply, (n_records, n_ledger, ops)) in replies.into_iter().zip(shares) {
-                    let share = CommitReceipt {
-                        records: records.by_ref().take(n_records).collect(),
-                        ledger_positions: positions.by_ref().take(n_ledger).collect(),
-                        ops,
-                    };
-                    let _ = reply.send(Ok(share));
-                }
+        let mut failed = false;
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            if let Err(err) = &outcome
+                && matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Injected)
+            {
+                failed = true;
             }
-            Err(err) => {
-                tracing::error!(error = %err, calls, "group commit failed; every call in it is answered 503");
-                metrics::counter!("runguard_writer_commit_failures_total").increment(1);
-                for reply in replies {
-                    let _ = reply.send(Err(err.clone()));
-                }
+            let _ = reply.send(outcome);
+        }
+        if failed {
+            tracing::error!(calls, "group commit failed; its calls are answered 503");
+            metrics::counter!("runguard_writer_commit_failures_total").increment(1);
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        if !self.store.is_healthy() {
+            match self.store.probe() {
+                Ok(()) => tracing::info!("the store writes again; ready"),
+                Err(err) => tracing::warn!(error = %err, "the store still cannot write; not ready"),
             }
+        }
+        if let Err(err) = self.store.sync_watermark() {
+            tracing::error!(error = %err, "cannot write the acknowledgement watermark");
         }
     }
 }
@@ -149,6 +145,7 @@ impl Actor for Writer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.mailbox);
+        ctx.run_interval(HOUSEKEEPING, |writer, _| writer.housekeeping());
     }
 }
 
@@ -164,8 +161,7 @@ impl Handler<Commit> for Writer {
                 // Runs after the mailbox is drained: everything queued by then shares one commit.
                 ctx.notify(Flush);
             }
-            self.queued_ops = self.queued_ops.saturating_add(msg.batch.len());
-            self.pending.push(Pending { batch: msg.batch, reply: tx });
+            self.pending.push(Pending { batch: msg.batch, ticket: msg.ticket, reply: tx });
             if self.pending.len() >= self.max_batch {
                 self.flush();
             }
@@ -192,6 +188,82 @@ impl Handler<Drain> for Writer {
     fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
         self.flush();
         self.draining = true;
+        // A graceful stop leaves a watermark that covers every acknowledged commit.
+        if let Err(err) = self.store.sync_watermark() {
+            tracing::error!(error = %err, "cannot write the acknowledgement watermark at shutdown");
+        }
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix::Actor;
+    use runguard_contract::{ApprovalPath, AuditEntry, Mode, PolicyId, Snapshot, TenantId, Timestamp};
+    use runguard_store::{Store, StoreErrorKind, StoreOptions, WriteBatch};
+
+    use super::{Commit, Writer};
+    use crate::ticket::Ticket;
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+        (dir, Arc::new(store))
+    }
+
+    /// A write the store refuses: an audit entry of a policy that does not exist.
+    fn refused(tenant: &str) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        batch.append_audit(
+            Some(TenantId::new(tenant).unwrap()),
+            AuditEntry {
+                policy_id: PolicyId::new("pol_missing").unwrap(),
+                from: None,
+                to: Mode::Active,
+                at: Timestamp::from_unix_millis(1),
+                caller: "test".to_owned(),
+                reason: None,
+                approval_path: ApprovalPath::Manual,
+            },
+        );
+        batch
+    }
+
+    fn accepted(tenant: &str) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        batch.put_snapshot(Snapshot::capture(&TenantId::new(tenant).unwrap(), []));
+        batch
+    }
+
+    #[actix_rt::test]
+    async fn a_refused_caller_fails_alone_in_its_group() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        // Sent together, so that the writer commits them as one group.
+        let (ok, bad, ok_too) = tokio::join!(
+            writer.send(Commit::new(accepted("globex"))),
+            writer.send(Commit::new(refused("acme"))),
+            writer.send(Commit::new(accepted("initech"))),
+        );
+        assert!(ok.unwrap().is_ok());
+        assert!(ok_too.unwrap().is_ok());
+        let err = bad.unwrap().unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound);
+        assert!(!err.message().contains("globex") && !err.message().contains("initech"), "{err}");
+        assert_eq!(store.commit_count(), 1, "the two accepted callers shared one commit");
+    }
+
+    #[actix_rt::test]
+    async fn an_abandoned_commit_is_never_made() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        let ticket = Ticket::new();
+        assert!(ticket.abandon());
+        let answer = writer.send(Commit { batch: accepted("acme"), ticket }).await;
+        // The writer dropped it: the caller (long gone in real life) sees the reply channel closed.
+        assert_eq!(answer.unwrap().unwrap_err().kind(), StoreErrorKind::Io);
+        assert_eq!(store.commit_count(), 0);
     }
 }

@@ -11,11 +11,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::registry::{Resolve, RunKey};
-use crate::actors::run::{CreateRun, RunMsg, RunReply};
+use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::{PageQuery, State, page_of, query};
 use crate::shared::now;
+use crate::ticket::Ticket;
 
 /// Most labels on a run, and their longest key or value.
 const MAX_LABELS: usize = 64;
@@ -73,7 +74,16 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
             drop(in_flight);
             continue;
         }
-        match run.addr.send(clone_msg(&msg)).timeout(timeout).await {
+        // The run takes the ticket before it starts the call; a caller that times out first abandons it
+        // and answers 503, one that times out after waits for the outcome (SPEC §12.10).
+        let ticket = Ticket::new();
+        let mut sent = std::pin::pin!(run.addr.send(RunCall { msg: clone_msg(&msg), ticket: ticket.clone() }));
+        let answer = match tokio::time::timeout(timeout, &mut sent).await {
+            Ok(answer) => answer,
+            Err(_) if ticket.abandon() => Err(MailboxError::Timeout),
+            Err(_) => sent.await,
+        };
+        match answer {
             Ok(reply) => return reply,
             Err(MailboxError::Closed) if !closed_once => {
                 closed_once = true;
