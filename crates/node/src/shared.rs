@@ -144,7 +144,10 @@ impl Shared {
         Learning: actix::Handler<M>,
     {
         let learning = self.learning.get().ok_or_else(|| ApiError::unavailable("the node is starting", 1))?;
-        learning.send(msg).timeout(self.call_timeout()).await.map_err(|err| {
+        // No timeout here: the actor answers at once with a future that bounds its own waiting and whose
+        // commit must not be abandoned once the writer holds it (a timeout here could answer 503 for a
+        // request that is applied afterwards).
+        learning.send(msg).await.map_err(|err| {
             tracing::error!(error = %err, "learning actor unavailable");
             ApiError::unavailable("the learning loop is overloaded or stopped; retry", 1)
         })

@@ -163,11 +163,21 @@ impl Learning {
         }
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let mut held = Vec::with_capacity(locks.len());
-            for lock in locks {
-                held.push(lock.lock_owned().await);
-            }
-            let (batch, value) = shared.blocking(plan).await?;
+            // Waiting for the locks and planning change nothing, so they may give up at the call timeout;
+            // the commit decides for itself (a 503 only when the writer never took the batch), so that a
+            // request answered 503 is never applied (SPEC §12.10).
+            let planned = actix_web::rt::time::timeout(shared.call_timeout(), async {
+                let mut held = Vec::with_capacity(locks.len());
+                for lock in locks {
+                    held.push(lock.lock_owned().await);
+                }
+                let planned = shared.blocking(plan).await?;
+                Ok::<_, ApiError>((held, planned))
+            })
+            .await;
+            let (held, (batch, value)) = planned.map_err(|_| {
+                ApiError::unavailable("the learning loop is busy for this tenant; nothing was changed, retry", 1)
+            })??;
             if !batch.is_empty() {
                 shared.commit(batch).await?;
             }

@@ -609,11 +609,13 @@ impl RunActor {
         // pattern read-modify-writes; any other end commits directly rather than queue behind them.
         let committed = async move {
             match incident {
-                // The learning actor's own answer is settled; not getting one in time is not.
-                Some(incident) => match shared.learn(EndRun { batch, incident: Some(incident) }).await {
-                    Ok(answer) => answer.map_err(|error| Refused { error, settled: true }),
-                    Err(error) => Err(Refused { error, settled: false }),
-                },
+                // A refused end is rare: the run is read back from the store before its next call rather
+                // than trusting that the learning actor's refusal says whether its commit landed.
+                Some(incident) => shared
+                    .learn(EndRun { batch, incident: Some(incident) })
+                    .await
+                    .and_then(|answer| answer)
+                    .map_err(|error| Refused { error, settled: false }),
                 None => shared.commit_settled(batch).await.map(|_| None),
             }
         };
