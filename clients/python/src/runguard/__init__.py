@@ -6,7 +6,7 @@ before each step, report after it, fail closed). Framework guards live in ``rung
 """
 
 from . import models
-from ._arun import AsyncRun, AsyncStepGuard
+from ._arun import AsyncAdmission, AsyncRun, AsyncStepGuard
 from ._async_client import AsyncClient, AsyncPager
 from ._base import RetryPolicy, Stats
 from ._client import Client, Pager
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "AsyncAdmission",
     "AsyncClient",
     "AsyncPager",
     "AsyncRun",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +70,31 @@ class AsyncRun:
     def next_index(self) -> int:
         return self._state.next_index
 
-    async def step(
+    def step(
+        self,
+        skill: str | None = None,
+        *,
+        estimate: int | None = None,
+        estimate_cost_micros: int | None = None,
+        input_keys: Sequence[str] | None = None,
+        input_text: str | None = None,
+        api_endpoint: str | None = None,
+    ) -> AsyncAdmission:
+        """Admits the next step (its `pre` call): ``async with run.step(...) as step`` or
+        ``step = await run.step(...)``. Raises as :meth:`runguard.Run.step` does."""
+        return AsyncAdmission(
+            self,
+            dict(
+                skill=skill,
+                estimate=estimate,
+                estimate_cost_micros=estimate_cost_micros,
+                input_keys=input_keys,
+                input_text=input_text,
+                api_endpoint=api_endpoint,
+            ),
+        )
+
+    async def _admit(
         self,
         skill: str | None = None,
         *,
@@ -250,3 +274,25 @@ class AsyncStepGuard:
         except Blocked:
             # The block is recorded by the node; the caller's own exception is the one to see.
             pass
+
+
+class AsyncAdmission:
+    """What :meth:`AsyncRun.step` returns: await it for the guard, or use it with ``async with``."""
+
+    def __init__(self, run: AsyncRun, arguments: dict[str, Any]) -> None:
+        self._run = run
+        self._arguments = arguments
+        self._guard: AsyncStepGuard | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncStepGuard]:
+        return self._run._admit(**self._arguments).__await__()
+
+    async def __aenter__(self) -> AsyncStepGuard:
+        self._guard = await self._run._admit(**self._arguments)
+        return self._guard
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._guard is not None:
+            await self._guard.__aexit__(exc_type, exc, tb)
