@@ -28,7 +28,9 @@ class LoopingModel(Model):
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
         self.calls += 1
         call = ResponseFunctionToolCall(
-            type="function_call", call_id=f"call_{self.calls}", name="lookup",
+            type="function_call",
+            call_id=f"call_{self.calls}",
+            name="lookup",
             arguments=json.dumps({"term": f"attempt {self.calls}"}),
         )
         usage = Usage(requests=1, input_tokens=400, output_tokens=100, total_tokens=500)
@@ -51,8 +53,13 @@ async def main() -> None:
     with runguard.Client(url, token=token, tenant=tenant) as admin:
         ensure_budget(admin)
     async with runguard.AsyncClient(url, token=token, tenant=tenant) as client:
-        agent = Agent(name="looper", instructions="keep looking", model=LoopingModel(), tools=[lookup],
-                      model_settings=ModelSettings(max_tokens=256))
+        agent = Agent(
+            name="looper",
+            instructions="keep looking",
+            model=LoopingModel(),
+            tools=[lookup],
+            model_settings=ModelSettings(max_tokens=256),
+        )
         try:
             async with client.run(labels={"example": "openai-agents"}) as run:
                 guard = RunguardAgentsGuard(run, model_name="fake-model")

@@ -27,7 +27,9 @@ def main() -> None:
                     with run.step("llm", estimate=400 + 256, input_text=f"turn {turn}") as step:
                         max_tokens = step.clamp(256)  # never ask for more than the budget has left
                         text, usage = fake_llm(f"turn {turn}", max_tokens)
-                        step.report(runguard.Usage.from_openai(usage, model="fake-llm", prices=PRICES), output_text=text)
+                        step.report(
+                            runguard.Usage.from_openai(usage, model="fake-llm", prices=PRICES), output_text=text
+                        )
                     print(f"turn {turn}: {run.remaining.tokens if run.remaining else '?'} tokens left")
         except runguard.Blocked as blocked:
             print(f"stopped: {blocked.reason}")

@@ -34,7 +34,9 @@ def fail_three_times(client: runguard.Client) -> list[str]:
 def test_policies_endpoints(client: runguard.Client) -> None:
     created = client.create_policy(budget(1000, warn_at=[80]))
     assert created.version == 1 and created.mode == "active" and created.rule["max"] == 1000
-    client.create_policy({"id": "pol_skill", "name": "no rm", "mode": "shadow", "rule": {"kind": "skill", "deny": ["rm"]}})
+    client.create_policy(
+        {"id": "pol_skill", "name": "no rm", "mode": "shadow", "rule": {"kind": "skill", "deny": ["rm"]}}
+    )
 
     assert {p.id for p in client.list_policies()} == {"pol_budget", "pol_skill"}
     # Pages of one item: the pager follows the cursor.

@@ -94,8 +94,11 @@ def test_a_tool_refused_by_a_skill_rule_ends_the_agent(client: runguard.Client) 
 
 def test_a_run_of_your_own_is_used_and_left_to_you(client: runguard.Client) -> None:
     with client.run(labels={"owner": "caller"}) as run:
-        model = FakeToolCallingModel(messages=iter([AIMessage(content="done", usage_metadata={
-            "input_tokens": 10, "output_tokens": 5, "total_tokens": 15})]))
+        model = FakeToolCallingModel(
+            messages=iter(
+                [AIMessage(content="done", usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15})]
+            )
+        )
         agent = create_agent(model, tools=[search], middleware=[RunguardMiddleware(client, run=run)])
         result = agent.invoke({"messages": [HumanMessage("hi")]})
         assert result["messages"][-1].content == "done"

@@ -57,8 +57,13 @@ def lookup(term: str) -> str:
 
 
 def agent_with(model: Model) -> Agent[Any]:
-    return Agent(name="looper", instructions="keep looking", model=model, tools=[lookup],
-                 model_settings=ModelSettings(max_tokens=256))
+    return Agent(
+        name="looper",
+        instructions="keep looking",
+        model=model,
+        tools=[lookup],
+        model_settings=ModelSettings(max_tokens=256),
+    )
 
 
 async def test_an_agent_that_would_overspend_is_halted_before_the_call(aclient: runguard.AsyncClient) -> None:
@@ -84,7 +89,9 @@ async def test_an_agent_that_would_overspend_is_halted_before_the_call(aclient: 
 
 
 async def test_a_refused_tool_trips_the_tool_guardrail(aclient: runguard.AsyncClient) -> None:
-    await aclient.create_policy({"id": "pol_no_lookup", "name": "no lookup", "rule": {"kind": "skill", "deny": ["lookup"]}})
+    await aclient.create_policy(
+        {"id": "pol_no_lookup", "name": "no lookup", "rule": {"kind": "skill", "deny": ["lookup"]}}
+    )
     model = LoopingModel()
     with pytest.raises(ToolInputGuardrailTripwireTriggered) as tripped:
         async with aclient.run() as run:

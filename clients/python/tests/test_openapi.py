@@ -93,11 +93,15 @@ def resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return resolve(options[0], root) if len(options) == 1 else schema
 
 
-def compare(node_schema: dict[str, Any], node_root: dict[str, Any], ours: dict[str, Any], our_root: dict[str, Any], at: str) -> None:
+def compare(
+    node_schema: dict[str, Any], node_root: dict[str, Any], ours: dict[str, Any], our_root: dict[str, Any], at: str
+) -> None:
     node_schema, ours = resolve(node_schema, node_root), resolve(ours, our_root)
     if "properties" in node_schema:
         node_props, our_props = node_schema["properties"], ours.get("properties", {})
-        assert set(node_props) == set(our_props), f"{at}: the node has {sorted(node_props)}, the model {sorted(our_props)}"
+        assert set(node_props) == set(our_props), (
+            f"{at}: the node has {sorted(node_props)}, the model {sorted(our_props)}"
+        )
         assert set(node_schema.get("required", [])) == set(ours.get("required", [])), f"{at}: required fields differ"
         for name, sub in node_props.items():
             compare(sub, node_root, our_props[name], our_root, f"{at}.{name}")
@@ -148,10 +152,10 @@ def template_of(method: str, path: str) -> tuple[str, str, str] | None:
 
 def walk(value: Any, seen: dict[type[BaseModel], set[str]], at: str) -> None:
     if isinstance(value, BaseModel):
-        assert not value.model_extra, f"{at}: the node sends fields the model does not know: {sorted(value.model_extra)}"
-        seen[type(value)].update(
-            (type(value).model_fields[name].alias or name) for name in value.model_fields_set
+        assert not value.model_extra, (
+            f"{at}: the node sends fields the model does not know: {sorted(value.model_extra)}"
         )
+        seen[type(value)].update((type(value).model_fields[name].alias or name) for name in value.model_fields_set)
         for name in type(value).model_fields:
             walk(getattr(value, name), seen, f"{at}.{name}")
     elif isinstance(value, list):
@@ -161,9 +165,16 @@ def walk(value: Any, seen: dict[type[BaseModel], set[str]], at: str) -> None:
 
 def drive_every_endpoint(client: runguard.Client) -> None:
     client.create_policy(budget(100, warn_at=[50]))
-    client.create_policy({"id": "pol_shadow", "name": "no rm", "mode": "shadow", "rule": {"kind": "skill", "deny": ["rm"]}})
     client.create_policy(
-        {"id": "pol_content", "name": "no emails", "action": "warn", "rule": {"kind": "content", "detectors": ["email"]}}
+        {"id": "pol_shadow", "name": "no rm", "mode": "shadow", "rule": {"kind": "skill", "deny": ["rm"]}}
+    )
+    client.create_policy(
+        {
+            "id": "pol_content",
+            "name": "no emails",
+            "action": "warn",
+            "rule": {"kind": "content", "detectors": ["email"]},
+        }
     )
     list(client.list_policies(limit=1))
     client.update_policy("pol_budget", budget(100, warn_at=[50]), expected_version=1)

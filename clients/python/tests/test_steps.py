@@ -76,7 +76,11 @@ def test_a_failing_block_ends_the_run_failed_with_the_error(client: runguard.Cli
 
 def test_throttle_waits_and_resends(client: runguard.Client) -> None:
     client.create_policy(
-        {"id": "pol_rate", "name": "one step a second", "rule": {"kind": "rate", "metric": "steps", "max": 1, "window_s": 1}}
+        {
+            "id": "pol_rate",
+            "name": "one step a second",
+            "rule": {"kind": "rate", "metric": "steps", "max": 1, "window_s": 1},
+        }
     )
     with client.run(wait_on_throttle=False) as run:
         with run.step("a"):

@@ -185,9 +185,7 @@ class Client:
         api_endpoint: str | None = None,
         parent_run_id: str | None = None,
     ) -> m.RunCreated:
-        return self._call(
-            _ops.create_run(run_id or f"run-{uuid.uuid4().hex}", labels, api_endpoint, parent_run_id)
-        )
+        return self._call(_ops.create_run(run_id or f"run-{uuid.uuid4().hex}", labels, api_endpoint, parent_run_id))
 
     def get_run(self, run_id: str) -> m.Run:
         return self._call(_ops.get_run(run_id))
@@ -271,9 +269,7 @@ class Client:
     def tenant_graduation(self) -> m.TenantGraduation:
         return self._call(_ops.tenant_graduation())
 
-    def simulate(
-        self, policies: list[Mapping[str, Any]], run_ids: list[str], *, persist: bool = False
-    ) -> m.Simulation:
+    def simulate(self, policies: list[Mapping[str, Any]], run_ids: list[str], *, persist: bool = False) -> m.Simulation:
         return self._call(_ops.simulate(policies, run_ids, persist))
 
     # operations

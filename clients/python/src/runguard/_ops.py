@@ -63,9 +63,7 @@ def list_policies(mode: str | None, limit: int | None) -> PageOp[m.Policy]:
 
 
 def get_policy(policy_id: str, version: int | None) -> Op[m.Policy]:
-    return Op(
-        "GET", f"/v1/policies/{path_segment(policy_id)}", _model(m.Policy), params=_params({"version": version})
-    )
+    return Op("GET", f"/v1/policies/{path_segment(policy_id)}", _model(m.Policy), params=_params({"version": version}))
 
 
 def update_policy(policy_id: str, document: Mapping[str, Any], expected_version: int) -> Op[m.Policy]:

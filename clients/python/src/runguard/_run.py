@@ -165,11 +165,10 @@ class Run:
             self._state.warnings.append(decision)
             log_warn(decision)
         elif decision.action == "block":
-            raise Blocked(
-                f"step {decision.step_index} of run `{self.run_id}` is blocked: {decision.reason}", decision
-            )
+            raise Blocked(f"step {decision.step_index} of run `{self.run_id}` is blocked: {decision.reason}", decision)
 
-    def _fail_open_or_block(self, index: int, phase: str, err: RunguardError | None) -> None:
+    def _fail_open_or_block(self, index: int, phase: str, err: RunguardError | None) -> Decision | None:
+        """Raises the block, or (failing open) answers no decision."""
         if err is not None and not unavailable(err):
             raise as_block(self.run_id, err) from err
         if self._options.on_unavailable != "allow":

@@ -116,9 +116,7 @@ def error_of(error: BaseException | Mapping[str, Any] | None) -> dict[str, Any] 
     )
 
 
-def post_body(
-    index: int, *, usage: dict[str, int], output_text: str | None, error: dict[str, Any] | None
-) -> bytes:
+def post_body(index: int, *, usage: dict[str, int], output_text: str | None, error: dict[str, Any] | None) -> bytes:
     return encode(
         drop_none({"index": index, "phase": "post", "usage": usage, "output_text": output_text, "error": error})
     )

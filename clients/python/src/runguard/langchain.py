@@ -168,7 +168,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
             return handler(request)
         except Exception as exc:
             # The admitted step failed: report it with the error, or the run would wait for it forever.
-            run_id = request.state.get("runguard_run_id")
+            run_id = str(request.state.get("runguard_run_id") or "")
             with self._mutex:
                 guard = self._open.pop(run_id, None) if run_id else None
             if guard is not None:

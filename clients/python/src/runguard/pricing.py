@@ -74,9 +74,7 @@ class Usage:
         return cls(tokens=input_tokens + output_tokens, cost_micros=cost, duration_ms=duration_ms)
 
     @classmethod
-    def from_openai(
-        cls, usage: Any, *, model: str | None = None, prices: PriceTable | None = None
-    ) -> Usage:
+    def from_openai(cls, usage: Any, *, model: str | None = None, prices: PriceTable | None = None) -> Usage:
         """From an OpenAI ``usage`` (Chat Completions ``prompt_tokens``/``completion_tokens``, Responses and
         the Agents SDK ``input_tokens``/``output_tokens``), as an object or a dict."""
 
@@ -88,7 +86,10 @@ class Usage:
             return 0
 
         return cls.from_tokens(
-            read("input_tokens", "prompt_tokens"), read("output_tokens", "completion_tokens"), model=model, prices=prices
+            read("input_tokens", "prompt_tokens"),
+            read("output_tokens", "completion_tokens"),
+            model=model,
+            prices=prices,
         )
 
     @classmethod
