@@ -14,8 +14,9 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 
 import runguard
-from _common import connect, ensure_budget
 from runguard.langchain import RunguardMiddleware
+
+from _common import connect, ensure_budget
 
 
 class FakeToolCallingModel(GenericFakeChatModel):

@@ -17,8 +17,9 @@ from agents.usage import Usage
 from openai.types.responses import ResponseFunctionToolCall
 
 import runguard
-from _common import ensure_budget
 from runguard.openai_agents import RunguardAgentsGuard, RunguardTripwireTriggered
+
+from _common import ensure_budget
 
 
 class LoopingModel(Model):

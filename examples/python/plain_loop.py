@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import runguard
+
 from _common import connect, ensure_budget
 
 PRICES = runguard.PriceTable({"fake-llm": runguard.Price(input="0.15", output="0.60")})

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import runguard
+
 from node import ADMIN, Node
 
 # Nothing in these tests may reach beyond loopback: the frameworks must not look for real credentials or

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import runguard
+
 from conftest import FAST, budget
 from node import ACME_OPERATOR, ACME_OPERATOR_2, ACME_WORKER, Node
 

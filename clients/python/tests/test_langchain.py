@@ -6,14 +6,16 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import pytest
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 
 import runguard
-from conftest import budget
 from runguard.langchain import RunguardMiddleware
+
+from conftest import budget
 
 
 class FakeToolCallingModel(GenericFakeChatModel):
@@ -105,3 +107,16 @@ def test_a_run_of_your_own_is_used_and_left_to_you(client: runguard.Client) -> N
         assert client.get_run(run.run_id).status == "running"
     finished = client.get_run(run.run_id)
     assert finished.status == "succeeded" and finished.totals.tokens == 15
+
+
+@pytest.mark.anyio
+async def test_an_async_agent_is_stopped_the_same_way(client: runguard.Client) -> None:
+    client.create_policy(budget(1200))
+    model = looping_model()
+    agent = create_agent(model, tools=[search], middleware=[RunguardMiddleware(client, max_tokens=256)])
+
+    result = await agent.ainvoke({"messages": [HumanMessage("find the answer")]})
+
+    assert model.calls == 2
+    record_id = result["messages"][-1].additional_kwargs["runguard"]["prevention_record_id"]
+    assert client.get_prevention_record(record_id).phase == "pre"

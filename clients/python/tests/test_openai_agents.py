@@ -15,8 +15,9 @@ from agents.usage import Usage
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 
 import runguard
-from conftest import budget
 from runguard.openai_agents import RunguardAgentsGuard, RunguardTripwireTriggered
+
+from conftest import budget
 
 set_tracing_disabled(True)
 pytestmark = pytest.mark.anyio

@@ -19,9 +19,10 @@ import pytest
 from pydantic import BaseModel, create_model
 
 import runguard
+from runguard import models as m
+
 from conftest import FAST, budget
 from node import ADMIN, Node
-from runguard import models as m
 
 
 def page_of(item: type[BaseModel]) -> type[BaseModel]:

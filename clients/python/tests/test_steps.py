@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 import runguard
+
 from conftest import FAST, budget
 from node import ADMIN, Node
 from proxy import DroppingProxy

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from . import _ops
 from . import models as m
+from ._arun import AsyncRun
 from ._base import (
     DEFAULT_BASE_URL,
     OnUnavailable,
@@ -27,7 +28,6 @@ from ._base import (
     retryable,
     transport_error,
 )
-from ._arun import AsyncRun
 from ._steps import StepOptions, as_block, error_of, log_fail_open, unavailable
 from .errors import Blocked, RunguardError
 

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from ._client import Client
 
 
+# How long a step waits for the run's previous step to be reported.
+OPEN_STEP_WAIT_S = 300.0
+
+
 class Run:
     """A run on the node: admits one step at a time (see :meth:`step`) and ends once."""
 
@@ -38,7 +42,6 @@ class Run:
         self._options = options
         self._state = RunState(run_id)
         self._lock = threading.Lock()
-        self._owner: int | None = None
         self.created = created
         if created is not None:
             self._state.last_decision = created.decision
@@ -86,11 +89,13 @@ class Run:
         fail-closed) and :class:`Throttled` when a throttle outlasts ``max_throttle_wait_s``. Steps of one
         run are admitted one at a time: another thread's ``step`` waits until this one is reported.
         """
-        me = threading.get_ident()
-        if self._owner == me:
-            raise RuntimeError(f"step {self._state.next_index} of run `{self.run_id}` is open; report it first")
-        self._lock.acquire()
-        self._owner = me
+        # Not an owner check: frameworks admit and report a step on different pool threads. A step that is
+        # never reported would hang the next one, so the wait is bounded and then named.
+        if not self._lock.acquire(timeout=OPEN_STEP_WAIT_S):
+            raise RuntimeError(
+                f"step {self._state.next_index} of run `{self.run_id}` is still open after {OPEN_STEP_WAIT_S:.0f} s;"
+                " report each step before the next"
+            )
         try:
             index = self._state.next_index
             if self.offline:
@@ -122,7 +127,6 @@ class Run:
     # internals
 
     def _release(self) -> None:
-        self._owner = None
         self._lock.release()
 
     def _settle(self) -> bool:

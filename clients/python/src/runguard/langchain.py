@@ -19,9 +19,10 @@ Parallel tool calls of one model turn are admitted one at a time: the step proto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse, hook_config
@@ -197,13 +198,28 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
     def wrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]]
     ) -> ToolMessage | Command[Any]:
+        admitted = self._admit_tool(request)
+        if isinstance(admitted, ToolMessage):
+            return admitted
+        try:
+            result = handler(request)
+        except Exception as exc:
+            if admitted is not None:
+                self._report_quietly(admitted, exc)
+            raise
+        if admitted is not None:
+            self._finish_tool(admitted, result)
+        return result
+
+    def _admit_tool(self, request: ToolCallRequest) -> StepGuard | ToolMessage | None:
+        """The tool's step, a refusal to answer the model with, or ``None`` outside a run."""
         run = self._run(request.state if isinstance(request.state, Mapping) else {})
         if run is None:
-            return handler(request)
+            return None
         call = request.tool_call
         args = call.get("args") or {}
         try:
-            guard = run.step(
+            return run.step(
                 call["name"],
                 input_keys=sorted(args) if isinstance(args, Mapping) else None,
                 input_text=json.dumps(args, default=str, ensure_ascii=False)[:MAX_TEXT_CHARS],
@@ -215,11 +231,8 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
                 name=call["name"],
                 status="error",
             )
-        try:
-            result = handler(request)
-        except Exception as exc:
-            self._report_quietly(guard, exc)
-            raise
+
+    def _finish_tool(self, guard: StepGuard, result: ToolMessage | Command[Any]) -> None:
         output = result.content if isinstance(result, ToolMessage) else None
         error = (
             {"type": "tool_error", "message": str(output)[:1000]}
@@ -229,6 +242,53 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
         # A block here stops the run; the tool already ran, so its answer goes back and the next model
         # call is the one refused.
         self._report_quietly(guard, None, output_text=str(output)[:MAX_TEXT_CHARS] if output else None, error=error)
+
+    # async agents (`ainvoke`): the same steps; the client's blocking calls run in a worker thread
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_agent(self, state: RunguardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.before_agent, state, runtime)
+
+    async def aafter_agent(self, state: RunguardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.after_agent, state, runtime)
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: RunguardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.before_model, state, runtime)
+
+    @hook_config(can_jump_to=["end"])
+    async def aafter_model(self, state: RunguardState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.after_model, state, runtime)
+
+    async def awrap_model_call(
+        self, request: ModelRequest[Any], handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]]
+    ) -> ModelResponse[Any]:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            run_id = str(request.state.get("runguard_run_id") or "")
+            with self._mutex:
+                guard = self._open.pop(run_id, None) if run_id else None
+            if guard is not None:
+                await asyncio.to_thread(self._report_quietly, guard, exc)
+            raise
+
+    async def awrap_tool_call(
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command[Any]]],
+    ) -> ToolMessage | Command[Any]:
+        admitted = await asyncio.to_thread(self._admit_tool, request)
+        if isinstance(admitted, ToolMessage):
+            return admitted
+        try:
+            result = await handler(request)
+        except Exception as exc:
+            if admitted is not None:
+                await asyncio.to_thread(self._report_quietly, admitted, exc)
+            raise
+        if admitted is not None:
+            await asyncio.to_thread(self._finish_tool, admitted, result)
         return result
 
     @staticmethod
