@@ -83,13 +83,13 @@ def test_throttle_waits_and_resends(client: runguard.Client) -> None:
             "rule": {"kind": "rate", "metric": "steps", "max": 1, "window_s": 1},
         }
     )
-    with client.run(wait_on_throttle=False) as run:
+    with client.run() as run:  # waiting is opt-in: by default the caller gets Throttled
         with run.step("a"):
             pass
         with pytest.raises(runguard.Throttled) as throttled:
             run.step("b")
         assert 0 < throttled.value.retry_after_ms <= 1000
-    with client.run(max_throttle_wait_s=5) as run:
+    with client.run(wait_on_throttle=True, max_throttle_wait_s=5) as run:
         with run.step("a"):
             pass
         with run.step("b") as step:  # waits retry_after_ms, re-sends, admitted

@@ -128,7 +128,7 @@ class AsyncClient:
         api_endpoint: str | None = None,
         parent: str | AsyncRun | None = None,
         on_unavailable: OnUnavailable | None = None,
-        wait_on_throttle: bool = True,
+        wait_on_throttle: bool = False,
         max_throttle_wait_s: float = 30.0,
     ) -> AsyncIterator[AsyncRun]:
         """Creates a run and ends it on exit: `succeeded`, or `failed` with the error when the block raises.
@@ -159,7 +159,7 @@ class AsyncClient:
         api_endpoint: str | None = None,
         parent: str | AsyncRun | None = None,
         on_unavailable: OnUnavailable | None = None,
-        wait_on_throttle: bool = True,
+        wait_on_throttle: bool = False,
         max_throttle_wait_s: float = 30.0,
     ) -> AsyncRun:
         """Creates a run without a ``with`` block; await :meth:`AsyncRun.end` yourself."""

@@ -34,6 +34,13 @@ def encode(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 (the node limits fields in bytes), on a character
+    boundary."""
+    data = text.encode("utf-8")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", errors="ignore")
+
+
 def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     """The node's absent and null are not always the same (a list field refuses null): omit unset ones."""
     return {key: value for key, value in values.items() if value is not None}

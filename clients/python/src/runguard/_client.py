@@ -127,7 +127,7 @@ class Client:
         api_endpoint: str | None = None,
         parent: str | Run | None = None,
         on_unavailable: OnUnavailable | None = None,
-        wait_on_throttle: bool = True,
+        wait_on_throttle: bool = False,
         max_throttle_wait_s: float = 30.0,
     ) -> Iterator[Run]:
         """Creates a run and ends it on exit: `succeeded`, or `failed` with the error when the block raises.
@@ -158,7 +158,7 @@ class Client:
         api_endpoint: str | None = None,
         parent: str | Run | None = None,
         on_unavailable: OnUnavailable | None = None,
-        wait_on_throttle: bool = True,
+        wait_on_throttle: bool = False,
         max_throttle_wait_s: float = 30.0,
     ) -> Run:
         """Creates a run without a ``with`` block; call :meth:`Run.end` yourself."""

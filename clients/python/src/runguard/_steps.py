@@ -18,12 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._base import OnUnavailable, drop_none, encode, logger
+from ._base import OnUnavailable, clip, drop_none, encode, logger
 from .errors import APIError, Blocked, ConflictError, RunguardError, TransportError, UnavailableError
 from .models import Decision, Remaining
 from .pricing import Usage
 
 UsageLike = Usage | Mapping[str, int] | int | None
+
+# The node's default limits on a step's short fields and on its texts, in bytes (docs/operations.md).
+MAX_FIELD_BYTES = 2048
+MAX_TEXT_BYTES = 256 * 1024
+MAX_INPUT_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class StepOptions:
     """How a run reacts to what is not a plain allow."""
 
     on_unavailable: OnUnavailable = "block"
-    wait_on_throttle: bool = True
+    wait_on_throttle: bool = False
     max_throttle_wait_s: float = 30.0
 
 
@@ -62,20 +67,27 @@ def pre_body(
     estimate_tokens: int | None,
     estimate_cost_micros: int | None,
 ) -> bytes:
+    # Texts and names past the node's default limits are cut rather than sent to a certain 400 (a block).
     estimate = drop_none({"tokens": estimate_tokens, "cost_micros": estimate_cost_micros})
     return encode(
         drop_none(
             {
                 "index": index,
                 "phase": "pre",
-                "skill": skill,
-                "api_endpoint": api_endpoint,
-                "input_keys": list(input_keys) if input_keys is not None else None,
-                "input_text": input_text,
+                "skill": _short(skill),
+                "api_endpoint": _short(api_endpoint),
+                "input_keys": [clip(k, MAX_FIELD_BYTES) for k in input_keys][:MAX_INPUT_KEYS]
+                if input_keys is not None
+                else None,
+                "input_text": clip(input_text, MAX_TEXT_BYTES) if input_text is not None else None,
                 "estimate": estimate or None,
             }
         )
     )
+
+
+def _short(value: str | None) -> str | None:
+    return clip(value, MAX_FIELD_BYTES) if value is not None else None
 
 
 def usage_of(usage: UsageLike, duration_ms: int | None) -> dict[str, int]:
@@ -102,7 +114,8 @@ def error_of(error: BaseException | Mapping[str, Any] | None) -> dict[str, Any] 
     if error is None:
         return None
     if isinstance(error, Mapping):
-        return drop_none({k: error.get(k) for k in ("type", "code", "status", "message")})
+        fields = drop_none({k: error.get(k) for k in ("type", "code", "status", "message")})
+        return {k: clip(v, MAX_FIELD_BYTES) if isinstance(v, str) else v for k, v in fields.items()}
     status = getattr(error, "status_code", None) or getattr(error, "status", None)
     code = getattr(error, "code", None)
     return drop_none(
@@ -111,14 +124,22 @@ def error_of(error: BaseException | Mapping[str, Any] | None) -> dict[str, Any] 
             "code": code if isinstance(code, str) else None,
             "status": status if isinstance(status, int) and 100 <= status <= 599 else None,
             # The node limits text fields; a message is a summary, not a dump.
-            "message": str(error)[:1000] or None,
+            "message": clip(str(error), MAX_FIELD_BYTES) or None,
         }
     )
 
 
 def post_body(index: int, *, usage: dict[str, int], output_text: str | None, error: dict[str, Any] | None) -> bytes:
     return encode(
-        drop_none({"index": index, "phase": "post", "usage": usage, "output_text": output_text, "error": error})
+        drop_none(
+            {
+                "index": index,
+                "phase": "post",
+                "usage": usage,
+                "output_text": clip(output_text, MAX_TEXT_BYTES) if output_text is not None else None,
+                "error": error,
+            }
+        )
     )
 
 

@@ -33,13 +33,12 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from ._base import clip
 from ._client import Client
 from ._run import Run, StepGuard
+from ._steps import MAX_FIELD_BYTES
 from .errors import Blocked, StepRefused, Throttled
 from .pricing import PriceTable, Usage
-
-# Texts sent for content rules are cut here; the node refuses texts over its own limit.
-MAX_TEXT_CHARS = 32_000
 
 
 class RunguardState(AgentState[Any]):
@@ -154,7 +153,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
             guard = run.step(
                 self.model_skill,
                 estimate=estimate,
-                input_text=_text(messages[-1] if messages else None)[:MAX_TEXT_CHARS] or None,
+                input_text=_text(messages[-1] if messages else None) or None,
             )
         except StepRefused as refused:
             return {"jump_to": "end", "messages": [_stop_message(refused)]}
@@ -188,7 +187,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
         model = self.model_name or (getattr(last, "response_metadata", {}) or {}).get("model_name")
         usage = Usage.from_langchain(usage_metadata, model=model, prices=self.prices)
         try:
-            guard.report(usage, output_text=_text(last)[:MAX_TEXT_CHARS] or None)
+            guard.report(usage, output_text=_text(last) or None)
         except StepRefused as refused:
             return {"jump_to": "end", "messages": [_stop_message(refused)]}
         return None
@@ -222,7 +221,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
             return run.step(
                 call["name"],
                 input_keys=sorted(args) if isinstance(args, Mapping) else None,
-                input_text=json.dumps(args, default=str, ensure_ascii=False)[:MAX_TEXT_CHARS],
+                input_text=json.dumps(args, default=str, ensure_ascii=False),
             )
         except StepRefused as refused:
             return ToolMessage(
@@ -235,13 +234,13 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
     def _finish_tool(self, guard: StepGuard, result: ToolMessage | Command[Any]) -> None:
         output = result.content if isinstance(result, ToolMessage) else None
         error = (
-            {"type": "tool_error", "message": str(output)[:1000]}
+            {"type": "tool_error", "message": clip(str(output), MAX_FIELD_BYTES)}
             if isinstance(result, ToolMessage) and result.status == "error"
             else None
         )
         # A block here stops the run; the tool already ran, so its answer goes back and the next model
         # call is the one refused.
-        self._report_quietly(guard, None, output_text=str(output)[:MAX_TEXT_CHARS] if output else None, error=error)
+        self._report_quietly(guard, None, output_text=str(output) if output else None, error=error)
 
     # async agents (`ainvoke`): the same steps; the client's blocking calls run in a worker thread
 

@@ -39,8 +39,6 @@ from .errors import Blocked, StepRefused
 from .models import Decision
 from .pricing import PriceTable, Usage, approx_tokens
 
-MAX_TEXT_CHARS = 32_000
-
 
 class RunguardTripwireTriggered(AgentsException):
     """runguard refused a model call: the run halts. ``decision`` and ``record_id`` say why and where the
@@ -78,7 +76,7 @@ def _output_text(response: ModelResponse) -> str | None:
             text = getattr(content, "text", None)
             if isinstance(text, str):
                 parts.append(text)
-    return "\n".join(parts)[:MAX_TEXT_CHARS] or None
+    return "\n".join(parts) or None
 
 
 class RunguardAgentsGuard(RunHooks[Any]):
@@ -143,7 +141,7 @@ class RunguardAgentsGuard(RunHooks[Any]):
             self._model_step = await self.run.step(
                 self.model_skill,
                 estimate=approx_tokens(prompt) + max_tokens,
-                input_text=last_text[:MAX_TEXT_CHARS] if isinstance(last_text, str) and last_text else None,
+                input_text=last_text if isinstance(last_text, str) and last_text else None,
             )
         except StepRefused as refused:
             raise RunguardTripwireTriggered(refused) from refused
@@ -170,7 +168,7 @@ class RunguardAgentsGuard(RunHooks[Any]):
             step = await self.run.step(
                 context.tool_name,
                 input_keys=sorted(arguments) if isinstance(arguments, dict) else None,
-                input_text=(context.tool_arguments or "")[:MAX_TEXT_CHARS] or None,
+                input_text=(context.tool_arguments or "") or None,
             )
         except StepRefused as refused:
             return ToolGuardrailFunctionOutput.raise_exception(output_info=_info(refused))
@@ -182,7 +180,7 @@ class RunguardAgentsGuard(RunHooks[Any]):
         if step is None:
             return ToolGuardrailFunctionOutput.allow()
         try:
-            await step.report(output_text=str(data.output)[:MAX_TEXT_CHARS] or None)
+            await step.report(output_text=str(data.output) or None)
         except StepRefused as refused:
             return ToolGuardrailFunctionOutput.raise_exception(output_info=_info(refused))
         return ToolGuardrailFunctionOutput.allow()
