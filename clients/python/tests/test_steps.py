@@ -183,3 +183,37 @@ async def test_async_run_blocks_and_reports(aclient: runguard.AsyncClient) -> No
                 raise AssertionError("admitted over budget")
     assert blocked.value.record_id is not None
     assert (await aclient.get_run(run.run_id)).status == "stopped"
+
+
+@pytest.mark.anyio
+async def test_async_node_down_blocks_or_fails_open(fresh_node: Node, tenant: str) -> None:
+    async with runguard.AsyncClient(fresh_node.base_url, token=ADMIN.secret, tenant=tenant, retry=FAST) as client:
+        closed = await client.start_run()
+        opened = await client.start_run(on_unavailable="allow")
+        fresh_node.stop()
+        with pytest.raises(runguard.Blocked) as blocked:
+            await closed.step("a")
+        assert isinstance(blocked.value.cause, runguard.TransportError)
+        async with opened.step("a") as step:
+            await step.report(3)
+        assert step.failed_open and client.stats.fail_opens == 2
+        fresh_node.start()
+        client.base_url = fresh_node.base_url
+        async with opened.step("b") as step:
+            assert not step.failed_open
+        assert (await client.get_run(opened.run_id)).totals.tokens == 3
+
+
+@pytest.mark.anyio
+async def test_async_resend_after_a_dropped_connection(node: Node, tenant: str) -> None:
+    proxy = DroppingProxy(node.base_url)
+    try:
+        async with runguard.AsyncClient(proxy.base_url, token=ADMIN.secret, tenant=tenant, retry=FAST) as client:
+            async with client.run() as run:
+                proxy.drop_steps = 1
+                step = await run.step("search", estimate=10)
+                await step.report(4)
+            assert client.stats.retries == 1 and proxy.step_bodies[0] == proxy.step_bodies[1]
+            assert (await client.get_run(run.run_id)).totals.tokens == 4
+    finally:
+        proxy.close()
