@@ -120,3 +120,12 @@ async def test_an_async_agent_is_stopped_the_same_way(client: runguard.Client) -
     assert model.calls == 2
     record_id = result["messages"][-1].additional_kwargs["runguard"]["prevention_record_id"]
     assert client.get_prevention_record(record_id).phase == "pre"
+
+
+def test_a_model_without_usage_is_counted_approximately(client: runguard.Client) -> None:
+    model = FakeToolCallingModel(messages=iter(["x" * 400]))  # plain text, no usage_metadata
+    with client.run() as run:
+        agent = create_agent(model, tools=[search], middleware=[RunguardMiddleware(client, run=run)])
+        agent.invoke({"messages": [HumanMessage("hi")]})
+    # ~4 characters a token: 100 for the answer, a few for the prompt; never zero.
+    assert client.get_run(run.run_id).totals.tokens > 100

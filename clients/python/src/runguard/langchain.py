@@ -39,7 +39,7 @@ from ._client import Client
 from ._run import Run, StepGuard
 from ._steps import MAX_FIELD_BYTES
 from .errors import Blocked, StepRefused, Throttled
-from .pricing import PriceTable, Usage
+from .pricing import PriceTable, Usage, approx_tokens
 
 
 class RunguardState(AgentState[Any]):
@@ -102,6 +102,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
         self._fixed = run
         self._runs: dict[str, Run] = {}
         self._open: dict[str, StepGuard] = {}
+        self._prompt_tokens: dict[str, int] = {}
         self._mutex = threading.Lock()
 
     # the run's lifetime
@@ -149,7 +150,8 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
         if run is None:
             return None
         messages = state["messages"]
-        estimate = int(self.token_counter(messages)) + self.max_tokens
+        prompt_tokens = int(self.token_counter(messages))
+        estimate = prompt_tokens + self.max_tokens
         try:
             guard = run.step(
                 self.model_skill,
@@ -160,6 +162,7 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
             return {"jump_to": "end", "messages": [_stop_message(refused)]}
         with self._mutex:
             self._open[run.run_id] = guard
+            self._prompt_tokens[run.run_id] = prompt_tokens
         return None
 
     def wrap_model_call(
@@ -181,12 +184,17 @@ class RunguardMiddleware(AgentMiddleware[RunguardState, Any, Any]):
         run_id = state.get("runguard_run_id")
         with self._mutex:
             guard = self._open.pop(run_id, None) if run_id else None
+            prompt_tokens = self._prompt_tokens.pop(run_id, 0) if run_id else 0
         if guard is None:
             return None
         last = state["messages"][-1] if state["messages"] else None
         usage_metadata = getattr(last, "usage_metadata", None)
         model = self.model_name or (getattr(last, "response_metadata", {}) or {}).get("model_name")
-        usage = Usage.from_langchain(usage_metadata, model=model, prices=self.prices)
+        if usage_metadata:
+            usage = Usage.from_langchain(usage_metadata, model=model, prices=self.prices)
+        else:
+            # A model that reports no usage must not count as free: approximate what was sent and received.
+            usage = Usage.from_tokens(prompt_tokens, approx_tokens(_text(last)), model=model, prices=self.prices)
         try:
             guard.report(usage, output_text=_text(last) or None)
         except StepRefused as refused:

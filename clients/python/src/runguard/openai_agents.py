@@ -97,6 +97,7 @@ class RunguardAgentsGuard(RunHooks[Any]):
         self.max_tokens = max_tokens
         self.model_skill = model_skill
         self._model_step: AsyncStepGuard | None = None
+        self._prompt_tokens = 0
         self._tool_steps: dict[str, AsyncStepGuard] = {}
         self.tool_input_guardrail: ToolInputGuardrail[Any] = ToolInputGuardrail(
             guardrail_function=self._tool_pre, name="runguard"
@@ -137,10 +138,11 @@ class RunguardAgentsGuard(RunHooks[Any]):
         max_tokens = agent.model_settings.max_tokens or self.max_tokens
         last = input_items[-1] if input_items else None
         last_text = last.get("content") if isinstance(last, dict) else None
+        self._prompt_tokens = approx_tokens(prompt)
         try:
             self._model_step = await self.run.step(
                 self.model_skill,
-                estimate=approx_tokens(prompt) + max_tokens,
+                estimate=self._prompt_tokens + max_tokens,
                 input_text=last_text if isinstance(last_text, str) and last_text else None,
             )
         except StepRefused as refused:
@@ -151,6 +153,12 @@ class RunguardAgentsGuard(RunHooks[Any]):
         if step is None:
             return
         usage = Usage.from_openai(response.usage, model=self._model(agent), prices=self.prices)
+        if usage.tokens == 0:
+            # A provider that reports no usage must not count as free: approximate what went in and out.
+            output = _output_text(response) or ""
+            usage = Usage.from_tokens(
+                self._prompt_tokens, approx_tokens(output), model=self._model(agent), prices=self.prices
+            )
         try:
             await step.report(usage, output_text=_output_text(response))
         except StepRefused as refused:
