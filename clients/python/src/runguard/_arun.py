@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _ops
 from ._steps import (
+    OPEN_STEP_WAIT_S,
     RunState,
     StepOptions,
     ThrottleClock,
@@ -113,7 +114,13 @@ class AsyncRun:
         me = asyncio.current_task()
         if self._owner == me:
             raise RuntimeError(f"step {self._state.next_index} of run `{self.run_id}` is open; report it first")
-        await self._lock.acquire()
+        try:
+            await asyncio.wait_for(self._lock.acquire(), OPEN_STEP_WAIT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(
+                f"step {self._state.next_index} of run `{self.run_id}` is still open after {OPEN_STEP_WAIT_S:.0f} s;"
+                " report each step before the next"
+            ) from None
         self._owner = me
         try:
             index = self._state.next_index

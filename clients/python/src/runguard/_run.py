@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _ops
 from ._steps import (
+    OPEN_STEP_WAIT_S,
     RunState,
     StepOptions,
     ThrottleClock,
@@ -28,10 +29,6 @@ from .models import Decision, Remaining, RunCreated, RunEnded
 
 if TYPE_CHECKING:
     from ._client import Client
-
-
-# How long a step waits for the run's previous step to be reported.
-OPEN_STEP_WAIT_S = 300.0
 
 
 class Run:

@@ -25,6 +25,9 @@ from .pricing import Usage
 
 UsageLike = Usage | Mapping[str, int] | int | None
 
+# How long a step waits for the run's previous step to be reported before it names the problem.
+OPEN_STEP_WAIT_S = 300.0
+
 # The node's default limits on a step's short fields and on its texts, in bytes (docs/operations.md).
 MAX_FIELD_BYTES = 2048
 MAX_TEXT_BYTES = 256 * 1024
