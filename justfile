@@ -6,9 +6,13 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 run *ARGS:
     cargo run --release -p runguard-node --bin runguard -- serve {{ARGS}}
 
-# The test command of README.md.
+# The test command of README.md: the Rust tests, then the Python SDK's (venv under target/py).
 test:
-    cargo test --workspace
+    cargo xtask test
+
+# Only the Python SDK's tests (clients/python, examples/python) against a freshly built node.
+test-python:
+    cargo xtask test-python
 
 # Deeper property testing.
 test-slow:
