@@ -64,6 +64,7 @@ OPERATIONS: dict[tuple[str, str, str], type[BaseModel] | None] = {
 # Fields no scenario here can make the node send, and why.
 NEVER_SEEN = {
     (m.Snapshot, "problem"): "only an admin reading a snapshot that fails verification gets it",
+    (m.RegretPolicySummary, "reason"): "only a regret on a global policy's record says why it is not demoted",
 }
 
 

@@ -242,8 +242,10 @@ class Regret(Model):
 class RegretPolicySummary(Model):
     policy_id: str
     demoted: bool
+    scope: Literal["tenant", "global"] | None = None
     regret_score: float | None = None
     regrets_since_activation: int | None = None
+    reason: str | None = None
 
 
 class RegretResult(Model):
