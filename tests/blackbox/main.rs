@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod concurrency;
 mod faults;
+mod http_edge;
 mod isolation;
 mod learning;
 mod learning_loop;
