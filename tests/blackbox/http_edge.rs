@@ -192,3 +192,47 @@ fn unknown_runs_answer_404_without_holding_live_run_slots() {
     let metrics = node.client().get("/metrics").text;
     assert!(metrics.lines().any(|line| line == "runguard_live_runs 8"), "{metrics}");
 }
+
+/// The node's open file descriptors (Linux).
+fn open_fds(node: &Node) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", node.pid().expect("the node runs"))).map_or(0, Iterator::count)
+}
+
+#[test]
+fn clients_that_stop_reading_are_dropped_while_others_are_served() {
+    const SLOW: usize = 20;
+    let config = format!("{}\n[http]\nsend_timeout_ms = 1000\nkeep_alive_ms = 60000\n", tokens_config());
+    let node = Node::start_with_config(&config);
+    let acme_op = node.client_as(ACME_OPERATOR);
+    // Eight shadow content policies of 1024 long keywords: a policy list of about 2 MB.
+    for n in 0..8 {
+        let keywords: Vec<String> = (0..1024).map(|i| format!("k{n}-{i}-{}", "x".repeat(240))).collect();
+        let doc = json!({ "id": format!("pol_big_{n}"), "name": "big", "mode": "shadow",
+            "rule": { "kind": "content", "target": "output", "keywords": keywords } });
+        acme_op.post("/v1/policies", &doc).expect(201);
+    }
+    let baseline = open_fds(&node);
+    let request = format!(
+        "GET /v1/policies?limit=1000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        ACME_OPERATOR.secret
+    );
+    let slow: Vec<TcpStream> = (0..SLOW)
+        .map(|_| {
+            let mut stream = connect(&node);
+            stream.write_all(request.as_bytes()).expect("send the request, then never read");
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    node.client_as(BETA_WORKER).post("/v1/runs", &json!({ "run_id": "run-beta" })).expect(201);
+    assert!(started.elapsed() < Duration::from_secs(5), "beta waited {:?}", started.elapsed());
+    // The node gives up on the stalled answers and closes those connections, though the clients keep theirs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while open_fds(&node) > baseline + 2 {
+        assert!(Instant::now() < deadline, "{} descriptors still open (baseline {baseline})", open_fds(&node));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("{SLOW} non-reading connections dropped after {:?}", started.elapsed());
+    drop(slow);
+}
