@@ -183,3 +183,42 @@ fn writing_into_a_closed_pipe_exits_quietly() {
     assert_eq!(code, Some(0), "simulate: {stderr}");
     assert!(stderr.is_empty(), "simulate: {stderr}");
 }
+
+#[test]
+fn serve_with_closed_output_streams_runs_and_stops_cleanly() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let data = tempfile::tempdir().expect("temp dir");
+    // `runguard serve 2>&1 | head` once `head` has exited: both streams lead nowhere.
+    let mut child = Command::new(crate::harness::runguard_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runguard runs");
+    drop((child.stdout.take(), child.stderr.take()));
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if agent.get(&format!("http://127.0.0.1:{port}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(child.try_wait().expect("wait").is_none(), "the node exited early");
+        assert!(Instant::now() < deadline, "the node never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Calls that log, with nowhere to log to.
+    let created = agent
+        .post(&format!("http://127.0.0.1:{port}/v1/runs"))
+        .content_type("application/json")
+        .send("{}")
+        .expect("run");
+    assert_eq!(created.status(), 201);
+    let sent = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(sent.is_ok_and(|s| s.success()));
+    let status = child.wait().expect("the node exits");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
