@@ -236,3 +236,19 @@ fn clients_that_stop_reading_are_dropped_while_others_are_served() {
     eprintln!("{SLOW} non-reading connections dropped after {:?}", started.elapsed());
     drop(slow);
 }
+
+#[test]
+fn failed_creations_hold_no_live_run_slot() {
+    let node = Node::start_with_config("fault_injection = true\nrun_idle_s = 300\n[limits]\nlive_runs = 4\n");
+    let client = node.client();
+    client.post("/v1/faults/store", &json!({ "commit_failure": true })).expect(200);
+    for n in 0..12 {
+        client.post("/v1/runs", &json!({ "run_id": format!("run-failed-{n}") })).expect_error(503, "unavailable");
+    }
+    client.post("/v1/faults/store", &json!({ "commit_failure": false })).expect(200);
+    // The refused creations left nothing behind: every slot is free for runs that exist.
+    for n in 0..4 {
+        create_run(&client, &format!("run-ok-{n}"));
+    }
+    client.get("/v1/runs/run-failed-0").expect_error(404, "not_found");
+}

@@ -10,7 +10,7 @@ use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, Validati
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::registry::{Resolve, RunKey};
+use crate::actors::registry::{Forget, Resolve, RunKey};
 use crate::actors::run::{CreateRun, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::error::ApiError;
@@ -77,7 +77,14 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
             continue;
         }
         match run.addr.send(clone_msg(&msg)).timeout(timeout).await {
-            Ok(reply) => return reply,
+            Ok(reply) => {
+                if holds_no_run(&msg, &reply) {
+                    // Counted out first: the registry drops only an actor with no call in flight.
+                    drop(in_flight);
+                    state.registry.do_send(Forget { key, generation: run.generation });
+                }
+                return reply;
+            }
             Err(MailboxError::Closed) if !closed_once => {
                 closed_once = true;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -90,6 +97,16 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
         }
     }
     Err(ApiError::unavailable("the run is restarting; treat the call as a block and retry", 1))
+}
+
+/// Whether the actor that gave `reply` to `msg` is left without a run: a creation that failed (an existing
+/// run answers its creation again) or a call that found no run.
+fn holds_no_run(msg: &RunMsg, reply: &Result<RunReply, ApiError>) -> bool {
+    match (msg, reply) {
+        (RunMsg::Create(_), Err(_)) => true,
+        (_, Err(err)) => err.status == 404,
+        _ => false,
+    }
 }
 
 /// Whether the run is stored. Asked before a call other than creation spawns an actor for a run that is
