@@ -100,6 +100,7 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
         )
         .with_context(|| format!("cannot open the store in `{}`", config.data_dir.display()))?,
     );
+    store.index_snapshot_bindings().context("cannot index the snapshot bindings of stored runs")?;
     let (next_seq, _) = store.chain_head().context("cannot read the record chain head")?;
     tracing::info!(data_dir = %config.data_dir.display(), records = next_seq.saturating_sub(1), "store open");
     let metrics = PrometheusBuilder::new().install_recorder().ok();

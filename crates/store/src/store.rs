@@ -139,7 +139,6 @@ impl Store {
             policy_generation: AtomicU64::new(0),
         };
         store.check_schema()?;
-        store.backfill_snapshot_bindings()?;
         let head = store.recover_head();
         store.writer = Mutex::new(WriterState { head, poisoned: None, runs: RunCache::default() });
         Ok(store)
@@ -444,10 +443,10 @@ impl Store {
         Ok(self.tree(T::SnapshotBindings).contains_key(keys::snapshot_binding(tenant, &digest))?)
     }
 
-    /// Fills the (tenant, snapshot) binding index from the stored runs when a store written before the
-    /// index existed is opened (every run adds its binding, so an empty index beside runs means exactly
-    /// that).
-    fn backfill_snapshot_bindings(&self) -> Result<(), StoreError> {
+    /// Fills the (tenant, snapshot) binding index from the stored runs when the store was written before
+    /// the index existed (every run adds its binding, so an empty index beside runs means exactly that).
+    /// The node calls it once after opening; offline tools do not, so that they never write.
+    pub fn index_snapshot_bindings(&self) -> Result<(), StoreError> {
         let bindings = self.tree(T::SnapshotBindings);
         if !bindings.is_empty() || self.tree(T::Runs).is_empty() {
             return Ok(());
