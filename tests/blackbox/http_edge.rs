@@ -120,6 +120,13 @@ fn only_json_content_types_are_accepted() {
         .send_with("POST", "/v1/runs", body(), &[("content-type", "application/json; charset=utf-8")])
         .expect("transport");
     resp.expect(201);
+    // A body without any `Content-Type` is not JSON either; no body at all needs none.
+    let bare =
+        exchange(&node, b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}");
+    assert_eq!(status_of(&bare), Some(415), "{bare:?}");
+    assert_eq!(body_of(&bare)["error"]["code"], "unsupported_media_type");
+    let empty = exchange(&node, b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status_of(&empty), Some(201), "{empty:?}");
 }
 
 /// A started request whose body never completes.

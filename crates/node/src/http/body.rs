@@ -29,6 +29,10 @@ pub async fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) ->
         }
         body.extend_from_slice(&chunk);
     }
+    // A body must say it is JSON; a call without one (no `Content-Type`, nothing sent) is read as `{}`.
+    if !req.headers().contains_key(CONTENT_TYPE) && !body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::unsupported_media_type());
+    }
     Ok(body.freeze())
 }
 
