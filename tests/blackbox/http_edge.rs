@@ -259,3 +259,35 @@ fn failed_creations_hold_no_live_run_slot() {
     }
     client.get("/v1/runs/run-failed-0").expect_error(404, "not_found");
 }
+
+#[test]
+fn answers_held_for_clients_that_do_not_read_are_bounded() {
+    // 24 policies of 1024 long keywords: a list of about 6 MB, more than the kernel buffers of a stalled
+    // loopback connection take, against a budget of 8 MB for unsent large answers.
+    let node = Node::start_with_config("[http]\nanswer_budget_bytes = 8000000\nsend_timeout_ms = 0\n");
+    let client = node.client();
+    for n in 0..24 {
+        let keywords: Vec<String> = (0..1024).map(|i| format!("k{n}-{i}-{}", "x".repeat(240))).collect();
+        let doc = json!({ "id": format!("pol_big_{n}"), "name": "big", "mode": "shadow",
+            "rule": { "kind": "content", "target": "output", "keywords": keywords } });
+        client.post("/v1/policies", &doc).expect(201);
+    }
+    let list = "/v1/policies?limit=1000";
+    assert_eq!(client.get(list).status, 200, "a reading client gets the list");
+    let mut stalled = connect(&node);
+    stalled.write_all(format!("GET {list} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).expect("send, never read");
+    std::thread::sleep(Duration::from_millis(1500));
+    // The stalled answer holds most of the budget: another large answer is refused at once, small ones
+    // are served.
+    client.get(list).expect_error(503, "unavailable");
+    client.get("/healthz").expect(200);
+    let refused = client.get("/metrics").text;
+    assert!(refused.contains(r#"runguard_refused_calls_total{reason="answer_budget"} 1"#), "{refused}");
+    // Once the stalled client goes, its answer is freed and the budget with it.
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(list).status != 200 {
+        assert!(Instant::now() < deadline, "the budget was never given back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

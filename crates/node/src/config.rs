@@ -96,6 +96,9 @@ pub struct HttpEdge {
     /// A connection whose client stops reading (or vanishes) is dropped, and the answer it pinned freed,
     /// once the kernel has had data unacknowledged this long (`TCP_USER_TIMEOUT`); 0 leaves the default.
     pub send_timeout_ms: u64,
+    /// Most bytes of large answers (64 KiB and over) held for clients at once; a large answer beyond it
+    /// is refused with 503 until earlier ones are sent or their connections dropped.
+    pub answer_budget_bytes: usize,
 }
 
 impl Default for HttpEdge {
@@ -107,6 +110,7 @@ impl Default for HttpEdge {
             keep_alive_ms: 5_000,
             disconnect_timeout_ms: 1_000,
             send_timeout_ms: 30_000,
+            answer_budget_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -118,6 +122,7 @@ impl HttpEdge {
             ("http.request_head_timeout_ms", self.request_head_timeout_ms),
             ("http.body_timeout_ms", self.body_timeout_ms),
             ("http.disconnect_timeout_ms", self.disconnect_timeout_ms),
+            ("http.answer_budget_bytes", self.answer_budget_bytes as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
+use actix_web::dev::Service as _;
 use actix_web::http::KeepAlive;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
@@ -21,6 +22,7 @@ use crate::actors::registry::Registry;
 use crate::actors::writer::{Drain, Writer};
 use crate::auth::Authenticator;
 use crate::config::{Config, HttpEdge};
+use crate::http::metered::AnswerBudget;
 use crate::http::{self, AppState};
 use crate::shared::Shared;
 
@@ -125,18 +127,29 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
         0 => KeepAlive::Disabled,
         ms => KeepAlive::Timeout(Duration::from_millis(ms)),
     };
-    let server = HttpServer::new(move || App::new().app_data(app_state.clone()).configure(http::configure))
-        .workers(workers)
-        // actix counts connections per worker.
-        .max_connections(edge.max_connections.div_ceil(workers).max(1))
-        .keep_alive(keep_alive)
-        .client_request_timeout(Duration::from_millis(edge.request_head_timeout_ms))
-        .client_disconnect_timeout(Duration::from_millis(edge.disconnect_timeout_ms))
-        .on_connect(move |connection, _| on_connect(&connect_edge, connection))
-        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        .disable_signals()
-        .listen(listener)
-        .with_context(|| format!("cannot serve on `{addr}`"))?;
+    let budget = AnswerBudget::new(edge.answer_budget_bytes);
+    let server = HttpServer::new(move || {
+        let budget = Arc::clone(&budget);
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(move |request, service| {
+                let answer = service.call(request);
+                let budget = Arc::clone(&budget);
+                async move { Ok(budget.meter(answer.await?)) }
+            })
+            .configure(http::configure)
+    })
+    .workers(workers)
+    // actix counts connections per worker.
+    .max_connections(edge.max_connections.div_ceil(workers).max(1))
+    .keep_alive(keep_alive)
+    .client_request_timeout(Duration::from_millis(edge.request_head_timeout_ms))
+    .client_disconnect_timeout(Duration::from_millis(edge.disconnect_timeout_ms))
+    .on_connect(move |connection, _| on_connect(&connect_edge, connection))
+    .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+    .disable_signals()
+    .listen(listener)
+    .with_context(|| format!("cannot serve on `{addr}`"))?;
     for bound in server.addrs() {
         // Tests and scripts read this line to find the port when listening on port 0. A closed standard
         // output loses the line and nothing else.

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod learning;
+pub mod metered;
 pub mod ops;
 pub mod policies;
 pub mod records;
