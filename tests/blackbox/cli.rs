@@ -119,3 +119,106 @@ fn export_of_an_empty_store_is_empty() {
     assert_eq!(output.status.code(), Some(0));
     assert!(output.stdout.is_empty());
 }
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let node = Node::start();
+    let taken = node.base().trim_start_matches("http://").to_owned();
+    let data = tempfile::tempdir().expect("temp dir");
+    let output = run_cli(&[
+        OsStr::new("serve"),
+        OsStr::new("--listen"),
+        OsStr::new(&taken),
+        OsStr::new("--data"),
+        data.path().as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot listen on") && stderr.contains("in use"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Runs `runguard ARGS…` with its standard output a pipe whose reader is already gone (`… | head` after
+/// `head` exited); returns the exit code and standard error.
+fn into_closed_pipe(args: &[&OsStr]) -> (Option<i32>, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::harness::runguard_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runguard runs");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("runguard exits");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn writing_into_a_closed_pipe_exits_quietly() {
+    let mut node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 5));
+    create_run(&client, "run-1");
+    step(&client, "run-1", &post(0, 6));
+    node.terminate();
+    let data = node.data_dir();
+
+    for args in [vec!["export"], vec!["export", "--runs"]] {
+        let mut argv: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        argv.extend([OsStr::new("--data"), data.as_os_str()]);
+        let (code, stderr) = into_closed_pipe(&argv);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runs = dir.path().join("runs.ndjson");
+    let exported = run_cli(&[OsStr::new("export"), OsStr::new("--runs"), OsStr::new("--data"), data.as_os_str()]);
+    std::fs::write(&runs, &exported.stdout).expect("write runs");
+    let policy = dir.path().join("policy.json");
+    std::fs::write(&policy, budget("pol_candidate", "tokens", 1).to_string()).expect("write policy");
+    let (code, stderr) =
+        into_closed_pipe(&[OsStr::new("simulate"), OsStr::new("--runs"), runs.as_os_str(), policy.as_os_str()]);
+    assert_eq!(code, Some(0), "simulate: {stderr}");
+    assert!(stderr.is_empty(), "simulate: {stderr}");
+}
+
+#[test]
+fn serve_with_closed_output_streams_runs_and_stops_cleanly() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let data = tempfile::tempdir().expect("temp dir");
+    // `runguard serve 2>&1 | head` once `head` has exited: both streams lead nowhere.
+    let mut child = Command::new(crate::harness::runguard_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runguard runs");
+    drop((child.stdout.take(), child.stderr.take()));
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if agent.get(&format!("http://127.0.0.1:{port}/healthz")).call().is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(child.try_wait().expect("wait").is_none(), "the node exited early");
+        assert!(Instant::now() < deadline, "the node never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Calls that log, with nowhere to log to.
+    let created = agent
+        .post(&format!("http://127.0.0.1:{port}/v1/runs"))
+        .content_type("application/json")
+        .send("{}")
+        .expect("run");
+    assert_eq!(created.status(), 201);
+    let sent = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(sent.is_ok_and(|s| s.success()));
+    let status = child.wait().expect("the node exits");
+    assert_eq!(status.code(), Some(0), "{status}");
+}

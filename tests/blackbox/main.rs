@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod corruption;
 mod faults;
+mod http_edge;
 mod isolation;
 mod learning;
 mod learning_loop;

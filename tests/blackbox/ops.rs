@@ -55,3 +55,54 @@ fn unknown_paths_and_wrong_methods_answer_json_errors() {
     client.put("/v1/runs", &json!({})).expect_error(405, "method_not_allowed");
     client.post("/healthz", &json!({})).expect_error(405, "method_not_allowed");
 }
+
+fn signal(node: &Node, name: &str) {
+    let pid = node.pid().expect("the node runs").to_string();
+    let sent = std::process::Command::new("kill").arg(format!("-{name}")).arg(pid).status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -{name} failed");
+}
+
+/// Waits for the node to exit after a signal.
+fn wait_exit(node: &Node) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.rss_kib().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the node did not stop; log:\n{}", node.logs());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_stop_drains_the_writer_and_sighup_stops_gracefully() {
+    let mut node = Node::start();
+    let client = node.client();
+    client.post("/v1/policies", &budget("pol_budget", "tokens", 1_000_000)).expect(201);
+    let mut acknowledged = 0;
+    for round in 0..6 {
+        let client = node.client();
+        let run = format!("run-{round}");
+        create_run(&client, &run);
+        for index in 0..5 {
+            client.post(&format!("/v1/runs/{run}/steps"), &post(index, 1)).expect(200);
+            acknowledged += 1;
+        }
+        if round == 5 {
+            // SIGHUP (a closed terminal) is a graceful stop too, not a kill.
+            signal(&node, "HUP");
+            wait_exit(&node);
+            node.kill();
+        } else {
+            assert!(node.terminate().success(), "round {round}; log:\n{}", node.logs());
+        }
+        node.restart();
+    }
+    let logs = node.logs();
+    assert!(!logs.contains("stopped before draining"), "{logs}");
+    assert_eq!(logs.matches("writer drained").count(), 6, "{logs}");
+    let client = node.client();
+    let mut found = 0;
+    for round in 0..6 {
+        let decisions = client.get(&format!("/v1/runs/run-{round}/decisions")).expect(200).clone();
+        found += decisions["items"].as_array().map_or(0, |items| items.len().saturating_sub(1));
+    }
+    assert_eq!(found, acknowledged, "every acknowledged step survived the stops");
+}

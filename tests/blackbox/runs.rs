@@ -360,3 +360,27 @@ fn out_of_order_calls_say_what_was_expected() {
     assert_eq!((run["totals"]["steps"].clone(), run["totals"]["tokens"].clone()), (json!(1), json!(1)));
     assert_eq!(step(&client, "run-o", &post(1, 1))["action"], "allow");
 }
+
+#[test]
+fn resending_a_creation_with_a_different_body_is_an_idempotency_mismatch() {
+    let node = Node::start();
+    let client = node.client();
+    let body = json!({ "run_id": "run-idem", "labels": { "team": "search" }, "api_endpoint": "/v1/search" });
+    let created = client.post("/v1/runs", &body).expect(201).clone();
+    step(&client, "run-idem", &pre(0));
+    // Identical: 200 with the run as it is now.
+    let again = client.post("/v1/runs", &body).expect(200).clone();
+    assert_eq!(again["run_id"], created["run_id"]);
+    assert_eq!(again["snapshot"], created["snapshot"]);
+    for changed in [
+        json!({ "run_id": "run-idem", "labels": { "team": "ads" }, "api_endpoint": "/v1/search" }),
+        json!({ "run_id": "run-idem", "labels": { "team": "search" }, "api_endpoint": "/v1/other" }),
+        json!({ "run_id": "run-idem", "labels": { "team": "search" } }),
+        json!({ "run_id": "run-idem", "api_endpoint": "/v1/search" }),
+        json!({ "run_id": "run-idem" }),
+    ] {
+        client.post("/v1/runs", &changed).expect_error(409, "idempotency_mismatch");
+    }
+    let run = client.get("/v1/runs/run-idem").expect(200).clone();
+    assert_eq!(run["labels"], json!({ "team": "search" }), "a refused re-creation changes nothing");
+}

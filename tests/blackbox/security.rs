@@ -177,3 +177,44 @@ fn field_limits_are_enforced_naming_the_field() {
     // None of that touched the run.
     assert_eq!(client.get("/v1/runs/run-lim").expect(200)["next"], json!({ "index": 0, "phase": "pre" }));
 }
+
+/// The median time of `n` GETs of `path`, each answered `status`.
+fn median_time(client: &Client, path: &str, status: u16, n: usize) -> Duration {
+    let mut times: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            assert_eq!(client.get(path).status, status, "GET {path}");
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[n / 2]
+}
+
+#[test]
+fn snapshots_match_exactly_and_another_tenants_cost_nothing_to_refuse() {
+    const POLICIES: usize = 150;
+    let node = Node::start_with_config(&tokens_config());
+    let (acme_op, acme_worker) = (node.client_as(ACME_OPERATOR), node.client_as(ACME_WORKER));
+    for n in 0..POLICIES {
+        let mut doc = budget(&format!("pol_{n}"), "tokens", 1_000_000);
+        doc["name"] = json!(format!("{n} {}", "x".repeat(200)));
+        acme_op.post("/v1/policies", &doc).expect(201);
+    }
+    let id = create_run(&acme_worker, "run-big")["snapshot"]["id"].as_str().expect("snapshot id").to_owned();
+    acme_op.get(&format!("/v1/snapshots/{id}")).expect(200);
+    // Ids are exact: neither a bare prefix nor a shortened id names a snapshot.
+    for partial in ["snp_", &id[..6], &id[..12], &id[..id.len() - 1]] {
+        acme_op.get(&format!("/v1/snapshots/{partial}")).expect_error(404, "not_found");
+    }
+
+    let beta = node.client_as(BETA_OPERATOR);
+    let unknown = "snp_00000000000000000000000000000000";
+    median_time(&beta, &format!("/v1/snapshots/{id}"), 404, 5);
+    let foreign = median_time(&beta, &format!("/v1/snapshots/{id}"), 404, 21);
+    let never = median_time(&beta, &format!("/v1/snapshots/{unknown}"), 404, 21);
+    eprintln!("another tenant's {POLICIES}-policy snapshot: 404 in {foreign:?}; an unknown id: {never:?}");
+    assert!(foreign < never * 3 + Duration::from_millis(2), "{foreign:?} vs {never:?}");
+    // And an admin reads any snapshot.
+    node.client_as(ADMIN).get(&format!("/v1/snapshots/{id}")).expect(200);
+}

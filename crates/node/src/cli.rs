@@ -89,6 +89,21 @@ enum PolicyCommand {
 const FINDING: u8 = 1;
 const USAGE: u8 = 2;
 
+/// `println!` without its panic: a reader that went away (`runguard … | head`) ends the output, not the
+/// process with a backtrace.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` without its panic when standard error is closed.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -103,7 +118,7 @@ pub fn main() -> ExitCode {
 
 fn load_config(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ExitCode> {
     Config::load(file, overrides).map_err(|err| {
-        eprintln!("runguard: {err}");
+        complain!("runguard: {err}");
         ExitCode::from(USAGE)
     })
 }
@@ -119,7 +134,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "runguard stopped with an error");
-            eprintln!("runguard: {err:#}");
+            complain!("runguard: {err:#}");
             ExitCode::from(FINDING)
         }
     }
@@ -132,7 +147,7 @@ fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
         Err(code) => return code,
     };
     if !config.data_dir.is_dir() {
-        eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
+        complain!("runguard: data directory `{}` does not exist", config.data_dir.display());
         return ExitCode::from(USAGE);
     }
     match Store::open(
@@ -141,7 +156,7 @@ fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
     ) {
         Ok(store) => action(&store),
         Err(err) => {
-            eprintln!("runguard: cannot open the store in `{}`: {err}", config.data_dir.display());
+            complain!("runguard: cannot open the store in `{}`: {err}", config.data_dir.display());
             ExitCode::from(USAGE)
         }
     }
@@ -207,19 +222,32 @@ fn write_ndjson<T: serde::Serialize>(
         let line = match item.map(|item| serde_json::to_string(&item)) {
             Ok(Ok(line)) => line,
             Ok(Err(err)) => {
-                eprintln!("runguard: cannot encode a {what}: {err}");
+                complain!("runguard: cannot encode a {what}: {err}");
                 return ExitCode::from(FINDING);
             }
             Err(err) => {
-                eprintln!("runguard: export stopped at a {what} that cannot be read: {err}");
+                complain!("runguard: export stopped at a {what} that cannot be read: {err}");
                 return ExitCode::from(FINDING);
             }
         };
-        if writeln!(out, "{line}").is_err() {
-            return ExitCode::from(FINDING);
+        if let Err(err) = writeln!(out, "{line}") {
+            return write_failed(&err);
         }
     }
-    ExitCode::SUCCESS
+    match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => write_failed(&err),
+    }
+}
+
+/// A reader that stopped reading (`runguard export | head`) got what it wanted: exit 0 quietly. Any
+/// other failure to write is reported.
+fn write_failed(err: &std::io::Error) -> ExitCode {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::SUCCESS;
+    }
+    complain!("runguard: cannot write to standard output: {err}");
+    ExitCode::from(FINDING)
 }
 
 fn export_runs(store: &Store) -> ExitCode {
@@ -239,11 +267,11 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
         match read_documents(file) {
             Ok(docs) => documents.extend(docs),
             Err(ReadError::Unreadable(why)) => {
-                eprintln!("runguard: {}: {why}", file.display());
+                complain!("runguard: {}: {why}", file.display());
                 return ExitCode::from(USAGE);
             }
             Err(ReadError::Invalid(why)) => {
-                eprintln!("runguard: {}: {why}", file.display());
+                complain!("runguard: {}: {why}", file.display());
                 return ExitCode::from(FINDING);
             }
         }
@@ -251,7 +279,7 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
     let text = match std::fs::read_to_string(&args.runs) {
         Ok(text) => text,
         Err(err) => {
-            eprintln!("runguard: {}: cannot read: {err}", args.runs.display());
+            complain!("runguard: {}: cannot read: {err}", args.runs.display());
             return ExitCode::from(USAGE);
         }
     };
@@ -260,7 +288,7 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
         let run: RecordedRun = match runguard_contract::from_json_slice(line.as_bytes()) {
             Ok(run) => run,
             Err(err) => {
-                eprintln!("runguard: {} line {}: {err}", args.runs.display(), line_no + 1);
+                complain!("runguard: {} line {}: {err}", args.runs.display(), line_no + 1);
                 return ExitCode::from(USAGE);
             }
         };
@@ -269,19 +297,22 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
         let policies = match candidates(documents.clone(), &run.tenant_id, &limits, at) {
             Ok(policies) => policies,
             Err(err) => {
-                eprintln!("runguard: candidate {err}");
+                complain!("runguard: candidate {err}");
                 return ExitCode::from(FINDING);
             }
         };
         let snapshot = runguard_contract::Snapshot::capture(&run.tenant_id, &policies);
         let Ok(candidate) = runguard_engine::CompiledSnapshot::compile(&snapshot, &limits) else {
-            eprintln!("runguard: the candidate snapshot cannot be encoded");
+            complain!("runguard: the candidate snapshot cannot be encoded");
             return ExitCode::from(FINDING);
         };
         results.push(simulate(&candidate, &run).0);
     }
-    println!("{}", serde_json::json!({ "results": results }));
-    ExitCode::SUCCESS
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{}", serde_json::json!({ "results": results })).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => write_failed(&err),
+    }
 }
 
 /// Why a policy file could not be read as documents.
@@ -328,11 +359,11 @@ fn lint(files: &[PathBuf]) -> ExitCode {
     for file in files {
         match read_documents(file) {
             Err(ReadError::Unreadable(why)) => {
-                println!("{}: {why}", file.display());
+                say!("{}: {why}", file.display());
                 unreadable = true;
             }
             Err(ReadError::Invalid(why)) => {
-                println!("{}: {why}", file.display());
+                say!("{}: {why}", file.display());
                 problems += 1;
             }
             Ok(documents) => {
@@ -343,11 +374,11 @@ fn lint(files: &[PathBuf]) -> ExitCode {
                         file_ok = false;
                         problems += 1;
                         let at = if count > 1 { format!("[{i}]") } else { String::new() };
-                        println!("{}{at}: {err}", file.display());
+                        say!("{}{at}: {err}", file.display());
                     }
                 }
                 if file_ok {
-                    println!("{}: ok ({count} polic{})", file.display(), if count == 1 { "y" } else { "ies" });
+                    say!("{}: ok ({count} polic{})", file.display(), if count == 1 { "y" } else { "ies" });
                 }
             }
         }

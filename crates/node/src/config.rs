@@ -78,6 +78,60 @@ impl Default for Limits {
     }
 }
 
+/// The HTTP edge (SPEC §12.11): how many connections the node holds and how long a client may take, so
+/// that slow or hostile clients cannot pin file descriptors or memory. Durations are in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpEdge {
+    /// Most open client connections, across all HTTP workers; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// A request's head must arrive within this time of the connection or the previous request (408).
+    pub request_head_timeout_ms: u64,
+    /// A request's body must arrive within this time of its head (408 with the JSON error body).
+    pub body_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long (0 closes after every answer).
+    pub keep_alive_ms: u64,
+    /// After an answer on a closing connection, the node waits this long for the client to close.
+    pub disconnect_timeout_ms: u64,
+    /// A connection whose client stops reading (or vanishes) is dropped, and the answer it pinned freed,
+    /// once the kernel has had data unacknowledged this long (`TCP_USER_TIMEOUT`); 0 leaves the default.
+    pub send_timeout_ms: u64,
+    /// Most bytes of large answers (64 KiB and over) held for clients at once; a large answer beyond it
+    /// is refused with 503 until earlier ones are sent or their connections dropped.
+    pub answer_budget_bytes: usize,
+}
+
+impl Default for HttpEdge {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            request_head_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
+            keep_alive_ms: 5_000,
+            disconnect_timeout_ms: 1_000,
+            send_timeout_ms: 30_000,
+            answer_budget_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl HttpEdge {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("http.max_connections", self.max_connections as u64),
+            ("http.request_head_timeout_ms", self.request_head_timeout_ms),
+            ("http.body_timeout_ms", self.body_timeout_ms),
+            ("http.disconnect_timeout_ms", self.disconnect_timeout_ms),
+            ("http.answer_budget_bytes", self.answer_budget_bytes as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("`{name}` must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The node's configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,6 +166,8 @@ pub struct Config {
     pub proposal_min_occurrences: u64,
     /// Limits.
     pub limits: Limits,
+    /// Connection and timing limits of the HTTP edge.
+    pub http: HttpEdge,
     /// For tests and drills only: serve `POST /v1/faults/store` (admin), which makes store commits fail.
     pub fault_injection: bool,
 }
@@ -133,6 +189,7 @@ impl Default for Config {
             confirmations_required: 3,
             proposal_min_occurrences: 3,
             limits: Limits::default(),
+            http: HttpEdge::default(),
             fault_injection: false,
         }
     }
@@ -246,6 +303,7 @@ impl Config {
         if self.confirmations_required == 0 || self.proposal_min_occurrences == 0 {
             return invalid("`confirmations_required` and `proposal_min_occurrences` must be at least 1".into());
         }
+        self.http.validate()?;
         Ok(())
     }
 }

@@ -64,6 +64,12 @@ impl ApiError {
         Self::new(405, "method_not_allowed", format!("`{method}` is not allowed on `{path}`"))
     }
 
+    /// 408: the request body did not arrive in time.
+    pub fn request_timeout(limit_ms: u64) -> Self {
+        Self::new(408, "request_timeout", format!("the request body did not arrive within {limit_ms} ms"))
+            .with_details(json!({ "limit_ms": limit_ms }))
+    }
+
     /// 409.
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(409, code, message)
@@ -123,6 +129,10 @@ impl ResponseError for ApiError {
         response.insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")));
         if let Some(seconds) = self.retry_after_s {
             response.insert_header((RETRY_AFTER, seconds.to_string()));
+        }
+        if self.status == 408 {
+            // The rest of the body may still be on its way: the connection cannot carry another request.
+            response.force_close();
         }
         response.body(self.body().to_string())
     }

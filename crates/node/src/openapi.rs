@@ -183,6 +183,10 @@ pub fn document() -> Value {
         ] {
             responses.insert(status.to_owned(), error_response(text));
         }
+        if matches!(route.method, "post" | "put") {
+            responses.insert("408".to_owned(), error_response("the body did not arrive within `http.body_timeout_ms`"));
+            responses.insert("415".to_owned(), error_response("the body's `Content-Type` is not `application/json`"));
+        }
         let mut operation = json!({
             "summary": route.summary,
             "x-runguard-role": route.role,

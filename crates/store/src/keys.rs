@@ -108,6 +108,13 @@ pub(crate) fn run(tenant: &TenantId, run: &RunId) -> Vec<u8> {
     Key::new().seg(tenant.as_str()).seg(run.as_str()).into_vec()
 }
 
+/// `snapshot_bindings`: `tenant\0` and the 16 bytes of hash a snapshot id names.
+pub(crate) fn snapshot_binding(tenant: &TenantId, digest: &[u8]) -> Vec<u8> {
+    let mut key = Key::new().seg(tenant.as_str()).into_vec();
+    key.extend_from_slice(digest);
+    key
+}
+
 /// `ledger`: `tenant\0 run\0 position`.
 pub(crate) fn ledger(tenant: &TenantId, run: &RunId, position: u64) -> Vec<u8> {
     Key::new().seg(tenant.as_str()).seg(run.as_str()).u64(position).into_vec()

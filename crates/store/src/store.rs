@@ -86,6 +86,7 @@ trees! {
     RegretsByPolicy => "regrets_by_policy",
     Graduation => "graduation",
     GraduationHistory => "graduation_history",
+    SnapshotBindings => "snapshot_bindings",
 }
 
 /// The last record of the chain.
@@ -769,10 +770,11 @@ impl Store {
         }
     }
 
-    /// The snapshot with `id`: its hash and the verified snapshot, or `None` when no such snapshot exists.
+    /// The snapshot with exactly `id` (`snp_` and the first 32 hex digits of its hash): its hash and the
+    /// verified snapshot, or `None` when no such snapshot exists. A shorter id names nothing: ids are not
+    /// prefixes to search by.
     pub fn snapshot_by_id(&self, id: &SnapshotId) -> Result<Option<StoredSnapshot>, StoreError> {
-        let Some(hex_prefix) = id.as_str().strip_prefix(SnapshotId::PREFIX) else { return Ok(None) };
-        let Ok(prefix) = hex::decode(hex_prefix) else { return Ok(None) };
+        let Some(prefix) = snapshot_id_digest(id) else { return Ok(None) };
         match self.tree(T::Snapshots)?.scan_prefix(prefix).next() {
             None => Ok(None),
             Some(item) => {
@@ -783,6 +785,34 @@ impl Store {
                 Ok(Some(StoredSnapshot { hash, snapshot }))
             }
         }
+    }
+
+    /// Whether one of `tenant`'s runs is bound to the snapshot with exactly `id`. One key lookup that
+    /// reads nothing of the snapshot, so a tenant asking for another tenant's snapshot learns nothing from
+    /// how long the answer takes.
+    pub fn snapshot_bound_to(&self, tenant: &TenantId, id: &SnapshotId) -> Result<bool, StoreError> {
+        let Some(digest) = snapshot_id_digest(id) else { return Ok(false) };
+        Ok(self.tree(T::SnapshotBindings)?.contains_key(keys::snapshot_binding(tenant, &digest))?)
+    }
+
+    /// Fills the (tenant, snapshot) binding index from the stored runs when the store was written before
+    /// the index existed (every run adds its binding, so an empty index beside runs means exactly that).
+    /// The node calls it once after opening; offline tools do not, so that they never write.
+    pub fn index_snapshot_bindings(&self) -> Result<(), StoreError> {
+        let bindings = self.tree(T::SnapshotBindings)?;
+        if !bindings.is_empty() || self.tree(T::Runs)?.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for run in self.all_runs() {
+            let run = run?;
+            if let Some(digest) = snapshot_id_digest(&run.snapshot.id) {
+                batch.insert(keys::snapshot_binding(&run.tenant_id, &digest), Vec::new());
+            }
+        }
+        bindings.apply_batch(batch)?;
+        bindings.flush()?;
+        Ok(())
     }
 
     // ---- runs and ledger --------------------------------------------------------------------------
@@ -1311,6 +1341,15 @@ fn collect_page<V>(
     Ok(Page { items, next_cursor: None })
 }
 
+/// The 16 hash bytes a snapshot id names, when it is exactly `snp_` and 32 hex digits.
+fn snapshot_id_digest(id: &SnapshotId) -> Option<Vec<u8>> {
+    let hex_digits = id.as_str().strip_prefix(SnapshotId::PREFIX)?;
+    if hex_digits.len() != SnapshotHash::HEX_LEN / 2 {
+        return None;
+    }
+    hex::decode(hex_digits).ok()
+}
+
 fn verify_snapshot(hash: &SnapshotHash, value: &[u8]) -> Result<Snapshot, IntegrityError> {
     let undecodable = |reason: String| IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason };
     let bytes = codec::decode_raw("snapshot", value).map_err(|err| undecodable(err.message().to_owned()))?;
@@ -1674,6 +1713,11 @@ impl<'a> Prepare<'a> {
                 "snapshot `{}` of run `{}` is not stored",
                 run.snapshot.hash, run.run_id
             )));
+        }
+        if bound.is_none() {
+            let digest = snapshot_id_digest(&run.snapshot.id)
+                .ok_or_else(|| StoreError::contract("a snapshot id is not `snp_` and 32 hex digits"))?;
+            self.put(T::SnapshotBindings, keys::snapshot_binding(&run.tenant_id, &digest), Vec::new());
         }
         self.runs.insert(key, run.snapshot.hash.clone());
         Ok(())

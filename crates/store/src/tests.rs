@@ -1168,3 +1168,25 @@ fn every_entry_of_a_failed_multi_run_batch_is_absent() {
         ShadowStats::default()
     );
 }
+
+#[test]
+fn snapshot_ids_are_exact_and_bindings_are_per_tenant() {
+    let (_dir, store) = fresh();
+    let (world, _runs) = world_with_runs(&store, 2);
+    let id = world.snapshot_ref.id.clone();
+    assert!(store.snapshot_by_id(&id).unwrap().is_some());
+    for partial in ["snp_", &id.as_str()[..6], &id.as_str()[..id.as_str().len() - 1]] {
+        let partial = runguard_contract::SnapshotId::new(partial).unwrap();
+        assert!(store.snapshot_by_id(&partial).unwrap().is_none(), "{partial:?} is not an id");
+        assert!(!store.snapshot_bound_to(&world.tenant, &partial).unwrap());
+    }
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+    assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap(), "another tenant has no run on it");
+
+    // A store written before the index existed is indexed once by the node.
+    store.raw_tree("snapshot_bindings").clear().unwrap();
+    assert!(!store.snapshot_bound_to(&world.tenant, &id).unwrap());
+    store.index_snapshot_bindings().unwrap();
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+    assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap());
+}

@@ -153,6 +153,18 @@ pub struct Deregister {
     pub generation: u64,
 }
 
+/// Sent by a caller whose call found no run in the actor (a creation that failed before its commit, a
+/// run that is not stored): the actor holds nothing worth a live-run slot, so it is dropped at once
+/// rather than at idle eviction (SPEC §12.7). Like eviction, only an actor with no call in flight goes.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Forget {
+    /// The run.
+    pub key: RunKey,
+    /// The generation of the actor that answered.
+    pub generation: u64,
+}
+
 /// The registry actor: the only writer of the shared [`RunTable`].
 pub struct Registry {
     shared: Arc<Shared>,
@@ -286,6 +298,21 @@ impl Handler<Resolve> for Registry {
         };
         self.gauge(live);
         Ok(run)
+    }
+}
+
+impl Handler<Forget> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
+        let live = {
+            let mut runs = self.shared.live_runs.write();
+            if runs.get(&msg.key).is_some_and(|run| run.generation == msg.generation && run.activity.current() == 0) {
+                runs.remove(&msg.key);
+            }
+            runs.len()
+        };
+        self.gauge(live);
     }
 }
 

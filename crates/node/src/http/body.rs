@@ -16,8 +16,8 @@ pub async fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) ->
     {
         return Err(ApiError::too_large(limit));
     }
-    if let Some(content_type) = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
-        && !content_type.trim_start().to_ascii_lowercase().starts_with("application/json")
+    if let Some(content_type) = req.headers().get(CONTENT_TYPE)
+        && !is_json(content_type.to_str().unwrap_or_default())
     {
         return Err(ApiError::unsupported_media_type());
     }
@@ -29,11 +29,38 @@ pub async fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) ->
         }
         body.extend_from_slice(&chunk);
     }
+    // A body must say it is JSON; a call without one (no `Content-Type`, nothing sent) is read as `{}`.
+    if !req.headers().contains_key(CONTENT_TYPE) && !body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::unsupported_media_type());
+    }
     Ok(body.freeze())
+}
+
+/// Whether a `Content-Type` names JSON: exactly `application/json`, parameters allowed (SPEC §12.11).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default();
+    essence.trim().eq_ignore_ascii_case("application/json")
 }
 
 /// Parses JSON with the contract's path-reporting errors; an empty body is parsed as `{}`.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
     Ok(runguard_contract::from_json_slice(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn only_json_media_types_are_json() {
+        for json in
+            ["application/json", "Application/JSON", "application/json; charset=utf-8", " application/json ;x=1"]
+        {
+            assert!(is_json(json), "{json}");
+        }
+        for other in ["application/jsonfoo", "application/json-seq", "text/plain", "", "application/x-json"] {
+            assert!(!is_json(other), "{other}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod learning;
+pub mod metered;
 pub mod ops;
 pub mod policies;
 pub mod records;
@@ -9,9 +10,11 @@ pub mod runs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::http::header::{ALLOW, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, Resource, ResponseError, Route, guard, web};
 use metrics_exporter_prometheus::PrometheusHandle;
 use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, PageRequest};
 use serde::Deserialize;
@@ -51,9 +54,19 @@ impl AppState {
         Ok(caller)
     }
 
-    /// The request body, refused above the configured size (413).
+    /// The request body, refused above the configured size (413) or when it does not arrive within the
+    /// configured time (408), so that a client trickling a body cannot hold a worker's attention forever.
     pub async fn body(&self, req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, ApiError> {
-        body::read_body(req, payload, self.shared.config.limits.body_bytes).await
+        let limit_ms = self.shared.config.http.body_timeout_ms;
+        let read = body::read_body(req, payload, self.shared.config.limits.body_bytes);
+        match tokio::time::timeout(Duration::from_millis(limit_ms), read).await {
+            Ok(body) => body,
+            Err(_) => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "body_timeout").increment(1);
+                tracing::debug!(path = req.path(), limit_ms, "request body timed out");
+                Err(ApiError::request_timeout(limit_ms))
+            }
+        }
     }
 
     /// The request body parsed as JSON into `T`, with the contract's path-naming errors.
@@ -122,41 +135,62 @@ async fn unknown_route(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::no_route(req.path()))
 }
 
-async fn wrong_method(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::method_not_allowed(req.method().as_str(), req.path()))
+/// 405 with `Allow` naming the methods the path serves.
+fn wrong_method(req: &HttpRequest, allow: &'static str) -> HttpResponse {
+    let mut response = ApiError::method_not_allowed(req.method().as_str(), req.path()).error_response();
+    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// A resource answering methods other than `allow` with 405.
+fn endpoint(path: &str, allow: &'static str) -> Resource {
+    web::resource(path.to_owned())
+        .default_service(web::to(move |req: HttpRequest| async move { wrong_method(&req, allow) }))
+}
+
+/// A route for `GET` that answers `HEAD` too (health probes send it); actix-web sends no body to `HEAD`.
+fn read() -> Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str| web::resource(path.to_owned()).default_service(web::to(wrong_method));
-    cfg.service(resource("/healthz").route(web::get().to(ops::healthz)))
-        .service(resource("/readyz").route(web::get().to(ops::readyz)))
-        .service(resource("/metrics").route(web::get().to(ops::metrics)))
-        .service(resource("/openapi.json").route(web::get().to(ops::openapi)))
-        .service(resource("/v1/policies").route(web::post().to(policies::create)).route(web::get().to(policies::list)))
+    const READ: &str = "GET, HEAD";
+    const WRITE: &str = "POST";
+    cfg.service(endpoint("/healthz", READ).route(read().to(ops::healthz)))
+        .service(endpoint("/readyz", READ).route(read().to(ops::readyz)))
+        .service(endpoint("/metrics", READ).route(read().to(ops::metrics)))
+        .service(endpoint("/openapi.json", READ).route(read().to(ops::openapi)))
         .service(
-            resource("/v1/policies/{id}").route(web::get().to(policies::get)).route(web::put().to(policies::update)),
+            endpoint("/v1/policies", "GET, HEAD, POST")
+                .route(web::post().to(policies::create))
+                .route(read().to(policies::list)),
         )
-        .service(resource("/v1/policies/{id}/mode").route(web::post().to(policies::set_mode)))
-        .service(resource("/v1/policies/{id}/confirm").route(web::post().to(policies::confirm)))
-        .service(resource("/v1/policies/{id}/audit").route(web::get().to(policies::audit)))
-        .service(resource("/v1/policies/{id}/shadow-stats").route(web::get().to(policies::shadow_stats)))
-        .service(resource("/v1/policies/{id}/graduation").route(web::get().to(policies::graduation)))
-        .service(resource("/v1/runs").route(web::post().to(runs::create)))
-        .service(resource("/v1/runs/{id}").route(web::get().to(runs::get)))
-        .service(resource("/v1/runs/{id}/steps").route(web::post().to(runs::step)))
-        .service(resource("/v1/runs/{id}/end").route(web::post().to(runs::end)))
-        .service(resource("/v1/runs/{id}/decisions").route(web::get().to(runs::decisions)))
-        .service(resource("/v1/snapshots/{id}").route(web::get().to(records::snapshot)))
-        .service(resource("/v1/prevention-records").route(web::get().to(records::list)))
-        .service(resource("/v1/prevention-records/{id}").route(web::get().to(records::get)))
-        .service(resource("/v1/prevention-records/{id}/regret").route(web::post().to(records::regret)))
-        .service(resource("/v1/incidents").route(web::get().to(learning::incidents)))
-        .service(resource("/v1/patterns").route(web::get().to(learning::patterns)))
-        .service(resource("/v1/patterns/{id}").route(web::get().to(learning::pattern)))
-        .service(resource("/v1/patterns/{id}/propose").route(web::post().to(learning::propose)))
-        .service(resource("/v1/graduation").route(web::get().to(learning::graduation)))
-        .service(resource("/v1/simulate").route(web::post().to(learning::simulate)))
-        .service(resource("/v1/faults/store").route(web::post().to(ops::store_fault)))
+        .service(
+            endpoint("/v1/policies/{id}", "GET, HEAD, PUT")
+                .route(read().to(policies::get))
+                .route(web::put().to(policies::update)),
+        )
+        .service(endpoint("/v1/policies/{id}/mode", WRITE).route(web::post().to(policies::set_mode)))
+        .service(endpoint("/v1/policies/{id}/confirm", WRITE).route(web::post().to(policies::confirm)))
+        .service(endpoint("/v1/policies/{id}/audit", READ).route(read().to(policies::audit)))
+        .service(endpoint("/v1/policies/{id}/shadow-stats", READ).route(read().to(policies::shadow_stats)))
+        .service(endpoint("/v1/policies/{id}/graduation", READ).route(read().to(policies::graduation)))
+        .service(endpoint("/v1/runs", WRITE).route(web::post().to(runs::create)))
+        .service(endpoint("/v1/runs/{id}", READ).route(read().to(runs::get)))
+        .service(endpoint("/v1/runs/{id}/steps", WRITE).route(web::post().to(runs::step)))
+        .service(endpoint("/v1/runs/{id}/end", WRITE).route(web::post().to(runs::end)))
+        .service(endpoint("/v1/runs/{id}/decisions", READ).route(read().to(runs::decisions)))
+        .service(endpoint("/v1/snapshots/{id}", READ).route(read().to(records::snapshot)))
+        .service(endpoint("/v1/prevention-records", READ).route(read().to(records::list)))
+        .service(endpoint("/v1/prevention-records/{id}", READ).route(read().to(records::get)))
+        .service(endpoint("/v1/prevention-records/{id}/regret", WRITE).route(web::post().to(records::regret)))
+        .service(endpoint("/v1/incidents", READ).route(read().to(learning::incidents)))
+        .service(endpoint("/v1/patterns", READ).route(read().to(learning::patterns)))
+        .service(endpoint("/v1/patterns/{id}", READ).route(read().to(learning::pattern)))
+        .service(endpoint("/v1/patterns/{id}/propose", WRITE).route(web::post().to(learning::propose)))
+        .service(endpoint("/v1/graduation", READ).route(read().to(learning::graduation)))
+        .service(endpoint("/v1/simulate", WRITE).route(web::post().to(learning::simulate)))
+        .service(endpoint("/v1/faults/store", WRITE).route(web::post().to(ops::store_fault)))
         .default_service(web::to(unknown_route));
 }

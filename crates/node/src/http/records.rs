@@ -2,7 +2,7 @@
 
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use runguard_contract::{RecordId, Scope, SnapshotId, Timestamp};
+use runguard_contract::{RecordId, SnapshotId, Timestamp};
 use runguard_store::RecordQuery;
 use serde::Deserialize;
 use serde_json::json;
@@ -99,38 +99,34 @@ pub async fn regret(
     Ok(HttpResponse::Created().json(answer))
 }
 
-/// `GET /v1/snapshots/{id}`: readable when every tenant-scoped policy in it is the caller's (a snapshot
-/// of only global policies reveals nothing an operator cannot read anyway); admins read any.
+/// `GET /v1/snapshots/{id}`: readable by a tenant one of whose runs is bound to it (SPEC §8); admins read
+/// any. Access is settled from the (tenant, snapshot) binding index before the snapshot is loaded, so an
+/// id bound only to other tenants answers 404 as fast as an unknown one.
 pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let snapshot_id = SnapshotId::new(id.as_str()).map_err(|_| ApiError::not_found("snapshot", &id))?;
-    let found = state.shared.read(move |store| store.snapshot_by_id(&snapshot_id)).await?;
+    let admin = caller.role == Role::Admin;
+    let tenant = caller.tenant.clone();
+    let found = state
+        .shared
+        .read(move |store| {
+            if !admin && !store.snapshot_bound_to(&tenant, &snapshot_id)? {
+                return Ok(None);
+            }
+            store.snapshot_by_id(&snapshot_id)
+        })
+        .await?;
     let stored = found.ok_or_else(|| ApiError::not_found("snapshot", &id))?;
     match &stored.snapshot {
-        Ok(snapshot) => {
-            let foreign = snapshot
-                .policies
-                .iter()
-                .any(|p| p.scope == Scope::Tenant && p.tenant_id.as_ref() != Some(&caller.tenant));
-            if foreign && caller.role != Role::Admin {
-                return Err(ApiError::not_found("snapshot", &id));
-            }
-            Ok(HttpResponse::Ok().json(json!({
-                "id": id.as_str(),
-                "hash": stored.hash,
-                "verified": true,
-                "policy_count": snapshot.policies.len(),
-                "policies": snapshot.policies,
-            })))
-        }
-        Err(err) => {
-            if caller.role != Role::Admin {
-                // Ownership cannot be established for a snapshot that does not verify.
-                return Err(ApiError::not_found("snapshot", &id));
-            }
-            Ok(HttpResponse::Ok().json(json!({
-                "id": id.as_str(), "hash": stored.hash, "verified": false, "problem": err.to_string(),
-            })))
-        }
+        Ok(snapshot) => Ok(HttpResponse::Ok().json(json!({
+            "id": id.as_str(),
+            "hash": stored.hash,
+            "verified": true,
+            "policy_count": snapshot.policies.len(),
+            "policies": snapshot.policies,
+        }))),
+        Err(err) => Ok(HttpResponse::Ok().json(json!({
+            "id": id.as_str(), "hash": stored.hash, "verified": false, "problem": err.to_string(),
+        }))),
     }
 }

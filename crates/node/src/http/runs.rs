@@ -10,7 +10,7 @@ use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, Validati
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::registry::{Resolve, RunKey};
+use crate::actors::registry::{Forget, Resolve, RunKey};
 use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::error::ApiError;
@@ -56,6 +56,9 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
     for _ in 0..4 {
         let run = match state.shared.live_runs.get(&key) {
             Some(run) => run,
+            None if !matches!(msg, RunMsg::Create(_)) && !run_exists(state, &key).await? => {
+                return Err(ApiError::not_found("run", key.run_id.as_str()));
+            }
             None => match state.registry.send(Resolve::from_here(key.clone())).timeout(timeout).await {
                 Ok(resolved) => resolved?,
                 Err(_) => {
@@ -84,7 +87,14 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
             Err(_) => sent.await,
         };
         match answer {
-            Ok(reply) => return reply,
+            Ok(reply) => {
+                if holds_no_run(&msg, &reply) {
+                    // Counted out first: the registry drops only an actor with no call in flight.
+                    drop(in_flight);
+                    state.registry.do_send(Forget { key, generation: run.generation });
+                }
+                return reply;
+            }
             Err(MailboxError::Closed) if !closed_once => {
                 closed_once = true;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -97,6 +107,23 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
         }
     }
     Err(ApiError::unavailable("the run is restarting; treat the call as a block and retry", 1))
+}
+
+/// Whether the actor that gave `reply` to `msg` is left without a run: a creation that failed (an existing
+/// run answers its creation again) or a call that found no run.
+fn holds_no_run(msg: &RunMsg, reply: &Result<RunReply, ApiError>) -> bool {
+    match (msg, reply) {
+        (RunMsg::Create(_), Err(_)) => true,
+        (_, Err(err)) => err.status == 404,
+        _ => false,
+    }
+}
+
+/// Whether the run is stored. Asked before a call other than creation spawns an actor for a run that is
+/// not live, so that calls naming runs that do not exist take no live-run slot (SPEC §12.7).
+async fn run_exists(state: &State, key: &RunKey) -> Result<bool, ApiError> {
+    let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
+    state.shared.read(move |store| store.get_run(&tenant, &run_id).map(|run| run.is_some())).await
 }
 
 fn clone_msg(msg: &RunMsg) -> RunMsg {
@@ -138,12 +165,37 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
         None => RunId::from_u128(uuid::Uuid::now_v7().as_u128()),
     };
     let key = RunKey { tenant: caller.tenant, run_id };
-    let msg = RunMsg::Create(CreateRun { labels: body.labels, api_endpoint: body.api_endpoint });
-    match call_run(&state, key, msg).await? {
+    let request = CreateRun { labels: body.labels, api_endpoint: body.api_endpoint };
+    match call_run(&state, key.clone(), RunMsg::Create(request.clone())).await? {
         RunReply::Created { created: true, answer } => Ok(HttpResponse::Created().json(answer)),
-        RunReply::Created { created: false, answer } => Ok(HttpResponse::Ok().json(answer)),
+        RunReply::Created { created: false, answer } => {
+            same_creation(&state, key, request).await?;
+            Ok(HttpResponse::Ok().json(answer))
+        }
         _ => Err(ApiError::internal()),
     }
+}
+
+/// A re-sent creation must carry the body that created the run (SPEC §12.6): what a run was created with
+/// never changes, so the stored run settles it without asking its actor.
+async fn same_creation(state: &State, key: RunKey, request: CreateRun) -> Result<(), ApiError> {
+    let run = state.shared.read(move |store| store.get_run(&key.tenant, &key.run_id)).await?;
+    let run = run.ok_or_else(ApiError::internal)?;
+    let mut differing = Vec::new();
+    if run.labels != request.labels {
+        differing.push("labels");
+    }
+    if run.api_endpoint != request.api_endpoint {
+        differing.push("api_endpoint");
+    }
+    if differing.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(
+        "idempotency_mismatch",
+        format!("run `{}` exists and was created with different `{}`", run.run_id, differing.join("`, `")),
+    )
+    .with_details(json!({ "fields": differing })))
 }
 
 /// `GET /v1/runs/{id}`.
