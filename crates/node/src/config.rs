@@ -55,6 +55,9 @@ pub struct Limits {
     pub writer_batch: usize,
     /// How long a call may wait for its run or the writer before it is answered 503, in ms.
     pub call_timeout_ms: u64,
+    /// CPU-heavy jobs (evaluations over large texts, simulations, policy compiles) one tenant may run at
+    /// once; more wait for a lane. Default: half the cores, at least one.
+    pub tenant_heavy_jobs: usize,
     /// Policy document limits.
     pub policy: PolicyLimits,
     /// Step call limits.
@@ -72,6 +75,7 @@ impl Default for Limits {
             writer_queue: 4096,
             writer_batch: 1024,
             call_timeout_ms: 10_000,
+            tenant_heavy_jobs: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             policy: PolicyLimits::default(),
             step: StepLimits::default(),
         }

@@ -13,6 +13,7 @@
 
 pub mod actors;
 pub mod auth;
+pub mod background;
 pub mod cli;
 pub mod config;
 pub mod current_snapshots;
@@ -24,4 +25,5 @@ pub mod server;
 pub mod shared;
 pub mod simulation;
 pub mod telemetry;
+pub mod tenant_lanes;
 pub mod ticket;

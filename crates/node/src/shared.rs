@@ -38,6 +38,10 @@ pub struct Shared {
     pub live_runs: crate::actors::registry::RunTable,
     /// Each tenant's current snapshot, captured once per change of the policies.
     pub current_snapshots: crate::current_snapshots::CurrentSnapshots,
+    /// Each tenant's share of the background threads.
+    tenant_lanes: crate::tenant_lanes::TenantLanes,
+    /// Threads for CPU-heavy work, one per core.
+    background: crate::background::BackgroundPool,
     /// One lock per tenant, so that one tenant's rate-limited calls never wait for another's.
     tenant_rates: Mutex<HashMap<TenantId, Arc<Mutex<TenantRates>>>>,
     snapshots: Mutex<HashMap<SnapshotHash, Weak<CompiledSnapshot>>>,
@@ -82,6 +86,9 @@ pub fn store_error(err: StoreError) -> ApiError {
 impl Shared {
     /// A context over an open store and a started writer.
     pub fn new(store: Arc<Store>, writer: Addr<Writer>, config: Config) -> Self {
+        let tenant_lanes = crate::tenant_lanes::TenantLanes::new(config.limits.tenant_heavy_jobs);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let background = crate::background::BackgroundPool::start(cores);
         Self {
             store,
             writer,
@@ -89,6 +96,8 @@ impl Shared {
             learning: OnceLock::new(),
             live_runs: Default::default(),
             current_snapshots: Default::default(),
+            tenant_lanes,
+            background,
             tenant_rates: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
         }
@@ -162,6 +171,23 @@ impl Shared {
     {
         let shared = Arc::clone(self);
         actix_web::rt::task::spawn_blocking(move || work(&shared)).await.unwrap_or_else(|_| Err(ApiError::internal()))
+    }
+
+    /// Runs CPU-heavy work of `tenant` (large evaluations, simulations, graduation, list pages) on the
+    /// background threads, in one of the tenant's lanes (`limits.tenant_heavy_jobs`): one tenant flooding
+    /// expensive calls waits behind its own work and never takes more than its lanes' share of the cores.
+    /// A tenant that cannot get a lane within the call timeout is answered 429.
+    pub async fn heavy<T, F>(self: &Arc<Self>, tenant: &TenantId, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+    {
+        let Ok(_lane) = self.tenant_lanes.acquire(tenant, self.call_timeout()).await else {
+            metrics::counter!("runguard_refused_calls_total", "reason" => "tenant_busy").increment(1);
+            return Err(ApiError::overloaded("this tenant's expensive calls are queued; retry later", 1));
+        };
+        let shared = Arc::clone(self);
+        self.background.run(move || work(&shared)).await.unwrap_or_else(|_| Err(ApiError::internal()))
     }
 
     /// Runs a blocking store read off the async threads.

@@ -153,6 +153,16 @@ impl Learning {
         keys: Vec<LockKey>,
         plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), ApiError> + Send + 'static,
     ) -> Answer<T> {
+        self.serialised_as(keys, None, plan)
+    }
+
+    /// [`Self::serialised`], with the planning done as `heavy` tenant work (`Shared::heavy`) when given.
+    fn serialised_as<T: Send + 'static>(
+        &mut self,
+        keys: Vec<LockKey>,
+        heavy: Option<TenantId>,
+        plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), ApiError> + Send + 'static,
+    ) -> Answer<T> {
         let locks: Vec<Arc<AsyncMutex<()>>> = keys.into_iter().map(|key| self.lock(key)).collect();
         // Each waiting request holds a clone of its lock; the map holds one more.
         if locks.iter().any(|lock| Arc::strong_count(lock) > WAITING_PER_TENANT + 1) {
@@ -171,7 +181,10 @@ impl Learning {
                 for lock in locks {
                     held.push(lock.lock_owned().await);
                 }
-                let planned = shared.blocking(plan).await?;
+                let planned = match &heavy {
+                    Some(tenant) => shared.heavy(tenant, plan).await?,
+                    None => shared.blocking(plan).await?,
+                };
                 Ok::<_, ApiError>((held, planned))
             })
             .await;
@@ -639,7 +652,11 @@ impl Handler<TenantGraduation> for Learning {
     type Result = Answer<Value>;
 
     fn handle(&mut self, msg: TenantGraduation, _: &mut Self::Context) -> Self::Result {
-        self.serialised(vec![Some(msg.tenant.clone())], move |shared| plan_graduation(&shared.store, &msg.tenant))
+        // Reading a 30-day window of evidence is the learning loop's heaviest read.
+        let tenant = msg.tenant.clone();
+        self.serialised_as(vec![Some(tenant.clone())], Some(tenant), move |shared| {
+            plan_graduation(&shared.store, &msg.tenant)
+        })
     }
 }
 

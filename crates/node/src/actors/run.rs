@@ -12,7 +12,7 @@ use runguard_contract::{
     Action, Decision, Outcome, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp, ViolationType,
 };
 use runguard_engine::{
-    Admission, Call, CompiledSnapshot, Effects, Evaluation, Refusal, RunState, TenantRates, evaluate,
+    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, Refusal, RunState, TenantRates, evaluate,
 };
 use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
@@ -292,6 +292,41 @@ fn persist_evaluation(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, evalu
     }
 }
 
+/// Texts above this many bytes make a step heavy when its snapshot scans texts.
+const HEAVY_TEXT_BYTES: usize = 16 * 1024;
+
+/// Whether evaluating `call` against `snapshot` scans large texts (content or CEL rules over more than
+/// [`HEAVY_TEXT_BYTES`] of input text, output text and input keys).
+fn scans_large_texts(snapshot: &CompiledSnapshot, call: &StepCall) -> bool {
+    let text_bytes = call.input_text.as_ref().map_or(0, String::len)
+        + call.output_text.as_ref().map_or(0, String::len)
+        + call.input_keys.iter().map(String::len).sum::<usize>();
+    text_bytes > HEAVY_TEXT_BYTES
+        && snapshot.policies().iter().any(|p| matches!(p.matcher, Ok(Matcher::Content(_) | Matcher::Expr(_))))
+}
+
+/// Evaluates a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
+fn evaluate_step(
+    shared: &Shared,
+    snapshot: &CompiledSnapshot,
+    state: &RunState,
+    call: &StepCall,
+    at: Timestamp,
+) -> (Evaluation, Duration) {
+    let started = Instant::now();
+    let evaluation = if snapshot.uses_tenant_rates() {
+        shared.with_tenant_rates(&state.tenant_id, |rates| {
+            let evaluation = evaluate(snapshot, state, Call::Step(call), rates, at);
+            // Counted before the commit: a failed commit over-counts, which errs on the closed side.
+            rates.apply(&evaluation.effects);
+            evaluation
+        })
+    } else {
+        evaluate(snapshot, state, Call::Step(call), &TenantRates::default(), at)
+    };
+    (evaluation, started.elapsed())
+}
+
 fn record_metrics(evaluation: &Evaluation, elapsed: Duration) {
     metrics::counter!("runguard_decisions_total", "action" => evaluation.decision.action.as_str()).increment(1);
     metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
@@ -517,18 +552,42 @@ impl RunActor {
                 format!("runs take at most {} steps on this node", shared.config.limits.steps_per_run),
             ))));
         }
-        let started = Instant::now();
-        let evaluation = if live.snapshot.uses_tenant_rates() {
-            shared.with_tenant_rates(&live.state.tenant_id, |rates| {
-                let evaluation = evaluate(&live.snapshot, &live.state, Call::Step(&call), rates, at);
-                // Counted before the commit: a failed commit over-counts, which errs on the closed side.
-                rates.apply(&evaluation.effects);
-                evaluation
-            })
-        } else {
-            evaluate(&live.snapshot, &live.state, Call::Step(&call), &TenantRates::default(), at)
+        if scans_large_texts(&live.snapshot, &call) {
+            // Content and CEL rules over large texts cost milliseconds: evaluated in the tenant's lane on the
+            // blocking pool, so that one tenant's heavy steps neither stall the HTTP worker this actor lives
+            // on nor take more than the tenant's share of the cores. The actor stays busy meanwhile, so the
+            // run's calls keep their order.
+            let (snapshot, state, tenant) =
+                (Arc::clone(&live.snapshot), live.state.clone(), live.state.tenant_id.clone());
+            let lane = Arc::clone(&shared);
+            let evaluated = async move {
+                lane.heavy(&tenant, move |shared| {
+                    let (evaluation, elapsed) = evaluate_step(shared, &snapshot, &state, &call, at);
+                    Ok((evaluation, elapsed, call))
+                })
+                .await
+            };
+            return Box::pin(evaluated.into_actor(self).then(move |evaluated, actor, _| match evaluated {
+                Ok((evaluation, elapsed, call)) => actor.persist_step(call, evaluation, elapsed, shared, at),
+                Err(err) => Box::pin(fut::ready(Err(err))) as Pending,
+            }));
+        }
+        let (evaluation, elapsed) = evaluate_step(&shared, &live.snapshot, &live.state, &call, at);
+        self.persist_step(call, evaluation, elapsed, shared, at)
+    }
+
+    /// Commits an evaluated step and, once it is durable, applies it and answers its decision.
+    fn persist_step(
+        &mut self,
+        call: StepCall,
+        evaluation: Evaluation,
+        elapsed: Duration,
+        shared: Arc<Shared>,
+        at: Timestamp,
+    ) -> Pending {
+        let Some(live) = self.live.as_ref() else {
+            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
         };
-        let elapsed = started.elapsed();
         let mut next_state = live.state.clone();
         next_state.apply(&evaluation.decision, &evaluation.effects);
         let (meta, run) = run_after(&live.meta, &next_state, at, None);

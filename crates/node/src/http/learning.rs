@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::{PageQuery, State, page_of, query};
+use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::simulation;
 
@@ -25,16 +25,16 @@ const MAX_CANDIDATES: usize = 100;
 pub async fn incidents(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let page = query::<PageQuery>(&req)?.page()?;
-    let found = state.shared.read(move |store| store.list_incidents(&caller.tenant, &page)).await?;
-    Ok(page_of(&found.items, found.next_cursor))
+    let tenant = caller.tenant.clone();
+    list_page(&state, &caller.tenant, move |store| store.list_incidents(&tenant, &page).map_err(store_error)).await
 }
 
 /// `GET /v1/patterns`.
 pub async fn patterns(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let page = query::<PageQuery>(&req)?.page()?;
-    let found = state.shared.read(move |store| store.list_patterns(&caller.tenant, &page)).await?;
-    Ok(page_of(&found.items, found.next_cursor))
+    let tenant = caller.tenant.clone();
+    list_page(&state, &caller.tenant, move |store| store.list_patterns(&tenant, &page).map_err(store_error)).await
 }
 
 fn pattern_id(raw: &str) -> Result<PatternId, ApiError> {
@@ -95,10 +95,10 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
     }
     let (tenant, persist, docs) = (caller.tenant.clone(), body.persist, body.policies);
     // Validating and compiling the candidates, reading the runs and replaying them is blocking and CPU
-    // work: all of it on the blocking pool.
+    // work: all of it on the blocking pool, in the tenant's lane.
     let (hash, mut results, batch) = state
         .shared
-        .blocking(move |shared| {
+        .heavy(&caller.tenant, move |shared| {
             let limits = &shared.config.limits.policy;
             let policies = simulation::candidates(docs, &tenant, limits, now())?;
             let snapshot = Snapshot::capture(&tenant, &policies);

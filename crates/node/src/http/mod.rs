@@ -16,7 +16,8 @@ use actix::Addr;
 use actix_web::http::header::{ALLOW, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, Resource, ResponseError, Route, guard, web};
 use metrics_exporter_prometheus::PrometheusHandle;
-use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, PageRequest};
+use runguard_contract::TenantId;
+use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, Store};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -126,9 +127,23 @@ pub fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, Api
         .map_err(|err| ApiError::bad_request("query", err.to_string()))
 }
 
-/// `{"items": [...], "next_cursor": ...}`.
-pub fn page_of<T: serde::Serialize>(items: &[T], next_cursor: Option<String>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "items": items, "next_cursor": next_cursor }))
+/// Reads one page of a tenant's list and encodes it as `{"items", "next_cursor"}` in the tenant's lane
+/// (`Shared::heavy`): pages of up to 1,000 items are the most expensive reads, and one tenant paging as
+/// fast as it can must wait for its own reads rather than take every core from the others.
+pub async fn list_page<T, F>(state: &State, tenant: &TenantId, read: F) -> Result<HttpResponse, ApiError>
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(&Store) -> Result<Page<T>, ApiError> + Send + 'static,
+{
+    let body = state
+        .shared
+        .heavy(tenant, move |shared| {
+            let page = read(&shared.store)?;
+            serde_json::to_vec(&json!({ "items": page.items, "next_cursor": page.next_cursor }))
+                .map_err(|_| ApiError::internal())
+        })
+        .await?;
+    Ok(HttpResponse::Ok().content_type("application/json").body(body))
 }
 
 async fn unknown_route(req: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use crate::actors::learning::{Confirm, policy_id_taken, preventions};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::http::{PageQuery, State, page_of, query};
-use crate::shared::now;
+use crate::http::{PageQuery, State, list_page, query};
+use crate::shared::{now, store_error};
 
 fn policy_id(raw: &str) -> Result<PolicyId, ApiError> {
     PolicyId::new(raw).map_err(|_| ApiError::not_found("policy", raw))
@@ -148,8 +148,8 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
     let q: ListQuery = query(&req)?;
     let page = PageQuery { limit: q.limit, cursor: q.cursor }.page()?;
     let tenant = caller.tenant.clone();
-    let found = state.shared.read(move |store| store.list_policies(&tenant, q.mode, &page)).await?;
-    Ok(page_of(&found.items, found.next_cursor))
+    list_page(&state, &caller.tenant, move |store| store.list_policies(&tenant, q.mode, &page).map_err(store_error))
+        .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,8 +281,10 @@ pub async fn audit(state: State, req: HttpRequest, id: Path<String>) -> Result<H
     let page = query::<PageQuery>(&req)?.page()?;
     let policy = current(&state, &caller, &id, None).await?;
     let owner = policy.tenant_id.clone();
-    let found = state.shared.read(move |store| store.policy_audit(owner.as_ref(), &policy.id, &page)).await?;
-    Ok(page_of(&found.items, found.next_cursor))
+    list_page(&state, &caller.tenant, move |store| {
+        store.policy_audit(owner.as_ref(), &policy.id, &page).map_err(store_error)
+    })
+    .await
 }
 
 /// `GET /v1/policies/{id}/shadow-stats`.

@@ -10,7 +10,8 @@ use serde_json::json;
 use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::{PageQuery, State, page_of, query};
+use crate::http::{PageQuery, State, list_page, query};
+use crate::shared::store_error;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,8 +50,7 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
         Some("true") => true,
         Some(other) => return Err(ApiError::bad_request("simulated", format!("`{other}` is not `true` or `false`"))),
     };
-    let found = state.shared.read(move |store| store.list_records(&records)).await?;
-    Ok(page_of(&found.items, found.next_cursor))
+    list_page(&state, &caller.tenant, move |store| store.list_records(&records).map_err(store_error)).await
 }
 
 /// `GET /v1/prevention-records/{id}`.

@@ -14,8 +14,8 @@ use crate::actors::registry::{Forget, Resolve, RunKey};
 use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::{PageQuery, State, page_of, query};
-use crate::shared::now;
+use crate::http::{PageQuery, State, list_page, query};
+use crate::shared::{now, store_error};
 use crate::ticket::Ticket;
 
 /// Most labels on a run, and their longest key or value.
@@ -258,16 +258,13 @@ pub async fn decisions(state: State, req: HttpRequest, id: Path<String>) -> Resu
     let page = query::<PageQuery>(&req)?.page()?;
     let tenant = caller.tenant.clone();
     let lookup = run_id.clone();
-    let found = state
-        .shared
-        .read(move |store| {
-            if store.get_run(&tenant, &lookup)?.is_none() {
-                return Ok(None);
-            }
-            store.ledger(&tenant, &lookup, &page).map(Some)
-        })
-        .await?;
-    let ledger = found.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
-    let decisions: Vec<_> = ledger.items.into_iter().map(|entry| entry.decision).collect();
-    Ok(page_of(&decisions, ledger.next_cursor))
+    list_page(&state, &caller.tenant, move |store| {
+        if store.get_run(&tenant, &lookup).map_err(store_error)?.is_none() {
+            return Err(ApiError::not_found("run", lookup.as_str()));
+        }
+        let ledger = store.ledger(&tenant, &lookup, &page).map_err(store_error)?;
+        let decisions = ledger.items.into_iter().map(|entry| entry.decision).collect();
+        Ok(runguard_store::Page { items: decisions, next_cursor: ledger.next_cursor })
+    })
+    .await
 }
