@@ -65,6 +65,10 @@ soak KILLS="200":
 overload SECS="60" CLIENTS="256":
     RUNGUARD_OVERLOAD_SECS={{SECS}} RUNGUARD_OVERLOAD_CLIENTS={{CLIENTS}} cargo test --release -p runguard-tests --test blackbox overload:: -- --nocapture
 
+# Noisy neighbours: one tenant floods each hostile pattern while another's p99 is measured (run alone).
+neighbours SECS="2":
+    RUNGUARD_NEIGHBOUR_SECS={{SECS}} cargo test -p runguard-tests --test blackbox noisy_neighbour -- --ignored --test-threads=1 --nocapture
+
 # Dependency policy: advisories, licenses and the architectural bans in deny.toml.
 deny:
     command -v cargo-deny >/dev/null || cargo install cargo-deny --locked

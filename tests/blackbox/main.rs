@@ -14,6 +14,7 @@ mod http_edge;
 mod isolation;
 mod learning;
 mod learning_loop;
+mod noisy_neighbour;
 mod ops;
 mod overload;
 mod policies;
