@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fixtures::{budget, create_policy, create_run, post, step};
-use crate::harness::{Client, Node, run_cli, runguard_bin};
+use crate::harness::{Client, Node, copy_dir, run_cli, runguard_bin};
 
 /// What the node had acknowledged: runs with totals and status, each run's decisions, records, policies.
 fn acknowledged(client: &Client) -> Value {
@@ -150,19 +150,6 @@ fn try_serve(data: &Path, logs: &Path) -> Result<(), (Option<i32>, String)> {
     }
     let status = child.wait().expect("wait");
     Err((status.code(), std::fs::read_to_string(logs).unwrap_or_default()))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 fn listing(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {

@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use serde_json::{Value, json};
 
 use crate::fixtures::{budget, create_policy, create_run, post, step};
-use crate::harness::{ACME_OPERATOR, ACME_WORKER, ADMIN, Client, Node, run_cli, tokens_config};
+use crate::harness::{ACME_OPERATOR, ACME_WORKER, ADMIN, Client, Node, copy_dir, run_cli, tokens_config};
 
 const FAULTS_ON: &str = "fault_injection = true\n";
 
@@ -288,19 +288,6 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
     }
 }
 

@@ -411,3 +411,17 @@ pub fn property_runner(source_file: &'static str) -> proptest::test_runner::Test
         ..Config::default()
     })
 }
+
+/// Copies a directory tree (a data directory, to damage or move a copy of it).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
