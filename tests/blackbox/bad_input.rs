@@ -247,3 +247,24 @@ fn policy_lint_refuses_what_the_node_refuses() {
     );
     assert_eq!(lint(&[&fine]).0, Some(0));
 }
+
+/// SPEC §12.6: labels, a mode change's reason and a regret's note are limited by configuration too, and a
+/// refused run creation leaves no run behind.
+#[test]
+fn label_reason_and_note_lengths_follow_the_configuration() {
+    let node = Node::start_with_config("[limits]\nlabels_per_run = 2\nlabel_len = 8\nreason_len = 16\nnote_len = 16\n");
+    let client = node.client();
+    let field = |path: &str, body: serde_json::Value| {
+        client.post(path, &body).expect_error(400, "invalid_request")["field"].as_str().unwrap_or_default().to_owned()
+    };
+    let three = json!({ "run_id": "r1", "labels": { "a": "1", "b": "2", "c": "3" } });
+    assert_eq!(field("/v1/runs", three), "labels");
+    let long_value = json!({ "run_id": "r1", "labels": { "team": "x".repeat(9) } });
+    assert_eq!(field("/v1/runs", long_value), "labels.team");
+    client.get("/v1/runs/r1").expect_error(404, "not_found");
+    client.post("/v1/runs", &json!({ "run_id": "r1", "labels": { "team": "x".repeat(8) } })).expect(201);
+    let reason = json!({ "mode": "shadow", "reason": "x".repeat(17) });
+    assert_eq!(field("/v1/policies/pol_any/mode", reason), "reason");
+    let note = json!({ "severity": 3, "note": "x".repeat(17) });
+    assert_eq!(field("/v1/prevention-records/prv_any/regret", note), "note");
+}

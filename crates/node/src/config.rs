@@ -58,6 +58,14 @@ pub struct Limits {
     /// CPU-heavy jobs (evaluations over large texts, simulations, policy compiles) one tenant may run at
     /// once; more wait for a lane. Default: half the cores, at least one.
     pub tenant_heavy_jobs: usize,
+    /// Most labels on one run.
+    pub labels_per_run: usize,
+    /// Longest label key or value, in bytes.
+    pub label_len: usize,
+    /// Longest `reason` of a mode change, in bytes.
+    pub reason_len: usize,
+    /// Longest `note` of a regret, in bytes.
+    pub note_len: usize,
     /// Policy document limits.
     pub policy: PolicyLimits,
     /// Step call limits.
@@ -76,6 +84,10 @@ impl Default for Limits {
             writer_batch: 1024,
             call_timeout_ms: 10_000,
             tenant_heavy_jobs: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            labels_per_run: 64,
+            label_len: 256,
+            reason_len: 1024,
+            note_len: 4096,
             policy: PolicyLimits::default(),
             step: StepLimits::default(),
         }
@@ -289,6 +301,8 @@ impl Config {
             ("limits.run_mailbox", l.run_mailbox),
             ("limits.writer_queue", l.writer_queue),
             ("limits.writer_batch", l.writer_batch),
+            ("limits.tenant_heavy_jobs", l.tenant_heavy_jobs),
+            ("limits.label_len", l.label_len),
             ("http_workers", self.http_workers),
         ] {
             if value == 0 {

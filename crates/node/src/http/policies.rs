@@ -240,8 +240,9 @@ pub async fn set_mode(
     let caller = state.caller(&req, Role::Operator)?;
     let id = policy_id(&id)?;
     let body: ModeBody = state.json(&req, payload).await?;
-    if body.reason.as_ref().is_some_and(|r| r.len() > 1024) {
-        return Err(ApiError::bad_request("reason", "is longer than 1024 bytes"));
+    let longest = state.shared.config.limits.reason_len;
+    if body.reason.as_ref().is_some_and(|r| r.len() > longest) {
+        return Err(ApiError::bad_request("reason", format!("is longer than {longest} bytes")));
     }
     let existing = current(&state, &caller, &id, None).await?;
     may_change(&caller, &existing)?;

@@ -83,8 +83,9 @@ pub async fn regret(
     if !(1..=10).contains(&body.severity) {
         return Err(ApiError::bad_request("severity", format!("is {}; severities are 1–10", body.severity)));
     }
-    if body.note.as_ref().is_some_and(|n| n.len() > 4096) {
-        return Err(ApiError::bad_request("note", "is longer than 4096 bytes"));
+    let longest = state.shared.config.limits.note_len;
+    if body.note.as_ref().is_some_and(|n| n.len() > longest) {
+        return Err(ApiError::bad_request("note", format!("is longer than {longest} bytes")));
     }
     let answer = state
         .shared

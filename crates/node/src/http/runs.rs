@@ -13,14 +13,13 @@ use serde_json::json;
 use crate::actors::registry::{Forget, Resolve, RunKey};
 use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
+use crate::config::Limits;
 use crate::error::ApiError;
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::ticket::Ticket;
 
 /// Most labels on a run, and their longest key or value.
-const MAX_LABELS: usize = 64;
-const MAX_LABEL_LEN: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,15 +134,16 @@ fn clone_msg(msg: &RunMsg) -> RunMsg {
     }
 }
 
-fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError> {
-    if labels.len() > MAX_LABELS {
-        return Err(ValidationError::new("labels", format!("has {} entries, the limit is {MAX_LABELS}", labels.len())));
+fn check_labels(labels: &BTreeMap<String, String>, limits: &Limits) -> Result<(), ValidationError> {
+    let (most, longest) = (limits.labels_per_run, limits.label_len);
+    if labels.len() > most {
+        return Err(ValidationError::new("labels", format!("has {} entries, the limit is {most}", labels.len())));
     }
     for (key, value) in labels {
-        if key.is_empty() || key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
+        if key.is_empty() || key.len() > longest || value.len() > longest {
             return Err(ValidationError::new(
                 format!("labels.{key}"),
-                format!("keys are 1–{MAX_LABEL_LEN} bytes, values at most {MAX_LABEL_LEN}"),
+                format!("keys are 1–{longest} bytes, values at most {longest}"),
             ));
         }
     }
@@ -154,7 +154,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationError
 pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Worker)?;
     let body: CreateBody = state.json(&req, payload).await?;
-    check_labels(&body.labels)?;
+    check_labels(&body.labels, &state.shared.config.limits)?;
     if let Some(endpoint) = &body.api_endpoint
         && endpoint.len() > state.shared.config.limits.step.max_field_len
     {
