@@ -34,6 +34,60 @@ fn metrics_count_decisions_in_prometheus_text() {
     assert!(count >= 2.0, "run start and one step were allowed: {line}");
 }
 
+/// Every family has `# HELP`; latencies are histograms (not summaries); the documented counters exist at
+/// zero before their first event; HTTP requests are counted by route template; and `promtool check
+/// metrics` (from the `prometheus` package, which `.ci/run` installs) accepts the exposition.
+#[test]
+fn metrics_are_described_zeroed_histograms_that_promtool_accepts() {
+    let node = Node::start();
+    let client = node.client();
+    let fresh = client.get("/metrics").text;
+    for zeroed in [
+        "runguard_decisions_total{action=\"block\"} 0",
+        "runguard_prevention_records_total 0",
+        "runguard_fail_open_total 0",
+        "runguard_writer_commit_failures_total 0",
+        "runguard_refused_calls_total{reason=\"tenant_busy\"} 0",
+    ] {
+        assert!(fresh.lines().any(|line| line == zeroed), "no `{zeroed}` at start in:\n{fresh}");
+    }
+    create_policy(&client, &budget("pol_budget", "tokens", 100));
+    create_run(&client, "run-metrics");
+    step(&client, "run-metrics", &post(0, 10));
+    client.get("/v1/runs/run-metrics").expect(200);
+    let text = client.get("/metrics").text;
+    let families: Vec<&str> = text.lines().filter_map(|line| line.strip_prefix("# TYPE ")).collect();
+    assert!(families.len() >= 10, "{text}");
+    for family in &families {
+        let name = family.split(' ').next().unwrap_or_default();
+        assert!(text.lines().any(|line| line.starts_with(&format!("# HELP {name} "))), "no HELP for {name}");
+    }
+    for histogram in ["runguard_evaluation_seconds", "runguard_writer_commit_seconds", "runguard_http_request_seconds"]
+    {
+        assert!(
+            families.contains(&format!("{histogram} histogram").as_str()),
+            "{histogram} is not a histogram: {families:?}"
+        );
+    }
+    let by_route = "runguard_http_requests_total{method=\"GET\",route=\"/v1/runs/{id}\",status=\"200\"} 1";
+    assert!(text.lines().any(|line| line == by_route), "no `{by_route}` in:\n{text}");
+    let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIPPED the promtool check: `promtool` is not installed (apt-get install prometheus)");
+        return;
+    };
+    use std::io::Write;
+    promtool.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write the scrape");
+    let out = promtool.wait_with_output().expect("promtool runs");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool check metrics failed ({}): {said}", out.status);
+}
+
 #[test]
 fn openapi_is_json_with_paths() {
     let node = Node::start();

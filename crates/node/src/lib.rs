@@ -20,6 +20,7 @@ pub mod current_snapshots;
 pub mod error;
 pub mod failure;
 pub mod http;
+pub mod metric_families;
 pub mod openapi;
 pub mod server;
 pub mod shared;

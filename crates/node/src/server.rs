@@ -5,14 +5,14 @@ use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::metric_families;
 use actix::prelude::*;
 use actix_web::dev::Service as _;
 use actix_web::http::KeepAlive;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use runguard_store::{Store, StoreOptions};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::signal::unix::{SignalKind, signal};
@@ -105,7 +105,14 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
     store.index_snapshot_bindings().context("cannot index the snapshot bindings of stored runs")?;
     let (next_seq, _) = store.chain_head().context("cannot read the record chain head")?;
     tracing::info!(data_dir = %config.data_dir.display(), records = next_seq.saturating_sub(1), "store open");
-    let metrics = PrometheusBuilder::new().install_recorder().ok();
+    let metrics = match metric_families::install() {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            // A second node in one process (tests) finds the recorder installed; the first one serves it.
+            tracing::warn!(error = %err, "metrics are not recorded by this node");
+            None
+        }
+    };
 
     let (writer, writer_arbiter) =
         Writer::new(Arc::clone(&store), config.limits.writer_batch, config.limits.writer_queue).start_dedicated();
@@ -136,6 +143,21 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
                 let answer = service.call(request);
                 let budget = Arc::clone(&budget);
                 async move { Ok(budget.meter(answer.await?)) }
+            })
+            .wrap_fn(|request, service| {
+                let (started, method) = (Instant::now(), request.method().clone());
+                let answer = service.call(request);
+                async move {
+                    let answer = answer.await?;
+                    let route = answer.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+                    metric_families::record_request(
+                        method.as_str(),
+                        &route,
+                        answer.status().as_u16(),
+                        started.elapsed(),
+                    );
+                    Ok(answer)
+                }
             })
             .configure(http::configure)
     })
