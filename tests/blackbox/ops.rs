@@ -88,6 +88,16 @@ fn metrics_are_described_zeroed_histograms_that_promtool_accepts() {
     assert!(out.status.success(), "promtool check metrics failed ({}): {said}", out.status);
 }
 
+/// Logs written to a file carry no terminal colour codes.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    let node = Node::start();
+    node.client().post("/v1/runs", &json!({ "run_id": "run-logs" })).expect(201);
+    let logs = node.logs();
+    assert!(logs.contains("run created"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "ANSI escape codes in:\n{logs}");
+}
+
 #[test]
 fn openapi_is_json_with_paths() {
     let node = Node::start();

@@ -21,8 +21,10 @@ pub fn init(format: LogFormat, level: &str) {
     };
     // A closed standard error (`runguard serve 2>&1 | head`) loses the log lines; reporting that failure
     // on the same closed stream would panic.
+    // Colour codes only for a terminal: in a file or a log collector they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .log_internal_errors(false);
