@@ -117,3 +117,19 @@ fn blocks_by_evaluation_errors_never_count_as_preventions() {
         assert_eq!(client.get("/v1/policies/pol_broken").expect(200)["mode"], "active");
     }
 }
+
+/// The incident id a failed run's end answers can be opened; an unknown one is not found.
+#[test]
+fn an_incident_named_by_a_run_end_can_be_read() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "run-failed");
+    let failing = json!({ "index": 0, "phase": "post", "skill": "fetch", "error": { "type": "Timeout" } });
+    step(&client, "run-failed", &failing);
+    let ended = client.post("/v1/runs/run-failed/end", &json!({ "outcome": "failed" })).expect(200).clone();
+    let id = ended["incident_id"].as_str().expect("an incident");
+    let incident = client.get(&format!("/v1/incidents/{id}")).expect(200).clone();
+    assert_eq!(incident["run_id"], "run-failed");
+    assert_eq!(incident["signature"]["skill"], "fetch");
+    client.get("/v1/incidents/inc_nope").expect_error(404, "not_found");
+}

@@ -316,3 +316,28 @@ fn a_policy_id_names_one_policy_wherever_a_tenant_sees_it() {
     let unique: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "{ids:?}");
 }
+
+/// `GET /v1/policies/{id}/versions` lists every version oldest first, page by page; another tenant's
+/// policy is not found.
+#[test]
+fn a_policys_versions_are_listed_oldest_first_in_pages() {
+    let node = Node::start_with_config(&crate::harness::tokens_config());
+    let acme = node.client_as(crate::harness::ACME_OPERATOR);
+    create_policy(&acme, &budget("pol_v", "tokens", 10));
+    for (expected_version, max) in [(1, 20), (2, 30)] {
+        let mut doc = budget("pol_v", "tokens", max);
+        doc["expected_version"] = json!(expected_version);
+        acme.put("/v1/policies/pol_v", &doc).expect(200);
+    }
+    let first = acme.get("/v1/policies/pol_v/versions?limit=2").expect(200).clone();
+    let versions: Vec<_> = first["items"].as_array().unwrap().iter().map(|p| p["version"].clone()).collect();
+    assert_eq!(versions, [json!(1), json!(2)]);
+    let cursor = first["next_cursor"].as_str().expect("a second page");
+    let second = acme.get(&format!("/v1/policies/pol_v/versions?limit=2&cursor={cursor}")).expect(200).clone();
+    assert_eq!(second["items"][0]["version"], 3);
+    assert_eq!(second["items"][0]["rule"]["max"], 30);
+    assert!(second["next_cursor"].is_null());
+    acme.get("/v1/policies/pol_v/versions?cursor=zz").expect_error(400, "invalid_request");
+    let beta = node.client_as(crate::harness::BETA_OPERATOR);
+    beta.get("/v1/policies/pol_v/versions").expect_error(404, "not_found");
+}

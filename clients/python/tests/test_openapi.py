@@ -38,6 +38,7 @@ OPERATIONS: dict[tuple[str, str, str], type[BaseModel] | None] = {
     ("post", "/v1/policies/{id}/mode", "200"): m.Policy,
     ("post", "/v1/policies/{id}/confirm", "200"): m.Confirmation,
     ("get", "/v1/policies/{id}/audit", "200"): page_of(m.AuditEntry),
+    ("get", "/v1/policies/{id}/versions", "200"): page_of(m.Policy),
     ("get", "/v1/policies/{id}/shadow-stats", "200"): m.ShadowStats,
     ("get", "/v1/policies/{id}/graduation", "200"): m.PolicyGraduation,
     ("post", "/v1/runs", "201"): m.RunCreated,
@@ -50,6 +51,7 @@ OPERATIONS: dict[tuple[str, str, str], type[BaseModel] | None] = {
     ("get", "/v1/prevention-records/{id}", "200"): m.PreventionRecord,
     ("post", "/v1/prevention-records/{id}/regret", "201"): m.RegretResult,
     ("get", "/v1/incidents", "200"): page_of(m.Incident),
+    ("get", "/v1/incidents/{id}", "200"): m.Incident,
     ("get", "/v1/patterns", "200"): page_of(m.Pattern),
     ("get", "/v1/patterns/{id}", "200"): m.Pattern,
     ("post", "/v1/patterns/{id}/propose", "201"): m.Policy,
@@ -186,6 +188,8 @@ def drive_every_endpoint(client: runguard.Client) -> None:
     client.set_policy_mode("pol_shadow", "pending", reason="review")
     client.confirm_policy("pol_shadow")
     list(client.policy_audit("pol_shadow"))
+    versions = [p.version for p in client.policy_versions("pol_shadow", limit=1)]
+    assert versions == list(range(1, client.get_policy("pol_shadow").version + 1))
     client.policy_shadow_stats("pol_shadow")
     client.policy_graduation("pol_budget")
     client.set_policy_mode("pol_shadow", "shadow")
@@ -208,7 +212,8 @@ def drive_every_endpoint(client: runguard.Client) -> None:
             {"index": 0, "phase": "post", "skill": "fetch", "input_keys": ["id"], "error": {"type": "Timeout"}},
         )
         failed.end("failed", {"type": "Timeout", "code": "E", "status": 504, "message": "slow"})
-    list(client.list_incidents())
+    incidents = list(client.list_incidents())
+    assert client.get_incident(incidents[0].id) == incidents[0]
     (pattern,) = list(client.list_patterns())
     client.get_pattern(pattern.id)
     client.propose_pattern(pattern.id)

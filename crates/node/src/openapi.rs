@@ -65,6 +65,13 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/v1/policies/{id}/versions",
+        role: "operator",
+        summary: "Every version of a policy, oldest first",
+        status: 200,
+    },
+    Route {
+        method: "get",
         path: "/v1/policies/{id}/shadow-stats",
         role: "operator",
         summary: "Shadow statistics",
@@ -135,6 +142,7 @@ pub const ROUTES: &[Route] = &[
         status: 201,
     },
     Route { method: "get", path: "/v1/incidents", role: "operator", summary: "Incidents", status: 200 },
+    Route { method: "get", path: "/v1/incidents/{id}", role: "operator", summary: "One incident", status: 200 },
     Route { method: "get", path: "/v1/patterns", role: "operator", summary: "Patterns", status: 200 },
     Route { method: "get", path: "/v1/patterns/{id}", role: "operator", summary: "One pattern", status: 200 },
     Route {

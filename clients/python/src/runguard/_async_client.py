@@ -231,6 +231,9 @@ class AsyncClient:
     def policy_audit(self, policy_id: str, *, limit: int | None = None) -> AsyncPager[m.AuditEntry]:
         return AsyncPager(self, _ops.policy_audit(policy_id, limit))
 
+    def policy_versions(self, policy_id: str, *, limit: int | None = None) -> AsyncPager[m.Policy]:
+        return AsyncPager(self, _ops.policy_versions(policy_id, limit))
+
     async def policy_shadow_stats(self, policy_id: str) -> m.ShadowStats:
         return await self._call(_ops.policy_shadow_stats(policy_id))
 
@@ -259,6 +262,9 @@ class AsyncClient:
 
     def list_incidents(self, *, limit: int | None = None) -> AsyncPager[m.Incident]:
         return AsyncPager(self, _ops.list_incidents(limit))
+
+    async def get_incident(self, incident_id: str) -> m.Incident:
+        return await self._call(_ops.get_incident(incident_id))
 
     def list_patterns(self, *, limit: int | None = None) -> AsyncPager[m.Pattern]:
         return AsyncPager(self, _ops.list_patterns(limit))

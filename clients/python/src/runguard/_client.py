@@ -228,6 +228,9 @@ class Client:
     def policy_audit(self, policy_id: str, *, limit: int | None = None) -> Pager[m.AuditEntry]:
         return Pager(self, _ops.policy_audit(policy_id, limit))
 
+    def policy_versions(self, policy_id: str, *, limit: int | None = None) -> Pager[m.Policy]:
+        return Pager(self, _ops.policy_versions(policy_id, limit))
+
     def policy_shadow_stats(self, policy_id: str) -> m.ShadowStats:
         return self._call(_ops.policy_shadow_stats(policy_id))
 
@@ -256,6 +259,9 @@ class Client:
 
     def list_incidents(self, *, limit: int | None = None) -> Pager[m.Incident]:
         return Pager(self, _ops.list_incidents(limit))
+
+    def get_incident(self, incident_id: str) -> m.Incident:
+        return self._call(_ops.get_incident(incident_id))
 
     def list_patterns(self, *, limit: int | None = None) -> Pager[m.Pattern]:
         return Pager(self, _ops.list_patterns(limit))

@@ -85,6 +85,10 @@ def policy_audit(policy_id: str, limit: int | None) -> PageOp[m.AuditEntry]:
     return paged(m.AuditEntry, f"/v1/policies/{path_segment(policy_id)}/audit", limit)
 
 
+def policy_versions(policy_id: str, limit: int | None) -> PageOp[m.Policy]:
+    return paged(m.Policy, f"/v1/policies/{path_segment(policy_id)}/versions", limit)
+
+
 def policy_shadow_stats(policy_id: str) -> Op[m.ShadowStats]:
     return Op("GET", f"/v1/policies/{path_segment(policy_id)}/shadow-stats", _model(m.ShadowStats))
 
@@ -168,6 +172,10 @@ def regret(record_id: str, severity: int, note: str | None) -> Op[m.RegretResult
 
 def list_incidents(limit: int | None) -> PageOp[m.Incident]:
     return paged(m.Incident, "/v1/incidents", limit)
+
+
+def get_incident(incident_id: str) -> Op[m.Incident]:
+    return Op("GET", f"/v1/incidents/{path_segment(incident_id)}", _model(m.Incident))
 
 
 def list_patterns(limit: int | None) -> PageOp[m.Pattern]:

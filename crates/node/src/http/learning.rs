@@ -4,7 +4,7 @@ use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use std::collections::HashMap;
 
-use runguard_contract::{PatternId, PreventionRecord, RecordId, RunId, Snapshot};
+use runguard_contract::{IncidentId, PatternId, PreventionRecord, RecordId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
 use runguard_store::WriteBatch;
 use serde::Deserialize;
@@ -39,6 +39,14 @@ pub async fn patterns(state: State, req: HttpRequest) -> Result<HttpResponse, Ap
 
 fn pattern_id(raw: &str) -> Result<PatternId, ApiError> {
     PatternId::new(raw).map_err(|_| ApiError::not_found("pattern", raw))
+}
+
+/// `GET /v1/incidents/{id}`: the incident a failed run's end named.
+pub async fn incident(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let incident_id = IncidentId::new(id.as_str()).map_err(|_| ApiError::not_found("incident", &id))?;
+    let found = state.shared.read(move |store| store.get_incident(&caller.tenant, &incident_id)).await?;
+    Ok(HttpResponse::Ok().json(found.ok_or_else(|| ApiError::not_found("incident", &id))?))
 }
 
 /// `GET /v1/patterns/{id}`.

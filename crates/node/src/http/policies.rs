@@ -275,6 +275,31 @@ pub async fn confirm(state: State, req: HttpRequest, id: Path<String>) -> Result
     Ok(HttpResponse::Ok().json(state.shared.learn(msg).await??))
 }
 
+/// `GET /v1/policies/{id}/versions`: every version, oldest first; the cursor is the last version seen.
+pub async fn versions(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
+    let caller = state.caller(&req, Role::Operator)?;
+    let id = policy_id(&id)?;
+    let page = query::<PageQuery>(&req)?.page()?;
+    let after = match page.cursor.as_deref() {
+        None => 0,
+        Some(raw) => raw
+            .parse::<u32>()
+            .map_err(|_| ApiError::bad_request("cursor", format!("`{raw}` is not a cursor this list gave")))?,
+    };
+    let policy = current(&state, &caller, &id, None).await?;
+    let owner = policy.tenant_id.clone();
+    list_page(&state, &caller.tenant, move |store| {
+        let later = store.policy_versions(owner.as_ref(), &policy.id).map_err(store_error)?;
+        let mut items: Vec<Policy> = later.into_iter().filter(|p| p.version > after).collect();
+        let next_cursor = (items.len() > page.limit).then(|| {
+            items.truncate(page.limit);
+            items.last().map(|p| p.version.to_string())
+        });
+        Ok(runguard_store::Page { items, next_cursor: next_cursor.flatten() })
+    })
+    .await
+}
+
 /// `GET /v1/policies/{id}/audit`.
 pub async fn audit(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
