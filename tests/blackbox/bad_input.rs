@@ -268,3 +268,22 @@ fn label_reason_and_note_lengths_follow_the_configuration() {
     let note = json!({ "severity": 3, "note": "x".repeat(17) });
     assert_eq!(field("/v1/prevention-records/prv_any/regret", note), "note");
 }
+
+/// A missing field is named by its own path, not its parent's (`rule.max`, not `rule`; `outcome`, not "").
+#[test]
+fn missing_fields_are_named_by_their_own_path() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "run-missing");
+    let field = |path: &str, body: serde_json::Value| {
+        let details = client.post(path, &body).expect_error(400, "invalid_request").clone();
+        details["field"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(field("/v1/runs/run-missing/end", json!({})), "outcome");
+    let no_max = json!({ "name": "x", "rule": { "kind": "budget", "metric": "tokens", "per": "run" } });
+    assert_eq!(field("/v1/policies", no_max), "rule.max");
+    let no_name = json!({ "rule": { "kind": "budget", "metric": "tokens", "per": "run", "max": 1 } });
+    assert_eq!(field("/v1/policies", no_name), "name");
+    let resp = client.post("/v1/policies", &json!({ "rule": { "kind": "skill", "deny": ["rm"] } }));
+    assert_eq!(resp.body["error"]["message"], "`name` is required");
+}

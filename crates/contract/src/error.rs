@@ -57,12 +57,7 @@ impl fmt::Debug for ValidationError {
 /// expected, or an integer beyond 2^53 − 1 is refused the same way.
 pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(Strict::new(&mut de)).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let field = if path == "." { String::new() } else { path };
-        ValidationError::new(field, describe_json_error(&inner))
-    })?;
+    let value = serde_path_to_error::deserialize(Strict::new(&mut de)).map_err(|err| located(&err))?;
     de.end().map_err(|err| ValidationError::new("", describe_json_error(&err)))?;
     Ok(value)
 }
@@ -70,12 +65,21 @@ pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T
 /// Deserializes `T` from an already parsed JSON value, reporting the path of the first field that does
 /// not fit. Read strictly, like [`from_json_slice`] (a value converted from TOML has not been checked).
 pub fn from_json_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ValidationError> {
-    serde_path_to_error::deserialize(Strict::new(value)).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let field = if path == "." { String::new() } else { path };
-        ValidationError::new(field, describe_json_error(&inner))
-    })
+    serde_path_to_error::deserialize(Strict::new(value)).map_err(|err| located(&err))
+}
+
+/// The error at the path serde reached. serde reports a missing field at its parent's path, with the
+/// field's name only in the message: the field's own path is put together here.
+fn located(err: &serde_path_to_error::Error<serde_json::Error>) -> ValidationError {
+    let path = err.path().to_string();
+    let parent = if path == "." { String::new() } else { path };
+    let message = describe_json_error(err.inner());
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+    match missing {
+        Some(name) if parent.is_empty() => ValidationError::new(name, "is required"),
+        Some(name) => ValidationError::new(format!("{parent}.{name}"), "is required"),
+        None => ValidationError::new(parent, message),
+    }
 }
 
 fn describe_json_error(err: &serde_json::Error) -> String {
