@@ -185,7 +185,7 @@ fn end_bodies_are_read_strictly_and_their_error_texts_are_limited() {
     assert_eq!(resp.expect(200)["run"]["status"], "failed");
 }
 
-fn lint(files: &[&std::path::Path]) -> (Option<i32>, String) {
+pub fn lint(files: &[&std::path::Path]) -> (Option<i32>, String) {
     let mut args = vec![std::ffi::OsStr::new("policy"), std::ffi::OsStr::new("lint")];
     args.extend(files.iter().map(|f| f.as_os_str()));
     let output = crate::harness::run_cli(&args);

@@ -18,6 +18,7 @@ mod noisy_neighbour;
 mod ops;
 mod overload;
 mod policies;
+mod policy_docs;
 mod prevention_contract;
 mod records;
 mod restart;
