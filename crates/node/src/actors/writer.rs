@@ -108,7 +108,7 @@ impl Writer {
         }
         let started = Instant::now();
         let calls = batches.len();
-        let outcomes = self.store.commit_each(batches);
+        let outcomes = self.store.commit_group(batches);
         let elapsed = started.elapsed();
         metrics::histogram!("runguard_writer_batch_size").record(calls as f64);
         metrics::histogram!("runguard_writer_commit_seconds").record(elapsed.as_secs_f64());

@@ -15,7 +15,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 
 use super::reads::{snapshot_id_digest, tenant_heads_hold};
-use super::{ChainHead, CommitOutcome, Engine, Failure, META_COMMITS, Store, T, TREE_NAMES, Undo, WriterState};
+use super::{ChainHead, Engine, Failure, META_COMMITS, Store, T, TREE_NAMES, Undo, WriterState};
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
 use crate::codec::{self, Stored};
 use crate::error::{StoreError, StoreErrorKind};
@@ -51,6 +51,9 @@ impl Engine {
 
 type TxError = ConflictableTransactionError<StoreError>;
 
+/// What one caller's batch of a group commit got.
+type Outcome = Result<CommitReceipt, StoreError>;
+
 impl Store {
     /// Makes every write of `batch` durable together: checks them, assigns record sequence numbers and
     /// ledger positions, applies everything in one multi-tree transaction, then flushes and fsyncs. On any
@@ -59,16 +62,20 @@ impl Store {
         if batch.is_empty() {
             return Ok(CommitReceipt::default());
         }
-        self.commit_each(vec![batch]).pop().unwrap_or_else(|| Ok(CommitReceipt::default()))
+        self.commit_group(vec![batch]).pop().unwrap_or_else(|| Ok(CommitReceipt::default()))
     }
 
-    /// Group commit of several callers' batches in one transaction, flush and fsync, failing only the
-    /// callers whose own writes are refused (SPEC §12.8): each batch is checked against the state the
-    /// earlier ones leave; a refused one is dropped and the others are checked again without it. A store
-    /// that cannot write fails every caller with the same (I/O) error. Answers one outcome per batch, in
-    /// order.
-    pub fn commit_each(&self, batches: Vec<WriteBatch>) -> Vec<CommitOutcome> {
-        let mut outcomes: Vec<Option<CommitOutcome>> = batches.iter().map(|_| None).collect();
+    /// Group commit: several callers' batches in one transaction, one flush and one fsync, failing only
+    /// the callers whose own writes are refused. Each batch is checked against the state the earlier ones
+    /// leave; a refused one is dropped and the others are checked again without it. A store that cannot
+    /// write fails every caller with the same (I/O) error. Answers one result per batch, in order; an
+    /// empty group touches nothing (see `docs/store.md`, "Group commit").
+    pub fn commit_group(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
+        if batches.is_empty() {
+            // Not even the writer lock: an attempt that writes nothing must not report the store healthy.
+            return Vec::new();
+        }
+        let mut outcomes: Vec<Option<Outcome>> = batches.iter().map(|_| None).collect();
         let writes_policies =
             batches.iter().any(|b| b.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_))));
         let mut writer = self.writer();
@@ -93,7 +100,7 @@ impl Store {
         &self,
         writer: &mut WriterState,
         batches: &[WriteBatch],
-        outcomes: &mut [Option<CommitOutcome>],
+        outcomes: &mut [Option<Outcome>],
     ) -> Result<(), StoreError> {
         let delay = self.commit_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -114,7 +121,7 @@ impl Store {
         &self,
         writer: &mut WriterState,
         batches: &[WriteBatch],
-        outcomes: &mut [Option<CommitOutcome>],
+        outcomes: &mut [Option<Outcome>],
     ) -> Result<(), StoreError> {
         let engine = self.recover_locked(writer)?;
         let prepared = loop {

@@ -18,8 +18,6 @@ use std::time::Duration;
 use runguard_contract::RecordHash;
 use sled::{IVec, Tree};
 
-use crate::batch::CommitReceipt;
-
 use crate::error::{StoreError, StoreErrorKind};
 use crate::run_cache::RunCache;
 
@@ -137,7 +135,7 @@ enum Acknowledged {
 }
 
 /// The runguard store: one sled database holding every tree, written only through [`Store::commit`] and
-/// [`Store::commit_each`].
+/// [`Store::commit_group`].
 ///
 /// Reads may run on any thread concurrently with a commit; commits are serialised by an internal lock.
 #[derive(Debug)]
@@ -157,9 +155,6 @@ pub struct Store {
     /// What the acknowledgement check found (only with [`Acknowledged::Report`]).
     lost: Option<String>,
 }
-
-/// What one caller's batch of a [`Store::commit_each`] got.
-pub type CommitOutcome = Result<CommitReceipt, StoreError>;
 
 impl Store {
     /// The directory the store lives in.
