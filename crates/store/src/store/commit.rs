@@ -130,7 +130,7 @@ impl Store {
                 return Ok(());
             }
             let chosen: Vec<&WriteBatch> = included.iter().map(|i| &batches[*i]).collect();
-            match Prepare::new(self, &engine, &writer.runs, writer.head.clone(), writer.commits).run(&chosen) {
+            match Prepare::new(self, &writer.runs, writer.head.clone(), writer.commits).run(&chosen) {
                 Ok(prepared) => break (included, prepared),
                 // A read that fails is the store's failure, not the caller's: everyone gets it. Anything else
                 // (a refusal, or damage to what this caller touches) fails only this caller.
@@ -260,13 +260,7 @@ struct Prepared {
 }
 
 impl<'a> Prepare<'a> {
-    fn new(
-        store: &'a Store,
-        _engine: &'a Engine,
-        cache: &'a RunCache,
-        head: Result<ChainHead, StoreError>,
-        commits: u64,
-    ) -> Self {
+    fn new(store: &'a Store, cache: &'a RunCache, head: Result<ChainHead, StoreError>, commits: u64) -> Self {
         Self {
             store,
             cache,
