@@ -106,35 +106,23 @@ pub(crate) fn decode_raw<'a>(what: &str, bytes: &'a [u8]) -> Result<&'a [u8], St
     payload(what, bytes)
 }
 
-macro_rules! stored_bincode {
-    ($($ty:ty => $what:literal),* $(,)?) => {$(
+/// Implements [`Stored`] for each type with the given pair of encode/decode functions.
+macro_rules! stored {
+    ($encode:ident, $decode:ident: $($ty:ty => $what:literal),* $(,)?) => {$(
         impl Stored for $ty {
             const WHAT: &'static str = $what;
             fn encode(&self) -> Result<Vec<u8>, StoreError> {
-                encode_bincode(Self::WHAT, self)
+                $encode(Self::WHAT, self)
             }
             fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-                decode_bincode(Self::WHAT, bytes)
+                $decode(Self::WHAT, bytes)
             }
         }
     )*};
 }
 
-macro_rules! stored_json {
-    ($($ty:ty => $what:literal),* $(,)?) => {$(
-        impl Stored for $ty {
-            const WHAT: &'static str = $what;
-            fn encode(&self) -> Result<Vec<u8>, StoreError> {
-                encode_json(Self::WHAT, self)
-            }
-            fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-                decode_json(Self::WHAT, bytes)
-            }
-        }
-    )*};
-}
-
-stored_bincode! {
+stored! {
+    encode_bincode, decode_bincode:
     runguard_contract::PreventionRecord => "prevention record",
     runguard_contract::AuditEntry => "audit entry",
     runguard_contract::Incident => "incident",
@@ -149,6 +137,7 @@ stored_bincode! {
     String => "pattern id",
 }
 
-stored_json! {
+stored! {
+    encode_json, decode_json:
     runguard_contract::Policy => "policy",
 }

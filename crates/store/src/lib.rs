@@ -5,10 +5,10 @@
 //! prevention records with their tenant-scoped indexes, shadow statistics, and the learning loop
 //! (incidents, patterns, regrets, graduation). This is the only crate that names sled or bincode.
 //!
-//! All writes go through [`Store::commit`] (one caller) or [`Store::commit_each`] (a group of callers): each
-//! caller's [`WriteBatch`] is checked (records against the prevention contract, policy versions against
-//! the current one) against the state the earlier callers leave, and the accepted ones are applied in one
-//! multi-tree transaction, flushed and fsynced. A refused batch fails only its caller; nothing of a failed
+//! All writes go through [`Store::commit_group`] (a group of callers, one result each) or [`Store::commit`]
+//! (a group of one): each caller's [`WriteBatch`] is checked (records against the prevention contract,
+//! policy versions against the current one) against the state the earlier callers leave, and the accepted
+//! ones are applied in one multi-tree transaction, flushed and fsynced. A refused batch fails only its caller; nothing of a failed
 //! batch is written. A commit counter inside sled and a watermark file beside it let [`Store::open`] refuse
 //! a store that recovered to an earlier state than it acknowledged.
 //!
@@ -61,5 +61,5 @@ pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
-pub use store::{CommitOutcome, SCHEMA_VERSION, Store, StoreOptions};
+pub use store::{SCHEMA_VERSION, Store, StoreOptions};
 pub use watermark::WATERMARK_FILE;

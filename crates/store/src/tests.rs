@@ -486,20 +486,25 @@ fn policies_list_global_then_own_filtered_and_paginated() {
     assert!(store.find_policy(&acme, &PolicyId::new("pol_x").unwrap(), None).unwrap().is_none());
 }
 
+/// An operator's manual mode change of `policy` to `to`, at `at(n)`.
+fn manual_audit(policy: &PolicyId, to: Mode, n: i64, reason: Option<String>) -> AuditEntry {
+    AuditEntry {
+        policy_id: policy.clone(),
+        from: None,
+        to,
+        at: at(n),
+        caller: "ops".into(),
+        reason,
+        approval_path: ApprovalPath::Manual,
+    }
+}
+
 #[test]
 fn the_activation_audit_appends_in_order() {
     let (_dir, store) = fresh();
     let acme = tenant("acme");
     let policy = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 1);
-    let entry = |to: Mode, n: i64| AuditEntry {
-        policy_id: policy.id.clone(),
-        from: None,
-        to,
-        at: at(n),
-        caller: "ops".into(),
-        reason: Some(format!("step {n}")),
-        approval_path: ApprovalPath::Manual,
-    };
+    let entry = |to: Mode, n: i64| manual_audit(&policy.id, to, n, Some(format!("step {n}")));
     commit(&store, |b| {
         b.put_policy_version(policy.clone()).append_audit(Some(acme.clone()), entry(Mode::Shadow, 0));
     });
@@ -844,15 +849,7 @@ fn incidents_and_audits_are_read_from_the_window_on() {
     assert!(store.incidents_since(&acme, at(50)).unwrap().is_empty());
 
     let policy = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 1);
-    let entry = |to: Mode, n: i64| AuditEntry {
-        policy_id: policy.id.clone(),
-        from: None,
-        to,
-        at: at(n),
-        caller: "ops".into(),
-        reason: None,
-        approval_path: ApprovalPath::Manual,
-    };
+    let entry = |to: Mode, n: i64| manual_audit(&policy.id, to, n, None);
     commit(&store, |b| {
         b.put_policy_version(policy.clone());
         for n in 0..10 {

@@ -170,7 +170,7 @@ fn a_refused_caller_fails_alone_in_a_group_commit() {
     conflict.put_policy_version(stale);
     let mut fine = WriteBatch::new();
     world.push_block(&mut fine, &runs[1], 0, at(7));
-    let outcomes = store.commit_each(vec![first, duplicate, conflict, fine]);
+    let outcomes = store.commit_group(vec![first, duplicate, conflict, fine]);
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
     let dup = outcomes[1].as_ref().unwrap_err();
     assert_eq!(dup.kind(), StoreErrorKind::Conflict);
@@ -195,13 +195,78 @@ fn a_store_that_cannot_write_fails_every_caller_with_io() {
     a.put_run(runs[1].clone());
     let mut b = WriteBatch::new();
     world.push_block(&mut b, &runs[2], 0, at(6));
-    for outcome in store.commit_each(vec![a, b]) {
+    for outcome in store.commit_group(vec![a, b]) {
         assert_eq!(outcome.unwrap_err().kind(), StoreErrorKind::Injected);
     }
     assert!(!store.is_healthy());
     store.inject_commit_failure(false);
     store.probe().unwrap();
     assert!(store.is_healthy());
+}
+
+#[test]
+fn a_group_commit_answers_each_caller_in_order_with_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (world, runs) = populated(dir.path(), 4);
+    let store = open(dir.path());
+    let before = store.commit_count();
+    let batches: Vec<WriteBatch> = runs[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, run)| {
+            let mut batch = WriteBatch::new();
+            world.push_block(&mut batch, run, 0, at(10 + i64::try_from(i).unwrap()));
+            batch
+        })
+        .collect();
+    let outcomes = store.commit_group(batches);
+    assert_eq!(outcomes.len(), 3);
+    let seqs: Vec<u64> = outcomes.iter().map(|o| o.as_ref().unwrap().records[0].seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4], "each caller gets its own receipt, in the order sent");
+    assert_eq!(store.commit_count(), before + 1, "one commit for the whole group");
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn an_empty_group_commits_nothing_and_proves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_world, runs) = populated(dir.path(), 2);
+    let store = open(dir.path());
+    let before = store.commit_count();
+    assert!(store.commit_group(Vec::new()).is_empty());
+    assert_eq!(store.commit_count(), before);
+    // A store that just failed to write stays unready: an empty group wrote nothing, so it shows nothing.
+    store.inject_commit_failure(true);
+    let mut batch = WriteBatch::new();
+    batch.put_run(runs[1].clone());
+    assert!(store.commit(batch).is_err());
+    store.inject_commit_failure(false);
+    assert!(store.commit_group(Vec::new()).is_empty());
+    assert!(!store.is_healthy());
+    store.probe().unwrap();
+    assert!(store.is_healthy());
+}
+
+#[test]
+fn a_flush_failure_fails_every_caller_of_the_group_and_writes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (world, runs) = populated(dir.path(), 3);
+    let store = open(dir.path());
+    let head = store.chain_head().unwrap();
+    store.inject_durability_failure(true);
+    let mut a = WriteBatch::new();
+    world.push_block(&mut a, &runs[1], 0, at(6));
+    let mut b = WriteBatch::new();
+    world.push_block(&mut b, &runs[2], 0, at(7));
+    let outcomes = store.commit_group(vec![a, b]);
+    assert_eq!(outcomes.len(), 2);
+    for outcome in outcomes {
+        assert_eq!(outcome.unwrap_err().kind(), StoreErrorKind::Injected);
+    }
+    store.inject_durability_failure(false);
+    store.probe().unwrap();
+    assert_eq!(store.chain_head().unwrap(), head, "no caller's record survived the failed flush");
+    assert!(store.ledger(&world.tenant, &runs[2].run_id, &PageRequest::first(10)).unwrap().items.is_empty());
 }
 
 #[test]

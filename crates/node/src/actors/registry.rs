@@ -334,6 +334,106 @@ impl Handler<Deregister> for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::writer::Writer;
+    use crate::config::Config;
+    use runguard_store::{Store, StoreOptions};
+
+    /// A registry over a fresh store with `live_runs` slots, started in this (test) system.
+    fn registry(live_runs: usize) -> (tempfile::TempDir, Arc<Shared>, Addr<Registry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap());
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        let mut config = Config::default();
+        config.limits.live_runs = live_runs;
+        let shared = Arc::new(Shared::new(store, writer, config));
+        let registry = Registry::new(Arc::clone(&shared), Vec::new()).start();
+        (dir, shared, registry)
+    }
+
+    fn key(tenant: &str, run: &str) -> RunKey {
+        RunKey { tenant: TenantId::new(tenant).unwrap(), run_id: RunId::new(run).unwrap() }
+    }
+
+    async fn resolve(registry: &Addr<Registry>, key: &RunKey) -> Result<RunHandle, ApiError> {
+        registry.send(Resolve { key: key.clone(), home: None }).await.unwrap()
+    }
+
+    #[actix_rt::test]
+    async fn concurrent_resolves_of_one_run_spawn_one_actor() {
+        let (_dir, shared, registry) = registry(16);
+        let run = key("acme", "run_1");
+        let handles = futures_util::future::join_all((0..32).map(|_| resolve(&registry, &run))).await;
+        let generations: std::collections::HashSet<u64> = handles.into_iter().map(|h| h.unwrap().generation).collect();
+        assert_eq!(generations.len(), 1, "every caller got the same actor");
+        assert_eq!(shared.live_runs.len(), 1);
+        let other = resolve(&registry, &key("acme", "run_2")).await.unwrap();
+        assert!(!generations.contains(&other.generation), "another run gets its own actor");
+        assert_eq!(shared.live_runs.len(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn a_run_over_the_live_run_limit_is_refused_and_live_ones_still_resolve() {
+        let (_dir, shared, registry) = registry(2);
+        let first = resolve(&registry, &key("acme", "run_1")).await.unwrap();
+        resolve(&registry, &key("acme", "run_2")).await.unwrap();
+        let refused = resolve(&registry, &key("globex", "run_3")).await.unwrap_err();
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.retry_after_s, Some(1));
+        assert_eq!(shared.live_runs.len(), 2, "the refused run took no slot");
+        let again = resolve(&registry, &key("acme", "run_1")).await.unwrap();
+        assert_eq!(again.generation, first.generation, "a live run resolves at the limit");
+    }
+
+    #[actix_rt::test]
+    async fn a_run_whose_call_found_none_is_forgotten_unless_busy_or_replaced() {
+        let (_dir, shared, registry) = registry(16);
+        let run = key("acme", "run_1");
+        let handle = resolve(&registry, &run).await.unwrap();
+        // A call still in flight keeps the actor.
+        let in_flight = handle.enter(usize::MAX).unwrap();
+        registry.send(Forget { key: run.clone(), generation: handle.generation }).await.unwrap();
+        assert!(shared.live_runs.is_current(&run, handle.generation));
+        drop(in_flight);
+        // An older generation's forget never drops the current actor.
+        registry.send(Forget { key: run.clone(), generation: handle.generation.wrapping_sub(1) }).await.unwrap();
+        assert!(shared.live_runs.is_current(&run, handle.generation));
+        registry.send(Forget { key: run.clone(), generation: handle.generation }).await.unwrap();
+        assert!(shared.live_runs.get(&run).is_none());
+        assert!(shared.live_runs.is_empty());
+        let next = resolve(&registry, &run).await.unwrap();
+        assert_ne!(next.generation, handle.generation, "the next call spawns (rehydrates) a new actor");
+    }
+
+    #[actix_rt::test]
+    async fn a_stale_deregistration_never_evicts_the_replacement() {
+        let (_dir, shared, registry) = registry(16);
+        let run = key("acme", "run_1");
+        let first = resolve(&registry, &run).await.unwrap();
+        registry.send(Forget { key: run.clone(), generation: first.generation }).await.unwrap();
+        let second = resolve(&registry, &run).await.unwrap();
+        registry.send(Deregister { key: Arc::new(run.clone()), generation: first.generation }).await.unwrap();
+        assert!(shared.live_runs.is_current(&run, second.generation));
+        registry.send(Deregister { key: Arc::new(run.clone()), generation: second.generation }).await.unwrap();
+        assert!(shared.live_runs.is_empty());
+    }
+
+    #[actix_rt::test]
+    async fn idle_runs_are_evicted_and_busy_or_recent_ones_kept() {
+        let (_dir, shared, registry) = registry(16);
+        let idle = resolve(&registry, &key("acme", "idle")).await.unwrap();
+        let busy = resolve(&registry, &key("acme", "busy")).await.unwrap();
+        let recent = resolve(&registry, &key("acme", "recent")).await.unwrap();
+        for run in [&idle, &busy] {
+            run.activity.last_used.store(0, Ordering::Release);
+        }
+        let _in_flight = busy.activity.enter(usize::MAX).unwrap();
+        // The same sweep the started registry runs on its timer, over the same table.
+        Registry::new(Arc::clone(&shared), Vec::new()).evict_idle(std::time::Duration::from_secs(60));
+        assert!(shared.live_runs.get(&key("acme", "idle")).is_none(), "an idle run is evicted");
+        assert!(shared.live_runs.is_current(&key("acme", "busy"), busy.generation), "a call in flight keeps it");
+        assert!(shared.live_runs.is_current(&key("acme", "recent"), recent.generation), "recent use keeps it");
+    }
 
     #[test]
     fn calls_in_flight_are_bounded_and_released() {

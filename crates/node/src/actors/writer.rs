@@ -108,7 +108,7 @@ impl Writer {
         }
         let started = Instant::now();
         let calls = batches.len();
-        let outcomes = self.store.commit_each(batches);
+        let outcomes = self.store.commit_group(batches);
         let elapsed = started.elapsed();
         metrics::histogram!("runguard_writer_batch_size").record(calls as f64);
         metrics::histogram!("runguard_writer_commit_seconds").record(elapsed.as_secs_f64());
@@ -204,7 +204,7 @@ mod tests {
     use runguard_contract::{ApprovalPath, AuditEntry, Mode, PolicyId, Snapshot, TenantId, Timestamp};
     use runguard_store::{Store, StoreErrorKind, StoreOptions, WriteBatch};
 
-    use super::{Commit, Writer};
+    use super::{Commit, Drain, Writer};
     use crate::ticket::Ticket;
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {
@@ -253,6 +253,39 @@ mod tests {
         assert_eq!(err.kind(), StoreErrorKind::NotFound);
         assert!(!err.message().contains("globex") && !err.message().contains("initech"), "{err}");
         assert_eq!(store.commit_count(), 1, "the two accepted callers shared one commit");
+    }
+
+    #[actix_rt::test]
+    async fn a_full_group_commits_at_once_and_the_rest_in_the_next() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 2, 64).start();
+        let (a, b, c) = tokio::join!(
+            writer.send(Commit::new(accepted("acme"))),
+            writer.send(Commit::new(accepted("globex"))),
+            writer.send(Commit::new(accepted("initech"))),
+        );
+        for answer in [a, b, c] {
+            assert!(answer.unwrap().is_ok());
+        }
+        assert_eq!(store.commit_count(), 2, "a group of at most two, then one for the third caller");
+    }
+
+    #[actix_rt::test]
+    async fn drain_commits_what_is_queued_then_stops() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        let (a, b, drained) = tokio::join!(
+            writer.send(Commit::new(accepted("acme"))),
+            writer.send(Commit::new(accepted("globex"))),
+            writer.send(Drain),
+        );
+        assert!(a.unwrap().is_ok() && b.unwrap().is_ok(), "queued callers are answered, committed");
+        drained.unwrap();
+        assert_eq!(store.commit_count(), 1);
+        // Stopped: a later caller is refused, never silently dropped, and nothing more is written.
+        let late = writer.send(Commit::new(accepted("initech"))).await;
+        assert!(late.is_err() || late.unwrap().is_err());
+        assert_eq!(store.commit_count(), 1);
     }
 
     #[actix_rt::test]
