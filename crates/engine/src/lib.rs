@@ -43,9 +43,11 @@ mod cel_rule;
 mod compiled;
 mod content;
 mod evaluate;
+mod failure;
 pub mod learning;
 mod rates;
 mod replay;
+mod run;
 mod state;
 
 pub use cel_rule::{CelContext, CelRule};
@@ -53,6 +55,7 @@ pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, vali
 pub use content::{ContentMatcher, ScanText, luhn_valid, redact};
 pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};
 pub use replay::{ReplayedCall, replay};
+pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
 pub use state::{
     Admission, Effects, LastCall, RateEvent, Refusal, RunState, TenantRates, Termination, TierKey, call_digest,
 };

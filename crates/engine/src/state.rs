@@ -166,6 +166,7 @@ pub enum Admission {
 
 /// Why a call was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The run is stopped or ended.
     #[error("run is {}; it accepts no more step calls", status.as_str())]
@@ -180,6 +181,12 @@ pub enum Refusal {
     OutOfOrder {
         /// The call expected.
         expected: NextCall,
+    },
+    /// The step's index is at or above the host's step limit.
+    #[error("runs take at most {max} steps here")]
+    StepLimit {
+        /// The limit.
+        max: u64,
     },
     /// The last call was sent again with a different body.
     #[error("step {index} `{phase}` was already answered with a different body", phase = phase.as_str())]

@@ -235,10 +235,15 @@ fn refusal(refusal: Refusal) -> ApiError {
             format!("the run is {}; it accepts no more step calls", status.as_str()),
         )
         .with_details(json!({ "status": status, "decision": stopping_decision })),
+        Refusal::StepLimit { max } => {
+            ApiError::conflict("run_step_limit", format!("runs take at most {max} steps on this node"))
+        }
         Refusal::RetryMismatch { index, phase } => ApiError::conflict(
             "idempotency_mismatch",
             format!("step {index} `{}` was already answered; a retry must send the identical body", phase.as_str()),
         ),
+        // The engine's refusals may grow; one this node does not know yet is still a conflict.
+        other => ApiError::conflict("run_refused", other.to_string()),
     }
 }
 

@@ -1,0 +1,100 @@
+//! Which step a failed run failed at: the basis of its incident (see `docs/architecture.md`, run lifecycle).
+
+use runguard_contract::{Signature, StepCall, StepError};
+
+/// Follows a run's step calls and remembers the failing step: the latest `post` that reported an error,
+/// else the latest step. `pre` and `post` fields of one index are merged (the `post` wins).
+/// Boxed: every live run carries one, and most never see a failing step.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FailureTracker {
+    current: Option<Box<StepFields>>,
+    failing: Option<Box<(StepFields, StepError)>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct StepFields {
+    index: u64,
+    skill: Option<String>,
+    api_endpoint: Option<String>,
+    input_keys: Vec<String>,
+}
+
+impl FailureTracker {
+    /// Observes an accepted step call.
+    pub(crate) fn observe(&mut self, call: &StepCall) {
+        let fields = match self.current.take().map(|fields| *fields) {
+            Some(mut fields) if fields.index == call.index => {
+                if call.skill.is_some() {
+                    fields.skill.clone_from(&call.skill);
+                }
+                if call.api_endpoint.is_some() {
+                    fields.api_endpoint.clone_from(&call.api_endpoint);
+                }
+                if !call.input_keys.is_empty() {
+                    fields.input_keys.clone_from(&call.input_keys);
+                }
+                fields
+            }
+            _ => StepFields {
+                index: call.index,
+                skill: call.skill.clone(),
+                api_endpoint: call.api_endpoint.clone(),
+                input_keys: call.input_keys.clone(),
+            },
+        };
+        if let Some(error) = &call.error {
+            self.failing = Some(Box::new((fields.clone(), error.clone())));
+        }
+        self.current = Some(Box::new(fields));
+    }
+
+    /// The signature and error of the failing step; `end_error` (from the run-end call) fills in when no
+    /// step reported one.
+    pub(crate) fn incident_basis(&self, end_error: Option<&StepError>) -> (Signature, StepError) {
+        let current = self.current.as_deref();
+        let (fields, error) = match (self.failing.as_deref(), end_error) {
+            (Some((fields, error)), _) => (Some(fields), error.clone()),
+            (None, Some(error)) => (current, error.clone()),
+            (None, None) => (current, StepError { error_type: Some("unknown".into()), ..StepError::default() }),
+        };
+        let signature = match fields {
+            Some(f) => Signature::normalize(f.skill.as_deref(), f.api_endpoint.as_deref(), &f.input_keys),
+            None => Signature::normalize(None, None, &[]),
+        };
+        (signature, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runguard_contract::Phase;
+
+    #[test]
+    fn the_latest_erroring_post_is_the_failing_step() {
+        let mut tracker = FailureTracker::default();
+        tracker.observe(&StepCall {
+            skill: Some("fetch".into()),
+            api_endpoint: Some("/a/1".into()),
+            ..StepCall::new(0, Phase::Pre)
+        });
+        tracker.observe(&StepCall {
+            error: Some(StepError { error_type: Some("Timeout".into()), ..StepError::default() }),
+            ..StepCall::new(0, Phase::Post)
+        });
+        tracker.observe(&StepCall { skill: Some("write".into()), ..StepCall::new(1, Phase::Post) });
+        let (signature, error) = tracker.incident_basis(None);
+        assert_eq!((signature.skill.as_str(), signature.api_endpoint.as_str()), ("fetch", "/a/{id}"));
+        assert_eq!(error.error_type.as_deref(), Some("Timeout"));
+    }
+
+    #[test]
+    fn without_an_erroring_step_the_last_step_and_end_error_are_used() {
+        let mut tracker = FailureTracker::default();
+        tracker.observe(&StepCall { skill: Some("write".into()), ..StepCall::new(0, Phase::Post) });
+        let end = StepError { error_type: Some("crash".into()), ..StepError::default() };
+        let (signature, error) = tracker.incident_basis(Some(&end));
+        assert_eq!((signature.skill.as_str(), error.error_type.as_deref()), ("write", Some("crash")));
+        assert_eq!(FailureTracker::default().incident_basis(None).1.error_type.as_deref(), Some("unknown"));
+    }
+}
