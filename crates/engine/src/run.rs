@@ -299,7 +299,28 @@ impl Run {
         let Some(change) = outcome.change else { return };
         let Change { next, at, observed, ended } = *change;
         self.state = next;
-        if let Some(call) = &observed {
+        self.settle(at, observed.as_ref(), ended);
+    }
+
+    /// The run as it will be once `outcome` is committed, leaving this one unchanged: for a host that
+    /// persists the run's new form before it applies the outcome (it then replaces the run with this one).
+    pub fn after(&self, outcome: &Outcome) -> Self {
+        let Some(change) = &outcome.change else { return self.clone() };
+        let mut next = Self {
+            snapshot: Arc::clone(&self.snapshot),
+            state: change.next.clone(),
+            failure: self.failure.clone(),
+            created_at: self.created_at,
+            ended_at: self.ended_at,
+            outcome: self.outcome,
+        };
+        next.settle(change.at, change.observed.as_ref(), change.ended);
+        next
+    }
+
+    /// What a committed call changes besides the engine state.
+    fn settle(&mut self, at: Timestamp, observed: Option<&StepCall>, ended: Option<runguard_contract::Outcome>) {
+        if let Some(call) = observed {
             self.failure.observe(call);
         }
         if !self.state.status.is_running() && self.ended_at.is_none() {
