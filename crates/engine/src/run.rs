@@ -223,17 +223,15 @@ impl Run {
         now: Timestamp,
     ) -> (Self, Outcome) {
         let state = RunState::new(tenant, run_id, labels);
-        let evaluation = evaluate(&snapshot, &state, Call::RunStart, &TenantRates::default(), now);
-        let outcome = Outcome::evaluated(&snapshot, &state, evaluation, now, None, None);
-        let run = Self {
-            snapshot,
-            state,
-            failure: FailureTracker::default(),
-            created_at: now,
-            ended_at: None,
-            outcome: None,
-        };
+        let run = Self::resume(snapshot, state, now);
+        let outcome = run.start_call(now);
         (run, outcome)
+    }
+
+    /// The outcome of the run-start call on this run's current state.
+    pub(crate) fn start_call(&self, now: Timestamp) -> Outcome {
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunStart, &TenantRates::default(), now);
+        Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, None)
     }
 
     /// Answers a step call at `now`. The tenant's rate windows are read and, when the call counts against
