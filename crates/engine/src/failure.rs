@@ -19,31 +19,54 @@ struct StepFields {
     input_keys: Vec<String>,
 }
 
-impl FailureTracker {
-    /// Observes an accepted step call.
-    pub(crate) fn observe(&mut self, call: &StepCall) {
-        let fields = match self.current.take().map(|fields| *fields) {
-            Some(mut fields) if fields.index == call.index => {
-                if call.skill.is_some() {
-                    fields.skill.clone_from(&call.skill);
-                }
-                if call.api_endpoint.is_some() {
-                    fields.api_endpoint.clone_from(&call.api_endpoint);
-                }
-                if !call.input_keys.is_empty() {
-                    fields.input_keys.clone_from(&call.input_keys);
-                }
-                fields
-            }
-            _ => StepFields {
+/// What the tracker keeps of one step call (its texts are not needed).
+#[derive(Clone, Debug)]
+pub(crate) struct Observation {
+    fields: StepFields,
+    error: Option<StepError>,
+}
+
+impl Observation {
+    pub(crate) fn of(call: &StepCall) -> Self {
+        Self {
+            fields: StepFields {
                 index: call.index,
                 skill: call.skill.clone(),
                 api_endpoint: call.api_endpoint.clone(),
                 input_keys: call.input_keys.clone(),
             },
+            error: call.error.clone(),
+        }
+    }
+}
+
+impl FailureTracker {
+    /// Observes an accepted step call.
+    #[cfg(test)]
+    pub(crate) fn observe(&mut self, call: &StepCall) {
+        self.record(Observation::of(call));
+    }
+
+    /// Records an accepted step call.
+    pub(crate) fn record(&mut self, observation: Observation) {
+        let Observation { fields: call, error } = observation;
+        let fields = match self.current.take().map(|fields| *fields) {
+            Some(mut fields) if fields.index == call.index => {
+                if call.skill.is_some() {
+                    fields.skill = call.skill;
+                }
+                if call.api_endpoint.is_some() {
+                    fields.api_endpoint = call.api_endpoint;
+                }
+                if !call.input_keys.is_empty() {
+                    fields.input_keys = call.input_keys;
+                }
+                fields
+            }
+            _ => call,
         };
-        if let Some(error) = &call.error {
-            self.failing = Some(Box::new((fields.clone(), error.clone())));
+        if let Some(error) = error {
+            self.failing = Some(Box::new((fields.clone(), error)));
         }
         self.current = Some(Box::new(fields));
     }

@@ -17,7 +17,7 @@ use runguard_contract::{
 
 use crate::compiled::CompiledSnapshot;
 use crate::evaluate::{Call, Evaluation, evaluate};
-use crate::failure::FailureTracker;
+use crate::failure::{FailureTracker, Observation};
 use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
 
 /// What a host configures about every run it hosts.
@@ -89,12 +89,13 @@ pub struct Outcome {
     change: Option<Box<Change>>,
 }
 
-/// What [`Run::commit`] applies; absent for an identical retry, which changes nothing.
+/// What [`Run::commit`] applies besides the decision and effects; absent for an identical retry, which
+/// changes nothing.
 #[derive(Clone, Debug)]
 struct Change {
-    next: RunState,
+    totals: Totals,
     at: Timestamp,
-    observed: Option<StepCall>,
+    observed: Option<Observation>,
     ended: Option<runguard_contract::Outcome>,
 }
 
@@ -106,7 +107,7 @@ impl Outcome {
 
     /// The run's totals once this outcome is committed.
     pub fn totals(&self) -> Option<Totals> {
-        self.change.as_ref().map(|change| change.next.totals)
+        self.change.as_ref().map(|change| change.totals)
     }
 
     fn evaluated(
@@ -114,11 +115,15 @@ impl Outcome {
         state: &RunState,
         evaluation: Evaluation,
         at: Timestamp,
-        observed: Option<StepCall>,
+        observed: Option<Observation>,
         ended: Option<runguard_contract::Outcome>,
     ) -> Self {
-        let mut next = state.clone();
-        next.apply(&evaluation.decision, &evaluation.effects);
+        // As `RunState::apply` folds them: a throttled call changes no totals.
+        let totals = if evaluation.decision.action == Action::Throttle {
+            state.totals
+        } else {
+            state.totals_with(evaluation.effects.usage.as_ref(), evaluation.effects.counts_step)
+        };
         let shadow = shadow_deltas(snapshot, &evaluation);
         Self {
             decision: evaluation.decision,
@@ -128,7 +133,7 @@ impl Outcome {
             fail_opens: evaluation.fail_opens,
             shadow,
             incident: None,
-            change: Some(Box::new(Change { next, at, observed, ended })),
+            change: Some(Box::new(Change { totals, at, observed, ended })),
         }
     }
 }
@@ -265,7 +270,7 @@ impl Run {
         }
         let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
         tenant_rates.apply(&evaluation.effects);
-        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(call.clone()), None))
+        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(Observation::of(call)), None))
     }
 
     /// Ends the run as its agent reports; `None` when it is no longer running (ending it again changes
@@ -283,8 +288,9 @@ impl Run {
             evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome, error }, &TenantRates::default(), now);
         let mut answer = Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, Some(outcome));
         // Only a running run that ends failed, and is not stopped by a block, creates an incident.
-        let failed = answer.change.as_ref().is_some_and(|change| change.next.status == RunStatus::Failed);
-        if runguard_contract::prevention::may_create_incident(self.state.status, outcome) && failed {
+        if runguard_contract::prevention::may_create_incident(self.state.status, outcome)
+            && self.after(&answer).state.status == RunStatus::Failed
+        {
             let (signature, error) = self.failure.incident_basis(error);
             answer.incident = Some(IncidentBasis { signature, error });
         }
@@ -295,31 +301,26 @@ impl Run {
     /// [`start`](Self::start). An outcome must be committed before the next call is answered.
     pub fn commit(&mut self, outcome: Outcome) {
         let Some(change) = outcome.change else { return };
-        let Change { next, at, observed, ended } = *change;
-        self.state = next;
-        self.settle(at, observed.as_ref(), ended);
+        self.state.apply(&outcome.decision, &outcome.effects);
+        let Change { at, observed, ended, .. } = *change;
+        self.settle(at, observed, ended);
     }
 
     /// The run as it will be once `outcome` is committed, leaving this one unchanged: for a host that
     /// persists the run's new form before it applies the outcome (it then replaces the run with this one).
     pub fn after(&self, outcome: &Outcome) -> Self {
-        let Some(change) = &outcome.change else { return self.clone() };
-        let mut next = Self {
-            snapshot: Arc::clone(&self.snapshot),
-            state: change.next.clone(),
-            failure: self.failure.clone(),
-            created_at: self.created_at,
-            ended_at: self.ended_at,
-            outcome: self.outcome,
-        };
-        next.settle(change.at, change.observed.as_ref(), change.ended);
+        let mut next = self.clone();
+        if let Some(change) = &outcome.change {
+            next.state.apply(&outcome.decision, &outcome.effects);
+            next.settle(change.at, change.observed.clone(), change.ended);
+        }
         next
     }
 
     /// What a committed call changes besides the engine state.
-    fn settle(&mut self, at: Timestamp, observed: Option<&StepCall>, ended: Option<runguard_contract::Outcome>) {
-        if let Some(call) = observed {
-            self.failure.observe(call);
+    fn settle(&mut self, at: Timestamp, observed: Option<Observation>, ended: Option<runguard_contract::Outcome>) {
+        if let Some(observation) = observed {
+            self.failure.record(observation);
         }
         if !self.state.status.is_running() && self.ended_at.is_none() {
             self.ended_at = Some(at);
@@ -359,7 +360,7 @@ impl Run {
         for item in ledger {
             entries += 1;
             if let Some(call) = item.step {
-                failure.observe(call);
+                failure.record(Observation::of(call));
             }
             match item.effects {
                 Some(effects) => state.apply(item.decision, effects),

@@ -10,7 +10,7 @@ use runguard_contract::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::rates::RateWindow;
+use crate::rates::{RateEvent, RateWindow};
 
 /// A warn tier of a budget policy that has fired in this run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -19,19 +19,6 @@ pub struct TierKey {
     pub policy_id: PolicyId,
     /// The tier, in percent.
     pub tier: u32,
-}
-
-/// Consumption at one instant, kept for sliding-window rate rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RateEvent {
-    /// When.
-    pub at: Timestamp,
-    /// Steps admitted.
-    pub steps: u64,
-    /// Tokens reported.
-    pub tokens: u64,
-    /// Micro-USD reported.
-    pub cost_micros: u64,
 }
 
 /// Run-scope rate events older than the longest window are dropped.

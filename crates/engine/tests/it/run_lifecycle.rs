@@ -141,3 +141,24 @@ fn rehydration_replays_the_ledger_and_fails_closed_when_it_does_not_check_out() 
     assert!(Run::rehydrate(None, head(run.state().totals), items(), true).is_err());
     assert!(Run::rehydrate(Some(Arc::clone(&snapshot)), head(Totals::default()), std::iter::empty(), true).is_err());
 }
+
+#[test]
+fn an_outcome_knows_the_totals_its_commit_leaves() {
+    let rate = r#"{"id":"pol_rate","name":"rate","rule":{"kind":"rate","metric":"steps","max":1,"window_s":60}}"#;
+    let mut run = started(&[policy(rate)]);
+    for (index, at_ms) in [(0, 1), (1, 2)] {
+        let call = StepCall { usage: Some(Usage { tokens: 5, ..Usage::default() }), ..pre(index) };
+        let outcome = run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at(at_ms)).unwrap();
+        let totals = outcome.totals();
+        let after = run.after(&outcome);
+        run.commit(outcome);
+        assert_eq!(totals, Some(run.state().totals));
+        assert_eq!(after.state().totals, run.state().totals);
+        if run.state().next == (NextCall { index, phase: Phase::Post }) {
+            let post = post(index, 5);
+            let outcome = run.step(&post, &RunLimits::default(), &mut TenantRates::default(), at(at_ms)).unwrap();
+            assert_eq!(outcome.totals(), Some(run.after(&outcome).state().totals));
+            run.commit(outcome);
+        }
+    }
+}
