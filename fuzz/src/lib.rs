@@ -2,12 +2,13 @@
 //! every fuzzed snapshot is evaluated against.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use runguard_contract::{
     Estimate, Phase, Policy, PolicyDocument, PolicyId, PolicyLimits, RunId, Snapshot, StepCall, StepError, TenantId,
     Timestamp, Usage,
 };
-use runguard_engine::{Admission, Call, CompiledSnapshot, RunState, TenantRates, evaluate};
+use runguard_engine::{CompiledSnapshot, Run, RunLimits, TenantRates};
 
 /// The tenant every target works in.
 pub fn tenant() -> TenantId {
@@ -26,13 +27,13 @@ pub fn policy(doc: PolicyDocument, n: usize) -> Policy {
 }
 
 /// Compiles the snapshot of `policies` (as a run would capture it).
-pub fn compile(policies: &[Policy]) -> CompiledSnapshot {
+pub fn compile(policies: &[Policy]) -> Arc<CompiledSnapshot> {
     let snapshot = Snapshot::capture(&tenant(), policies);
-    CompiledSnapshot::compile(&snapshot, &PolicyLimits::default()).expect("a captured snapshot hashes")
+    Arc::new(CompiledSnapshot::compile(&snapshot, &PolicyLimits::default()).expect("a captured snapshot hashes"))
 }
 
 /// One policy of every rule kind, so that fuzzed steps reach every evaluator.
-pub fn reference_snapshot() -> CompiledSnapshot {
+pub fn reference_snapshot() -> Arc<CompiledSnapshot> {
     let docs = [
         r#"{"name":"tokens","rule":{"kind":"budget","metric":"tokens","per":"run","max":1000,"warn_at":[50,90]}}"#,
         r#"{"name":"step cost","rule":{"kind":"budget","metric":"cost_micros","per":"step","max":5000}}"#,
@@ -55,12 +56,19 @@ pub fn reference_snapshot() -> CompiledSnapshot {
     compile(&policies)
 }
 
-/// A few steps (a pre with an estimate, a post with usage, texts and an error) run through `snapshot`.
-pub fn exercise(snapshot: &CompiledSnapshot) {
-    let mut state = RunState::new(tenant(), RunId::new("run-fuzz").expect("a valid run id"), BTreeMap::new());
+/// A run started on `snapshot`.
+pub fn start(snapshot: &Arc<CompiledSnapshot>) -> Run {
+    let run_id = RunId::new("run-fuzz").expect("a valid run id");
+    let (mut run, outcome) = Run::start(Arc::clone(snapshot), tenant(), run_id, BTreeMap::new(), now());
+    run.commit(outcome);
+    run
+}
+
+/// A few steps (a pre with an estimate, a post with usage, texts and an error) run through `snapshot`,
+/// then a failed end.
+pub fn exercise(snapshot: &Arc<CompiledSnapshot>) {
+    let mut run = start(snapshot);
     let mut rates = TenantRates::default();
-    let start = evaluate(snapshot, &state, Call::RunStart, &rates, now());
-    state.apply(&start.decision, &start.effects);
     for index in 0..3u64 {
         let pre = StepCall {
             skill: Some("Fetch".into()),
@@ -82,20 +90,22 @@ pub fn exercise(snapshot: &CompiledSnapshot) {
             ..StepCall::new(index, Phase::Post)
         };
         for call in [pre, post] {
-            step(snapshot, &mut state, &mut rates, &call);
+            step(&mut run, &mut rates, &call);
         }
+    }
+    if let Some(end) = run.end(runguard_contract::Outcome::Failed, None, now()) {
+        run.commit(end);
     }
 }
 
-/// Admits and evaluates one call, folding its effects.
-pub fn step(snapshot: &CompiledSnapshot, state: &mut RunState, rates: &mut TenantRates, call: &StepCall) {
-    if let Admission::Evaluate = state.admit(call) {
-        let evaluation = evaluate(snapshot, state, Call::Step(call), rates, now());
-        // Deterministic: the same inputs give the same evaluation.
-        let again = evaluate(snapshot, state, Call::Step(call), rates, now());
-        assert_eq!(evaluation.decision, again.decision, "evaluation is not deterministic");
-        rates.apply(&evaluation.effects);
-        state.apply(&evaluation.decision, &evaluation.effects);
+/// Answers one call and commits its outcome.
+pub fn step(run: &mut Run, rates: &mut TenantRates, call: &StepCall) {
+    // Deterministic: the same inputs give the same outcome.
+    let again = run.step(call, &RunLimits::default(), &mut rates.clone(), now());
+    if let Ok(outcome) = run.step(call, &RunLimits::default(), rates, now()) {
+        let again = again.expect("a call answered once is answered again");
+        assert_eq!(outcome.decision, again.decision, "evaluation is not deterministic");
+        run.commit(outcome);
     }
 }
 

@@ -12,6 +12,10 @@
 //! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
 //! - `tenant_rate/{allow,throttle}/{100,100000}`: one tenant-scope rate rule checked against a window
 //!   holding 100 or 100,000 events; the check must cost the same for both.
+//! - `host_step/{evaluate_apply,run_step_after}/{four_budgets,fifty_policies_4k}`: what a host does per
+//!   `post` call, back to back: admit, evaluate and apply to a copy of the state (the node before `Run`),
+//!   against `Run::step` and `Run::after` (the node with `Run`, shadow deltas and failing-step tracker
+//!   included).
 //!
 //! Every input is built, validated and checked once outside the timed closures: each bench asserts the
 //! decision it expects, so a broken setup cannot produce a meaningless fast number.
@@ -28,8 +32,8 @@ use runguard_contract::{
     Totals, Usage,
 };
 use runguard_engine::{
-    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, RateEvent, RunState, TenantRates, call_digest,
-    evaluate, validate_document,
+    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, RateEvent, Run, RunLimits, RunState, TenantRates,
+    call_digest, evaluate, validate_document,
 };
 use serde_json::{Value, json};
 
@@ -562,6 +566,58 @@ fn tenant_rates(c: &mut Criterion) {
     group.finish();
 }
 
+/// A host's whole step, the old way and through [`Run`], on the same warmed run and call.
+fn host_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("host_step");
+    let text = output_text(&[]);
+    for (name, policies, output) in
+        [("four_budgets", four_budgets(), None), ("fifty_policies_4k", fifty_policies(), Some(text))]
+    {
+        let case = Case::post(&policies, output).expect(Action::Allow, 0);
+        let snapshot = std::sync::Arc::new(compile(&policies));
+        let (mut run, start) = Run::start(
+            std::sync::Arc::clone(&snapshot),
+            tenant(),
+            RunId::new("run-bench").expect("valid run id"),
+            labels(),
+            pre_time(0),
+        );
+        run.commit(start);
+        for index in 0..WARM_STEPS {
+            for (call, at) in
+                [(pre_call(index), pre_time(index)), (post_call(index, Some("done".to_owned())), post_time(index))]
+            {
+                let outcome =
+                    run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at).expect("in order");
+                run.commit(outcome);
+            }
+        }
+        let pre =
+            run.step(&pre_call(WARM_STEPS), &RunLimits::default(), &mut TenantRates::default(), pre_time(WARM_STEPS));
+        run.commit(pre.expect("in order"));
+        let limits = RunLimits::default();
+        group.bench_function(BenchmarkId::new("evaluate_apply", name), |b| {
+            b.iter(|| {
+                assert_eq!(case.run.admit(black_box(&case.call)), Admission::Evaluate);
+                let evaluation = case.evaluate();
+                let mut next = case.run.clone();
+                next.apply(&evaluation.decision, &evaluation.effects);
+                (evaluation, next)
+            })
+        });
+        group.bench_function(BenchmarkId::new("run_step_after", name), |b| {
+            b.iter(|| {
+                let mut rates = TenantRates::default();
+                let outcome =
+                    run.step(black_box(&case.call), &limits, &mut rates, black_box(case.now)).expect("in order");
+                let next = run.after(&outcome);
+                (outcome, next)
+            })
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(50)
 }
@@ -569,6 +625,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates
+    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates, host_step
 }
 criterion_main!(benches);

@@ -12,8 +12,8 @@ use runguard_contract::{
 use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::content::ScanText;
-use crate::rates::RateEvents;
-use crate::state::{Effects, RateEvent, RunState, TenantRates, TierKey, call_digest};
+use crate::rates::{RateEvent, RateEvents};
+use crate::state::{Effects, RunState, TenantRates, TierKey, call_digest};
 
 /// The call being evaluated.
 #[derive(Clone, Copy, Debug)]

@@ -2,6 +2,8 @@
 //! simulation of candidate policies against recorded runs. The node feeds them stored data and persists
 //! what they decide.
 
+use std::sync::Arc;
+
 use runguard_contract::prevention::counts_for_graduation;
 use runguard_contract::{
     Decision, Incident, Mode, Outcome, Policy, PreventionRecord, RecordId, Regret, Rule, StepCall, StepError,
@@ -10,8 +12,8 @@ use runguard_contract::{
 use serde::{Deserialize, Serialize};
 
 use crate::compiled::CompiledSnapshot;
-use crate::evaluate::{Call, evaluate};
-use crate::state::{Admission, RunState, TenantRates};
+use crate::run::{Run, RunLimits};
+use crate::state::{RunState, TenantRates};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -317,40 +319,33 @@ pub struct SimulatedRun {
     pub records: Vec<PreventionRecord>,
 }
 
-/// Replays a run's recorded calls (with their original evaluation times) against `candidate`. Calls the
-/// candidate refuses (for example steps after it stopped the run) produce no decision.
+/// Replays a run's recorded calls (with their original evaluation times) against `candidate`: a loop over
+/// [`Run`]. Calls the candidate refuses (for example steps after it stopped the run) produce no decision.
+/// Each call sees empty tenant rate windows: the other runs of the tenant that filled them live are not
+/// part of the recording.
 pub fn simulate_run(
-    candidate: &CompiledSnapshot,
+    candidate: &Arc<CompiledSnapshot>,
     start: RunState,
     calls: &[(RecordedCall, Timestamp)],
 ) -> SimulatedRun {
-    let mut state = start;
-    let tenant_rates = TenantRates::default();
+    let created_at = calls.first().map_or(Timestamp::from_unix_millis(0), |(_, at)| *at);
+    let mut run = Run::resume(Arc::clone(candidate), start, created_at);
     let mut decisions = Vec::new();
     let mut records = Vec::new();
     for (call, at) in calls {
-        let evaluation = match call {
-            RecordedCall::RunStart => evaluate(candidate, &state, Call::RunStart, &tenant_rates, *at),
-            RecordedCall::Step(step) => match state.admit(step) {
-                Admission::Evaluate => evaluate(candidate, &state, Call::Step(step), &tenant_rates, *at),
-                Admission::Replay(_) | Admission::Refused(_) => continue,
+        let mut outcome = match call {
+            RecordedCall::RunStart => run.start_call(*at),
+            RecordedCall::Step(step) => match run.step(step, &RunLimits::default(), &mut TenantRates::default(), *at) {
+                Ok(outcome) if !outcome.is_replay() => outcome,
+                Ok(_) | Err(_) => continue,
             },
-            RecordedCall::RunEnd { outcome, error } => {
-                if !state.status.is_running() {
-                    continue;
-                }
-                evaluate(
-                    candidate,
-                    &state,
-                    Call::RunEnd { outcome: *outcome, error: error.as_ref() },
-                    &tenant_rates,
-                    *at,
-                )
-            }
+            RecordedCall::RunEnd { outcome, error } => match run.end(*outcome, error.as_ref(), *at) {
+                Some(outcome) => outcome,
+                None => continue,
+            },
         };
-        state.apply(&evaluation.decision, &evaluation.effects);
-        let mut decision = evaluation.decision;
-        if let Some(mut record) = evaluation.record {
+        let mut decision = outcome.decision.clone();
+        if let Some(mut record) = outcome.record.take() {
             let salt = format!("{}\n{}", record.id, candidate.hash());
             let id = RecordId::from_digest(&runguard_contract::canonical::domain_hash(
                 "runguard/simulated-record/v1",
@@ -361,6 +356,7 @@ pub fn simulate_run(
             decision.prevention_record_id = Some(id);
             records.push(record);
         }
+        run.commit(outcome);
         decisions.push(decision);
     }
     SimulatedRun { decisions, records }

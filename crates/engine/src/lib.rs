@@ -6,14 +6,17 @@
 //!
 //! 1. [`CompiledSnapshot::compile`] builds every regex and CEL program of a snapshot once (share it with
 //!    `Arc`; it is `Send + Sync`).
-//! 2. [`RunState::admit`] checks call order and recognises identical retries.
-//! 3. [`evaluate`] answers a call with a [`Decision`](runguard_contract::Decision), the [`Effects`] on the
-//!    run, and the prevention record the decision requires, if any.
-//! 4. [`RunState::apply`] folds the effects in.
+//! 2. [`Run`] is one run's whole lifecycle: [`Run::start`], then [`Run::step`] and [`Run::end`] answer
+//!    calls with an [`Outcome`] (decision, record draft, effects, shadow deltas, incident basis) without
+//!    changing the run; the host persists the outcome, then [`Run::commit`]s it. [`Run::rehydrate`]
+//!    rebuilds a run from its ledger and fails it closed when it does not check out.
+//! 3. [`TenantRates`] holds one tenant's rate windows, shared by all its runs: pass the same value to
+//!    every run's [`Run::step`], which counts the call in it.
 //!
 //! ```
+//! use std::sync::Arc;
 //! use runguard_contract::*;
-//! use runguard_engine::{evaluate, Admission, Call, CompiledSnapshot, RunState, TenantRates};
+//! use runguard_engine::{CompiledSnapshot, Run, RunLimits, TenantRates};
 //!
 //! let tenant = TenantId::new("acme").unwrap();
 //! let doc = PolicyDocument::from_json(
@@ -26,16 +29,21 @@
 //! let snapshot = CompiledSnapshot::compile(&Snapshot::capture(&tenant, [&policy]), &PolicyLimits::default())
 //!     .unwrap();
 //!
-//! let mut run = RunState::new(tenant, RunId::new("run-1").unwrap(), Default::default());
+//! let (mut run, start) = Run::start(Arc::new(snapshot), tenant, RunId::new("run-1").unwrap(),
+//!                                   Default::default(), Timestamp::from_unix_millis(0));
+//! run.commit(start); // after persisting it
+//! let mut tenant_rates = TenantRates::default();
 //! let step = StepCall { usage: Some(Usage { tokens: 1200, ..Usage::default() }), ..StepCall::new(0, Phase::Post) };
-//! assert_eq!(run.admit(&step), Admission::Evaluate);
-//! let now = Timestamp::from_unix_millis(1_000);
-//! let evaluation = evaluate(&snapshot, &run, Call::Step(&step), &TenantRates::default(), now);
-//! assert_eq!(evaluation.decision.action, Action::Block);
-//! assert!(evaluation.record.is_some(), "an active block writes a prevention record");
-//! run.apply(&evaluation.decision, &evaluation.effects);
-//! assert_eq!(run.status, RunStatus::Stopped);
+//! let outcome = run.step(&step, &RunLimits::default(), &mut tenant_rates, Timestamp::from_unix_millis(1_000))
+//!     .unwrap();
+//! assert_eq!(outcome.decision.action, Action::Block);
+//! assert!(outcome.record.is_some(), "an active block writes a prevention record");
+//! run.commit(outcome); // after persisting its ledger entry and record
+//! assert_eq!(run.state().status, RunStatus::Stopped);
 //! ```
+//!
+//! The lower-level pieces `Run` is made of ([`RunState::admit`], [`evaluate`], [`RunState::apply`]) stay
+//! public for the engine's own tests and benches.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
 
 pub mod cel_check;
@@ -43,16 +51,18 @@ mod cel_rule;
 mod compiled;
 mod content;
 mod evaluate;
+mod failure;
 pub mod learning;
 mod rates;
 mod replay;
+mod run;
 mod state;
 
 pub use cel_rule::{CelContext, CelRule};
 pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, validate_document};
 pub use content::{ContentMatcher, ScanText, luhn_valid, redact};
 pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};
+pub use rates::RateEvent;
 pub use replay::{ReplayedCall, replay};
-pub use state::{
-    Admission, Effects, LastCall, RateEvent, Refusal, RunState, TenantRates, Termination, TierKey, call_digest,
-};
+pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
+pub use state::{Admission, Effects, LastCall, Refusal, RunState, TenantRates, Termination, TierKey, call_digest};

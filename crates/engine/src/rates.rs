@@ -10,8 +10,20 @@
 use std::collections::VecDeque;
 
 use runguard_contract::{RateMetric, Timestamp};
+use serde::{Deserialize, Serialize};
 
-use crate::state::RateEvent;
+/// Consumption at one instant, kept for sliding-window rate rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RateEvent {
+    /// When.
+    pub at: Timestamp,
+    /// Steps admitted.
+    pub steps: u64,
+    /// Tokens reported.
+    pub tokens: u64,
+    /// Micro-USD reported.
+    pub cost_micros: u64,
+}
 
 /// The events a rate rule is checked against.
 pub(crate) trait RateEvents {

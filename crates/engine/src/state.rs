@@ -10,7 +10,7 @@ use runguard_contract::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::rates::RateWindow;
+use crate::rates::{RateEvent, RateWindow};
 
 /// A warn tier of a budget policy that has fired in this run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -19,19 +19,6 @@ pub struct TierKey {
     pub policy_id: PolicyId,
     /// The tier, in percent.
     pub tier: u32,
-}
-
-/// Consumption at one instant, kept for sliding-window rate rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RateEvent {
-    /// When.
-    pub at: Timestamp,
-    /// Steps admitted.
-    pub steps: u64,
-    /// Tokens reported.
-    pub tokens: u64,
-    /// Micro-USD reported.
-    pub cost_micros: u64,
 }
 
 /// Run-scope rate events older than the longest window are dropped.
@@ -166,6 +153,7 @@ pub enum Admission {
 
 /// Why a call was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The run is stopped or ended.
     #[error("run is {}; it accepts no more step calls", status.as_str())]
@@ -180,6 +168,12 @@ pub enum Refusal {
     OutOfOrder {
         /// The call expected.
         expected: NextCall,
+    },
+    /// The step's index is at or above the host's step limit.
+    #[error("runs take at most {max} steps here")]
+    StepLimit {
+        /// The limit.
+        max: u64,
     },
     /// The last call was sent again with a different body.
     #[error("step {index} `{phase}` was already answered with a different body", phase = phase.as_str())]

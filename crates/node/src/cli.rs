@@ -302,7 +302,8 @@ fn simulate(args: &SimulateArgs) -> ExitCode {
             }
         };
         let snapshot = runguard_contract::Snapshot::capture(&run.tenant_id, &policies);
-        let Ok(candidate) = runguard_engine::CompiledSnapshot::compile(&snapshot, &limits) else {
+        let Ok(candidate) = runguard_engine::CompiledSnapshot::compile(&snapshot, &limits).map(std::sync::Arc::new)
+        else {
             complain!("runguard: the candidate snapshot cannot be encoded");
             return ExitCode::from(FINDING);
         };

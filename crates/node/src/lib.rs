@@ -18,7 +18,6 @@ pub mod cli;
 pub mod config;
 pub mod current_snapshots;
 pub mod error;
-pub mod failure;
 pub mod http;
 pub mod metric_families;
 pub mod openapi;

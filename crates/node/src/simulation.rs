@@ -2,6 +2,7 @@
 //! candidate policies, live decisions beside the candidate's.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use runguard_contract::{
     Decision, Policy, PolicyDocument, PolicyId, PolicyLimits, PreventionRecord, RunId, Scope, TenantId, Timestamp,
@@ -94,7 +95,7 @@ pub fn candidates(
 }
 
 /// Replays one recorded run against `candidate`: the result object and the records it would write.
-pub fn simulate(candidate: &CompiledSnapshot, run: &RecordedRun) -> (Value, Vec<PreventionRecord>) {
+pub fn simulate(candidate: &Arc<CompiledSnapshot>, run: &RecordedRun) -> (Value, Vec<PreventionRecord>) {
     let calls: Vec<(RecordedCall, Timestamp)> =
         run.calls.iter().map(|entry| (entry.call.clone(), entry.decision.evaluated_at)).collect();
     let live: Vec<Decision> = run.calls.iter().map(|entry| entry.decision.clone()).collect();
@@ -136,8 +137,9 @@ mod tests {
         let docs =
             vec![json!({"name": "tight", "rule": {"kind": "budget", "metric": "tokens", "per": "run", "max": 10}})];
         let policies = candidates(docs, &tenant, &PolicyLimits::default(), at).unwrap();
-        let candidate =
-            CompiledSnapshot::compile(&Snapshot::capture(&tenant, &policies), &PolicyLimits::default()).unwrap();
+        let candidate = Arc::new(
+            CompiledSnapshot::compile(&Snapshot::capture(&tenant, &policies), &PolicyLimits::default()).unwrap(),
+        );
         let (result, records) = simulate(&candidate, &recorded);
         assert_eq!(result["differences"], 1);
         assert_eq!(records.len(), 1);

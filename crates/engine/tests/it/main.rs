@@ -9,5 +9,6 @@ mod order;
 mod properties;
 mod rate_windows;
 mod rates;
+mod run_lifecycle;
 mod run_model;
 mod support;

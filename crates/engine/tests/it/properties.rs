@@ -165,7 +165,7 @@ proptest! {
                 prop_assert_eq!(once, twice);
             }
         }
-        let (replayed, _) = replay(&snapshot, new_run(&tenant), &calls);
+        let (replayed, _) = replay(std::sync::Arc::new(compile(&tenant, &policies)), new_run(&tenant), &calls);
         let replayed: Vec<Decision> = replayed.into_iter().filter_map(|r| match r {
             runguard_engine::ReplayedCall::Evaluated(e) => Some(e.decision),
             _ => None,

@@ -11,8 +11,9 @@ use actix::prelude::*;
 use runguard_contract::{
     Action, Decision, Outcome, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp, ViolationType,
 };
+use runguard_engine::Outcome as Answer;
 use runguard_engine::{
-    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, Refusal, RunState, TenantRates, evaluate,
+    CompiledSnapshot, Effects, LedgerItem, Matcher, Refusal, Run, RunLimits, StoredHead, TenantRates,
 };
 use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
@@ -24,7 +25,6 @@ use crate::actors::learning::{EndRun, IncidentDraft};
 use crate::actors::registry::{Deregister, Registry, RunKey};
 use crate::current_snapshots::CurrentSnapshot;
 use crate::error::ApiError;
-use crate::failure::FailureTracker;
 use crate::shared::{Refused, Shared, now};
 
 /// `POST /v1/runs` after the id is settled.
@@ -98,37 +98,24 @@ pub enum RunReply {
 }
 
 struct Live {
-    snapshot: Arc<CompiledSnapshot>,
-    state: RunState,
+    run: Run,
     meta: RunMeta,
-    failure: FailureTracker,
 }
 
-/// What a live run keeps of its stored form besides its engine state, which holds the rest (ids, labels,
-/// status, totals, termination, next call): one copy of each, which matters with 100,000 idle runs.
+/// What a live run keeps of its stored form besides the engine's run, which holds the rest (ids, labels,
+/// status, totals, termination, next call, times, outcome): one copy of each, which matters with 100,000
+/// idle runs.
 #[derive(Clone, Debug)]
 struct RunMeta {
     /// Shared with every run created on the same snapshot.
     snapshot: Arc<SnapshotRef>,
     api_endpoint: Option<String>,
-    created_at: Timestamp,
-    ended_at: Option<Timestamp>,
-    outcome: Option<Outcome>,
 }
 
 impl RunMeta {
-    fn of(run: &StoredRun) -> Self {
-        Self {
-            snapshot: Arc::new(run.snapshot.clone()),
-            api_endpoint: run.api_endpoint.clone(),
-            created_at: run.created_at,
-            ended_at: run.ended_at,
-            outcome: run.outcome,
-        }
-    }
-
-    /// The run as stored, from this and the engine state.
-    fn stored(&self, state: &RunState) -> StoredRun {
+    /// The run as stored, from this and the engine's run.
+    fn stored(&self, run: &Run) -> StoredRun {
+        let state = run.state();
         let termination = state.termination.as_ref();
         StoredRun {
             tenant_id: state.tenant_id.clone(),
@@ -141,9 +128,9 @@ impl RunMeta {
             violation_policy_id: termination.and_then(|t| t.violation_policy_id.clone()),
             labels: state.labels.clone(),
             api_endpoint: self.api_endpoint.clone(),
-            created_at: self.created_at,
-            ended_at: self.ended_at,
-            outcome: self.outcome,
+            created_at: run.created_at(),
+            ended_at: run.ended_at(),
+            outcome: run.outcome(),
             next: state.next,
         }
     }
@@ -192,35 +179,37 @@ fn effects_bytes(effects: &Effects) -> Vec<u8> {
     serde_json::to_vec(effects).unwrap_or_default()
 }
 
-/// Rebuilds a run from the store: re-verifies the snapshot, replays the ledger's effects, and fails the
-/// run closed (integrity) when anything does not check out.
+/// Rebuilds a run from the store; the engine re-checks it and fails it closed (integrity) when anything
+/// does not check out.
 fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
-    let run = loaded.run;
-    let mut state = RunState::new(run.tenant_id.clone(), run.run_id.clone(), run.labels.clone());
-    // A run is always stored with its run-start entry; without one it cannot be trusted.
-    let mut replay_ok = !loaded.ledger.is_empty();
-    let mut failure = FailureTracker::default();
-    for entry in &loaded.ledger {
-        if let LedgerCall::Step(call) = &entry.call {
-            failure.observe(call);
-        }
-        match serde_json::from_slice::<Effects>(&entry.effects) {
-            Ok(effects) => state.apply(&entry.decision, &effects),
-            Err(_) => replay_ok = false,
-        }
-    }
-    let snapshot = match &loaded.snapshot {
-        Ok(snapshot) if replay_ok && loaded.totals_consistent && state.totals == run.totals => {
-            shared.compiled(snapshot, &run.snapshot.hash)
-        }
-        _ => {
-            tracing::error!(run_id = %run.run_id, "run failed its integrity checks on load; every call will block");
-            Arc::new(CompiledSnapshot::tampered(run.snapshot.hash.clone()))
-        }
+    let stored = loaded.run;
+    let effects: Vec<Option<Effects>> =
+        loaded.ledger.iter().map(|entry| serde_json::from_slice::<Effects>(&entry.effects).ok()).collect();
+    let ledger = loaded.ledger.iter().zip(&effects).map(|(entry, effects)| LedgerItem {
+        step: match &entry.call {
+            LedgerCall::Step(call) => Some(call),
+            _ => None,
+        },
+        decision: &entry.decision,
+        effects: effects.as_ref(),
+    });
+    let snapshot = loaded.snapshot.as_ref().ok().map(|snapshot| shared.compiled(snapshot, &stored.snapshot.hash));
+    let head = StoredHead {
+        tenant_id: stored.tenant_id.clone(),
+        run_id: stored.run_id.clone(),
+        labels: stored.labels.clone(),
+        status: stored.status,
+        totals: stored.totals,
+        snapshot_hash: stored.snapshot.hash.clone(),
+        created_at: stored.created_at,
+        ended_at: stored.ended_at,
+        outcome: stored.outcome,
     };
-    // The status comes from the stored run (expiry is not in the ledger); totals were checked above.
-    state.status = run.status;
-    Live { snapshot, state, meta: RunMeta::of(&run), failure }
+    let run = Run::rehydrate(snapshot, head, ledger, loaded.totals_consistent).unwrap_or_else(|verdict| {
+        tracing::error!(run_id = %stored.run_id, "run failed its integrity checks on load; every call will block");
+        *verdict.run
+    });
+    Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
 }
 
 fn refusal(refusal: Refusal) -> ApiError {
@@ -235,24 +224,16 @@ fn refusal(refusal: Refusal) -> ApiError {
             format!("the run is {}; it accepts no more step calls", status.as_str()),
         )
         .with_details(json!({ "status": status, "decision": stopping_decision })),
+        Refusal::StepLimit { max } => {
+            ApiError::conflict("run_step_limit", format!("runs take at most {max} steps on this node"))
+        }
         Refusal::RetryMismatch { index, phase } => ApiError::conflict(
             "idempotency_mismatch",
             format!("step {index} `{}` was already answered; a retry must send the identical body", phase.as_str()),
         ),
+        // The engine's refusals may grow; one this node does not know yet is still a conflict.
+        other => ApiError::conflict("run_refused", other.to_string()),
     }
-}
-
-/// The run's metadata and stored form after a call at `at` left it in `state`.
-fn run_after(meta: &RunMeta, state: &RunState, at: Timestamp, outcome: Option<Outcome>) -> (RunMeta, StoredRun) {
-    let mut next = meta.clone();
-    if !state.status.is_running() && next.ended_at.is_none() {
-        next.ended_at = Some(at);
-    }
-    if outcome.is_some() {
-        next.outcome = outcome;
-    }
-    let stored = next.stored(state);
-    (next, stored)
 }
 
 fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
@@ -262,33 +243,28 @@ fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
     StepCall { input_text: None, output_text: None, ..call.clone() }
 }
 
-/// Adds what an evaluation must persist besides the ledger entry: its record and shadow statistics.
-fn persist_evaluation(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, evaluation: &Evaluation, tenant: &TenantId) {
-    if let Some(record) = &evaluation.record
-        && let Some(deciding) = evaluation.decision.deciding_policy.as_ref().and_then(|p| snapshot.policy(&p.id))
+/// Adds what an outcome must persist besides the ledger entry: its record and shadow statistics.
+fn persist_outcome(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, outcome: &Answer, tenant: &TenantId) {
+    if let Some(record) = &outcome.record
+        && let Some(deciding) = outcome.decision.deciding_policy.as_ref().and_then(|p| snapshot.policy(&p.id))
     {
         batch.push(WriteOp::AppendRecord(Box::new(RecordAppend {
             record: record.clone(),
             authority: RecordAuthority::Live {
-                decision: Box::new(evaluation.decision.clone()),
+                decision: Box::new(outcome.decision.clone()),
                 policy: Box::new(deciding.policy.clone()),
                 run_tenant: tenant.clone(),
             },
         })));
     }
-    for policy_id in &evaluation.shadow_evaluated {
-        let mut delta = ShadowStats { evaluations: 1, ..ShadowStats::default() };
-        for entry in evaluation.decision.shadow.iter().filter(|s| &s.policy_id == policy_id) {
-            match entry.would_action {
-                Action::Block => delta.would_block += 1,
-                Action::Warn => delta.would_warn += 1,
-                Action::Throttle => delta.would_throttle += 1,
-                Action::Allow => {}
-            }
-        }
-        // A global policy's statistics are kept per tenant of the runs that evaluated it (SPEC §12.1).
-        let owner = snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone());
-        batch.add_shadow_stats(owner, tenant.clone(), policy_id.clone(), delta);
+    for delta in &outcome.shadow {
+        let stats = ShadowStats {
+            evaluations: delta.evaluations,
+            would_block: delta.would_block,
+            would_warn: delta.would_warn,
+            would_throttle: delta.would_throttle,
+        };
+        batch.add_shadow_stats(delta.owner.clone(), tenant.clone(), delta.policy_id.clone(), stats);
     }
 }
 
@@ -305,43 +281,33 @@ fn scans_large_texts(snapshot: &CompiledSnapshot, call: &StepCall) -> bool {
         && snapshot.policies().iter().any(|p| matches!(p.matcher, Ok(Matcher::Content(_) | Matcher::Expr(_))))
 }
 
-/// Evaluates a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
-fn evaluate_step(
-    shared: &Shared,
-    snapshot: &CompiledSnapshot,
-    state: &RunState,
-    call: &StepCall,
-    at: Timestamp,
-) -> (Evaluation, Duration) {
+/// Answers a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
+fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Result<Answer, Refusal>, Duration) {
     let started = Instant::now();
-    let evaluation = if snapshot.uses_tenant_rates() {
-        shared.with_tenant_rates(&state.tenant_id, |rates| {
-            let evaluation = evaluate(snapshot, state, Call::Step(call), rates, at);
-            // Counted before the commit: a failed commit over-counts, which errs on the closed side.
-            rates.apply(&evaluation.effects);
-            evaluation
-        })
+    let limits = RunLimits::new(shared.config.limits.steps_per_run);
+    let answer = if run.snapshot().uses_tenant_rates() {
+        shared.with_tenant_rates(&run.state().tenant_id, |rates| run.step(call, &limits, rates, at))
     } else {
-        evaluate(snapshot, state, Call::Step(call), &TenantRates::default(), at)
+        run.step(call, &limits, &mut TenantRates::default(), at)
     };
-    (evaluation, started.elapsed())
+    (answer, started.elapsed())
 }
 
-fn record_metrics(evaluation: &Evaluation, elapsed: Duration) {
-    metrics::counter!("runguard_decisions_total", "action" => evaluation.decision.action.as_str()).increment(1);
+fn record_metrics(outcome: &Answer, elapsed: Duration) {
+    metrics::counter!("runguard_decisions_total", "action" => outcome.decision.action.as_str()).increment(1);
     metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
-    if evaluation.record.is_some() {
+    if outcome.record.is_some() {
         metrics::counter!("runguard_prevention_records_total").increment(1);
     }
-    if evaluation.decision.action == Action::Throttle {
+    if outcome.decision.action == Action::Throttle {
         metrics::counter!("runguard_throttles_total").increment(1);
     }
-    let would_block = evaluation.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
+    let would_block = outcome.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
     if would_block > 0 {
         metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
     }
-    for policy in &evaluation.fail_opens {
-        tracing::warn!(policy_id = %policy.id, decision_id = %evaluation.decision.decision_id, "policy failed open (on_error: allow)");
+    for policy in &outcome.fail_opens {
+        tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
         metrics::counter!("runguard_fail_open_total").increment(1);
     }
 }
@@ -361,34 +327,25 @@ impl RunActor {
         let current = Self::current_snapshot(&shared, &key.tenant).await?;
         let (reference, compiled) = (Arc::clone(&current.reference), Arc::clone(&current.compiled));
         let at = now();
-        let mut state = RunState::new(key.tenant.clone(), key.run_id.clone(), request.labels.clone());
-        let evaluation = evaluate(&compiled, &state, Call::RunStart, &TenantRates::default(), at);
-        state.apply(&evaluation.decision, &evaluation.effects);
-        let base = RunMeta {
-            snapshot: reference,
-            api_endpoint: request.api_endpoint,
-            created_at: at,
-            ended_at: None,
-            outcome: None,
-        };
-        let (meta, run) = run_after(&base, &state, at, None);
+        let (run, answer) = Run::start(compiled, key.tenant.clone(), key.run_id.clone(), request.labels, at);
+        let run = run.after(&answer);
+        let meta = RunMeta { snapshot: reference, api_endpoint: request.api_endpoint };
         let mut batch = WriteBatch::new();
         if let Some(snapshot) = &current.unstored {
             batch.put_snapshot(Snapshot::clone(snapshot));
         }
-        batch.put_run(run);
-        let entry = LedgerEntry::new(LedgerCall::RunStart, evaluation.decision.clone(), state.totals)
-            .with_effects(effects_bytes(&evaluation.effects));
+        batch.put_run(meta.stored(&run));
+        let entry = LedgerEntry::new(LedgerCall::RunStart, answer.decision.clone(), run.state().totals)
+            .with_effects(effects_bytes(&answer.effects));
         batch.append_ledger(key.tenant.clone(), key.run_id.clone(), entry);
-        persist_evaluation(&mut batch, &compiled, &evaluation, &key.tenant);
+        persist_outcome(&mut batch, run.snapshot(), &answer, &key.tenant);
         shared.commit(batch).await?;
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
-        record_metrics(&evaluation, Duration::ZERO);
-        tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %evaluation.decision.decision_id, "run created");
-        Ok(Live { snapshot: compiled, state, meta, failure: FailureTracker::default() })
-            .map(|live| (live, evaluation.decision))
+        record_metrics(&answer, Duration::ZERO);
+        tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
+        Ok((Live { run, meta }, answer.decision))
     }
 
     /// The snapshot a run of `tenant` created now is bound to: the cached one while the policies are
@@ -417,8 +374,8 @@ impl RunActor {
 
     fn answer(live: &Live, decision: Decision) -> CreateAnswer {
         CreateAnswer {
-            run_id: live.state.run_id.to_string(),
-            status: live.state.status.as_str(),
+            run_id: live.run.state().run_id.to_string(),
+            status: live.run.state().status.as_str(),
             snapshot: SnapshotRef::clone(&live.meta.snapshot),
             decision,
         }
@@ -428,14 +385,11 @@ impl RunActor {
     fn expiry(&mut self, at: Timestamp) -> Option<WriteBatch> {
         let live = self.live.as_mut()?;
         let ttl_ms = i64::try_from(self.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if !live.state.status.is_running() || at < live.meta.created_at.plus_millis(ttl_ms) {
+        if !live.run.expire_if_due(at, ttl_ms) {
             return None;
         }
-        live.state.expire();
-        let (meta, run) = run_after(&live.meta, &live.state, at, None);
-        live.meta = meta;
         let mut batch = WriteBatch::new();
-        batch.put_run(run);
+        batch.put_run(live.meta.stored(&live.run));
         Some(batch)
     }
 }
@@ -504,7 +458,9 @@ impl RunActor {
         match msg {
             RunMsg::Create(request) => self.handle_create(request, shared),
             RunMsg::Step(call) => self.handle_step(*call, shared, at),
-            RunMsg::Touch => Box::pin(fut::ready(Ok(RunReply::Touched(self.live.as_ref().map(|l| l.state.status))))),
+            RunMsg::Touch => {
+                Box::pin(fut::ready(Ok(RunReply::Touched(self.live.as_ref().map(|l| l.run.state().status)))))
+            }
             RunMsg::End { outcome, error } => self.handle_end(outcome, error, shared, at),
         }
     }
@@ -537,67 +493,60 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
         };
-        match live.state.admit(&call) {
-            Admission::Replay(decision) => return Box::pin(fut::ready(Ok(RunReply::Decision(decision)))),
-            Admission::Refused(why) => {
-                metrics::counter!("runguard_refused_calls_total", "reason" => "order").increment(1);
-                return Box::pin(fut::ready(Err(refusal(why))));
-            }
-            Admission::Evaluate => {}
-        }
-        if call.index >= shared.config.limits.steps_per_run {
-            metrics::counter!("runguard_refused_calls_total", "reason" => "step_limit").increment(1);
-            return Box::pin(fut::ready(Err(ApiError::conflict(
-                "run_step_limit",
-                format!("runs take at most {} steps on this node", shared.config.limits.steps_per_run),
-            ))));
-        }
-        if scans_large_texts(&live.snapshot, &call) {
+        if scans_large_texts(live.run.snapshot(), &call) {
             // Content and CEL rules over large texts cost milliseconds: evaluated in the tenant's lane on the
             // blocking pool, so that one tenant's heavy steps neither stall the HTTP worker this actor lives
             // on nor take more than the tenant's share of the cores. The actor stays busy meanwhile, so the
             // run's calls keep their order.
-            let (snapshot, state, tenant) =
-                (Arc::clone(&live.snapshot), live.state.clone(), live.state.tenant_id.clone());
+            let (run, tenant) = (live.run.clone(), live.run.state().tenant_id.clone());
             let lane = Arc::clone(&shared);
             let evaluated = async move {
                 lane.heavy(&tenant, move |shared| {
-                    let (evaluation, elapsed) = evaluate_step(shared, &snapshot, &state, &call, at);
-                    Ok((evaluation, elapsed, call))
+                    let (answer, elapsed) = step_run(shared, &run, &call, at);
+                    Ok((answer, elapsed, call))
                 })
                 .await
             };
             return Box::pin(evaluated.into_actor(self).then(move |evaluated, actor, _| match evaluated {
-                Ok((evaluation, elapsed, call)) => actor.persist_step(call, evaluation, elapsed, shared, at),
+                Ok((answer, elapsed, call)) => actor.persist_step(call, answer, elapsed, shared),
                 Err(err) => Box::pin(fut::ready(Err(err))) as Pending,
             }));
         }
-        let (evaluation, elapsed) = evaluate_step(&shared, &live.snapshot, &live.state, &call, at);
-        self.persist_step(call, evaluation, elapsed, shared, at)
+        let (answer, elapsed) = step_run(&shared, &live.run, &call, at);
+        self.persist_step(call, answer, elapsed, shared)
     }
 
     /// Commits an evaluated step and, once it is durable, applies it and answers its decision.
     fn persist_step(
         &mut self,
         call: StepCall,
-        evaluation: Evaluation,
+        answer: Result<Answer, Refusal>,
         elapsed: Duration,
         shared: Arc<Shared>,
-        at: Timestamp,
     ) -> Pending {
+        let answer = match answer {
+            Ok(answer) if answer.is_replay() => {
+                return Box::pin(fut::ready(Ok(RunReply::Decision(Box::new(answer.decision)))));
+            }
+            Ok(answer) => answer,
+            Err(why) => {
+                let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
+                metrics::counter!("runguard_refused_calls_total", "reason" => reason).increment(1);
+                return Box::pin(fut::ready(Err(refusal(why))));
+            }
+        };
         let Some(live) = self.live.as_ref() else {
             return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
         };
-        let mut next_state = live.state.clone();
-        next_state.apply(&evaluation.decision, &evaluation.effects);
-        let (meta, run) = run_after(&live.meta, &next_state, at, None);
+        let next = live.run.after(&answer);
+        let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
         let stored_call = strip_texts(&call, shared.config.ledger_texts);
-        let entry = LedgerEntry::new(LedgerCall::Step(stored_call), evaluation.decision.clone(), next_state.totals)
-            .with_effects(effects_bytes(&evaluation.effects));
-        batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
-        batch.put_run(run);
-        persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
+        let entry = LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision.clone(), next.state().totals)
+            .with_effects(effects_bytes(&answer.effects));
+        batch.append_ledger(tenant.clone(), run_id.clone(), entry);
+        batch.put_run(live.meta.stored(&next));
+        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
             if let Err(refused) = committed {
                 if !refused.settled {
@@ -605,13 +554,11 @@ impl RunActor {
                 }
                 return Err(refused.error);
             }
-            record_metrics(&evaluation, elapsed);
+            record_metrics(&answer, elapsed);
             if let Some(live) = actor.live.as_mut() {
-                live.state = next_state;
-                live.meta = meta;
-                live.failure.observe(&call);
+                live.run = next;
             }
-            let decision = evaluation.decision;
+            let decision = answer.decision;
             if decision.action == Action::Block {
                 let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
                 tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
@@ -630,40 +577,26 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
         };
-        if !live.state.status.is_running() {
+        let Some(answer) = live.run.end(outcome, error.as_ref(), at) else {
             // Ending an ended or stopped run changes nothing.
-            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.meta.stored(&live.state)), None))));
-        }
-        let evaluation = evaluate(
-            &live.snapshot,
-            &live.state,
-            Call::RunEnd { outcome, error: error.as_ref() },
-            &TenantRates::default(),
-            at,
-        );
-        let mut next_state = live.state.clone();
-        next_state.apply(&evaluation.decision, &evaluation.effects);
-        let (meta, run) = run_after(&live.meta, &next_state, at, Some(outcome));
+            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.meta.stored(&live.run)), None))));
+        };
+        let next = live.run.after(&answer);
+        let run = live.meta.stored(&next);
+        let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
-        let error_for_incident = error.clone();
         let entry =
-            LedgerEntry::new(LedgerCall::RunEnd { outcome, error }, evaluation.decision.clone(), next_state.totals)
-                .with_effects(effects_bytes(&evaluation.effects));
-        batch.append_ledger(live.state.tenant_id.clone(), live.state.run_id.clone(), entry);
+            LedgerEntry::new(LedgerCall::RunEnd { outcome, error }, answer.decision.clone(), next.state().totals)
+                .with_effects(effects_bytes(&answer.effects));
+        batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(run.clone());
-        persist_evaluation(&mut batch, &live.snapshot, &evaluation, &live.state.tenant_id);
-        // SPEC §4 (5), §5: only a running run that ends failed, and is not stopped by a block, creates one.
-        let incident = (runguard_contract::prevention::may_create_incident(live.state.status, outcome)
-            && next_state.status == runguard_contract::RunStatus::Failed)
-            .then(|| {
-                let (signature, error) = live.failure.incident_basis(error_for_incident.as_ref());
-                IncidentDraft {
-                    tenant: live.state.tenant_id.clone(),
-                    run_id: live.state.run_id.clone(),
-                    signature,
-                    error,
-                }
-            });
+        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
+        let incident = answer.incident.as_ref().map(|basis| IncidentDraft {
+            tenant: tenant.clone(),
+            run_id: run_id.clone(),
+            signature: basis.signature.clone(),
+            error: basis.error.clone(),
+        });
         // Only an end that creates an incident goes through the learning actor, which serialises the
         // pattern read-modify-writes; any other end commits directly rather than queue behind them.
         let committed = async move {
@@ -688,10 +621,9 @@ impl RunActor {
                     return Err(refused.error);
                 }
             };
-            record_metrics(&evaluation, Duration::ZERO);
+            record_metrics(&answer, Duration::ZERO);
             if let Some(live) = actor.live.as_mut() {
-                live.state = next_state;
-                live.meta = meta;
+                live.run = next;
             }
             Ok(RunReply::Ended(Box::new(run), incident_id))
         }))

@@ -110,7 +110,8 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             let limits = &shared.config.limits.policy;
             let policies = simulation::candidates(docs, &tenant, limits, now())?;
             let snapshot = Snapshot::capture(&tenant, &policies);
-            let candidate = CompiledSnapshot::compile(&snapshot, limits).map_err(|_| ApiError::internal())?;
+            let candidate =
+                std::sync::Arc::new(CompiledSnapshot::compile(&snapshot, limits).map_err(|_| ApiError::internal())?);
             let mut results = Vec::with_capacity(run_ids.len());
             let mut batch = WriteBatch::new();
             for run_id in &run_ids {

@@ -1,14 +1,17 @@
-//! Which step a failed run failed at: the basis of its incident (SPEC §5).
+//! Which step a failed run failed at: the basis of its incident (see `docs/architecture.md`, run lifecycle).
+
+use std::sync::Arc;
 
 use runguard_contract::{Signature, StepCall, StepError};
 
 /// Follows a run's step calls and remembers the failing step: the latest `post` that reported an error,
 /// else the latest step. `pre` and `post` fields of one index are merged (the `post` wins).
-/// Boxed: every live run carries one, and most never see a failing step.
+/// Shared (`Arc`): every live run carries one, a host copies it with the run at every step
+/// ([`Run::after`](crate::Run::after)), and most runs never see a failing step.
 #[derive(Clone, Debug, Default)]
-pub struct FailureTracker {
-    current: Option<Box<StepFields>>,
-    failing: Option<Box<(StepFields, StepError)>>,
+pub(crate) struct FailureTracker {
+    current: Option<Arc<StepFields>>,
+    failing: Option<Arc<(StepFields, StepError)>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -19,38 +22,66 @@ struct StepFields {
     input_keys: Vec<String>,
 }
 
-impl FailureTracker {
-    /// Observes an accepted step call.
-    pub fn observe(&mut self, call: &StepCall) {
-        let fields = match self.current.take().map(|fields| *fields) {
-            Some(mut fields) if fields.index == call.index => {
-                if call.skill.is_some() {
-                    fields.skill.clone_from(&call.skill);
-                }
-                if call.api_endpoint.is_some() {
-                    fields.api_endpoint.clone_from(&call.api_endpoint);
-                }
-                if !call.input_keys.is_empty() {
-                    fields.input_keys.clone_from(&call.input_keys);
-                }
-                fields
-            }
-            _ => StepFields {
+/// What the tracker keeps of one step call (its texts are not needed); cheap to copy.
+#[derive(Clone, Debug)]
+pub(crate) struct Observation {
+    fields: Arc<StepFields>,
+    error: Option<StepError>,
+}
+
+impl Observation {
+    pub(crate) fn of(call: &StepCall) -> Self {
+        Self {
+            fields: Arc::new(StepFields {
                 index: call.index,
                 skill: call.skill.clone(),
                 api_endpoint: call.api_endpoint.clone(),
                 input_keys: call.input_keys.clone(),
-            },
-        };
-        if let Some(error) = &call.error {
-            self.failing = Some(Box::new((fields.clone(), error.clone())));
+            }),
+            error: call.error.clone(),
         }
-        self.current = Some(Box::new(fields));
+    }
+}
+
+impl FailureTracker {
+    /// Observes an accepted step call.
+    #[cfg(test)]
+    pub(crate) fn observe(&mut self, call: &StepCall) {
+        self.record(Observation::of(call));
+    }
+
+    /// Records an accepted step call.
+    pub(crate) fn record(&mut self, observation: Observation) {
+        let Observation { fields: call, error } = observation;
+        let fields = match self.current.take() {
+            Some(current) if current.index == call.index => {
+                if call.skill.is_none() && call.api_endpoint.is_none() && call.input_keys.is_empty() {
+                    current
+                } else {
+                    let mut merged = StepFields::clone(&current);
+                    if call.skill.is_some() {
+                        merged.skill.clone_from(&call.skill);
+                    }
+                    if call.api_endpoint.is_some() {
+                        merged.api_endpoint.clone_from(&call.api_endpoint);
+                    }
+                    if !call.input_keys.is_empty() {
+                        merged.input_keys.clone_from(&call.input_keys);
+                    }
+                    Arc::new(merged)
+                }
+            }
+            _ => call,
+        };
+        if let Some(error) = error {
+            self.failing = Some(Arc::new((StepFields::clone(&fields), error)));
+        }
+        self.current = Some(fields);
     }
 
     /// The signature and error of the failing step; `end_error` (from the run-end call) fills in when no
     /// step reported one.
-    pub fn incident_basis(&self, end_error: Option<&StepError>) -> (Signature, StepError) {
+    pub(crate) fn incident_basis(&self, end_error: Option<&StepError>) -> (Signature, StepError) {
         let current = self.current.as_deref();
         let (fields, error) = match (self.failing.as_deref(), end_error) {
             (Some((fields, error)), _) => (Some(fields), error.clone()),

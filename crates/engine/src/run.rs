@@ -1,0 +1,421 @@
+//! One run's whole lifecycle as one type, so that a host (the node, a replay, an embedding service) does
+//! not re-create it around [`evaluate`]: admission, the step limit, evaluation, tenant rate counting,
+//! shadow-statistic deltas, the failing-step tracker, TTL expiry, incident eligibility and rehydration
+//! from a ledger with its integrity check.
+//!
+//! The API has two phases so that a host can persist before it applies: [`Run::step`] and [`Run::end`]
+//! compute an [`Outcome`] without changing the run; the host persists what the outcome carries, then hands
+//! it back to [`Run::commit`]. A host whose persistence failed drops the outcome and the run is unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use runguard_contract::{
+    Action, Decision, Mode, PolicyId, PolicyRef, PreventionRecord, RunId, RunStatus, Signature, SnapshotHash, StepCall,
+    StepError, TenantId, Timestamp, Totals,
+};
+
+use crate::compiled::CompiledSnapshot;
+use crate::evaluate::{Call, Evaluation, evaluate};
+use crate::failure::{FailureTracker, Observation};
+use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
+
+/// What a host configures about every run it hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunLimits {
+    /// Step calls with an index at or above this are refused ([`Refusal::StepLimit`]).
+    pub steps_per_run: u64,
+}
+
+impl RunLimits {
+    /// Limits allowing `steps_per_run` steps.
+    pub fn new(steps_per_run: u64) -> Self {
+        Self { steps_per_run }
+    }
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self { steps_per_run: u64::MAX }
+    }
+}
+
+/// How one shadow policy's statistics change by one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowDelta {
+    /// The shadow policy.
+    pub policy_id: PolicyId,
+    /// The policy's owner; `None` for a global policy, whose statistics are kept per tenant of the runs
+    /// that evaluated it.
+    pub owner: Option<TenantId>,
+    /// Evaluations (1 per call that evaluated the policy).
+    pub evaluations: u64,
+    /// Would-be blocks.
+    pub would_block: u64,
+    /// Would-be warnings.
+    pub would_warn: u64,
+    /// Would-be throttles.
+    pub would_throttle: u64,
+}
+
+/// What an incident created by a failed run is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncidentBasis {
+    /// The failing step's normalised signature.
+    pub signature: Signature,
+    /// Its error.
+    pub error: StepError,
+}
+
+/// Everything one call changes, for a host to persist before it hands the outcome to [`Run::commit`].
+#[derive(Clone, Debug)]
+#[must_use = "an outcome changes nothing until it is persisted and committed"]
+pub struct Outcome {
+    /// The decision to answer.
+    pub decision: Decision,
+    /// The prevention record the decision requires (unsealed: the host assigns its place in the chain).
+    pub record: Option<PreventionRecord>,
+    /// The run's effects; persisted with the ledger entry, they are what [`Run::rehydrate`] folds in again.
+    pub effects: Effects,
+    /// The mode of the deciding policy, if any.
+    pub deciding_mode: Option<Mode>,
+    /// Policies skipped because they failed with `on_error: allow`.
+    pub fail_opens: Vec<PolicyRef>,
+    /// Shadow-statistic changes, one per shadow policy the call evaluated.
+    pub shadow: Vec<ShadowDelta>,
+    /// The incident this call creates (only a failed end of a running run has one).
+    pub incident: Option<IncidentBasis>,
+    change: Option<Box<Change>>,
+}
+
+/// What [`Run::commit`] applies besides the decision and effects; absent for an identical retry, which
+/// changes nothing.
+#[derive(Clone, Debug)]
+struct Change {
+    totals: Totals,
+    at: Timestamp,
+    observed: Option<Observation>,
+    ended: Option<runguard_contract::Outcome>,
+}
+
+impl Outcome {
+    /// Whether this answers an identical re-send of the last call: nothing to persist or commit.
+    pub fn is_replay(&self) -> bool {
+        self.change.is_none()
+    }
+
+    /// The run's totals once this outcome is committed.
+    pub fn totals(&self) -> Option<Totals> {
+        self.change.as_ref().map(|change| change.totals)
+    }
+
+    fn evaluated(
+        snapshot: &CompiledSnapshot,
+        state: &RunState,
+        evaluation: Evaluation,
+        at: Timestamp,
+        observed: Option<Observation>,
+        ended: Option<runguard_contract::Outcome>,
+    ) -> Self {
+        // As `RunState::apply` folds them: a throttled call changes no totals.
+        let totals = if evaluation.decision.action == Action::Throttle {
+            state.totals
+        } else {
+            state.totals_with(evaluation.effects.usage.as_ref(), evaluation.effects.counts_step)
+        };
+        let shadow = shadow_deltas(snapshot, &evaluation);
+        Self {
+            decision: evaluation.decision,
+            record: evaluation.record,
+            effects: evaluation.effects,
+            deciding_mode: evaluation.deciding_mode,
+            fail_opens: evaluation.fail_opens,
+            shadow,
+            incident: None,
+            change: Some(Box::new(Change { totals, at, observed, ended })),
+        }
+    }
+}
+
+fn shadow_deltas(snapshot: &CompiledSnapshot, evaluation: &Evaluation) -> Vec<ShadowDelta> {
+    evaluation
+        .shadow_evaluated
+        .iter()
+        .map(|policy_id| {
+            let mut delta = ShadowDelta {
+                policy_id: policy_id.clone(),
+                owner: snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone()),
+                evaluations: 1,
+                would_block: 0,
+                would_warn: 0,
+                would_throttle: 0,
+            };
+            for entry in evaluation.decision.shadow.iter().filter(|s| &s.policy_id == policy_id) {
+                match entry.would_action {
+                    Action::Block => delta.would_block += 1,
+                    Action::Warn => delta.would_warn += 1,
+                    Action::Throttle => delta.would_throttle += 1,
+                    Action::Allow => {}
+                }
+            }
+            delta
+        })
+        .collect()
+}
+
+/// One entry of a run's ledger, as [`Run::rehydrate`] reads it back.
+#[derive(Clone, Copy, Debug)]
+pub struct LedgerItem<'a> {
+    /// The step call, for a step entry (run start and run end have none).
+    pub step: Option<&'a StepCall>,
+    /// The decision recorded.
+    pub decision: &'a Decision,
+    /// The recorded effects; `None` when they could not be decoded, which fails the integrity check.
+    pub effects: Option<&'a Effects>,
+}
+
+/// What a run's stored form says besides its ledger.
+#[derive(Clone, Debug)]
+pub struct StoredHead {
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// Run.
+    pub run_id: RunId,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Status (expiry is not in the ledger, so the stored status is the one kept).
+    pub status: RunStatus,
+    /// Totals, checked against the ledger's.
+    pub totals: Totals,
+    /// The hash of the snapshot the run is bound to.
+    pub snapshot_hash: SnapshotHash,
+    /// Creation time (the TTL counts from it).
+    pub created_at: Timestamp,
+    /// End time, once it ended.
+    pub ended_at: Option<Timestamp>,
+    /// How it ended, once ended by its agent.
+    pub outcome: Option<runguard_contract::Outcome>,
+}
+
+/// A run whose stored form did not check out. It still holds the run, bound to a snapshot that blocks
+/// every call, so that a host fails it closed.
+#[derive(Debug)]
+pub struct IntegrityVerdict {
+    /// The run, failing closed (boxed: the verdict is rare, a run is large).
+    pub run: Box<Run>,
+}
+
+/// One run: its snapshot, its state and what its lifecycle rules need.
+#[derive(Clone, Debug)]
+pub struct Run {
+    snapshot: Arc<CompiledSnapshot>,
+    state: RunState,
+    failure: FailureTracker,
+    created_at: Timestamp,
+    ended_at: Option<Timestamp>,
+    outcome: Option<runguard_contract::Outcome>,
+}
+
+impl Run {
+    /// A new run bound to `snapshot`, and the outcome of its run-start call, which the host persists and
+    /// commits like any other.
+    pub fn start(
+        snapshot: Arc<CompiledSnapshot>,
+        tenant: TenantId,
+        run_id: RunId,
+        labels: BTreeMap<String, String>,
+        now: Timestamp,
+    ) -> (Self, Outcome) {
+        let state = RunState::new(tenant, run_id, labels);
+        let run = Self::resume(snapshot, state, now);
+        let outcome = run.start_call(now);
+        (run, outcome)
+    }
+
+    /// The outcome of the run-start call on this run's current state.
+    pub(crate) fn start_call(&self, now: Timestamp) -> Outcome {
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunStart, &TenantRates::default(), now);
+        Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, None)
+    }
+
+    /// Answers a step call at `now`. The tenant's rate windows are read and, when the call counts against
+    /// them, counted at once (a host holds the tenant's lock around this call): a call whose persistence
+    /// then fails over-counts, which errs on the closed side.
+    pub fn step(
+        &self,
+        call: &StepCall,
+        limits: &RunLimits,
+        tenant_rates: &mut TenantRates,
+        now: Timestamp,
+    ) -> Result<Outcome, Refusal> {
+        match self.state.admit(call) {
+            Admission::Evaluate => {}
+            Admission::Replay(decision) => {
+                return Ok(Outcome {
+                    decision: *decision,
+                    record: None,
+                    effects: Effects::default(),
+                    deciding_mode: None,
+                    fail_opens: Vec::new(),
+                    shadow: Vec::new(),
+                    incident: None,
+                    change: None,
+                });
+            }
+            Admission::Refused(refusal) => return Err(refusal),
+        }
+        if call.index >= limits.steps_per_run {
+            return Err(Refusal::StepLimit { max: limits.steps_per_run });
+        }
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
+        tenant_rates.apply(&evaluation.effects);
+        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(Observation::of(call)), None))
+    }
+
+    /// Ends the run as its agent reports; `None` when it is no longer running (ending it again changes
+    /// nothing).
+    pub fn end(
+        &self,
+        outcome: runguard_contract::Outcome,
+        error: Option<&StepError>,
+        now: Timestamp,
+    ) -> Option<Outcome> {
+        if !self.state.status.is_running() {
+            return None;
+        }
+        let evaluation =
+            evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome, error }, &TenantRates::default(), now);
+        let mut answer = Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, Some(outcome));
+        // Only a running run that ends failed, and is not stopped by a block, creates an incident.
+        if runguard_contract::prevention::may_create_incident(self.state.status, outcome)
+            && self.after(&answer).state.status == RunStatus::Failed
+        {
+            let (signature, error) = self.failure.incident_basis(error);
+            answer.incident = Some(IncidentBasis { signature, error });
+        }
+        Some(answer)
+    }
+
+    /// Applies a persisted outcome of this run's latest [`step`](Self::step), [`end`](Self::end) or
+    /// [`start`](Self::start). An outcome must be committed before the next call is answered.
+    pub fn commit(&mut self, outcome: Outcome) {
+        let Some(change) = outcome.change else { return };
+        self.state.apply(&outcome.decision, &outcome.effects);
+        let Change { at, observed, ended, .. } = *change;
+        self.settle(at, observed, ended);
+    }
+
+    /// The run as it will be once `outcome` is committed, leaving this one unchanged: for a host that
+    /// persists the run's new form before it applies the outcome (it then replaces the run with this one).
+    pub fn after(&self, outcome: &Outcome) -> Self {
+        let mut next = self.clone();
+        if let Some(change) = &outcome.change {
+            next.state.apply(&outcome.decision, &outcome.effects);
+            next.settle(change.at, change.observed.clone(), change.ended);
+        }
+        next
+    }
+
+    /// What a committed call changes besides the engine state.
+    fn settle(&mut self, at: Timestamp, observed: Option<Observation>, ended: Option<runguard_contract::Outcome>) {
+        if let Some(observation) = observed {
+            self.failure.record(observation);
+        }
+        if !self.state.status.is_running() && self.ended_at.is_none() {
+            self.ended_at = Some(at);
+        }
+        if ended.is_some() {
+            self.outcome = ended;
+        }
+    }
+
+    /// Expires a running run whose `ttl_ms` since creation has passed at `now`; whether it did. The host
+    /// persists the run's new status before anything else happens to it.
+    pub fn expire_if_due(&mut self, now: Timestamp, ttl_ms: i64) -> bool {
+        if !self.state.status.is_running() || now < self.created_at.plus_millis(ttl_ms) {
+            return false;
+        }
+        self.state.expire();
+        if self.ended_at.is_none() {
+            self.ended_at = Some(now);
+        }
+        true
+    }
+
+    /// Rebuilds a run from its stored form and ledger. `snapshot` is the run's snapshot compiled, or `None`
+    /// when it failed its own verification; `totals_consistent` is the store's check that each entry's
+    /// totals follow from the previous one. Anything that does not check out fails the run closed.
+    pub fn rehydrate<'a>(
+        snapshot: Option<Arc<CompiledSnapshot>>,
+        head: StoredHead,
+        ledger: impl IntoIterator<Item = LedgerItem<'a>>,
+        totals_consistent: bool,
+    ) -> Result<Self, IntegrityVerdict> {
+        let mut state = RunState::new(head.tenant_id, head.run_id, head.labels);
+        let mut failure = FailureTracker::default();
+        // A run is always stored with its run-start entry; without one it cannot be trusted.
+        let mut entries = 0usize;
+        let mut replay_ok = true;
+        for item in ledger {
+            entries += 1;
+            if let Some(call) = item.step {
+                failure.record(Observation::of(call));
+            }
+            match item.effects {
+                Some(effects) => state.apply(item.decision, effects),
+                None => replay_ok = false,
+            }
+        }
+        let trusted = replay_ok && entries > 0 && totals_consistent && state.totals == head.totals;
+        // The status comes from the stored run (expiry is not in the ledger); totals were checked above.
+        state.status = head.status;
+        let run = |snapshot| Self {
+            snapshot,
+            state,
+            failure,
+            created_at: head.created_at,
+            ended_at: head.ended_at,
+            outcome: head.outcome,
+        };
+        match snapshot {
+            Some(snapshot) if trusted => Ok(run(snapshot)),
+            _ => Err(IntegrityVerdict { run: Box::new(run(Arc::new(CompiledSnapshot::tampered(head.snapshot_hash)))) }),
+        }
+    }
+
+    /// A run continuing from `state` (replays start from a state rather than from a run-start call).
+    pub(crate) fn resume(snapshot: Arc<CompiledSnapshot>, state: RunState, created_at: Timestamp) -> Self {
+        Self { snapshot, state, failure: FailureTracker::default(), created_at, ended_at: None, outcome: None }
+    }
+
+    /// The run's engine state, consuming the run.
+    pub(crate) fn into_state(self) -> RunState {
+        self.state
+    }
+
+    /// The run's engine state.
+    pub fn state(&self) -> &RunState {
+        &self.state
+    }
+
+    /// The snapshot it is bound to.
+    pub fn snapshot(&self) -> &Arc<CompiledSnapshot> {
+        &self.snapshot
+    }
+
+    /// When it was created.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    /// When it ended or stopped, if it has.
+    pub fn ended_at(&self) -> Option<Timestamp> {
+        self.ended_at
+    }
+
+    /// How its agent ended it, if it did.
+    pub fn outcome(&self) -> Option<runguard_contract::Outcome> {
+        self.outcome
+    }
+}
