@@ -37,7 +37,7 @@ const LIMITS: &str = "run_idle_s = 60\n[limits]\nlive_runs = 4000\n";
 /// How many times the quiet p99 acme's p99 may reach under a flood (see the module documentation).
 const GUARD_FACTOR: u32 = 4;
 /// Absolute slack on top of that, for timer and scheduler noise at millisecond latencies.
-const LATENCY_FLOOR: Duration = Duration::from_millis(10);
+const LATENCY_FLOOR: Duration = Duration::from_millis(20);
 /// Attacker connections per pattern (`RUNGUARD_NEIGHBOUR_ATTACKERS`), each sending as fast as it can.
 fn attackers() -> usize {
     env_u64("RUNGUARD_NEIGHBOUR_ATTACKERS", 2) as usize
