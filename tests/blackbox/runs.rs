@@ -384,3 +384,15 @@ fn resending_a_creation_with_a_different_body_is_an_idempotency_mismatch() {
     let run = client.get("/v1/runs/run-idem").expect(200).clone();
     assert_eq!(run["labels"], json!({ "team": "search" }), "a refused re-creation changes nothing");
 }
+
+/// A call to a run that no longer runs says, in words, how it stopped.
+#[test]
+fn a_call_to_an_ended_run_says_how_it_ended() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "run-ended");
+    client.post("/v1/runs/run-ended/end", &json!({ "outcome": "succeeded" })).expect(200);
+    let resp = client.post("/v1/runs/run-ended/steps", &json!({ "index": 0, "phase": "pre" }));
+    assert_eq!(resp.expect_error(409, "run_not_running")["status"], "succeeded");
+    assert_eq!(resp.body["error"]["message"], "the run has ended (`succeeded`); it accepts no more step calls");
+}

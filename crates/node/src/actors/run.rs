@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use actix::WeakAddr;
 use actix::prelude::*;
 use runguard_contract::{
-    Action, Decision, Outcome, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp, ViolationType,
+    Action, Decision, Outcome, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp,
+    ViolationType,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{
@@ -212,6 +213,17 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
 }
 
+/// How a run that no longer runs came to stop, in words.
+fn why_not_running(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Stopped => "was stopped by a block",
+        RunStatus::Succeeded => "has ended (`succeeded`)",
+        RunStatus::Failed => "has ended (`failed`)",
+        RunStatus::Expired => "has expired (its TTL passed before it ended)",
+        RunStatus::Running => "is running",
+    }
+}
+
 fn refusal(refusal: Refusal) -> ApiError {
     match refusal {
         Refusal::OutOfOrder { expected } => ApiError::conflict(
@@ -221,7 +233,7 @@ fn refusal(refusal: Refusal) -> ApiError {
         .with_details(json!({ "expected": { "index": expected.index, "phase": expected.phase } })),
         Refusal::NotRunning { status, stopping_decision } => ApiError::conflict(
             "run_not_running",
-            format!("the run is {}; it accepts no more step calls", status.as_str()),
+            format!("the run {}; it accepts no more step calls", why_not_running(status)),
         )
         .with_details(json!({ "status": status, "decision": stopping_decision })),
         Refusal::StepLimit { max } => {
