@@ -18,7 +18,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A fixed set of threads; they stop when the pool is dropped.
 #[derive(Debug)]
 pub struct BackgroundPool {
-    jobs: Mutex<Sender<Job>>,
+    jobs: Sender<Job>,
 }
 
 /// The pool's threads are gone (they only stop when the pool is dropped).
@@ -38,7 +38,7 @@ impl BackgroundPool {
                 tracing::error!(error = %err, "cannot start a background thread");
             }
         }
-        Self { jobs: Mutex::new(jobs) }
+        Self { jobs }
     }
 
     /// Runs `job` on a background thread and waits for its result without blocking the caller's thread.
@@ -54,7 +54,7 @@ impl BackgroundPool {
                 let _ = done.send(value);
             }
         });
-        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).send(job).map_err(|_| PoolStopped)?;
+        self.jobs.send(job).map_err(|_| PoolStopped)?;
         result.await.map_err(|_| PoolStopped)
     }
 }

@@ -150,12 +150,7 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
                 async move {
                     let answer = answer.await?;
                     let route = answer.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
-                    metric_families::record_request(
-                        method.as_str(),
-                        &route,
-                        answer.status().as_u16(),
-                        started.elapsed(),
-                    );
+                    metric_families::record_request(&method, route, answer.status().as_u16(), started.elapsed());
                     Ok(answer)
                 }
             })
