@@ -88,6 +88,23 @@ fn metrics_are_described_zeroed_histograms_that_promtool_accepts() {
     assert!(out.status.success(), "promtool check metrics failed ({}): {said}", out.status);
 }
 
+/// The evaluation latency counts step calls only: run starts and ends add no zero samples to it.
+#[test]
+fn evaluation_latency_counts_step_calls_only() {
+    let node = Node::start();
+    let client = node.client();
+    let count = || {
+        let text = client.get("/metrics").text;
+        text.lines().find_map(|line| line.strip_prefix("runguard_evaluation_seconds_count ")).map(str::to_owned)
+    };
+    create_run(&client, "run-latency");
+    client.post("/v1/runs/run-latency/end", &json!({ "outcome": "succeeded" })).expect(200);
+    assert_eq!(count(), None, "a run start and end were timed as evaluations");
+    create_run(&client, "run-stepped");
+    step(&client, "run-stepped", &post(0, 10));
+    assert_eq!(count().as_deref(), Some("1"));
+}
+
 /// Logs written to a file carry no terminal colour codes.
 #[test]
 fn logs_to_a_file_have_no_colour_codes() {

@@ -305,9 +305,13 @@ fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Resu
     (answer, started.elapsed())
 }
 
-fn record_metrics(outcome: &Answer, elapsed: Duration) {
+/// Counts a decision; `evaluated` is the engine time of a step call (run starts and ends are not timed, so
+/// they stay out of the evaluation latency rather than add zeros to it).
+fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
     metrics::counter!("runguard_decisions_total", "action" => outcome.decision.action.as_str()).increment(1);
-    metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
+    if let Some(elapsed) = evaluated {
+        metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
+    }
     if outcome.record.is_some() {
         metrics::counter!("runguard_prevention_records_total").increment(1);
     }
@@ -355,7 +359,7 @@ impl RunActor {
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
-        record_metrics(&answer, Duration::ZERO);
+        record_metrics(&answer, None);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
         Ok((Live { run, meta }, answer.decision))
     }
@@ -566,7 +570,7 @@ impl RunActor {
                 }
                 return Err(refused.error);
             }
-            record_metrics(&answer, elapsed);
+            record_metrics(&answer, Some(elapsed));
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
@@ -633,7 +637,7 @@ impl RunActor {
                     return Err(refused.error);
                 }
             };
-            record_metrics(&answer, Duration::ZERO);
+            record_metrics(&answer, None);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
