@@ -5,19 +5,23 @@
 //! tests. The Python side needs only `python3` (override with `PYTHON`): a virtual environment is created
 //! under the target directory and the SDK is installed into it with its test extras, at the versions
 //! pinned in `clients/python/constraints.txt`. pytest then builds and starts the real `runguard` binary.
-//! `cargo xtask test-python` runs only the Python part.
+//! `cargo xtask test-python` runs only the Python part. `cargo xtask layering` checks that the node's and
+//! the engine's modules form no cycle (see `layering.rs`; `cargo test --workspace` runs the check too).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+mod layering;
 
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
         "test" => rust_tests().and_then(|()| python_tests()),
         "test-python" => python_tests(),
+        "layering" => layering::check(&workspace()),
         _ => {
-            eprintln!("usage: cargo xtask test | test-python");
+            eprintln!("usage: cargo xtask test | test-python | layering");
             return ExitCode::from(2);
         }
     };

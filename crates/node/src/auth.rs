@@ -4,35 +4,14 @@
 //! configured hash in constant time, so neither timing nor early exit reveals which hash was close.
 
 use runguard_contract::TenantId;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TokenConfig;
 use crate::error::ApiError;
 
-/// What a caller may do. Roles nest: admin ⊃ operator ⊃ worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Runs and steps.
-    Worker,
-    /// Policies, records, patterns and graduation of its tenant.
-    Operator,
-    /// Everything, all tenants, global policies.
-    Admin,
-}
-
-impl Role {
-    /// The wire name.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Role::Worker => "worker",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
+// Roles are configuration vocabulary (each token names one); re-exported where callers are checked.
+pub use crate::config::Role;
 
 /// An authenticated caller acting for one tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,28 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use runguard_contract::{PolicyLimits, StepLimits, TenantId};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Role;
+/// What a caller may do. Roles nest: admin ⊃ operator ⊃ worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs and steps.
+    Worker,
+    /// Policies, records, patterns and graduation of its tenant.
+    Operator,
+    /// Everything, all tenants, global policies.
+    Admin,
+}
+
+impl Role {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
 
 /// One bearer token: its name (shown in audits and logs), tenant, role and SHA-256.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

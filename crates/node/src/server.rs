@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::actors::learning::Learning;
-use crate::actors::registry::Registry;
+use crate::actors::registry::{Registry, RunTable};
 use crate::actors::writer::{Drain, Writer};
 use crate::auth::Authenticator;
 use crate::config::{Config, HttpEdge};
@@ -121,12 +121,21 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
     let workers = config.http_workers;
     let edge = config.http.clone();
     let auth = Authenticator::new(&config.tokens);
-    let shared = Arc::new(Shared::new(Arc::clone(&store), writer.clone(), config));
+    // Collaborators are passed in, lowest layer first: the writer's commit handle to the shared context,
+    // the learning loop to the registry (for its run actors), and all of them to the HTTP state.
+    let shared = Arc::new(Shared::new(Arc::clone(&store), writer.clone().recipient(), config));
     let (learning, learning_arbiter) = Learning::start_dedicated(Arc::clone(&shared));
-    let _ = shared.learning.set(learning);
-    let registry = Registry::new(Arc::clone(&shared), handles).start();
-    let state =
-        web::Data::new(AppState { shared: Arc::clone(&shared), registry, auth, metrics, ready: AtomicBool::new(true) });
+    let runs = Arc::new(RunTable::default());
+    let registry = Registry::new(Arc::clone(&shared), Arc::clone(&runs), learning.clone().recipient(), handles).start();
+    let state = web::Data::new(AppState {
+        shared: Arc::clone(&shared),
+        registry,
+        runs,
+        learning,
+        auth,
+        metrics,
+        ready: AtomicBool::new(true),
+    });
 
     let app_state = state.clone();
     let connect_edge = edge.clone();

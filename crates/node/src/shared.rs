@@ -1,41 +1,27 @@
-//! What every actor and handler shares: the store (reads), the writer (writes), configuration, the
-//! tenant rate windows and the compiled-snapshot cache.
+//! What every actor and handler shares: the store (reads), the writer's commit handle (writes),
+//! configuration, the tenant rate windows and the compiled-snapshot cache. It knows no actor: the actors
+//! are given their collaborators when they start (`docs/architecture.md`, "Module layering").
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use actix::Addr;
 use runguard_contract::{Snapshot, SnapshotHash, TenantId, Timestamp};
 use runguard_engine::{CompiledSnapshot, TenantRates};
 use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
 
-use crate::actors::learning::Learning;
-use crate::actors::writer::{Commit, Writer};
+use crate::commit::{CommitHandle, Refused};
 use crate::config::Config;
-use crate::error::ApiError;
-
-/// A commit that failed: the answer, and whether the batch surely did not land (`false`: unknown).
-#[derive(Debug)]
-pub struct Refused {
-    /// What the call answers.
-    pub error: ApiError,
-    /// Whether the batch is known not to have landed.
-    pub settled: bool,
-}
+use crate::node_error::NodeError;
 
 /// The node's shared context.
 pub struct Shared {
     /// Read access to the store (reads run on blocking threads, never on an actor or HTTP thread).
     pub store: Arc<Store>,
     /// The single writer.
-    pub writer: Addr<Writer>,
+    pub writer: CommitHandle,
     /// Configuration.
     pub config: Config,
-    /// The learning actor (set once at start-up, after this context exists).
-    pub learning: OnceLock<Addr<Learning>>,
-    /// The live runs (looked up by every call; changed only by the registry).
-    pub live_runs: crate::actors::registry::RunTable,
     /// Each tenant's current snapshot, captured once per change of the policies.
     pub current_snapshots: crate::current_snapshots::CurrentSnapshots,
     /// Each tenant's share of the background threads.
@@ -62,39 +48,17 @@ pub fn now() -> Timestamp {
     Timestamp::from_unix_millis(millis)
 }
 
-/// Maps a store failure to the answer a client gets: 503 (treat as block) for IO and injected faults,
-/// 409 for conflicts, 404 for missing objects, 400 for bad arguments, 500 for corruption.
-pub fn store_error(err: StoreError) -> ApiError {
-    match err.kind() {
-        StoreErrorKind::Io | StoreErrorKind::Injected => {
-            tracing::error!(error = %err, "store unavailable");
-            ApiError::unavailable(
-                "the store cannot commit; the call was not acknowledged and must be treated as a block",
-                1,
-            )
-        }
-        StoreErrorKind::Conflict => ApiError::conflict("conflict", err.message().to_owned()),
-        StoreErrorKind::NotFound => ApiError::conflict("not_found", err.message().to_owned()),
-        StoreErrorKind::InvalidArgument => ApiError::bad_request("cursor", err.message().to_owned()),
-        StoreErrorKind::Contract | StoreErrorKind::Corrupt | StoreErrorKind::Schema => {
-            tracing::error!(error = %err, "store refused or found corrupt data");
-            ApiError::internal()
-        }
-    }
-}
-
 impl Shared {
-    /// A context over an open store and a started writer.
-    pub fn new(store: Arc<Store>, writer: Addr<Writer>, config: Config) -> Self {
+    /// A context over an open store, committing through `writer` (the writer's commit handle).
+    pub fn new(store: Arc<Store>, writer: actix::Recipient<crate::commit::Commit>, config: Config) -> Self {
         let tenant_lanes = crate::tenant_lanes::TenantLanes::new(config.limits.tenant_heavy_jobs);
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let background = crate::background::BackgroundPool::start(cores);
+        let writer = CommitHandle::new(writer, Duration::from_millis(config.limits.call_timeout_ms));
         Self {
             store,
             writer,
             config,
-            learning: OnceLock::new(),
-            live_runs: Default::default(),
             current_snapshots: Default::default(),
             tenant_lanes,
             background,
@@ -108,90 +72,52 @@ impl Shared {
         Duration::from_millis(self.config.limits.call_timeout_ms)
     }
 
-    /// Makes `batch` durable through the writer; answers 503 if the writer is full, slow or failing.
-    ///
-    /// A call that times out answers 503 only if the writer has not taken its batch yet (and then never
-    /// will); once taken, the call waits for the commit's real outcome, so that a 503 is never answered
-    /// for a batch that lands (SPEC §12.10).
-    pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, ApiError> {
-        self.commit_settled(batch).await.map_err(|refused| refused.error)
+    /// Makes `batch` durable through the writer ([`CommitHandle::commit`]).
+    pub async fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, NodeError> {
+        self.writer.commit(batch).await
     }
 
-    /// [`Shared::commit`], telling a failure whose batch surely did not land from one whose outcome is
-    /// unknown (the writer stopped after taking it).
+    /// [`CommitHandle::commit_settled`].
     pub async fn commit_settled(&self, batch: WriteBatch) -> Result<CommitReceipt, Refused> {
-        let commit = Commit::new(batch);
-        let ticket = commit.ticket.clone();
-        let mut sent = std::pin::pin!(self.writer.send(commit));
-        let answer = match actix_web::rt::time::timeout(self.call_timeout(), &mut sent).await {
-            Ok(answer) => answer,
-            Err(_) if ticket.abandon() => {
-                metrics::counter!("runguard_refused_calls_total", "reason" => "commit_timeout").increment(1);
-                let error = ApiError::unavailable("the writer is overloaded; treat the call as a block", 1);
-                return Err(Refused { error, settled: true });
-            }
-            Err(_) => sent.await,
-        };
-        match answer {
-            Ok(Ok(receipt)) => Ok(receipt),
-            // The store writes nothing of a batch it answers with an error.
-            Ok(Err(err)) => Err(Refused { error: store_error(err), settled: true }),
-            Err(err) => {
-                tracing::error!(error = %err, "writer unavailable");
-                let error = ApiError::unavailable("the writer is overloaded or stopped; treat the call as a block", 1);
-                // A batch the writer never took never will be; one it took may have landed.
-                Err(Refused { error, settled: ticket.abandon() })
-            }
-        }
-    }
-
-    /// Sends a message to the learning actor and waits for its answer (503 if it is unavailable).
-    pub async fn learn<M>(&self, msg: M) -> Result<M::Result, ApiError>
-    where
-        M: actix::Message + Send + 'static,
-        M::Result: Send,
-        Learning: actix::Handler<M>,
-    {
-        let learning = self.learning.get().ok_or_else(|| ApiError::unavailable("the node is starting", 1))?;
-        // No timeout here: the actor answers at once with a future that bounds its own waiting and whose
-        // commit must not be abandoned once the writer holds it (a timeout here could answer 503 for a
-        // request that is applied afterwards).
-        learning.send(msg).await.map_err(|err| {
-            tracing::error!(error = %err, "learning actor unavailable");
-            ApiError::unavailable("the learning loop is overloaded or stopped; retry", 1)
-        })
+        self.writer.commit_settled(batch).await
     }
 
     /// Runs blocking or CPU-heavy work (store reads, compiling regexes and CEL, replays) on the blocking
     /// pool, never on an HTTP worker or actor thread.
-    pub async fn blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, ApiError>
+    /// Generic over the error so that HTTP handlers can plan with their own answers.
+    pub async fn blocking<T, E, F>(self: &Arc<Self>, work: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+        E: From<NodeError> + Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, E> + Send + 'static,
     {
         let shared = Arc::clone(self);
-        actix_web::rt::task::spawn_blocking(move || work(&shared)).await.unwrap_or_else(|_| Err(ApiError::internal()))
+        actix_web::rt::task::spawn_blocking(move || work(&shared))
+            .await
+            .unwrap_or_else(|_| Err(E::from(NodeError::Internal)))
     }
 
     /// Runs CPU-heavy work of `tenant` (large evaluations, simulations, graduation, list pages) on the
     /// background threads, in one of the tenant's lanes (`limits.tenant_heavy_jobs`): one tenant flooding
     /// expensive calls waits behind its own work and never takes more than its lanes' share of the cores.
-    /// A tenant that cannot get a lane within the call timeout is answered 429.
-    pub async fn heavy<T, F>(self: &Arc<Self>, tenant: &TenantId, work: F) -> Result<T, ApiError>
+    /// A tenant that cannot get a lane within the call timeout is refused as overloaded.
+    pub async fn heavy<T, E, F>(self: &Arc<Self>, tenant: &TenantId, work: F) -> Result<T, E>
     where
         T: Send + 'static,
-        F: FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+        E: From<NodeError> + Send + 'static,
+        F: FnOnce(&Shared) -> Result<T, E> + Send + 'static,
     {
         let Ok(_lane) = self.tenant_lanes.acquire(tenant, self.call_timeout()).await else {
             metrics::counter!("runguard_refused_calls_total", "reason" => "tenant_busy").increment(1);
-            return Err(ApiError::overloaded("this tenant's expensive calls are queued; retry later", 1));
+            let message = "this tenant's expensive calls are queued; retry later";
+            return Err(E::from(NodeError::Overloaded { message, retry_after_s: 1 }));
         };
         let shared = Arc::clone(self);
-        self.background.run(move || work(&shared)).await.unwrap_or_else(|_| Err(ApiError::internal()))
+        self.background.run(move || work(&shared)).await.unwrap_or_else(|_| Err(E::from(NodeError::Internal)))
     }
 
     /// Runs a blocking store read off the async threads.
-    pub async fn read<T, F>(self: &Arc<Self>, read: F) -> Result<T, ApiError>
+    pub async fn read<T, F>(self: &Arc<Self>, read: F) -> Result<T, NodeError>
     where
         T: Send + 'static,
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -202,9 +128,9 @@ impl Shared {
                 // it has reopened itself from disk.
                 StoreErrorKind::Io => {
                     tracing::warn!(error = %err, "store unreadable");
-                    ApiError::unavailable("the store is recovering from a write failure; retry", 1)
+                    NodeError::unavailable("the store is recovering from a write failure; retry")
                 }
-                _ => store_error(err),
+                _ => NodeError::Store(err),
             })
         })
         .await

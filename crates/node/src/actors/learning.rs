@@ -8,18 +8,18 @@ use std::sync::Arc;
 use actix::prelude::*;
 use runguard_contract::canonical::domain_hash;
 use runguard_contract::{
-    ApprovalPath, AuditEntry, Incident, IncidentId, Mode, Pattern, PatternId, PatternRule, Policy, PolicyAction,
-    PolicyDocument, PolicyId, PreventionRecord, RecordId, Regret, Rule, Scope, Signature, Snapshot, SnapshotHash,
-    StepError, TenantId, Timestamp,
+    ApprovalPath, Incident, IncidentId, Mode, Pattern, PatternId, PatternRule, Policy, PolicyAction, PolicyDocument,
+    PolicyId, PreventionRecord, RecordId, Regret, Rule, Scope, Signature, Snapshot, SnapshotHash, StepError, TenantId,
+    Timestamp,
 };
 use runguard_engine::learning::{self, Level, TenantEvidence};
 use runguard_store::{GraduationGates, GraduationState, RecordQuery, Store, StoreError, WriteBatch, all_pages};
-use serde_json::{Value, json};
-
-use crate::error::ApiError;
+use serde::Serialize;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::shared::{Shared, now, store_error};
+use crate::node_error::NodeError;
+use crate::policy_change::{self, Approval, PolicyChange};
+use crate::shared::{Shared, now};
 
 /// Examples kept per pattern.
 const PATTERN_EXAMPLES: usize = 10;
@@ -39,8 +39,8 @@ pub struct IncidentDraft {
 
 /// Commits a run's end, with its incident and pattern update when the run failed.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<IncidentId>, ApiError>")]
-pub struct EndRun {
+#[rtype(result = "Result<Option<IncidentId>, NodeError>")]
+pub struct CommitRunEnd {
     /// The run-end writes (ledger entry, run, any record).
     pub batch: WriteBatch,
     /// The incident to create, if any.
@@ -49,7 +49,7 @@ pub struct EndRun {
 
 /// Proposes a pattern's shadow policy.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Policy, ApiError>")]
+#[rtype(result = "Result<Policy, NodeError>")]
 pub struct Propose {
     /// The tenant.
     pub tenant: TenantId,
@@ -61,7 +61,7 @@ pub struct Propose {
 
 /// An operator confirms a policy.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Value, ApiError>")]
+#[rtype(result = "Result<Confirmation, NodeError>")]
 pub struct Confirm {
     /// The tenant.
     pub tenant: TenantId,
@@ -75,7 +75,7 @@ pub struct Confirm {
 
 /// An operator regrets a prevention record.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Value, ApiError>")]
+#[rtype(result = "Result<RegretAnswer, NodeError>")]
 pub struct RegretRecord {
     /// The tenant.
     pub tenant: TenantId,
@@ -91,10 +91,123 @@ pub struct RegretRecord {
 
 /// Computes (and persists, when it changed) a tenant's graduation level.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Value, ApiError>")]
+#[rtype(result = "Result<Graduation, NodeError>")]
 pub struct TenantGraduation {
     /// The tenant.
     pub tenant: TenantId,
+}
+
+// The answers below are serialised as they are: their fields are in alphabetical order, the order the
+// node's JSON objects have always had on the wire.
+
+/// Where a policy's confirmations stand after one more.
+#[derive(Clone, Debug, Serialize)]
+pub struct Confirmation {
+    /// Distinct callers who confirmed since the latest mode change.
+    pub confirmations: usize,
+    /// The policy (active once `required` callers confirmed).
+    pub policy: Policy,
+    /// Confirmations needed.
+    pub required: u32,
+}
+
+/// A regret and what it did to the deciding policy.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegretAnswer {
+    /// The effect on the policy.
+    pub policy: RegretEffect,
+    /// The regret as stored.
+    pub regret: Regret,
+}
+
+/// What a regret did to the policy that decided the record.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegretEffect {
+    /// Whether the regret demoted (disabled) the policy.
+    pub demoted: bool,
+    /// The policy.
+    pub policy_id: PolicyId,
+    /// Why nothing was demoted, for a global policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// The policy's regret score, for the tenant's own policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regret_score: Option<f64>,
+    /// Regrets counted since the policy's activation, for the tenant's own policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regrets_since_activation: Option<usize>,
+    /// The policy's scope, when the policy was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+}
+
+/// A tenant's graduation level, its gates and its history.
+#[derive(Clone, Debug, Serialize)]
+pub struct Graduation {
+    /// The level it fell from, if degraded.
+    pub degraded_from: Option<String>,
+    /// When the level was computed.
+    pub evaluated_at: Timestamp,
+    /// The gates.
+    pub gates: Gates,
+    /// Every level change, oldest first.
+    pub history: Vec<GraduationStep>,
+    /// The level.
+    pub level: String,
+    /// Why this level.
+    pub reason: Option<String>,
+    /// The tenant.
+    pub tenant_id: TenantId,
+}
+
+/// The graduation gates.
+#[derive(Clone, Debug, Serialize)]
+pub struct Gates {
+    /// The prevention gate.
+    pub prevention: PreventionGate,
+    /// The rollback gate.
+    pub rollback: RollbackGate,
+}
+
+/// The prevention gate.
+#[derive(Clone, Debug, Serialize)]
+pub struct PreventionGate {
+    /// Counted preventions in the window.
+    pub counted_preventions: u64,
+    /// The latest prevention.
+    pub last_prevention_at: Option<Timestamp>,
+    /// Recurrences the policies missed.
+    pub missed_recurrences: u64,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Preventions per recurrence.
+    pub prevention_rate: f64,
+}
+
+/// The rollback gate.
+#[derive(Clone, Debug, Serialize)]
+pub struct RollbackGate {
+    /// Demotions in the window.
+    pub demotions: u64,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Regrets per prevention.
+    pub regret_rate: f64,
+    /// Counted regrets in the window.
+    pub regrets: u64,
+}
+
+/// One level change.
+#[derive(Clone, Debug, Serialize)]
+pub struct GraduationStep {
+    /// When.
+    pub at: Timestamp,
+    /// The level it fell from, if degraded.
+    pub degraded_from: Option<String>,
+    /// The level.
+    pub level: String,
+    /// Why.
+    pub reason: Option<String>,
 }
 
 /// A lock of the learning loop: one per tenant, and one (`None`) for the global policies' confirmations.
@@ -131,10 +244,15 @@ impl Actor for Learning {
 }
 
 impl Learning {
+    /// The actor, reading and committing through `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared, locks: HashMap::new() }
+    }
+
     /// Starts the actor on its own arbiter.
     pub fn start_dedicated(shared: Arc<Shared>) -> (Addr<Learning>, Arbiter) {
         let arbiter = Arbiter::new();
-        let addr = Learning::start_in_arbiter(&arbiter.handle(), move |_| Learning { shared, locks: HashMap::new() });
+        let addr = Learning::start_in_arbiter(&arbiter.handle(), move |_| Learning::new(shared));
         (addr, arbiter)
     }
 
@@ -151,7 +269,7 @@ impl Learning {
     fn serialised<T: Send + 'static>(
         &mut self,
         keys: Vec<LockKey>,
-        plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), ApiError> + Send + 'static,
+        plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), NodeError> + Send + 'static,
     ) -> Answer<T> {
         self.serialised_as(keys, None, plan)
     }
@@ -161,14 +279,13 @@ impl Learning {
         &mut self,
         keys: Vec<LockKey>,
         heavy: Option<TenantId>,
-        plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), ApiError> + Send + 'static,
+        plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), NodeError> + Send + 'static,
     ) -> Answer<T> {
         let locks: Vec<Arc<AsyncMutex<()>>> = keys.into_iter().map(|key| self.lock(key)).collect();
         // Each waiting request holds a clone of its lock; the map holds one more.
         if locks.iter().any(|lock| Arc::strong_count(lock) > WAITING_PER_TENANT + 1) {
-            return Box::pin(std::future::ready(Err(ApiError::unavailable(
+            return Box::pin(std::future::ready(Err(NodeError::unavailable(
                 "too many learning-loop requests of this tenant are waiting; retry",
-                1,
             ))));
         }
         let shared = Arc::clone(&self.shared);
@@ -185,11 +302,11 @@ impl Learning {
                     Some(tenant) => shared.heavy(tenant, plan).await?,
                     None => shared.blocking(plan).await?,
                 };
-                Ok::<_, ApiError>((held, planned))
+                Ok::<_, NodeError>((held, planned))
             })
             .await;
             let (held, (batch, value)) = planned.map_err(|_| {
-                ApiError::unavailable("the learning loop is busy for this tenant; nothing was changed, retry", 1)
+                NodeError::unavailable("the learning loop is busy for this tenant; nothing was changed, retry")
             })??;
             if !batch.is_empty() {
                 shared.commit(batch).await?;
@@ -200,29 +317,29 @@ impl Learning {
     }
 }
 
-type Answer<T> = ResponseFuture<Result<T, ApiError>>;
+type Answer<T> = ResponseFuture<Result<T, NodeError>>;
 
 fn generated<T>(make: impl Fn([u8; 32]) -> T, domain: &str, parts: &[&str]) -> T {
     make(domain_hash(domain, parts.join("\n").as_bytes()))
 }
 
-impl Handler<EndRun> for Learning {
+impl Handler<CommitRunEnd> for Learning {
     type Result = Answer<Option<IncidentId>>;
 
-    fn handle(&mut self, msg: EndRun, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CommitRunEnd, _: &mut Self::Context) -> Self::Result {
         let keys = msg.incident.iter().map(|draft| Some(draft.tenant.clone())).collect();
         self.serialised(keys, move |shared| plan_end(&shared.store, msg))
     }
 }
 
-fn plan_end(store: &Store, msg: EndRun) -> Result<(WriteBatch, Option<IncidentId>), ApiError> {
+fn plan_end(store: &Store, msg: CommitRunEnd) -> Result<(WriteBatch, Option<IncidentId>), NodeError> {
     let mut batch = msg.batch;
     let Some(draft) = msg.incident else { return Ok((batch, None)) };
     let at = now();
     let signature_hash = draft.signature.hash();
     let error_type = runguard_contract::ErrorClass::of(&draft.error).error_type;
     let incident_id = IncidentId::from_u128(uuid::Uuid::now_v7().as_u128());
-    let existing = store.find_pattern(&draft.tenant, &signature_hash, &error_type).map_err(store_error)?;
+    let existing = store.find_pattern(&draft.tenant, &signature_hash, &error_type)?;
     let pattern = match existing {
         Some(mut pattern) => {
             pattern.occurrences = pattern.occurrences.saturating_add(1);
@@ -275,19 +392,18 @@ impl Handler<Propose> for Learning {
     }
 }
 
-fn plan_propose(store: &Store, required: u64, msg: Propose) -> Result<(WriteBatch, Policy), ApiError> {
+fn plan_propose(store: &Store, required: u64, msg: Propose) -> Result<(WriteBatch, Policy), NodeError> {
     let pattern = store
-        .get_pattern(&msg.tenant, &msg.pattern_id)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::not_found("pattern", msg.pattern_id.as_str()))?;
+        .get_pattern(&msg.tenant, &msg.pattern_id)?
+        .ok_or_else(|| NodeError::not_found("pattern", msg.pattern_id.as_str()))?;
     if let Some(policy_id) = &pattern.policy_id {
-        return Err(ApiError::conflict(
+        return Err(NodeError::conflict(
             "already_proposed",
             format!("pattern already proposed as policy `{policy_id}`"),
         ));
     }
     if pattern.occurrences < required {
-        return Err(ApiError::conflict(
+        return Err(NodeError::conflict(
             "too_few_occurrences",
             format!("the pattern has {} occurrences; {required} are needed to propose it", pattern.occurrences),
         ));
@@ -298,8 +414,8 @@ fn plan_propose(store: &Store, required: u64, msg: Propose) -> Result<(WriteBatc
         "runguard/pattern-policy-id/v1",
         &[msg.tenant.as_str(), pattern.id.as_str()],
     );
-    if store.get_policy(None, &id, None).map_err(store_error)?.is_some() {
-        return Err(policy_id_taken(&id));
+    if policy_change::id_taken(store, Some(&msg.tenant), &id)? {
+        return Err(policy_change::id_taken_error(&id));
     }
     let sig = &pattern.signature;
     let doc = PolicyDocument {
@@ -317,33 +433,13 @@ fn plan_propose(store: &Store, required: u64, msg: Propose) -> Result<(WriteBatc
             api_endpoint: None,
         }),
     };
-    let policy = Policy::create(doc, id, Some(msg.tenant.clone()), at);
+    let approval = Approval::manual(msg.caller.clone(), Some(format!("proposed from pattern {}", pattern.id)));
+    let mut batch = WriteBatch::new();
+    let policy = PolicyChange::create(doc, id, Some(msg.tenant.clone()), approval, at).write(&mut batch);
     let mut proposed = pattern;
     proposed.policy_id = Some(policy.id.clone());
-    let mut batch = WriteBatch::new();
-    batch.put_policy_version(policy.clone());
-    batch.append_audit(
-        Some(msg.tenant.clone()),
-        AuditEntry {
-            policy_id: policy.id.clone(),
-            from: None,
-            to: Mode::Shadow,
-            at,
-            caller: msg.caller.clone(),
-            reason: Some(format!("proposed from pattern {}", proposed.id)),
-            approval_path: ApprovalPath::Manual,
-        },
-    );
     batch.put_pattern(proposed);
     Ok((batch, policy))
-}
-
-/// The answer when a new policy's id already names another policy a tenant sees (SPEC §12.1).
-pub fn policy_id_taken(id: &PolicyId) -> ApiError {
-    ApiError::conflict(
-        "policy_id_taken",
-        format!("policy id `{id}` is taken: a global policy and a tenant's policy may not share an id"),
-    )
 }
 
 /// Confirmations since the policy's latest mode change, by distinct callers.
@@ -361,7 +457,7 @@ fn confirmations(store: &Store, owner: Option<&TenantId>, policy: &Policy) -> Re
 }
 
 impl Handler<Confirm> for Learning {
-    type Result = Answer<Value>;
+    type Result = Answer<Confirmation>;
 
     fn handle(&mut self, msg: Confirm, _: &mut Self::Context) -> Self::Result {
         // Only admins confirm global policies; they also hold the global lock, after their tenant's.
@@ -373,66 +469,47 @@ impl Handler<Confirm> for Learning {
     }
 }
 
-fn plan_confirm(store: &Store, required: u32, msg: Confirm) -> Result<(WriteBatch, Value), ApiError> {
+fn plan_confirm(store: &Store, required: u32, msg: Confirm) -> Result<(WriteBatch, Confirmation), NodeError> {
     let policy = store
-        .find_policy(&msg.tenant, &msg.policy_id, None)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::not_found("policy", msg.policy_id.as_str()))?;
+        .find_policy(&msg.tenant, &msg.policy_id, None)?
+        .ok_or_else(|| NodeError::not_found("policy", msg.policy_id.as_str()))?;
     if policy.scope == Scope::Global && !msg.admin {
-        return Err(ApiError::forbidden("only admins confirm global policies"));
+        return Err(NodeError::Forbidden("only admins confirm global policies"));
     }
     if policy.mode == Mode::Disabled {
-        return Err(ApiError::conflict(
+        return Err(NodeError::conflict(
             "policy_disabled",
             "confirmations never revive a disabled policy; set its mode explicitly",
         ));
     }
     let owner = policy.tenant_id.clone();
-    let mut callers = confirmations(store, owner.as_ref(), &policy).map_err(store_error)?;
+    let mut callers = confirmations(store, owner.as_ref(), &policy)?;
     let mut batch = WriteBatch::new();
     if policy.mode == Mode::Active {
-        let count = callers.len();
-        return Ok((batch, json!({ "confirmations": count, "required": required, "policy": policy })));
+        let confirmations = callers.len();
+        return Ok((batch, Confirmation { confirmations, policy, required }));
     }
     let at = now();
     let new_confirmation = !callers.contains(&msg.caller);
     if new_confirmation {
         callers.push(msg.caller.clone());
-        batch.append_audit(
-            owner.clone(),
-            AuditEntry {
-                policy_id: policy.id.clone(),
-                from: Some(policy.mode),
-                to: policy.mode,
-                at,
-                caller: msg.caller.clone(),
-                reason: Some(format!("confirmation {}/{required}", callers.len())),
-                approval_path: ApprovalPath::Confirmations,
-            },
-        );
+        let reason = format!("confirmation {}/{required}", callers.len());
+        policy_change::write_confirmation(&mut batch, &policy, &msg.caller, reason, at);
     }
     let count = callers.len();
     let policy = if u32::try_from(count).unwrap_or(u32::MAX) >= required {
-        let next = policy.with_mode(Mode::Active, at);
-        batch.put_policy_version(next.clone());
-        batch.append_audit(
-            owner,
-            AuditEntry {
-                policy_id: next.id.clone(),
-                from: Some(policy.mode),
-                to: Mode::Active,
-                at,
-                caller: msg.caller.clone(),
-                reason: Some(format!("{count} confirmations")),
-                approval_path: ApprovalPath::Confirmations,
-            },
-        );
+        let approval = Approval {
+            caller: msg.caller.clone(),
+            path: ApprovalPath::Confirmations,
+            reason: Some(format!("{count} confirmations")),
+        };
+        let next = PolicyChange::mode(&policy, Mode::Active, approval, at).write(&mut batch);
         tracing::info!(policy_id = %next.id, confirmations = count, "policy activated by confirmations");
         next
     } else {
         policy
     };
-    Ok((batch, json!({ "confirmations": count, "required": required, "policy": policy })))
+    Ok((batch, Confirmation { confirmations: count, policy, required }))
 }
 
 /// What the learning loop knows about a live record: whether it was a fault, and whose policy decided it.
@@ -512,30 +589,29 @@ pub fn preventions(store: &Store, records: Vec<PreventionRecord>) -> Result<Vec<
 }
 
 impl Handler<RegretRecord> for Learning {
-    type Result = Answer<Value>;
+    type Result = Answer<RegretAnswer>;
 
     fn handle(&mut self, msg: RegretRecord, _: &mut Self::Context) -> Self::Result {
         self.serialised(vec![Some(msg.tenant.clone())], move |shared| plan_regret(&shared.store, msg))
     }
 }
 
-fn plan_regret(store: &Store, msg: RegretRecord) -> Result<(WriteBatch, Value), ApiError> {
+fn plan_regret(store: &Store, msg: RegretRecord) -> Result<(WriteBatch, RegretAnswer), NodeError> {
     let record = store
-        .get_record(&msg.tenant, &msg.record_id)
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::not_found("prevention record", msg.record_id.as_str()))?;
+        .get_record(&msg.tenant, &msg.record_id)?
+        .ok_or_else(|| NodeError::not_found("prevention record", msg.record_id.as_str()))?;
     if record.is_simulated {
         // SPEC §12.4: a simulation prevented nothing, and its records never change a live policy.
-        return Err(ApiError::conflict("simulated_record", "a simulated record cannot be regretted"));
+        return Err(NodeError::conflict("simulated_record", "a simulated record cannot be regretted"));
     }
-    if store.get_regret(&record.id).map_err(store_error)?.is_some() {
-        return Err(ApiError::conflict("already_regretted", "this record was already marked a false positive"));
+    if store.get_regret(&record.id)?.is_some() {
+        return Err(NodeError::conflict("already_regretted", "this record was already marked a false positive"));
     }
     let mut reader = RecordReader::new(store);
-    let facts = reader.facts(&msg.tenant, &record).map_err(store_error)?;
+    let facts = reader.facts(&msg.tenant, &record)?;
     if facts.fault {
         // SPEC §12.2: a block by an evaluation error or an integrity failure was a fault, not a prevention.
-        return Err(ApiError::conflict(
+        return Err(NodeError::conflict(
             "not_a_prevention",
             "this record's block was an evaluation error, not a prevention; it cannot be regretted",
         ));
@@ -551,55 +627,50 @@ fn plan_regret(store: &Store, msg: RegretRecord) -> Result<(WriteBatch, Value), 
     };
     let mut batch = WriteBatch::new();
     batch.put_regret(msg.tenant.clone(), regret.clone());
-    let mut summary = json!({ "policy_id": record.policy_id, "demoted": false });
+    let mut summary = RegretEffect {
+        demoted: false,
+        policy_id: record.policy_id.clone(),
+        reason: None,
+        regret_score: None,
+        regrets_since_activation: None,
+        scope: None,
+    };
     match &facts.owner {
         // A tenant's regrets never change a global policy, which other tenants rely on; they are recorded
-        // and count in this tenant's regret rate only (SPEC §12.1).
+        // and count in this tenant's regret rate only (docs/learning-loop.md).
         None => {
-            summary = json!({
-                "policy_id": record.policy_id,
-                "scope": Scope::Global,
-                "demoted": false,
-                "reason": "global policies are not demoted by a tenant's regrets",
-            });
+            summary.scope = Some(Scope::Global);
+            summary.reason = Some("global policies are not demoted by a tenant's regrets");
         }
         Some(owner) if owner == &msg.tenant => {
-            if let Some(policy) = store.get_policy(Some(owner), &record.policy_id, None).map_err(store_error)? {
-                let earlier =
-                    store.regrets_for_policy(&msg.tenant, &policy.id, policy.activated_at).map_err(store_error)?;
-                let mut regrets = reader.counted_regrets(&msg.tenant, Some(owner), earlier).map_err(store_error)?;
+            if let Some(policy) = store.get_policy(Some(owner), &record.policy_id, None)? {
+                let earlier = store.regrets_for_policy(&msg.tenant, &policy.id, policy.activated_at)?;
+                let mut regrets = reader.counted_regrets(&msg.tenant, Some(owner), earlier)?;
                 regrets.push(regret.clone());
                 let (score, count) = learning::regret_score(&regrets, policy.activated_at, at);
                 let demote = policy.mode == Mode::Active && learning::should_demote(score, count);
                 if demote {
-                    let next = policy.with_mode(Mode::Disabled, at);
-                    batch.put_policy_version(next.clone());
-                    batch.append_audit(
-                        Some(msg.tenant.clone()),
-                        AuditEntry {
-                            policy_id: next.id.clone(),
-                            from: Some(policy.mode),
-                            to: Mode::Disabled,
-                            at,
-                            caller: msg.caller.clone(),
-                            reason: Some(format!("regret score {score:.2} from {count} regrets")),
-                            approval_path: ApprovalPath::AutoRegret,
-                        },
-                    );
+                    let approval = Approval {
+                        caller: msg.caller.clone(),
+                        path: ApprovalPath::AutoRegret,
+                        reason: Some(format!("regret score {score:.2} from {count} regrets")),
+                    };
+                    let next = PolicyChange::mode(&policy, Mode::Disabled, approval, at).write(&mut batch);
                     tracing::warn!(policy_id = %next.id, score, count, "policy demoted by regret");
                 }
-                summary = json!({
-                    "policy_id": policy.id,
-                    "scope": Scope::Tenant,
-                    "regret_score": score,
-                    "regrets_since_activation": count,
-                    "demoted": demote,
-                });
+                summary = RegretEffect {
+                    demoted: demote,
+                    policy_id: policy.id.clone(),
+                    reason: None,
+                    regret_score: Some(score),
+                    regrets_since_activation: Some(count),
+                    scope: Some(Scope::Tenant),
+                };
             }
         }
         Some(_) => {}
     }
-    Ok((batch, json!({ "regret": regret, "policy": summary })))
+    Ok((batch, RegretAnswer { policy: summary, regret }))
 }
 
 fn ppm(rate: f64) -> u32 {
@@ -649,7 +720,7 @@ fn gather(store: &Store, tenant: &TenantId, at: Timestamp) -> Result<Gathered, S
 }
 
 impl Handler<TenantGraduation> for Learning {
-    type Result = Answer<Value>;
+    type Result = Answer<Graduation>;
 
     fn handle(&mut self, msg: TenantGraduation, _: &mut Self::Context) -> Self::Result {
         // Reading a 30-day window of evidence is the learning loop's heaviest read.
@@ -660,9 +731,9 @@ impl Handler<TenantGraduation> for Learning {
     }
 }
 
-fn plan_graduation(store: &Store, tenant: &TenantId) -> Result<(WriteBatch, Value), ApiError> {
+fn plan_graduation(store: &Store, tenant: &TenantId) -> Result<(WriteBatch, Graduation), NodeError> {
     let at = now();
-    let g = gather(store, tenant, at).map_err(store_error)?;
+    let g = gather(store, tenant, at)?;
     let evidence = TenantEvidence {
         records: &g.records,
         policies: &g.policies,
@@ -671,7 +742,7 @@ fn plan_graduation(store: &Store, tenant: &TenantId) -> Result<(WriteBatch, Valu
         demotions: &g.demotions,
     };
     let gates = learning::tenant_gates(&evidence, at);
-    let stored = store.graduation(tenant).map_err(store_error)?;
+    let stored = store.graduation(tenant)?;
     let previous = stored
         .as_ref()
         .and_then(|s| Level::parse(&s.level).map(|level| (level, s.degraded_from.as_deref().and_then(Level::parse))));
@@ -697,37 +768,126 @@ fn plan_graduation(store: &Store, tenant: &TenantId) -> Result<(WriteBatch, Valu
         .as_ref()
         .is_none_or(|s| s.level != state.level || s.degraded_from != state.degraded_from || s.reason != state.reason);
     let mut batch = WriteBatch::new();
-    let mut history = all_pages(|page| store.graduation_history(tenant, page)).map_err(store_error)?;
+    let mut history = all_pages(|page| store.graduation_history(tenant, page))?;
     if changed {
         batch.set_graduation(tenant.clone(), state.clone());
         history.push(state.clone());
     }
-    let history: Vec<Value> = history
-        .iter()
-        .map(|h| json!({ "level": h.level, "degraded_from": h.degraded_from, "reason": h.reason, "at": h.at }))
+    let history = history
+        .into_iter()
+        .map(|h| GraduationStep { at: h.at, degraded_from: h.degraded_from, level: h.level, reason: h.reason })
         .collect();
-    let view = json!({
-        "tenant_id": tenant,
-        "level": state.level,
-        "degraded_from": state.degraded_from,
-        "reason": state.reason,
-        "evaluated_at": at,
-        "gates": {
-            "prevention": {
-                "passed": gates.prevention_passed,
-                "counted_preventions": gates.counted_preventions,
-                "missed_recurrences": gates.missed_recurrences,
-                "prevention_rate": gates.prevention_rate,
-                "last_prevention_at": gates.last_prevention_at,
+    let view = Graduation {
+        degraded_from: state.degraded_from,
+        evaluated_at: at,
+        gates: Gates {
+            prevention: PreventionGate {
+                counted_preventions: gates.counted_preventions,
+                last_prevention_at: gates.last_prevention_at,
+                missed_recurrences: gates.missed_recurrences,
+                passed: gates.prevention_passed,
+                prevention_rate: gates.prevention_rate,
             },
-            "rollback": {
-                "passed": gates.rollback_passed,
-                "demotions": gates.demotions,
-                "regrets": gates.regrets,
-                "regret_rate": gates.regret_rate,
+            rollback: RollbackGate {
+                demotions: gates.demotions,
+                passed: gates.rollback_passed,
+                regret_rate: gates.regret_rate,
+                regrets: gates.regrets,
             },
         },
-        "history": history,
-    });
+        history,
+        level: state.level,
+        reason: state.reason,
+        tenant_id: tenant.clone(),
+    };
     Ok((batch, view))
+}
+
+#[cfg(test)]
+mod tests {
+    use runguard_contract::{Action, Phase, RunId, StepCall};
+
+    use super::*;
+    use crate::actors::run::{CreateRun, Step};
+    use crate::actors::test_support::Node;
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::new(name).unwrap()
+    }
+
+    fn draft(run: &str) -> IncidentDraft {
+        IncidentDraft {
+            tenant: tenant("acme"),
+            run_id: RunId::new(run).unwrap(),
+            signature: Signature::normalize(Some("charge"), Some("/v1/pay"), &[]),
+            error: StepError { error_type: Some("timeout".into()), ..StepError::default() },
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_run_end_creates_its_incident_and_counts_its_pattern() {
+        let node = Node::start(|_| {});
+        let mut incidents = Vec::new();
+        for run in ["run_1", "run_2"] {
+            let end = CommitRunEnd { batch: WriteBatch::new(), incident: Some(draft(run)) };
+            incidents.push(node.learning.send(end).await.unwrap().unwrap().expect("an incident"));
+        }
+        let first = node.store.get_incident(&tenant("acme"), &incidents[0]).unwrap().expect("stored");
+        let second = node.store.get_incident(&tenant("acme"), &incidents[1]).unwrap().expect("stored");
+        assert_eq!(first.pattern_id, second.pattern_id, "one signature, one pattern");
+        let pattern = node.store.get_pattern(&tenant("acme"), &first.pattern_id).unwrap().unwrap();
+        assert_eq!(pattern.occurrences, 2);
+        let plain = node.learning.send(CommitRunEnd { batch: WriteBatch::new(), incident: None }).await.unwrap();
+        assert!(plain.unwrap().is_none(), "an end without an incident only commits");
+    }
+
+    #[actix_rt::test]
+    async fn a_regret_is_recorded_once_and_answered_with_its_effect() {
+        let node = Node::start(|_| {});
+        let deny = serde_json::json!({
+            "id": "pol_deny_rm", "name": "deny rm", "mode": "active", "rule": { "kind": "skill", "deny": ["rm"] }
+        });
+        let policy = node.policy("acme", deny);
+        let run = node.run("acme", "run_1").await;
+        run.send(CreateRun { labels: Default::default(), api_endpoint: None }).await.unwrap().unwrap();
+        let call = StepCall { skill: Some("rm".into()), ..StepCall::new(0, Phase::Pre) };
+        let decision = run.send(Step(Box::new(call))).await.unwrap().unwrap();
+        assert_eq!(decision.action, Action::Block);
+        let records = node.store.list_records(&RecordQuery::tenant(tenant("acme"))).unwrap().items;
+        let record = records.first().expect("the block left a prevention record");
+        let regret = |severity| RegretRecord {
+            tenant: tenant("acme"),
+            record_id: record.id.clone(),
+            severity,
+            note: None,
+            caller: "op".into(),
+        };
+        let answer = node.learning.send(regret(3)).await.unwrap().unwrap();
+        assert_eq!(answer.policy.policy_id, policy.id);
+        assert_eq!(answer.policy.scope, Some(Scope::Tenant));
+        assert_eq!(answer.policy.regrets_since_activation, Some(1));
+        // The wire shape: the keys the node has always answered, in their order.
+        let wire = serde_json::to_string(&answer.policy).unwrap();
+        let keys = ["\"demoted\"", "\"policy_id\"", "\"regret_score\"", "\"regrets_since_activation\"", "\"scope\""];
+        let at: Vec<usize> = keys.iter().map(|k| wire.find(k).expect(k)).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]) && !wire.contains("\"reason\""), "{wire}");
+        assert!(node.store.get_regret(&record.id).unwrap().is_some());
+        let again = node.learning.send(regret(5)).await.unwrap().unwrap_err();
+        assert!(matches!(again, NodeError::Conflict { code: "already_regretted", .. }), "{again:?}");
+    }
+
+    #[actix_rt::test]
+    async fn a_tenant_with_too_many_waiting_requests_is_refused_and_others_are_not() {
+        let node = Node::start(|_| {});
+        let mut learning = Learning::new(std::sync::Arc::clone(&node.shared));
+        // As many waiting requests as a tenant may have, each holding a clone of its lock.
+        let waiting: Vec<_> = (0..WAITING_PER_TENANT).map(|_| learning.lock(Some(tenant("busy")))).collect();
+        let refused = learning.serialised(vec![Some(tenant("busy"))], |_| Ok((WriteBatch::new(), ()))).await;
+        assert!(matches!(refused, Err(NodeError::Unavailable { retry_after_s: 1, .. })), "{refused:?}");
+        let other = learning.serialised(vec![Some(tenant("calm"))], |_| Ok((WriteBatch::new(), ()))).await;
+        assert!(other.is_ok(), "another tenant is served");
+        drop(waiting);
+        let served = learning.serialised(vec![Some(tenant("busy"))], |_| Ok((WriteBatch::new(), ()))).await;
+        assert!(served.is_ok(), "the tenant is served again once its queue drains");
+    }
 }

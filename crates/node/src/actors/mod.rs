@@ -3,4 +3,6 @@
 pub mod learning;
 pub mod registry;
 pub mod run;
+#[cfg(test)]
+mod test_support;
 pub mod writer;

@@ -9,24 +9,16 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
-use runguard_contract::{RunId, TenantId};
 
-use crate::actors::run::RunActor;
-use crate::error::ApiError;
+use crate::actors::learning::CommitRunEnd;
+pub use crate::actors::run::{Deregister, RunKey};
+use crate::actors::run::{RunActor, RunDeps, Touch};
+use crate::node_error::NodeError;
 use crate::shared::Shared;
-
-/// A run's identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RunKey {
-    /// Its tenant.
-    pub tenant: TenantId,
-    /// Its id.
-    pub run_id: RunId,
-}
 
 /// Returns the live actor of a run, spawning it if needed.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<RunHandle, ApiError>")]
+#[rtype(result = "Result<RunHandle, NodeError>")]
 pub struct Resolve {
     /// The run.
     pub key: RunKey,
@@ -143,19 +135,9 @@ impl Drop for InFlight {
     }
 }
 
-/// Sent by a run actor when it stops.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Deregister {
-    /// The run.
-    pub key: Arc<RunKey>,
-    /// The generation of the stopping actor.
-    pub generation: u64,
-}
-
 /// Sent by a caller whose call found no run in the actor (a creation that failed before its commit, a
 /// run that is not stored): the actor holds nothing worth a live-run slot, so it is dropped at once
-/// rather than at idle eviction (SPEC §12.7). Like eviction, only an actor with no call in flight goes.
+/// rather than at idle eviction (`docs/reliability.md`: calls naming runs that do not exist take no slot). Like eviction, only an actor with no call in flight goes.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Forget {
@@ -165,24 +147,34 @@ pub struct Forget {
     pub generation: u64,
 }
 
-/// The registry actor: the only writer of the shared [`RunTable`].
+/// The registry actor: the only writer of the [`RunTable`] it is given.
 pub struct Registry {
     shared: Arc<Shared>,
+    runs: Arc<RunTable>,
+    learning: Recipient<CommitRunEnd>,
+    /// What each run actor is given; made once the registry has an address (in `started`).
+    deps: Option<Arc<RunDeps>>,
     arbiters: Vec<ArbiterHandle>,
     next_generation: u64,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("live", &self.shared.live_runs.len()).finish_non_exhaustive()
+        f.debug_struct("Registry").field("live", &self.runs.len()).finish_non_exhaustive()
     }
 }
 
 impl Registry {
-    /// A registry placing run actors on `arbiters` (by hash of the run key), or, when there are none, on
-    /// the arbiter of the call that needed the actor.
-    pub fn new(shared: Arc<Shared>, arbiters: Vec<ArbiterHandle>) -> Self {
-        Self { shared, arbiters, next_generation: 0 }
+    /// A registry of the live runs in `runs`, whose actors send the ends of failed runs to `learning`,
+    /// placing run actors on `arbiters` (by hash of the run key), or, when there are none, on the arbiter
+    /// of the call that needed the actor.
+    pub fn new(
+        shared: Arc<Shared>,
+        runs: Arc<RunTable>,
+        learning: Recipient<CommitRunEnd>,
+        arbiters: Vec<ArbiterHandle>,
+    ) -> Self {
+        Self { shared, runs, learning, deps: None, arbiters, next_generation: 0 }
     }
 
     /// The dedicated run arbiter of `key`, by hash, if the node has any.
@@ -205,6 +197,11 @@ impl Actor for Registry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.deps = Some(Arc::new(RunDeps {
+            shared: Arc::clone(&self.shared),
+            learning: self.learning.clone(),
+            stopped: ctx.address().downgrade().recipient(),
+        }));
         ctx.set_mailbox_capacity(self.shared.config.limits.writer_queue.max(1024));
         let every = SWEEP_EVERY.min(std::time::Duration::from_secs(self.shared.config.run_ttl_s.max(1)));
         ctx.run_interval(every, |registry, ctx| registry.sweep(ctx));
@@ -220,7 +217,7 @@ impl Registry {
         let oldest =
             crate::shared::now().unix_millis().saturating_sub(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX));
         let live = {
-            let mut runs = self.shared.live_runs.write();
+            let mut runs = self.runs.write();
             runs.retain(|_, run| run.activity.current() > 0 || run.activity.last_used.load(Ordering::Acquire) > oldest);
             runs.len()
         };
@@ -231,6 +228,7 @@ impl Registry {
     /// persists that; going through the actor keeps its in-memory state and the store in agreement.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
         let shared = Arc::clone(&self.shared);
+        let runs = Arc::clone(&self.runs);
         let me = ctx.address();
         actix::spawn(async move {
             let ttl_ms = i64::try_from(shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -252,8 +250,8 @@ impl Registry {
                 let Ok(Ok(run)) = me.send(Resolve { key: key.clone(), home: None }).await else { continue };
                 // Counted in like any call, so idle eviction cannot drop the actor while it expires the run.
                 let Some(_in_flight) = run.enter(usize::MAX) else { continue };
-                if shared.live_runs.is_current(&key, run.generation) {
-                    let _ = run.addr.send(crate::actors::run::RunMsg::Touch).await;
+                if runs.is_current(&key, run.generation) {
+                    let _ = run.addr.send(Touch).await;
                 }
             }
         });
@@ -261,38 +259,37 @@ impl Registry {
 }
 
 impl Handler<Resolve> for Registry {
-    type Result = Result<RunHandle, ApiError>;
+    type Result = Result<RunHandle, NodeError>;
 
-    fn handle(&mut self, Resolve { key, home }: Resolve, ctx: &mut Self::Context) -> Self::Result {
-        if let Some(run) = self.shared.live_runs.get(&key) {
+    fn handle(&mut self, Resolve { key, home }: Resolve, _: &mut Self::Context) -> Self::Result {
+        if let Some(run) = self.runs.get(&key) {
             run.touch();
             return Ok(run);
         }
-        if self.shared.live_runs.len() >= self.shared.config.limits.live_runs {
+        if self.runs.len() >= self.shared.config.limits.live_runs {
             let live = {
-                let mut runs = self.shared.live_runs.write();
+                let mut runs = self.runs.write();
                 runs.retain(|_, run| run.addr.connected());
                 runs.len()
             };
             if live >= self.shared.config.limits.live_runs {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "live_runs").increment(1);
-                return Err(ApiError::unavailable("too many live runs on this node; retry later", 1));
+                return Err(NodeError::unavailable("too many live runs on this node; retry later"));
             }
         }
+        let deps = Arc::clone(self.deps.as_ref().ok_or(NodeError::Internal)?);
         self.next_generation = self.next_generation.wrapping_add(1);
         let generation = self.next_generation;
-        let shared = Arc::clone(&self.shared);
-        let registry = ctx.address().downgrade();
         let key = Arc::new(key);
         let actor_key = Arc::clone(&key);
-        let make = move |_: &mut Context<RunActor>| RunActor::new(actor_key, generation, shared, registry);
+        let make = move |_: &mut Context<RunActor>| RunActor::new(actor_key, generation, deps);
         let addr = match self.placement(&key).or(home.as_ref()) {
             Some(arbiter) => RunActor::start_in_arbiter(arbiter, make),
             None => RunActor::create(make),
         };
         let run = RunHandle { addr, activity: Activity::starting_now(), generation };
         let live = {
-            let mut runs = self.shared.live_runs.write();
+            let mut runs = self.runs.write();
             runs.insert(key, run.clone());
             runs.len()
         };
@@ -306,7 +303,7 @@ impl Handler<Forget> for Registry {
 
     fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
         let live = {
-            let mut runs = self.shared.live_runs.write();
+            let mut runs = self.runs.write();
             if runs.get(&msg.key).is_some_and(|run| run.generation == msg.generation && run.activity.current() == 0) {
                 runs.remove(&msg.key);
             }
@@ -321,7 +318,7 @@ impl Handler<Deregister> for Registry {
 
     fn handle(&mut self, msg: Deregister, _: &mut Self::Context) {
         let live = {
-            let mut runs = self.shared.live_runs.write();
+            let mut runs = self.runs.write();
             if runs.get(&msg.key).is_some_and(|run| run.generation == msg.generation) {
                 runs.remove(&msg.key);
             }
@@ -334,93 +331,80 @@ impl Handler<Deregister> for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::writer::Writer;
-    use crate::config::Config;
-    use runguard_store::{Store, StoreOptions};
+    use crate::actors::test_support::{Node, key};
 
     /// A registry over a fresh store with `live_runs` slots, started in this (test) system.
-    fn registry(live_runs: usize) -> (tempfile::TempDir, Arc<Shared>, Addr<Registry>) {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap());
-        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
-        let mut config = Config::default();
-        config.limits.live_runs = live_runs;
-        let shared = Arc::new(Shared::new(store, writer, config));
-        let registry = Registry::new(Arc::clone(&shared), Vec::new()).start();
-        (dir, shared, registry)
+    fn registry(live_runs: usize) -> (Node, Arc<RunTable>, Addr<Registry>) {
+        let node = Node::start(|config| config.limits.live_runs = live_runs);
+        let (runs, registry) = (Arc::clone(&node.runs), node.registry.clone());
+        (node, runs, registry)
     }
 
-    fn key(tenant: &str, run: &str) -> RunKey {
-        RunKey { tenant: TenantId::new(tenant).unwrap(), run_id: RunId::new(run).unwrap() }
-    }
-
-    async fn resolve(registry: &Addr<Registry>, key: &RunKey) -> Result<RunHandle, ApiError> {
+    async fn resolve(registry: &Addr<Registry>, key: &RunKey) -> Result<RunHandle, NodeError> {
         registry.send(Resolve { key: key.clone(), home: None }).await.unwrap()
     }
 
     #[actix_rt::test]
     async fn concurrent_resolves_of_one_run_spawn_one_actor() {
-        let (_dir, shared, registry) = registry(16);
+        let (_node, runs, registry) = registry(16);
         let run = key("acme", "run_1");
         let handles = futures_util::future::join_all((0..32).map(|_| resolve(&registry, &run))).await;
         let generations: std::collections::HashSet<u64> = handles.into_iter().map(|h| h.unwrap().generation).collect();
         assert_eq!(generations.len(), 1, "every caller got the same actor");
-        assert_eq!(shared.live_runs.len(), 1);
+        assert_eq!(runs.len(), 1);
         let other = resolve(&registry, &key("acme", "run_2")).await.unwrap();
         assert!(!generations.contains(&other.generation), "another run gets its own actor");
-        assert_eq!(shared.live_runs.len(), 2);
+        assert_eq!(runs.len(), 2);
     }
 
     #[actix_rt::test]
     async fn a_run_over_the_live_run_limit_is_refused_and_live_ones_still_resolve() {
-        let (_dir, shared, registry) = registry(2);
+        let (_node, runs, registry) = registry(2);
         let first = resolve(&registry, &key("acme", "run_1")).await.unwrap();
         resolve(&registry, &key("acme", "run_2")).await.unwrap();
         let refused = resolve(&registry, &key("globex", "run_3")).await.unwrap_err();
-        assert_eq!(refused.status, 503);
-        assert_eq!(refused.retry_after_s, Some(1));
-        assert_eq!(shared.live_runs.len(), 2, "the refused run took no slot");
+        assert!(matches!(refused, NodeError::Unavailable { retry_after_s: 1, .. }), "{refused:?}");
+        assert_eq!(runs.len(), 2, "the refused run took no slot");
         let again = resolve(&registry, &key("acme", "run_1")).await.unwrap();
         assert_eq!(again.generation, first.generation, "a live run resolves at the limit");
     }
 
     #[actix_rt::test]
     async fn a_run_whose_call_found_none_is_forgotten_unless_busy_or_replaced() {
-        let (_dir, shared, registry) = registry(16);
+        let (_node, runs, registry) = registry(16);
         let run = key("acme", "run_1");
         let handle = resolve(&registry, &run).await.unwrap();
         // A call still in flight keeps the actor.
         let in_flight = handle.enter(usize::MAX).unwrap();
         registry.send(Forget { key: run.clone(), generation: handle.generation }).await.unwrap();
-        assert!(shared.live_runs.is_current(&run, handle.generation));
+        assert!(runs.is_current(&run, handle.generation));
         drop(in_flight);
         // An older generation's forget never drops the current actor.
         registry.send(Forget { key: run.clone(), generation: handle.generation.wrapping_sub(1) }).await.unwrap();
-        assert!(shared.live_runs.is_current(&run, handle.generation));
+        assert!(runs.is_current(&run, handle.generation));
         registry.send(Forget { key: run.clone(), generation: handle.generation }).await.unwrap();
-        assert!(shared.live_runs.get(&run).is_none());
-        assert!(shared.live_runs.is_empty());
+        assert!(runs.get(&run).is_none());
+        assert!(runs.is_empty());
         let next = resolve(&registry, &run).await.unwrap();
         assert_ne!(next.generation, handle.generation, "the next call spawns (rehydrates) a new actor");
     }
 
     #[actix_rt::test]
     async fn a_stale_deregistration_never_evicts_the_replacement() {
-        let (_dir, shared, registry) = registry(16);
+        let (_node, runs, registry) = registry(16);
         let run = key("acme", "run_1");
         let first = resolve(&registry, &run).await.unwrap();
         registry.send(Forget { key: run.clone(), generation: first.generation }).await.unwrap();
         let second = resolve(&registry, &run).await.unwrap();
         registry.send(Deregister { key: Arc::new(run.clone()), generation: first.generation }).await.unwrap();
-        assert!(shared.live_runs.is_current(&run, second.generation));
+        assert!(runs.is_current(&run, second.generation));
         registry.send(Deregister { key: Arc::new(run.clone()), generation: second.generation }).await.unwrap();
-        assert!(shared.live_runs.is_empty());
+        assert!(runs.is_empty());
     }
 
     #[actix_rt::test]
     async fn idle_runs_are_evicted_and_busy_or_recent_ones_kept() {
-        let (_dir, shared, registry) = registry(16);
+        let (node, runs, registry) = registry(16);
         let idle = resolve(&registry, &key("acme", "idle")).await.unwrap();
         let busy = resolve(&registry, &key("acme", "busy")).await.unwrap();
         let recent = resolve(&registry, &key("acme", "recent")).await.unwrap();
@@ -429,10 +413,11 @@ mod tests {
         }
         let _in_flight = busy.activity.enter(usize::MAX).unwrap();
         // The same sweep the started registry runs on its timer, over the same table.
-        Registry::new(Arc::clone(&shared), Vec::new()).evict_idle(std::time::Duration::from_secs(60));
-        assert!(shared.live_runs.get(&key("acme", "idle")).is_none(), "an idle run is evicted");
-        assert!(shared.live_runs.is_current(&key("acme", "busy"), busy.generation), "a call in flight keeps it");
-        assert!(shared.live_runs.is_current(&key("acme", "recent"), recent.generation), "recent use keeps it");
+        Registry::new(Arc::clone(&node.shared), Arc::clone(&runs), node.learning.clone().recipient(), Vec::new())
+            .evict_idle(std::time::Duration::from_secs(60));
+        assert!(runs.get(&key("acme", "idle")).is_none(), "an idle run is evicted");
+        assert!(runs.is_current(&key("acme", "busy"), busy.generation), "a call in flight keeps it");
+        assert!(runs.is_current(&key("acme", "recent"), recent.generation), "recent use keeps it");
     }
 
     #[test]

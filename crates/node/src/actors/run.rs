@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::WeakAddr;
+use actix::WeakRecipient;
 use actix::prelude::*;
 use runguard_contract::{
-    Action, Decision, Outcome, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp,
-    ViolationType,
+    Action, Decision, IncidentId, Outcome, RunId, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId,
+    Timestamp, ViolationType,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{
@@ -20,21 +20,102 @@ use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
 };
 use serde::Serialize;
-use serde_json::json;
 
-use crate::actors::learning::{EndRun, IncidentDraft};
-use crate::actors::registry::{Deregister, Registry, RunKey};
+use crate::actors::learning::{CommitRunEnd, IncidentDraft};
+use crate::commit::Refused;
 use crate::current_snapshots::CurrentSnapshot;
-use crate::error::ApiError;
-use crate::shared::{Refused, Shared, now};
+use crate::node_error::NodeError;
+use crate::shared::{Shared, now};
+use crate::ticket::Ticket;
 
-/// `POST /v1/runs` after the id is settled.
-#[derive(Clone, Debug)]
+/// A run's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Its id.
+    pub run_id: RunId,
+}
+
+/// A message a run actor answers with `Result<Answer, NodeError>`; sent from the HTTP edge inside a
+/// [`Ticketed`] call.
+pub trait RunRequest: Message<Result = Result<Self::Answer, NodeError>> + Clone + Send + 'static {
+    /// What the run answers.
+    type Answer: Send + 'static;
+    /// Whether the request creates the run (an actor whose creation failed holds no run).
+    const CREATES: bool = false;
+}
+
+/// `POST /v1/runs` after the id is settled: create the run, or answer its creation again.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Created, NodeError>")]
 pub struct CreateRun {
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// The endpoint the run works against, if given.
     pub api_endpoint: Option<String>,
+}
+
+impl RunRequest for CreateRun {
+    type Answer = Created;
+    const CREATES: bool = true;
+}
+
+/// A step call.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Decision, NodeError>")]
+pub struct Step(pub Box<StepCall>);
+
+impl RunRequest for Step {
+    type Answer = Decision;
+}
+
+/// End the run.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Ended, NodeError>")]
+pub struct EndRun {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The failing step's error.
+    pub error: Option<StepError>,
+}
+
+impl RunRequest for EndRun {
+    type Answer = Ended;
+}
+
+/// Apply the TTL if it has passed (sent by the registry's sweep); answers the run's status (`None` if the
+/// run does not exist).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<RunStatus>, NodeError>")]
+pub struct Touch;
+
+impl RunRequest for Touch {
+    type Answer = Option<RunStatus>;
+}
+
+/// A call from the HTTP edge: `msg`, done only if the actor takes `ticket` before the caller's timeout
+/// abandons it (a call answered 503 is never applied, `docs/reliability.md`).
+#[derive(Debug)]
+pub struct Ticketed<M> {
+    /// What to do.
+    pub msg: M,
+    /// Raced for with the caller.
+    pub ticket: Ticket,
+}
+
+impl<M: Message> Message for Ticketed<M> {
+    type Result = M::Result;
+}
+
+/// Sent by a run actor when it stops, to whoever placed it (the registry).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deregister {
+    /// The run.
+    pub key: Arc<RunKey>,
+    /// The generation of the stopping actor.
+    pub generation: u64,
 }
 
 /// The answer to run creation (and to an identical re-creation).
@@ -50,52 +131,35 @@ pub struct CreateAnswer {
     pub decision: Decision,
 }
 
-/// Messages a run actor handles.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<RunReply, ApiError>")]
-pub enum RunMsg {
-    /// Create the run, or answer its creation again.
-    Create(CreateRun),
-    /// A step call.
-    Step(Box<StepCall>),
-    /// Apply the TTL if it has passed (sent by the registry's sweep); answers the run's status.
-    Touch,
-    /// End the run.
-    End {
-        /// How it ended.
-        outcome: Outcome,
-        /// The failing step's error.
-        error: Option<StepError>,
-    },
-}
-
-/// A call from the HTTP edge: `msg`, done only if the actor takes `ticket` before the caller's timeout
-/// abandons it (a call answered 503 is never applied, SPEC §12.10).
-#[derive(Debug, Message)]
-#[rtype(result = "Result<RunReply, ApiError>")]
-pub struct RunCall {
-    /// What to do.
-    pub msg: RunMsg,
-    /// Raced for with the caller.
-    pub ticket: crate::ticket::Ticket,
-}
-
-/// What a run actor answers.
+/// Creation: 201 when `created`, else 200.
 #[derive(Clone, Debug)]
-pub enum RunReply {
-    /// Creation: 201 when `created`, else 200.
-    Created {
-        /// Whether this call created it.
-        created: bool,
-        /// The answer.
-        answer: Box<CreateAnswer>,
-    },
-    /// A decision.
-    Decision(Box<Decision>),
-    /// The run's status after a touch (`None` if the run does not exist).
-    Touched(Option<runguard_contract::RunStatus>),
-    /// The run after `end`, and the incident it created.
-    Ended(Box<StoredRun>, Option<runguard_contract::IncidentId>),
+pub struct Created {
+    /// Whether this call created the run.
+    pub created: bool,
+    /// The answer.
+    pub answer: Box<CreateAnswer>,
+}
+
+/// The run after `end`, and the incident its end created (serialised as it is: alphabetical fields).
+#[derive(Clone, Debug, Serialize)]
+pub struct Ended {
+    /// The incident, if the run failed.
+    pub incident_id: Option<IncidentId>,
+    /// The run.
+    pub run: Box<StoredRun>,
+}
+
+/// What every run actor is given: the shared context, where run ends that create incidents go (the
+/// learning loop), and whom to tell when it stops (the registry). One per registry, shared by `Arc`
+/// (one pointer per live run).
+#[derive(Debug)]
+pub struct RunDeps {
+    /// Store, writer and configuration.
+    pub shared: Arc<Shared>,
+    /// Commits run ends that create incidents.
+    pub learning: Recipient<CommitRunEnd>,
+    /// Told when an actor stops (weak: it must not keep its placer alive).
+    pub stopped: WeakRecipient<Deregister>,
 }
 
 struct Live {
@@ -141,9 +205,7 @@ impl RunMeta {
 pub struct RunActor {
     key: Arc<RunKey>,
     generation: u64,
-    shared: Arc<Shared>,
-    /// Weak: a strong address costs two allocations per live run, and it is only used when stopping.
-    registry: WeakAddr<Registry>,
+    deps: Arc<RunDeps>,
     live: Option<Live>,
 }
 
@@ -155,8 +217,8 @@ impl std::fmt::Debug for RunActor {
 
 impl RunActor {
     /// A run actor for `key`, not yet loaded.
-    pub fn new(key: Arc<RunKey>, generation: u64, shared: Arc<Shared>, registry: WeakAddr<Registry>) -> Self {
-        Self { key, generation, shared, registry, live: None }
+    pub fn new(key: Arc<RunKey>, generation: u64, deps: Arc<RunDeps>) -> Self {
+        Self { key, generation, deps, live: None }
     }
 }
 
@@ -166,11 +228,11 @@ impl Actor for RunActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // No timer of its own: the registry drops idle runs' addresses, and an actor whose last address
         // is gone stops (one timer per live run would cost memory with 100,000 idle runs).
-        ctx.set_mailbox_capacity(self.shared.config.limits.run_mailbox);
+        ctx.set_mailbox_capacity(self.deps.shared.config.limits.run_mailbox);
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        if let Some(registry) = self.registry.upgrade() {
+        if let Some(registry) = self.deps.stopped.upgrade() {
             registry.do_send(Deregister { key: Arc::clone(&self.key), generation: self.generation });
         }
     }
@@ -211,41 +273,6 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
         *verdict.run
     });
     Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
-}
-
-/// How a run that no longer runs came to stop, in words.
-fn why_not_running(status: RunStatus) -> &'static str {
-    match status {
-        RunStatus::Stopped => "was stopped by a block",
-        RunStatus::Succeeded => "has ended (`succeeded`)",
-        RunStatus::Failed => "has ended (`failed`)",
-        RunStatus::Expired => "has expired (its TTL passed before it ended)",
-        RunStatus::Running => "is running",
-    }
-}
-
-fn refusal(refusal: Refusal) -> ApiError {
-    match refusal {
-        Refusal::OutOfOrder { expected } => ApiError::conflict(
-            "step_out_of_order",
-            format!("expected step {} `{}` next", expected.index, expected.phase.as_str()),
-        )
-        .with_details(json!({ "expected": { "index": expected.index, "phase": expected.phase } })),
-        Refusal::NotRunning { status, stopping_decision } => ApiError::conflict(
-            "run_not_running",
-            format!("the run {}; it accepts no more step calls", why_not_running(status)),
-        )
-        .with_details(json!({ "status": status, "decision": stopping_decision })),
-        Refusal::StepLimit { max } => {
-            ApiError::conflict("run_step_limit", format!("runs take at most {max} steps on this node"))
-        }
-        Refusal::RetryMismatch { index, phase } => ApiError::conflict(
-            "idempotency_mismatch",
-            format!("step {index} `{}` was already answered; a retry must send the identical body", phase.as_str()),
-        ),
-        // The engine's refusals may grow; one this node does not know yet is still a conflict.
-        other => ApiError::conflict("run_refused", other.to_string()),
-    }
 }
 
 fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
@@ -329,17 +356,17 @@ fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
 }
 
 impl RunActor {
-    async fn load(shared: Arc<Shared>, key: Arc<RunKey>) -> Result<Option<Live>, ApiError> {
+    async fn load(shared: Arc<Shared>, key: Arc<RunKey>) -> Result<Option<Live>, NodeError> {
         let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
         shared
             .blocking(move |shared| {
-                let loaded = shared.store.load_run(&tenant, &run_id).map_err(crate::shared::store_error)?;
+                let loaded = shared.store.load_run(&tenant, &run_id)?;
                 Ok(loaded.map(|loaded| rehydrate(shared, loaded)))
             })
             .await
     }
 
-    async fn create(shared: Arc<Shared>, key: Arc<RunKey>, request: CreateRun) -> Result<(Live, Decision), ApiError> {
+    async fn create(shared: Arc<Shared>, key: Arc<RunKey>, request: CreateRun) -> Result<(Live, Decision), NodeError> {
         let current = Self::current_snapshot(&shared, &key.tenant).await?;
         let (reference, compiled) = (Arc::clone(&current.reference), Arc::clone(&current.compiled));
         let at = now();
@@ -367,7 +394,7 @@ impl RunActor {
     /// The snapshot a run of `tenant` created now is bound to: the cached one while the policies are
     /// unchanged, else captured anew. Reading the policies, hashing the snapshot and compiling it (regexes,
     /// CEL) all block: off the actor's thread.
-    async fn current_snapshot(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CurrentSnapshot, ApiError> {
+    async fn current_snapshot(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CurrentSnapshot, NodeError> {
         // Read before the policies: a policy change committed after this read makes the entry stale.
         let generation = shared.store.policy_generation();
         if let Some(current) = shared.current_snapshots.get(tenant, generation) {
@@ -376,10 +403,9 @@ impl RunActor {
         let tenant = tenant.clone();
         shared
             .blocking(move |shared| {
-                let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))
-                    .map_err(crate::shared::store_error)?;
+                let policies = runguard_store::all_pages(|page| shared.store.list_policies(&tenant, None, page))?;
                 let snapshot = Snapshot::capture(&tenant, &policies);
-                let reference = Arc::new(snapshot.reference().map_err(|_| ApiError::internal())?);
+                let reference = Arc::new(snapshot.reference().map_err(|_| NodeError::Internal)?);
                 let compiled = shared.compiled(&snapshot, &reference.hash);
                 let current = CurrentSnapshot { generation, reference, compiled, unstored: Some(Arc::new(snapshot)) };
                 shared.current_snapshots.insert(&tenant, current.clone());
@@ -400,7 +426,7 @@ impl RunActor {
     /// A running run past its TTL becomes `expired` (persisted) before anything else happens to it.
     fn expiry(&mut self, at: Timestamp) -> Option<WriteBatch> {
         let live = self.live.as_mut()?;
-        let ttl_ms = i64::try_from(self.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let ttl_ms = i64::try_from(self.deps.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
         if !live.run.expire_if_due(at, ttl_ms) {
             return None;
         }
@@ -410,78 +436,115 @@ impl RunActor {
     }
 }
 
-impl Handler<RunMsg> for RunActor {
-    type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
+/// An operation on the loaded run, done once any due expiry is persisted.
+type Op<T> = Box<dyn FnOnce(&mut RunActor, Arc<Shared>, Timestamp) -> Pending<T>>;
+type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Result<T, NodeError>>>>;
+type Reply<T> = AtomicResponse<RunActor, Result<T, NodeError>>;
 
-    fn handle(&mut self, msg: RunMsg, _: &mut Self::Context) -> Self::Result {
-        let shared = Arc::clone(&self.shared);
+fn ready<T: 'static>(answer: Result<T, NodeError>) -> Pending<T> {
+    Box::pin(fut::ready(answer))
+}
+
+impl RunActor {
+    /// Loads the run if this actor has not yet, then runs `op` on it, strictly one call at a time.
+    fn serve<T: 'static>(&mut self, op: Op<T>) -> Reply<T> {
+        let shared = Arc::clone(&self.deps.shared);
         let key = self.key.clone();
         let loaded = self.live.is_some();
         let load = async move { if loaded { Ok(None) } else { RunActor::load(shared, key).await.map(Some) } };
         AtomicResponse::new(Box::pin(load.into_actor(self).then(move |loaded, actor, _| {
-            let shared = Arc::clone(&actor.shared);
             match loaded {
-                Err(err) => return Box::pin(fut::ready(Err(err))) as Pending,
+                Err(err) => return ready(Err(err)),
                 Ok(Some(Some(live))) => actor.live = Some(live),
                 Ok(Some(None)) | Ok(None) => {}
             }
-            actor.dispatch(msg, shared)
+            actor.dispatch(op)
         })))
     }
-}
 
-impl Handler<RunCall> for RunActor {
-    type Result = AtomicResponse<Self, Result<RunReply, ApiError>>;
-
-    fn handle(&mut self, call: RunCall, ctx: &mut Self::Context) -> Self::Result {
-        if !call.ticket.take() {
-            // The caller already answered 503: the call must not happen.
-            return AtomicResponse::new(Box::pin(fut::ready(Err(ApiError::unavailable(
-                "the call timed out before the run took it; treat it as a block",
-                1,
-            )))));
-        }
-        <Self as Handler<RunMsg>>::handle(self, call.msg, ctx)
-    }
-}
-
-type Reply = Result<RunReply, ApiError>;
-type Pending = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Reply>>>;
-
-impl RunActor {
-    /// Forgets the run's state, so that its next call reads it back from the store (SPEC §12.10): after a
-    /// commit whose outcome is unknown (the writer stopped after taking it, or the learning actor did not
-    /// answer in time), or after an expiry applied in memory whose commit failed.
+    /// Forgets the run's state, so that its next call reads it back from the store: after a commit whose
+    /// outcome is unknown (the writer stopped after taking it, or the learning actor did not answer in
+    /// time), or after an expiry applied in memory whose commit failed.
     fn forget(&mut self) {
         self.live = None;
     }
 
-    fn dispatch(&mut self, msg: RunMsg, shared: Arc<Shared>) -> Pending {
+    /// Persists a due expiry first, so that nothing happens to a run past its TTL but its expiry.
+    fn dispatch<T: 'static>(&mut self, op: Op<T>) -> Pending<T> {
+        let shared = Arc::clone(&self.deps.shared);
         let at = now();
         if let Some(batch) = self.expiry(at) {
-            let shared2 = Arc::clone(&shared);
-            return Box::pin(async move { shared2.commit(batch).await }.into_actor(self).then(
+            let committing = Arc::clone(&shared);
+            return Box::pin(async move { committing.commit(batch).await }.into_actor(self).then(
                 move |committed, actor, _| match committed {
                     Err(err) => {
                         // The expiry was applied in memory before its commit failed.
                         actor.forget();
-                        Box::pin(fut::ready(Err(err))) as Pending
+                        ready(Err(err))
                     }
-                    Ok(_) => actor.dispatch(msg, shared),
+                    Ok(_) => op(actor, shared, now()),
                 },
             ));
         }
-        match msg {
-            RunMsg::Create(request) => self.handle_create(request, shared),
-            RunMsg::Step(call) => self.handle_step(*call, shared, at),
-            RunMsg::Touch => {
-                Box::pin(fut::ready(Ok(RunReply::Touched(self.live.as_ref().map(|l| l.run.state().status)))))
-            }
-            RunMsg::End { outcome, error } => self.handle_end(outcome, error, shared, at),
-        }
+        op(self, shared, at)
     }
+}
 
-    fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending {
+impl Handler<CreateRun> for RunActor {
+    type Result = Reply<Created>;
+
+    fn handle(&mut self, msg: CreateRun, _: &mut Self::Context) -> Self::Result {
+        self.serve(Box::new(move |actor, shared, _| actor.handle_create(msg, shared)))
+    }
+}
+
+impl Handler<Step> for RunActor {
+    type Result = Reply<Decision>;
+
+    fn handle(&mut self, Step(call): Step, _: &mut Self::Context) -> Self::Result {
+        self.serve(Box::new(move |actor, shared, at| actor.handle_step(*call, shared, at)))
+    }
+}
+
+impl Handler<EndRun> for RunActor {
+    type Result = Reply<Ended>;
+
+    fn handle(&mut self, msg: EndRun, _: &mut Self::Context) -> Self::Result {
+        self.serve(Box::new(move |actor, shared, at| actor.handle_end(msg.outcome, msg.error, shared, at)))
+    }
+}
+
+impl Handler<Touch> for RunActor {
+    type Result = Reply<Option<RunStatus>>;
+
+    fn handle(&mut self, _: Touch, _: &mut Self::Context) -> Self::Result {
+        self.serve(Box::new(|actor, _, _| ready(Ok(actor.live.as_ref().map(|l| l.run.state().status)))))
+    }
+}
+
+/// The ticketed form of each request: done only if the actor takes the ticket first.
+macro_rules! ticketed {
+    ($($request:ty),*) => {$(
+        impl Handler<Ticketed<$request>> for RunActor {
+            type Result = Reply<<$request as RunRequest>::Answer>;
+
+            fn handle(&mut self, call: Ticketed<$request>, ctx: &mut Self::Context) -> Self::Result {
+                if !call.ticket.take() {
+                    // The caller already answered 503: the call must not happen.
+                    return AtomicResponse::new(ready(Err(NodeError::unavailable(
+                        "the call timed out before the run took it; treat it as a block",
+                    ))));
+                }
+                <Self as Handler<$request>>::handle(self, call.msg, ctx)
+            }
+        }
+    )*};
+}
+
+ticketed!(CreateRun, Step, EndRun, Touch);
+
+impl RunActor {
+    fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending<Created> {
         if self.live.is_some() {
             // The same run again: answer its creation, whose decision is the ledger's first entry (kept in
             // the store rather than in every live run's memory).
@@ -490,10 +553,9 @@ impl RunActor {
                 shared.read(move |store| store.ledger(&tenant, &run_id, &runguard_store::PageRequest::first(1))).await
             };
             return Box::pin(first.into_actor(self).map(|page, actor, _| {
-                let decision =
-                    page?.items.into_iter().next().map(|entry| entry.decision).ok_or_else(ApiError::internal)?;
-                let live = actor.live.as_ref().ok_or_else(ApiError::internal)?;
-                Ok(RunReply::Created { created: false, answer: Box::new(Self::answer(live, decision)) })
+                let decision = page?.items.into_iter().next().map(|entry| entry.decision).ok_or(NodeError::Internal)?;
+                let live = actor.live.as_ref().ok_or(NodeError::Internal)?;
+                Ok(Created { created: false, answer: Box::new(Self::answer(live, decision)) })
             }));
         }
         let key = self.key.clone();
@@ -501,13 +563,13 @@ impl RunActor {
             let (live, decision) = created?;
             let answer = Box::new(Self::answer(&live, decision));
             actor.live = Some(live);
-            Ok(RunReply::Created { created: true, answer })
+            Ok(Created { created: true, answer })
         }))
     }
 
-    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending {
+    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending<Decision> {
         let Some(live) = self.live.as_ref() else {
-            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
+            return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
         if scans_large_texts(live.run.snapshot(), &call) {
             // Content and CEL rules over large texts cost milliseconds: evaluated in the tenant's lane on the
@@ -525,7 +587,7 @@ impl RunActor {
             };
             return Box::pin(evaluated.into_actor(self).then(move |evaluated, actor, _| match evaluated {
                 Ok((answer, elapsed, call)) => actor.persist_step(call, answer, elapsed, shared),
-                Err(err) => Box::pin(fut::ready(Err(err))) as Pending,
+                Err(err) => ready(Err(err)),
             }));
         }
         let (answer, elapsed) = step_run(&shared, &live.run, &call, at);
@@ -539,20 +601,18 @@ impl RunActor {
         answer: Result<Answer, Refusal>,
         elapsed: Duration,
         shared: Arc<Shared>,
-    ) -> Pending {
+    ) -> Pending<Decision> {
         let answer = match answer {
-            Ok(answer) if answer.is_replay() => {
-                return Box::pin(fut::ready(Ok(RunReply::Decision(Box::new(answer.decision)))));
-            }
+            Ok(answer) if answer.is_replay() => return ready(Ok(answer.decision)),
             Ok(answer) => answer,
             Err(why) => {
                 let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
                 metrics::counter!("runguard_refused_calls_total", "reason" => reason).increment(1);
-                return Box::pin(fut::ready(Err(refusal(why))));
+                return ready(Err(NodeError::Refused(why)));
             }
         };
         let Some(live) = self.live.as_ref() else {
-            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
+            return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
         let next = live.run.after(&answer);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
@@ -579,7 +639,7 @@ impl RunActor {
                 let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
                 tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
             }
-            Ok(RunReply::Decision(Box::new(decision)))
+            Ok(decision)
         }))
     }
 
@@ -589,13 +649,13 @@ impl RunActor {
         error: Option<StepError>,
         shared: Arc<Shared>,
         at: Timestamp,
-    ) -> Pending {
+    ) -> Pending<Ended> {
         let Some(live) = self.live.as_ref() else {
-            return Box::pin(fut::ready(Err(ApiError::not_found("run", self.key.run_id.as_str()))));
+            return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
         let Some(answer) = live.run.end(outcome, error.as_ref(), at) else {
             // Ending an ended or stopped run changes nothing.
-            return Box::pin(fut::ready(Ok(RunReply::Ended(Box::new(live.meta.stored(&live.run)), None))));
+            return ready(Ok(Ended { incident_id: None, run: Box::new(live.meta.stored(&live.run)) }));
         };
         let next = live.run.after(&answer);
         let run = live.meta.stored(&next);
@@ -615,15 +675,21 @@ impl RunActor {
         });
         // Only an end that creates an incident goes through the learning actor, which serialises the
         // pattern read-modify-writes; any other end commits directly rather than queue behind them.
+        let learning = self.deps.learning.clone();
         let committed = async move {
             match incident {
                 // A refused end is rare: the run is read back from the store before its next call rather
-                // than trusting that the learning actor's refusal says whether its commit landed.
-                Some(incident) => shared
-                    .learn(EndRun { batch, incident: Some(incident) })
-                    .await
-                    .and_then(|answer| answer)
-                    .map_err(|error| Refused { error, settled: false }),
+                // than trusting that the learning actor's refusal says whether its commit landed. No
+                // timeout on the send: the learning actor answers at once with a future that bounds its
+                // own waiting and whose commit must not be abandoned once the writer holds it.
+                Some(incident) => match learning.send(CommitRunEnd { batch, incident: Some(incident) }).await {
+                    Ok(answer) => answer,
+                    Err(err) => {
+                        tracing::error!(error = %err, "learning actor unavailable");
+                        Err(NodeError::unavailable("the learning loop is overloaded or stopped; retry"))
+                    }
+                }
+                .map_err(|error| Refused { error, settled: false }),
                 None => shared.commit_settled(batch).await.map(|_| None),
             }
         };
@@ -641,7 +707,96 @@ impl RunActor {
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
-            Ok(RunReply::Ended(Box::new(run), incident_id))
+            Ok(Ended { incident_id, run: Box::new(run) })
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use runguard_contract::{Phase, RunStatus};
+
+    use super::*;
+    use crate::actors::test_support::{Node, key};
+
+    fn create() -> CreateRun {
+        CreateRun { labels: BTreeMap::new(), api_endpoint: None }
+    }
+
+    fn step(index: u64, phase: Phase) -> Step {
+        Step(Box::new(StepCall::new(index, phase)))
+    }
+
+    #[actix_rt::test]
+    async fn a_run_is_created_stepped_and_ended_through_its_messages() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "run_1").await;
+        let created = run.send(create()).await.unwrap().unwrap();
+        assert!(created.created);
+        assert_eq!(created.answer.status, "running");
+        let again = run.send(create()).await.unwrap().unwrap();
+        assert!(!again.created, "a second creation answers the first");
+        assert_eq!(again.answer.decision.decision_id, created.answer.decision.decision_id);
+        for phase in [Phase::Pre, Phase::Post] {
+            let decision = run.send(step(0, phase)).await.unwrap().unwrap();
+            assert_eq!(decision.action, Action::Allow);
+        }
+        let ended = run.send(EndRun { outcome: Outcome::Succeeded, error: None }).await.unwrap().unwrap();
+        assert_eq!(ended.run.status, RunStatus::Succeeded);
+        assert!(ended.incident_id.is_none());
+        let key = key("acme", "run_1");
+        let stored = node.store.get_run(&key.tenant, &key.run_id).unwrap().unwrap();
+        assert_eq!(stored.status, RunStatus::Succeeded, "the end was committed before it was answered");
+        assert_eq!(node.store.full_ledger(&key.tenant, &key.run_id).unwrap().len(), 4);
+    }
+
+    #[actix_rt::test]
+    async fn a_call_out_of_order_is_refused_and_changes_nothing() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "run_1").await;
+        run.send(create()).await.unwrap().unwrap();
+        let refused = run.send(step(3, Phase::Pre)).await.unwrap().unwrap_err();
+        assert!(matches!(refused, NodeError::Refused(Refusal::OutOfOrder { ref expected }) if expected.index == 0));
+        let decision = run.send(step(0, Phase::Pre)).await.unwrap().unwrap();
+        assert_eq!(decision.action, Action::Allow, "the expected call is still taken");
+    }
+
+    #[actix_rt::test]
+    async fn a_call_to_a_run_that_was_never_created_is_not_found() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "ghost").await;
+        let err = run.send(step(0, Phase::Pre)).await.unwrap().unwrap_err();
+        assert!(matches!(err, NodeError::NotFound { what: "run", .. }), "{err:?}");
+        let status = run.send(Touch).await.unwrap().unwrap();
+        assert_eq!(status, None);
+    }
+
+    #[actix_rt::test]
+    async fn a_call_whose_ticket_was_abandoned_is_never_done() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "run_1").await;
+        let ticket = Ticket::new();
+        assert!(ticket.abandon());
+        let err = run.send(Ticketed { msg: create(), ticket }).await.unwrap().unwrap_err();
+        assert!(matches!(err, NodeError::Unavailable { .. }), "{err:?}");
+        let key = key("acme", "run_1");
+        assert!(node.store.get_run(&key.tenant, &key.run_id).unwrap().is_none());
+    }
+
+    #[actix_rt::test]
+    async fn a_run_past_its_ttl_expires_and_refuses_steps() {
+        let node = Node::start(|config| config.run_ttl_s = 1);
+        let run = node.run("acme", "run_1").await;
+        run.send(create()).await.unwrap().unwrap();
+        actix_rt::time::sleep(Duration::from_millis(1_100)).await;
+        assert_eq!(run.send(Touch).await.unwrap().unwrap(), Some(RunStatus::Expired));
+        let key = key("acme", "run_1");
+        let stored = node.store.get_run(&key.tenant, &key.run_id).unwrap().unwrap();
+        assert_eq!(stored.status, RunStatus::Expired, "the expiry was persisted");
+        let refused = run.send(step(0, Phase::Pre)).await.unwrap().unwrap_err();
+        assert!(
+            matches!(refused, NodeError::Refused(Refusal::NotRunning { status: RunStatus::Expired, .. })),
+            "{refused:?}"
+        );
     }
 }

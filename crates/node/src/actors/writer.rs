@@ -19,28 +19,12 @@ use actix::prelude::*;
 use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
 use tokio::sync::oneshot;
 
+use crate::commit::Commit;
 use crate::ticket::Ticket;
 
 /// How often the watermark is rewritten (if commits happened) and an unhealthy store is probed: the lag
 /// of the acknowledged-state check at start.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-
-/// Asks the writer to make `batch` durable.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<CommitReceipt, StoreError>")]
-pub struct Commit {
-    /// The writes.
-    pub batch: WriteBatch,
-    /// Raced for with the caller: the batch is committed only if the writer takes it first.
-    pub ticket: Ticket,
-}
-
-impl Commit {
-    /// Wraps a batch with a fresh ticket.
-    pub fn new(batch: WriteBatch) -> Self {
-        Self { batch, ticket: Ticket::new() }
-    }
-}
 
 /// Commits what is queued now, then stops accepting (graceful shutdown).
 #[derive(Debug, Message)]
@@ -204,7 +188,8 @@ mod tests {
     use runguard_contract::{ApprovalPath, AuditEntry, Mode, PolicyId, Snapshot, TenantId, Timestamp};
     use runguard_store::{Store, StoreErrorKind, StoreOptions, WriteBatch};
 
-    use super::{Commit, Drain, Writer};
+    use super::{Drain, Writer};
+    use crate::commit::Commit;
     use crate::ticket::Ticket;
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {

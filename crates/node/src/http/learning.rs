@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
+use crate::http::errors::store_error;
 use crate::http::{PageQuery, State, list_page, query};
-use crate::shared::{now, store_error};
+use crate::shared::now;
 use crate::simulation;
 
 /// Most runs and candidate policies in one simulation.
@@ -61,14 +62,14 @@ pub async fn pattern(state: State, req: HttpRequest, id: Path<String>) -> Result
 pub async fn propose(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let pattern_id = pattern_id(&id)?;
-    let policy = state.shared.learn(Propose { tenant: caller.tenant, pattern_id, caller: caller.name }).await??;
+    let policy = state.learn(Propose { tenant: caller.tenant, pattern_id, caller: caller.name }).await?;
     Ok(HttpResponse::Created().json(policy))
 }
 
 /// `GET /v1/graduation`: the tenant's level, gates and history.
 pub async fn graduation(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
-    let view = state.shared.learn(TenantGraduation { tenant: caller.tenant }).await??;
+    let view = state.learn(TenantGraduation { tenant: caller.tenant }).await?;
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -130,7 +131,7 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
                 }
                 results.push(result);
             }
-            Ok((candidate.hash().clone(), results, batch))
+            Ok::<_, ApiError>((candidate.hash().clone(), results, batch))
         })
         .await?;
     if persist && !batch.is_empty() {

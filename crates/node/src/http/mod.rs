@@ -1,6 +1,7 @@
 //! The HTTP API of SPEC §8 (actix-web 4).
 
 pub mod body;
+pub mod errors;
 pub mod learning;
 pub mod metered;
 pub mod ops;
@@ -21,9 +22,11 @@ use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, Stor
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::registry::Registry;
+use crate::actors::learning::Learning;
+use crate::actors::registry::{Registry, RunTable};
 use crate::auth::{Authenticator, Caller, Role};
 use crate::error::ApiError;
+use crate::node_error::NodeError;
 use crate::shared::Shared;
 
 /// What every handler can reach.
@@ -32,6 +35,10 @@ pub struct AppState {
     pub shared: Arc<Shared>,
     /// The run registry.
     pub registry: Addr<Registry>,
+    /// The live runs (looked up by every call; changed only by the registry).
+    pub runs: Arc<RunTable>,
+    /// The learning loop.
+    pub learning: Addr<Learning>,
     /// Token checks.
     pub auth: Authenticator,
     /// Renders `/metrics`.
@@ -77,6 +84,23 @@ impl AppState {
         payload: web::Payload,
     ) -> Result<T, ApiError> {
         body::parse_json(&self.body(req, payload).await?)
+    }
+
+    /// Sends a request to the learning actor and waits for its answer (503 if it is unavailable).
+    pub async fn learn<M, T>(&self, msg: M) -> Result<T, ApiError>
+    where
+        M: actix::Message<Result = Result<T, NodeError>> + Send + 'static,
+        T: Send + 'static,
+        Learning: actix::Handler<M>,
+    {
+        // No timeout here: the actor answers at once with a future that bounds its own waiting and whose
+        // commit must not be abandoned once the writer holds it (a timeout here could answer 503 for a
+        // request that is applied afterwards).
+        let answer = self.learning.send(msg).await.map_err(|err| {
+            tracing::error!(error = %err, "learning actor unavailable");
+            ApiError::unavailable("the learning loop is overloaded or stopped; retry", 1)
+        })?;
+        Ok(answer?)
     }
 
     /// Whether the node accepts work.

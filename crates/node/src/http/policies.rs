@@ -2,16 +2,19 @@
 
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use runguard_contract::{ApprovalPath, AuditEntry, Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
-use runguard_store::{Store, StoreError, WriteBatch};
+use runguard_contract::{Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
+use runguard_store::{StoreErrorKind, WriteBatch};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::actors::learning::{Confirm, policy_id_taken, preventions};
+use crate::actors::learning::{Confirm, preventions};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
+use crate::http::errors::store_error;
 use crate::http::{PageQuery, State, list_page, query};
-use crate::shared::{now, store_error};
+use crate::node_error::NodeError;
+use crate::policy_change::{Approval, PolicyChange, id_taken, id_taken_error};
+use crate::shared::now;
 
 fn policy_id(raw: &str) -> Result<PolicyId, ApiError> {
     PolicyId::new(raw).map_err(|_| ApiError::not_found("policy", raw))
@@ -35,24 +38,6 @@ fn may_change(caller: &Caller, policy: &Policy) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn audit_entry(
-    policy: &Policy,
-    from: Option<Mode>,
-    caller: &Caller,
-    reason: Option<String>,
-    path: ApprovalPath,
-) -> AuditEntry {
-    AuditEntry {
-        policy_id: policy.id.clone(),
-        from,
-        to: policy.mode,
-        at: policy.updated_at,
-        caller: caller.name.clone(),
-        reason,
-        approval_path: path,
-    }
-}
-
 /// Compiles the document's regexes and CEL to validate it: CPU work, so off the HTTP worker.
 async fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument, ApiError> {
     state
@@ -62,15 +47,6 @@ async fn validated(doc: PolicyDocument, state: &State) -> Result<PolicyDocument,
             Ok(doc)
         })
         .await
-}
-
-/// Whether a new policy of `owner` with `id` would share its id with a policy of the other scope that
-/// a tenant sees: a global one for a tenant policy, any tenant's for a global one (SPEC §12.1).
-fn id_taken(store: &Store, owner: Option<&TenantId>, id: &PolicyId) -> Result<bool, StoreError> {
-    match owner {
-        Some(_) => Ok(store.get_policy(None, id, None)?.is_some()),
-        None => store.tenant_policy_id_exists(id),
-    }
 }
 
 /// `POST /v1/policies`.
@@ -105,30 +81,30 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
         return Err(ApiError::conflict("policy_exists", format!("policy `{id}` already exists; update it with PUT")));
     }
     if taken {
-        return Err(policy_id_taken(&id));
+        return Err(id_taken_error(&id).into());
     }
     if owner.is_some() && count >= limit {
         return Err(ApiError::conflict("policy_limit", format!("a tenant may have at most {limit} policies")));
     }
-    let policy = Policy::create(doc, id, owner.clone(), now());
+    let approval = Approval::manual(caller.name.clone(), Some("created".into()));
     let mut batch = WriteBatch::new();
-    batch.put_policy_version(policy.clone());
-    batch
-        .append_audit(owner.clone(), audit_entry(&policy, None, &caller, Some("created".into()), ApprovalPath::Manual));
+    let policy = PolicyChange::create(doc, id, owner.clone(), approval, now()).write(&mut batch);
     if let Err(err) = state.shared.commit(batch).await {
         // The store refuses a creation that lost a race to another policy with this id; name which.
-        if err.status == 409 {
+        if let NodeError::Store(refusal) = &err
+            && matches!(refusal.kind(), StoreErrorKind::Conflict | StoreErrorKind::NotFound)
+        {
             let (lookup_owner, lookup_id) = (owner, policy.id.clone());
             let taken = state.shared.read(move |store| id_taken(store, lookup_owner.as_ref(), &lookup_id)).await?;
             if taken {
-                return Err(policy_id_taken(&policy.id));
+                return Err(id_taken_error(&policy.id).into());
             }
             return Err(ApiError::conflict(
                 "policy_exists",
                 format!("policy `{}` already exists; update it with PUT", policy.id),
             ));
         }
-        return Err(err);
+        return Err(err.into());
     }
     tracing::info!(policy_id = %policy.id, caller = %caller.name, mode = policy.mode.as_str(), "policy created");
     Ok(HttpResponse::Created().json(policy))
@@ -209,15 +185,9 @@ pub async fn update(
         )
         .with_details(json!({ "current_version": existing.version })));
     }
-    let next = existing.updated(doc, now());
+    let approval = Approval::manual(caller.name.clone(), Some("updated".into()));
     let mut batch = WriteBatch::new();
-    batch.put_policy_version(next.clone());
-    if next.mode != existing.mode {
-        batch.append_audit(
-            next.tenant_id.clone(),
-            audit_entry(&next, Some(existing.mode), &caller, Some("updated".into()), ApprovalPath::Manual),
-        );
-    }
+    let next = PolicyChange::update(&existing, doc, approval, now()).write(&mut batch);
     state.shared.commit(batch).await?;
     Ok(HttpResponse::Ok().json(next))
 }
@@ -249,13 +219,9 @@ pub async fn set_mode(
     if existing.mode == body.mode {
         return Ok(HttpResponse::Ok().json(existing));
     }
-    let next = existing.with_mode(body.mode, now());
+    let approval = Approval::manual(caller.name.clone(), body.reason);
     let mut batch = WriteBatch::new();
-    batch.put_policy_version(next.clone());
-    batch.append_audit(
-        next.tenant_id.clone(),
-        audit_entry(&next, Some(existing.mode), &caller, body.reason, ApprovalPath::Manual),
-    );
+    let next = PolicyChange::mode(&existing, body.mode, approval, now()).write(&mut batch);
     state.shared.commit(batch).await?;
     tracing::info!(policy_id = %next.id, caller = %caller.name, from = existing.mode.as_str(), to = next.mode.as_str(), "policy mode changed");
     Ok(HttpResponse::Ok().json(next))
@@ -272,7 +238,7 @@ pub async fn confirm(state: State, req: HttpRequest, id: Path<String>) -> Result
         caller: caller.name.clone(),
         admin: caller.role == Role::Admin,
     };
-    Ok(HttpResponse::Ok().json(state.shared.learn(msg).await??))
+    Ok(HttpResponse::Ok().json(state.learn(msg).await?))
 }
 
 /// `GET /v1/policies/{id}/versions`: every version, oldest first; the cursor is the last version seen.
@@ -318,7 +284,7 @@ pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> R
     let caller = state.caller(&req, Role::Operator)?;
     let policy = current(&state, &caller, &policy_id(&id)?, None).await?;
     let (owner, pid, tenant) = (policy.tenant_id.clone(), policy.id.clone(), caller.tenant.clone());
-    // A global policy's statistics count only the caller's tenant's runs (SPEC §12.1).
+    // A global policy's statistics count only the caller's tenant's runs (`docs/policies.md`).
     let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid, &tenant)).await?;
     Ok(HttpResponse::Ok().json(json!({
         "policy_id": policy.id,
@@ -330,7 +296,7 @@ pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> R
     })))
 }
 
-/// `GET /v1/policies/{id}/graduation`: the prevention gate of SPEC §6 for one policy.
+/// `GET /v1/policies/{id}/graduation`: the prevention gate for one policy (`docs/learning-loop.md`).
 pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let policy = current(&state, &caller, &policy_id(&id)?, None).await?;
@@ -344,7 +310,7 @@ pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Res
                 query.page = page.clone();
                 store.list_records(&query)
             })?;
-            // A block by an evaluation error was a fault, not a prevention (SPEC §12.2).
+            // A block by an evaluation error was a fault, not a prevention (`docs/learning-loop.md`).
             preventions(store, records)
         })
         .await?;

@@ -10,8 +10,8 @@ use serde_json::json;
 use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
+use crate::http::errors::store_error;
 use crate::http::{PageQuery, State, list_page, query};
-use crate::shared::store_error;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,7 +88,6 @@ pub async fn regret(
         return Err(ApiError::bad_request("note", format!("is longer than {longest} bytes")));
     }
     let answer = state
-        .shared
         .learn(RegretRecord {
             tenant: caller.tenant,
             record_id,
@@ -96,7 +95,7 @@ pub async fn regret(
             note: body.note,
             caller: caller.name,
         })
-        .await??;
+        .await?;
     Ok(HttpResponse::Created().json(answer))
 }
 

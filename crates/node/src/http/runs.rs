@@ -11,12 +11,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::registry::{Forget, Resolve, RunKey};
-use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
+use crate::actors::run::{CreateRun, EndRun, RunActor, RunRequest, Step, Ticketed};
 use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::http::errors::store_error;
 use crate::http::{PageQuery, State, list_page, query};
-use crate::shared::{now, store_error};
+use crate::node_error::NodeError;
+use crate::shared::now;
 use crate::ticket::Ticket;
 
 /// Most labels on a run, and their longest key or value.
@@ -48,14 +50,18 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
 /// by the registry. A run with as many calls in flight as its mailbox holds is answered 429 at once
 /// rather than after the call timeout. A handle that was evicted or replaced between the lookup and the
 /// count is resolved again, so a run never has two actors.
-async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, ApiError> {
+async fn call_run<M>(state: &State, key: RunKey, msg: M) -> Result<M::Answer, ApiError>
+where
+    M: RunRequest,
+    RunActor: actix::Handler<Ticketed<M>>,
+{
     let timeout = state.shared.call_timeout();
     let limit = state.shared.config.limits.run_mailbox;
     let mut closed_once = false;
     for _ in 0..4 {
-        let run = match state.shared.live_runs.get(&key) {
+        let run = match state.runs.get(&key) {
             Some(run) => run,
-            None if !matches!(msg, RunMsg::Create(_)) && !run_exists(state, &key).await? => {
+            None if !M::CREATES && !run_exists(state, &key).await? => {
                 return Err(ApiError::not_found("run", key.run_id.as_str()));
             }
             None => match state.registry.send(Resolve::from_here(key.clone())).timeout(timeout).await {
@@ -72,14 +78,14 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
                 1,
             ));
         };
-        if !state.shared.live_runs.is_current(&key, run.generation) {
+        if !state.runs.is_current(&key, run.generation) {
             drop(in_flight);
             continue;
         }
         // The run takes the ticket before it starts the call; a caller that times out first abandons it
-        // and answers 503, one that times out after waits for the outcome (SPEC §12.10).
+        // and answers 503, one that times out after waits for the outcome (`docs/reliability.md`).
         let ticket = Ticket::new();
-        let mut sent = std::pin::pin!(run.addr.send(RunCall { msg: clone_msg(&msg), ticket: ticket.clone() }));
+        let mut sent = std::pin::pin!(run.addr.send(Ticketed { msg: msg.clone(), ticket: ticket.clone() }));
         let answer = match tokio::time::timeout(timeout, &mut sent).await {
             Ok(answer) => answer,
             Err(_) if ticket.abandon() => Err(MailboxError::Timeout),
@@ -87,12 +93,12 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
         };
         match answer {
             Ok(reply) => {
-                if holds_no_run(&msg, &reply) {
+                if holds_no_run::<M>(&reply) {
                     // Counted out first: the registry drops only an actor with no call in flight.
                     drop(in_flight);
                     state.registry.do_send(Forget { key, generation: run.generation });
                 }
-                return reply;
+                return Ok(reply?);
             }
             Err(MailboxError::Closed) if !closed_once => {
                 closed_once = true;
@@ -108,30 +114,21 @@ async fn call_run(state: &State, key: RunKey, msg: RunMsg) -> Result<RunReply, A
     Err(ApiError::unavailable("the run is restarting; treat the call as a block and retry", 1))
 }
 
-/// Whether the actor that gave `reply` to `msg` is left without a run: a creation that failed (an existing
-/// run answers its creation again) or a call that found no run.
-fn holds_no_run(msg: &RunMsg, reply: &Result<RunReply, ApiError>) -> bool {
-    match (msg, reply) {
-        (RunMsg::Create(_), Err(_)) => true,
-        (_, Err(err)) => err.status == 404,
-        _ => false,
+/// Whether the actor that gave `reply` to an `M` is left without a run: a creation that failed (an
+/// existing run answers its creation again) or a call that found no run.
+fn holds_no_run<M: RunRequest>(reply: &Result<M::Answer, NodeError>) -> bool {
+    match reply {
+        Err(_) if M::CREATES => true,
+        Err(err) => matches!(err, NodeError::NotFound { .. }),
+        Ok(_) => false,
     }
 }
 
 /// Whether the run is stored. Asked before a call other than creation spawns an actor for a run that is
-/// not live, so that calls naming runs that do not exist take no live-run slot (SPEC §12.7).
+/// not live, so that calls naming runs that do not exist take no live-run slot.
 async fn run_exists(state: &State, key: &RunKey) -> Result<bool, ApiError> {
     let (tenant, run_id) = (key.tenant.clone(), key.run_id.clone());
-    state.shared.read(move |store| store.get_run(&tenant, &run_id).map(|run| run.is_some())).await
-}
-
-fn clone_msg(msg: &RunMsg) -> RunMsg {
-    match msg {
-        RunMsg::Create(c) => RunMsg::Create(c.clone()),
-        RunMsg::Step(s) => RunMsg::Step(s.clone()),
-        RunMsg::Touch => RunMsg::Touch,
-        RunMsg::End { outcome, error } => RunMsg::End { outcome: *outcome, error: error.clone() },
-    }
+    Ok(state.shared.read(move |store| store.get_run(&tenant, &run_id).map(|run| run.is_some())).await?)
 }
 
 fn check_labels(labels: &BTreeMap<String, String>, limits: &Limits) -> Result<(), ValidationError> {
@@ -166,17 +163,15 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
     };
     let key = RunKey { tenant: caller.tenant, run_id };
     let request = CreateRun { labels: body.labels, api_endpoint: body.api_endpoint };
-    match call_run(&state, key.clone(), RunMsg::Create(request.clone())).await? {
-        RunReply::Created { created: true, answer } => Ok(HttpResponse::Created().json(answer)),
-        RunReply::Created { created: false, answer } => {
-            same_creation(&state, key, request).await?;
-            Ok(HttpResponse::Ok().json(answer))
-        }
-        _ => Err(ApiError::internal()),
+    let created = call_run(&state, key.clone(), request.clone()).await?;
+    if created.created {
+        return Ok(HttpResponse::Created().json(created.answer));
     }
+    same_creation(&state, key, request).await?;
+    Ok(HttpResponse::Ok().json(created.answer))
 }
 
-/// A re-sent creation must carry the body that created the run (SPEC §12.6): what a run was created with
+/// A re-sent creation must carry the body that created the run (`docs/api.md`): what a run was created with
 /// never changes, so the stored run settles it without asking its actor.
 async fn same_creation(state: &State, key: RunKey, request: CreateRun) -> Result<(), ApiError> {
     let run = state.shared.read(move |store| store.get_run(&key.tenant, &key.run_id)).await?;
@@ -228,10 +223,8 @@ pub async fn step(
     let body = state.body(&req, payload).await?;
     let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
     let key = RunKey { tenant: caller.tenant, run_id };
-    match call_run(&state, key, RunMsg::Step(Box::new(call))).await? {
-        RunReply::Decision(decision) => Ok(HttpResponse::Ok().json(decision)),
-        _ => Err(ApiError::internal()),
-    }
+    let decision = call_run(&state, key, Step(Box::new(call))).await?;
+    Ok(HttpResponse::Ok().json(decision))
 }
 
 /// `POST /v1/runs/{id}/end`.
@@ -243,12 +236,8 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
         error.validate(&state.shared.config.limits.step)?;
     }
     let key = RunKey { tenant: caller.tenant, run_id };
-    match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
-        RunReply::Ended(run, incident_id) => {
-            Ok(HttpResponse::Ok().json(json!({ "run": run, "incident_id": incident_id })))
-        }
-        _ => Err(ApiError::internal()),
-    }
+    let ended = call_run(&state, key, EndRun { outcome: body.outcome, error: body.error }).await?;
+    Ok(HttpResponse::Ok().json(ended))
 }
 
 /// `GET /v1/runs/{id}/decisions`.

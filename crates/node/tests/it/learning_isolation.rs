@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runguard_contract::{Incident, IncidentId, PatternId, RunId, Signature, StepError, TenantId};
-use runguard_node::actors::learning::{EndRun, IncidentDraft, Learning, TenantGraduation};
+use runguard_node::actors::learning::{CommitRunEnd, IncidentDraft, Learning, TenantGraduation};
 use runguard_node::actors::writer::Writer;
 use runguard_node::config::Config;
 use runguard_node::shared::{Shared, now};
@@ -16,14 +16,30 @@ use runguard_store::{Store, StoreOptions, WriteBatch};
 
 const DAY_MS: i64 = 86_400_000;
 
-fn start() -> (tempfile::TempDir, Arc<Shared>) {
+/// The store and the learning actor over it.
+struct Node {
+    store: Arc<Store>,
+    learning: actix::Addr<Learning>,
+}
+
+impl Node {
+    async fn learn<M>(&self, msg: M) -> Result<M::Result, actix::MailboxError>
+    where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+        Learning: actix::Handler<M>,
+    {
+        self.learning.send(msg).await
+    }
+}
+
+fn start() -> (tempfile::TempDir, Arc<Node>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap());
     let writer = actix::Actor::start(Writer::new(Arc::clone(&store), 256, 1024));
-    let shared = Arc::new(Shared::new(store, writer, Config::default()));
-    let (learning, _arbiter) = Learning::start_dedicated(Arc::clone(&shared));
-    let _ = shared.learning.set(learning);
-    (dir, shared)
+    let shared = Arc::new(Shared::new(Arc::clone(&store), writer.recipient(), Config::default()));
+    let (learning, _arbiter) = Learning::start_dedicated(shared);
+    (dir, Arc::new(Node { store, learning }))
 }
 
 /// `count` incidents of `tenant`, created `age_ms` ago (one millisecond apart), in one commit.
@@ -55,7 +71,7 @@ fn draft(tenant: &TenantId, n: usize) -> IncidentDraft {
     }
 }
 
-async fn graduation_ms(shared: &Arc<Shared>, tenant: &TenantId) -> f64 {
+async fn graduation_ms(shared: &Arc<Node>, tenant: &TenantId) -> f64 {
     let started = Instant::now();
     shared.learn(TenantGraduation { tenant: tenant.clone() }).await.unwrap().unwrap();
     started.elapsed().as_secs_f64() * 1000.0
@@ -88,8 +104,11 @@ async fn a_tenant_polling_graduation_over_many_incidents_does_not_delay_another_
     let mut ends = Vec::new();
     for n in 0..10 {
         let started = Instant::now();
-        let incident =
-            shared.learn(EndRun { batch: WriteBatch::new(), incident: Some(draft(&small, n)) }).await.unwrap().unwrap();
+        let incident = shared
+            .learn(CommitRunEnd { batch: WriteBatch::new(), incident: Some(draft(&small, n)) })
+            .await
+            .unwrap()
+            .unwrap();
         assert!(incident.is_some());
         ends.push(started.elapsed().as_secs_f64() * 1000.0);
     }

@@ -7,7 +7,8 @@ use std::sync::atomic::AtomicBool;
 
 use actix::Actor;
 use actix_web::{App, test as web_test, web};
-use runguard_node::actors::registry::Registry;
+use runguard_node::actors::learning::Learning;
+use runguard_node::actors::registry::{Registry, RunTable};
 use runguard_node::actors::writer::Writer;
 use runguard_node::auth::Authenticator;
 use runguard_node::config::Config;
@@ -23,11 +24,16 @@ async fn every_documented_route_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap());
     let writer = Writer::new(Arc::clone(&store), 64, 64).start();
-    let shared = Arc::new(Shared::new(store, writer, Config::default()));
-    let registry = Registry::new(Arc::clone(&shared), Vec::new()).start();
+    let shared = Arc::new(Shared::new(store, writer.recipient(), Config::default()));
+    let learning = Learning::new(Arc::clone(&shared)).start();
+    let runs = Arc::new(RunTable::default());
+    let registry =
+        Registry::new(Arc::clone(&shared), Arc::clone(&runs), learning.clone().recipient(), Vec::new()).start();
     let state = web::Data::new(AppState {
         shared,
         registry,
+        runs,
+        learning,
         auth: Authenticator::new(&[]),
         metrics: None,
         ready: AtomicBool::new(true),
