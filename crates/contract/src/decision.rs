@@ -1,4 +1,4 @@
-//! Decisions (SPEC §2.6): what runguard answers to each call.
+//! Decisions: what runguard answers to each call.
 
 use std::fmt;
 

@@ -1,4 +1,4 @@
-//! Identifiers: validated string newtypes with the prefixes of SPEC §2.
+//! Identifiers: validated string newtypes with their prefixes (`pol_`, `snp_`, …).
 //!
 //! Ids supplied by callers (`run_id`, policy `id`, tenant names) are checked for length and alphabet so that
 //! they are safe in keys, logs and URLs. Ids the node generates carry a prefix (`pol_`, `dec_`, `prv_`, …)

@@ -1,4 +1,4 @@
-//! Learning-loop types (SPEC §5): incidents, patterns, the activation audit and regrets.
+//! Learning-loop types (`docs/learning-loop.md`): incidents, patterns, the activation audit and regrets.
 
 use serde::{Deserialize, Serialize};
 

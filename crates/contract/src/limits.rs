@@ -1,4 +1,4 @@
-//! Input limits (SPEC §9) that validation enforces. The node makes each one configurable.
+//! Input limits that validation enforces. The node makes each one configurable.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,8 +25,9 @@ pub struct PolicyLimits {
     pub max_cel_cost: u64,
     /// Longest endpoint or other short text, in bytes.
     pub max_text_len: usize,
-    /// The step limits a CEL rule's cost is bounded for (SPEC §12.5). Not configured on its own: the node
-    /// copies its `[limits.step]` here, so that raising a text limit raises every rule's computed cost.
+    /// The step limits a CEL rule's cost is bounded for (`docs/evaluation.md`, CEL custom rules). Not
+    /// configured on its own: the node copies its `[limits.step]` here, so that raising a text limit raises
+    /// every rule's computed cost.
     #[serde(skip)]
     pub cel_inputs: StepLimits,
 }

@@ -1,4 +1,4 @@
-//! Policy documents (SPEC §2.3): the six rule kinds, modes, actions and binding points.
+//! Policy documents (`docs/policies.md`): the six rule kinds, modes, actions and binding points.
 
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ pub enum PolicyAction {
     Warn,
 }
 
-/// What happens when a policy cannot be evaluated (SPEC §3.8). Defaults to `block`: fail closed.
+/// What happens when a policy cannot be evaluated (`docs/evaluation.md`). Defaults to `block`: fail closed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
@@ -179,7 +179,7 @@ impl Rule {
         }
     }
 
-    /// The binding points used when the document names none (SPEC §2.3 table).
+    /// The binding points used when the document names none (`docs/evaluation.md`, binding points).
     ///
     /// A budget binds at `step_post`, and also at `step_pre` where it only acts on calls that carry an
     /// estimate (or, for the `steps` metric, on the step about to be admitted). Content with target `both`
@@ -528,7 +528,7 @@ impl PolicyDocument {
     pub fn from_value(value: serde_json::Value, limits: &PolicyLimits) -> Result<Self, ValidationError> {
         let rule = value.get("rule").cloned();
         // The `kind` tag makes serde read the rule as any value, where a list of the fields in order
-        // would pass for an object; an array never stands in for an object (SPEC §12.6).
+        // would pass for an object; an array never stands in for an object (`docs/evaluation.md`).
         if rule.as_ref().is_some_and(|rule| !rule.is_object()) {
             return Err(ValidationError::new("rule", "must be an object with a `kind`"));
         }
@@ -544,7 +544,7 @@ impl PolicyDocument {
         Ok(doc)
     }
 
-    /// Checks every structural rule of SPEC §2.3, naming the field at fault.
+    /// Checks every structural rule of a policy document (`docs/policies.md`), naming the field at fault.
     pub fn validate(&self, limits: &PolicyLimits) -> Result<(), ValidationError> {
         let name = self.name.trim();
         if name.is_empty() {

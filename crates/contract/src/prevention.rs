@@ -1,4 +1,4 @@
-//! The prevention contract (SPEC §4) as pure predicates.
+//! The prevention contract (`docs/contract.md`) as pure predicates.
 //!
 //! The engine calls [`pattern_policy_matches`] to decide whether a pattern policy is violated, and
 //! [`requires_prevention_record`] to decide whether a decision earns a record. The store calls
@@ -14,7 +14,7 @@ use crate::run::{Outcome, RunStatus};
 use crate::signature::normalize_endpoint;
 use crate::timestamp::Timestamp;
 
-/// What a pattern policy and a request look like, for conditions (1)–(3) of SPEC §4.
+/// What a pattern policy and a request look like, for conditions (1)–(3) of the prevention contract.
 #[derive(Clone, Copy, Debug)]
 pub struct PatternRequest<'a> {
     /// The tenant owning the pattern policy.
@@ -45,7 +45,7 @@ pub fn pattern_policy_matches(req: &PatternRequest<'_>) -> bool {
 }
 
 /// Whether a deciding violation of this type is a fault of the system or of the policy's evaluation
-/// rather than a policy that held (SPEC §12.2): such a block stops the run but prevents nothing.
+/// rather than a policy that held (`docs/learning-loop.md`): such a block stops the run but prevents nothing.
 pub const fn is_fault(violation_type: ViolationType) -> bool {
     matches!(violation_type, ViolationType::EvaluationError | ViolationType::Integrity)
 }
@@ -130,8 +130,8 @@ pub fn counts_for_graduation(record: &PreventionRecord, latest_activation: Optio
     !record.is_simulated && latest_activation.is_some_and(|at| record.prevented_at >= at)
 }
 
-/// Condition (5) and SPEC §5: only a running run that ends `failed` creates an incident; a run stopped by
-/// a block (or already ended) never does.
+/// Condition (5) and the learning loop (`docs/learning-loop.md`): only a running run that ends `failed`
+/// creates an incident; a run stopped by a block (or already ended) never does.
 pub fn may_create_incident(status_before_end: RunStatus, outcome: Outcome) -> bool {
     status_before_end == RunStatus::Running && outcome == Outcome::Failed
 }

@@ -1,4 +1,4 @@
-//! Prevention records (SPEC §4) and their tamper-evident chain.
+//! Prevention records (`docs/contract.md`) and their tamper-evident chain.
 
 use serde::{Deserialize, Serialize};
 

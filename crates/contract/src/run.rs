@@ -1,4 +1,4 @@
-//! Runs: status, totals and termination (SPEC §2.5, §8).
+//! Runs: status, totals and termination (`docs/api.md`).
 
 use serde::{Deserialize, Serialize};
 

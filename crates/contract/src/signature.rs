@@ -1,4 +1,4 @@
-//! Request signatures (SPEC §5): how a step is recognised as a recurrence of a failure, before it runs.
+//! Request signatures (`docs/learning-loop.md`): how a step is recognised as a recurrence of a failure, before it runs.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! Immutable, content-addressed policy snapshots (SPEC §2.4).
+//! Immutable, content-addressed policy snapshots (`docs/architecture.md`, hashing).
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! Step calls (SPEC §2.5): what a worker sends before (`pre`) and after (`post`) each step.
+//! Step calls (`docs/api.md`, step calls): what a worker sends before (`pre`) and after (`post`) each step.
 
 use serde::{Deserialize, Serialize};
 

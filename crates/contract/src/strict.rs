@@ -1,5 +1,5 @@
-//! Strict JSON input (SPEC §12.3, §12.6): a deserializer wrapper that refuses what serde and serde_json
-//! let through by default.
+//! Strict JSON input (`docs/evaluation.md`, integers and input shapes): a deserializer wrapper that
+//! refuses what serde and serde_json let through by default.
 //!
 //! - **Duplicate keys.** serde_json keeps the last of repeated keys in maps and `Value`s, so
 //!   `{"mode":"active","mode":"disabled"}` read as disabled while a reviewer saw active. Every object key

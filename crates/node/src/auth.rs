@@ -1,4 +1,4 @@
-//! Bearer-token authentication and roles (SPEC §2.1, §8).
+//! Bearer-token authentication and roles (`docs/api.md`, authentication and tenants).
 //!
 //! Tokens are configured by their SHA-256 only. A presented token is hashed and compared with every
 //! configured hash in constant time, so neither timing nor early exit reveals which hash was close.

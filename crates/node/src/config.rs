@@ -56,7 +56,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every limit of SPEC §9, with safe defaults.
+/// Every limit of the node, with safe defaults (`docs/operations.md`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -115,8 +115,9 @@ impl Default for Limits {
     }
 }
 
-/// The HTTP edge (SPEC §12.11): how many connections the node holds and how long a client may take, so
-/// that slow or hostile clients cannot pin file descriptors or memory. Durations are in milliseconds.
+/// The HTTP edge (`docs/reliability.md`, overload): how many connections the node holds and how long a
+/// client may take, so that slow or hostile clients cannot pin file descriptors or memory. Durations are
+/// in milliseconds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpEdge {
@@ -271,7 +272,7 @@ impl Config {
             figment = figment.merge(Serialized::default("data_dir", data));
         }
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
-        // CEL costs are bounded for the step inputs the node accepts (SPEC §12.5).
+        // CEL costs are bounded for the step inputs the node accepts (`docs/evaluation.md`).
         config.limits.policy.cel_inputs = config.limits.step.clone();
         config.validate()?;
         Ok(config)

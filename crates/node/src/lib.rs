@@ -1,6 +1,6 @@
 //! # runguard-node
 //!
-//! The `runguard` binary: run actors, the group-committing writer, the HTTP API of SPEC §8, bearer-token
+//! The `runguard` binary: run actors, the group-committing writer, the HTTP API (`docs/api.md`), bearer-token
 //! auth, configuration, Prometheus metrics and the command line. The evaluation itself is
 //! `runguard-engine`; persistence is `runguard-store`.
 //!

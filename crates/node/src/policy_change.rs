@@ -122,3 +122,44 @@ pub fn id_taken_error(id: &PolicyId) -> NodeError {
         format!("policy id `{id}` is taken: a global policy and a tenant's policy may not share an id"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use runguard_store::{PageRequest, StoreOptions};
+
+    use super::*;
+
+    fn doc(mode: &str) -> PolicyDocument {
+        let value = serde_json::json!({ "name": "deny rm", "mode": mode, "rule": { "kind": "skill", "deny": ["rm"] } });
+        PolicyDocument::from_value(value, &Default::default()).unwrap()
+    }
+
+    #[test]
+    fn every_version_is_written_with_its_audit_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+        let (tenant, id) = (TenantId::new("acme").unwrap(), PolicyId::new("pol_1").unwrap());
+        let at = Timestamp::from_unix_millis(1_000);
+        let mut batch = WriteBatch::new();
+        let created =
+            PolicyChange::create(doc("shadow"), id.clone(), Some(tenant.clone()), Approval::manual("op", None), at)
+                .write(&mut batch);
+        store.commit(batch).unwrap();
+        assert_eq!(created.version, 1);
+        // An update that keeps the mode is a version without an audit entry; a mode change has one.
+        let mut batch = WriteBatch::new();
+        let updated = PolicyChange::update(&created, doc("shadow"), Approval::manual("op", None), at).write(&mut batch);
+        let reason = Some("ready".to_owned());
+        let active = PolicyChange::mode(&updated, Mode::Active, Approval::manual("op", reason), at).write(&mut batch);
+        store.commit(batch).unwrap();
+        assert_eq!((updated.version, active.version, active.activated_at), (2, 3, Some(at)));
+        let audit = store.policy_audit(Some(&tenant), &id, &PageRequest::first(10)).unwrap().items;
+        let modes: Vec<(Option<Mode>, Mode)> = audit.iter().map(|entry| (entry.from, entry.to)).collect();
+        assert_eq!(modes, [(None, Mode::Shadow), (Some(Mode::Shadow), Mode::Active)]);
+        assert_eq!(audit[1].reason.as_deref(), Some("ready"));
+        // The id is now taken for a global policy, and free for another tenant's.
+        assert!(id_taken(&store, None, &id).unwrap());
+        assert!(!id_taken(&store, Some(&TenantId::new("globex").unwrap()), &id).unwrap());
+        assert!(matches!(id_taken_error(&id), NodeError::Conflict { code: "policy_id_taken", .. }));
+    }
+}

@@ -1,5 +1,5 @@
 //! A ticket a caller and the actor doing its work race for, so that work the caller gave up on is never
-//! done (SPEC §12.10: a call answered with anything but 2xx is never applied).
+//! done (a call answered with anything but 2xx is never applied; `docs/reliability.md`).
 //!
 //! The actor takes the ticket before it starts (pending → taken); a caller whose timeout expires abandons
 //! it (pending → abandoned) and answers 503. Exactly one of them wins: an actor that finds the ticket

@@ -65,7 +65,7 @@ pub enum WriteOp {
     /// Appends a prevention record to the chain.
     AppendRecord(Box<RecordAppend>),
     /// Adds `delta` to a policy's shadow statistics as seen by the run's tenant: a global policy keeps
-    /// them per tenant (SPEC §12.1).
+    /// them per tenant (`docs/policies.md`).
     AddShadowStats {
         /// The policy's owner (`None` for a global policy).
         tenant: Option<TenantId>,

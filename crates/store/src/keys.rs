@@ -88,7 +88,7 @@ pub(crate) fn owner_prefix(tenant: Option<&TenantId>) -> Vec<u8> {
 }
 
 /// `shadow_stats`: a tenant policy's `owner\0 id\0`; a global policy's `\0 id\0 tenant\0`, one entry per
-/// tenant whose runs evaluated it, so that no tenant sees another's counts (SPEC §12.1).
+/// tenant whose runs evaluated it, so that no tenant sees another's counts.
 pub(crate) fn shadow_stats(owner: Option<&TenantId>, id: &PolicyId, run_tenant: &TenantId) -> Vec<u8> {
     match owner {
         Some(tenant) => policy_prefix(Some(tenant), id),

@@ -89,7 +89,7 @@ impl LedgerEntry {
     }
 }
 
-/// Per-policy shadow statistics (SPEC §3.9), also used as the delta added by a batch.
+/// Per-policy shadow statistics, also used as the delta added by a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ShadowStats {
     /// Evaluations of the shadow policy.
@@ -114,7 +114,7 @@ impl ShadowStats {
     }
 }
 
-/// The gates of tenant graduation (SPEC §6), as plain fields the node computes.
+/// The gates of tenant graduation (`docs/learning-loop.md`), as plain fields the node computes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraduationGates {
     /// Gate 1 passed.

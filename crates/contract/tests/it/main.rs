@@ -123,7 +123,7 @@ proptest! {
         prop_assert_eq!(other.hash(), sig.hash());
     }
 
-    /// SPEC §4 (6): only real records at or after the latest activation count.
+    /// Prevention contract rule (6): only real records at or after the latest activation count.
     #[test]
     fn graduation_counts_only_real_records_after_activation(offset in -5_000i64..5_000, simulated in any::<bool>()) {
         let mut r = record(1);
@@ -148,7 +148,7 @@ fn only_running_runs_that_fail_create_incidents() {
 proptest! {
     #![proptest_config(config())]
 
-    /// SPEC §12.3: a budget is accepted exactly when its `max` is at most 2^53 − 1, and every accepted one
+    /// A budget is accepted exactly when its `max` is at most 2^53 − 1, and every accepted one
     /// keeps its snapshot hash through a JSON round trip (a larger one was written as a float by RFC 8785
     /// and failed its integrity check after a restart).
     #[test]

@@ -218,7 +218,7 @@ const LOCKS_KEPT: usize = 1024;
 
 /// Requests of one tenant waiting for (or holding) its lock at most; past it the tenant's next request is
 /// answered 503 at once. A caller that times out leaves its request queued, so without a bound a tenant
-/// retrying faster than its requests complete would grow the queue without limit (SPEC §9).
+/// retrying faster than its requests complete would grow the queue without limit (`docs/learning-loop.md`).
 const WAITING_PER_TENANT: usize = 1024;
 
 /// The actor. It only hands out locks: each request runs as a future that takes its tenant's lock, reads
@@ -292,7 +292,7 @@ impl Learning {
         Box::pin(async move {
             // Waiting for the locks and planning change nothing, so they may give up at the call timeout;
             // the commit decides for itself (a 503 only when the writer never took the batch), so that a
-            // request answered 503 is never applied (SPEC §12.10).
+            // request answered 503 is never applied (`docs/reliability.md`).
             let planned = actix_web::rt::time::timeout(shared.call_timeout(), async {
                 let mut held = Vec::with_capacity(locks.len());
                 for lock in locks {
@@ -529,7 +529,7 @@ impl<'a> RecordReader<'a> {
         Self { store, snapshots: HashMap::new() }
     }
 
-    /// Whether the record's block was a fault (SPEC §12.2), from the decision in its run's ledger.
+    /// Whether the record's block was a fault (`docs/learning-loop.md`), from the decision in its run's ledger.
     fn is_fault(&self, record: &PreventionRecord) -> Result<bool, StoreError> {
         Ok(self.store.record_decision(record)?.is_some_and(|decision| learning::is_fault(&decision)))
     }
@@ -601,7 +601,7 @@ fn plan_regret(store: &Store, msg: RegretRecord) -> Result<(WriteBatch, RegretAn
         .get_record(&msg.tenant, &msg.record_id)?
         .ok_or_else(|| NodeError::not_found("prevention record", msg.record_id.as_str()))?;
     if record.is_simulated {
-        // SPEC §12.4: a simulation prevented nothing, and its records never change a live policy.
+        // A simulation prevented nothing, and its records never change a live policy.
         return Err(NodeError::conflict("simulated_record", "a simulated record cannot be regretted"));
     }
     if store.get_regret(&record.id)?.is_some() {
@@ -610,7 +610,7 @@ fn plan_regret(store: &Store, msg: RegretRecord) -> Result<(WriteBatch, RegretAn
     let mut reader = RecordReader::new(store);
     let facts = reader.facts(&msg.tenant, &record)?;
     if facts.fault {
-        // SPEC §12.2: a block by an evaluation error or an integrity failure was a fault, not a prevention.
+        // A block by an evaluation error or an integrity failure was a fault, not a prevention.
         return Err(NodeError::conflict(
             "not_a_prevention",
             "this record's block was an evaluation error, not a prevention; it cannot be regretted",

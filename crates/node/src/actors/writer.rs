@@ -3,14 +3,14 @@
 //! Callers `send` a [`Commit`] and wait; the writer queues it and, once its mailbox is drained (or the
 //! batch is full), commits every queued batch together — one transaction, one flush, one fsync — and then
 //! answers every caller. The store checks each caller's batch against what the earlier ones leave and
-//! refuses only the callers whose own writes are refused (SPEC §12.8). Blocking sled calls are fine here:
+//! refuses only the callers whose own writes are refused (`docs/store.md`). Blocking sled calls are fine here:
 //! nothing else runs on this thread.
 //!
 //! A caller that gives up (its timeout) abandons its [`Ticket`]; the writer takes every ticket before it
-//! commits and drops the abandoned ones, so a call answered 503 is never committed (SPEC §12.10).
+//! commits and drops the abandoned ones, so a call answered 503 is never committed (`docs/reliability.md`).
 //!
 //! About once a second the writer rewrites the store's acknowledgement watermark and, while the store
-//! cannot write, probes it so that readiness returns by itself (SPEC §12.9, §12.11).
+//! cannot write, probes it so that readiness returns by itself (`docs/reliability.md`, store faults).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -36,7 +36,7 @@ pub async fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) ->
     Ok(body.freeze())
 }
 
-/// Whether a `Content-Type` names JSON: exactly `application/json`, parameters allowed (SPEC §12.11).
+/// Whether a `Content-Type` names JSON: exactly `application/json`, parameters allowed (`docs/api.md`).
 fn is_json(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default();
     essence.trim().eq_ignore_ascii_case("application/json")

@@ -1,5 +1,5 @@
 //! A node-wide budget for the bytes of answers waiting to be sent, so that clients that do not read
-//! (SPEC §12.11) pin at most that much memory together, however many connections they hold.
+//! (`docs/reliability.md`, overload) pin at most that much memory together, however many connections they hold.
 //!
 //! An answer of at least [`CHUNK`] bytes takes its size from the budget, or is refused with 503 when the
 //! budget is spent, and hands its bytes to actix-web a chunk at a time: actix asks for the next chunk only

@@ -1,4 +1,4 @@
-//! The HTTP API of SPEC §8 (actix-web 4).
+//! The HTTP API (actix-web 4), documented in `docs/api.md`.
 
 pub mod body;
 pub mod errors;

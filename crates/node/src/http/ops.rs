@@ -16,7 +16,7 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// `GET /readyz`: the store is open, the writer accepts commits and the latest commit attempt (or the
-/// writer's probe while unhealthy, about once a second) could write (SPEC §12.11).
+/// writer's probe while unhealthy, about once a second) could write (`docs/operations.md`).
 pub async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     if state.is_ready() && state.shared.store.is_healthy() {
         Ok(HttpResponse::Ok().json(json!({ "status": "ready" })))

@@ -99,7 +99,7 @@ pub async fn regret(
     Ok(HttpResponse::Created().json(answer))
 }
 
-/// `GET /v1/snapshots/{id}`: readable by a tenant one of whose runs is bound to it (SPEC §8); admins read
+/// `GET /v1/snapshots/{id}`: readable by a tenant one of whose runs is bound to it (`docs/api.md`); admins read
 /// any. Access is settled from the (tenant, snapshot) binding index before the snapshot is loaded, so an
 /// id bound only to other tenants answers 404 as fast as an unknown one.
 pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {

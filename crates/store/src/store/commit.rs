@@ -403,9 +403,9 @@ impl<'a> Prepare<'a> {
         Ok(())
     }
 
-    /// A new policy's id must name one policy in every tenant's view (SPEC §12.1): a tenant policy may not
-    /// take a global policy's id, nor a global policy any tenant's. Checked here, under the writer lock,
-    /// so that two racing creations cannot both pass the node's earlier check.
+    /// A new policy's id must name one policy in every tenant's view (`docs/learning-loop.md`, policy
+    /// ids): a tenant policy may not take a global policy's id, nor a global policy any tenant's. Checked
+    /// here, under the writer lock, so that two racing creations cannot both pass the node's earlier check.
     fn check_policy_id_free(&self, policy: &Policy) -> Result<(), StoreError> {
         let taken = match &policy.tenant_id {
             Some(_) => {
@@ -678,7 +678,7 @@ impl<'a> Prepare<'a> {
         let target = match self.record_ids.get(&regret.record_id) {
             Some(found) => Some(found.clone()),
             None => match self.store.get_record(tenant, &regret.record_id)? {
-                // SPEC §12.4: a simulation's record prevented nothing and never changes a live policy.
+                // A simulation's record prevented nothing and never changes a live policy.
                 Some(record) if record.is_simulated => {
                     return Err(StoreError::contract(format!(
                         "record `{}` is simulated and cannot be regretted",

@@ -222,7 +222,8 @@ pub(super) fn check_schema(engine: &Engine, dir: &Path) -> Result<bool, StoreErr
     }
 }
 
-/// Compares the store with its acknowledgement watermark (SPEC §12.9); describes what is missing.
+/// Compares the store with its acknowledgement watermark (`docs/store.md`, acknowledged state); describes
+/// what is missing.
 ///
 /// A store without a commit counter and without a watermark was written before either existed and is
 /// accepted as it is (the counting starts now).

@@ -91,9 +91,10 @@ impl Store {
         });
         let mut iter = ranges.flatten();
         collect_page(&mut iter, limit, |key, value| {
-            // One id names one policy in a tenant's view (SPEC §12.1). Creation refuses collisions; a store
-            // written before that may hold a global policy and a tenant policy with one id, and then the
-            // tenant's own wins here as in `find_policy`, so that snapshots never hold both.
+            // One id names one policy in a tenant's view (`docs/learning-loop.md`, policy ids). Creation
+            // refuses collisions; a store written before that may hold a global policy and a tenant policy
+            // with one id, and then the tenant's own wins here as in `find_policy`, so that snapshots never
+            // hold both.
             if let Some(id_segment) = key.strip_prefix(global.as_slice()) {
                 let mut own_key = own.clone();
                 own_key.extend_from_slice(id_segment);
@@ -132,7 +133,7 @@ impl Store {
         Ok(self.get_decoded(T::ShadowStatsTree, &keys::shadow_stats(owner, id, tenant))?.unwrap_or_default())
     }
 
-    /// Whether any tenant has a policy with this id (a global policy may not take it, SPEC §12.1).
+    /// Whether any tenant has a policy with this id (a global policy may not take it).
     ///
     /// Reads every policy head: creating a global policy is rare and done by an admin.
     pub fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError> {
