@@ -1,4 +1,4 @@
-//! Criterion benchmark of the most expensive CEL rules the static check accepts (SPEC §12.5): each family
+//! Criterion benchmark of the most expensive CEL rules the static check accepts (`docs/evaluation.md`): each family
 //! of `tests/shared/cel_worst_cases.rs`, at the most repetitions the default cost limit accepts, evaluated
 //! against the largest step (256 KiB texts, 256 keys of 2 KiB) and labels the default limits allow.
 //! `docs/evaluation.md` quotes the figures as the documented bound.

@@ -1,4 +1,4 @@
-//! Criterion benchmarks of [`runguard_engine::evaluate`] against the engine targets of SPEC §11.
+//! Criterion benchmarks of [`runguard_engine::evaluate`] against the engine's latency targets (`docs/performance.md`).
 //!
 //! - `baseline_totals_with`: a trivial operation (`RunState::totals_with`) measured in the same run; the
 //!   other figures are quoted as ratios to it.
@@ -78,7 +78,7 @@ fn budget(id: &str, metric: &str, per: &str, max: u64, warn_at: &[u32], action: 
     }))
 }
 
-/// The typical snapshot of SPEC §11: four budgets.
+/// The typical snapshot: four budgets.
 fn four_budgets() -> Vec<Policy> {
     vec![
         budget("b_tokens_run", "tokens", "run", 100_000, &[50, 90], "block", 100),

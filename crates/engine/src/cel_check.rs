@@ -1,5 +1,5 @@
-//! The static check of a CEL rule (SPEC §12.5): what an expression may name, what it returns, and a
-//! bound on what it costs to evaluate at the node's size limits.
+//! The static check of a CEL rule (`docs/evaluation.md`): what an expression may name, what it returns,
+//! and a bound on what it costs to evaluate at the node's size limits.
 //!
 //! cel parses any identifier and any function name and fails only when it evaluates them, so a typo
 //! (`rn.tokens`, `nosuchfn(run.tokens)`) passed validation and then failed every call, blocking every

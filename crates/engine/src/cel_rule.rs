@@ -528,7 +528,7 @@ mod tests {
         assert!(CelRule::compile("step.input_keys.all(k, k != 'password')", &limits(100_000)).is_ok());
     }
 
-    /// SPEC §12.5: unknown names, fields and functions, and non-boolean results, are refused when the
+    /// Unknown names, fields and functions, and non-boolean results, are refused when the
     /// policy is validated instead of failing (and blocking) every call.
     #[test]
     fn typos_are_refused_at_validation() {
@@ -566,7 +566,7 @@ mod tests {
         }
     }
 
-    /// SPEC §12.5: a regex computed at evaluation could be anything (the rule matched a 128 KiB
+    /// A regex computed at evaluation could be anything (the rule matched a 128 KiB
     /// output against itself for over a minute); patterns are literals that compile within limits.
     #[test]
     fn regexes_are_literal_and_bounded() {

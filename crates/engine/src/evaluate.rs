@@ -1,4 +1,4 @@
-//! Evaluation of one call against a compiled snapshot (SPEC §3).
+//! Evaluation of one call against a compiled snapshot (`docs/evaluation.md`).
 
 use runguard_contract::canonical::DECISION_DOMAIN;
 use runguard_contract::prevention::{PatternRequest, pattern_policy_matches, requires_prevention_record};

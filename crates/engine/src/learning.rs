@@ -1,4 +1,4 @@
-//! The learning loop's pure rules (SPEC §5–§6): regret scores, policy and tenant graduation, and
+//! The learning loop's pure rules (`docs/learning-loop.md`): regret scores, policy and tenant graduation, and
 //! simulation of candidate policies against recorded runs. The node feeds them stored data and persists
 //! what they decide.
 

@@ -1,4 +1,4 @@
-//! Sliding-window sums for rate rules (SPEC §3.5).
+//! Sliding-window sums for rate rules (`docs/evaluation.md`, rates).
 //!
 //! A rate check needs two things from the events recorded before a call: how much of a metric was used
 //! after the window's start, and, when the call does not fit, at which of those events (in the order they

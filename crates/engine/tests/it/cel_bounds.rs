@@ -1,4 +1,4 @@
-//! SPEC §12.5: every CEL rule the static check accepts evaluates in bounded time at the node's size limits.
+//! Every CEL rule the static check accepts evaluates in bounded time at the node's size limits.
 //! The most expensive accepted rule of each family (see `tests/shared/cel_worst_cases.rs`) is evaluated
 //! against the largest step and labels the default limits allow. The bound here is generous (an
 //! unoptimised build on a shared machine); `benches/cel_worst_case.rs` measures the real figures, which

@@ -24,7 +24,7 @@ fn evaluation_errors_follow_on_error() {
     let block = Driver::new(&[expr("pol_b", cel, "block")]);
     let e = block.peek(&post(0, 0), at(1));
     assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::EvaluationError]));
-    // SPEC §12.2: a fault is not a prevention. The block stops the run, but writes no record.
+    // A fault is not a prevention. The block stops the run, but writes no record.
     assert!(e.record.is_none(), "an evaluation error prevents nothing");
     assert_eq!(e.decision.prevention_record_id, None);
     assert_eq!(e.decision.deciding_policy.as_ref().map(|p| p.id.as_str()), Some("pol_b"));

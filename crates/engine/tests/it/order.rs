@@ -1,4 +1,4 @@
-//! Call order, idempotent retries and stopped runs (SPEC §2.5).
+//! Call order, idempotent retries and stopped runs (`docs/api.md`, step calls).
 
 use runguard_contract::*;
 use runguard_engine::{Admission, Refusal};

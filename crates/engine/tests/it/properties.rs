@@ -71,7 +71,7 @@ fn drive(
 proptest! {
     #![proptest_config(config())]
 
-    /// SPEC §4: a record exists exactly when an active policy decides a block; it always satisfies the
+    /// The prevention contract: a record exists exactly when an active policy decides a block; it always satisfies the
     /// contract check the store applies; shadow, throttle, warn and integrity never produce one.
     #[test]
     fn records_come_only_from_blocks_decided_by_active_policies(
@@ -146,7 +146,7 @@ proptest! {
         }
     }
 
-    /// SPEC §3.10: the same inputs give the same evaluation, and replaying a run's calls against its
+    /// Determinism: the same inputs give the same evaluation, and replaying a run's calls against its
     /// snapshot reproduces its decisions.
     #[test]
     fn evaluation_is_deterministic_and_replay_reproduces_decisions(
@@ -263,7 +263,7 @@ proptest! {
         }
     }
 
-    /// SPEC §12.2: a block whose deciding violation is a fault (`evaluation_error`) stops the run like any
+    /// A block whose deciding violation is a fault (`evaluation_error`) stops the run like any
     /// block but is no prevention: no record, no record id, and the store's check refuses one forged for it.
     #[test]
     fn fault_blocks_stop_the_run_and_write_no_record(

@@ -138,7 +138,7 @@ proptest! {
     #[test]
     fn rate_checks_match_the_naive_model(
         metric in metric(),
-        // Policy documents carry integers up to 2^53 − 1 (SPEC §12.3).
+        // Policy documents carry integers up to 2^53 − 1 (`docs/evaluation.md`).
         max in prop_oneof![4 => 0u64..12, 1 => 0..=MAX_SAFE_INTEGER, 1 => (MAX_SAFE_INTEGER - 8)..=MAX_SAFE_INTEGER],
         window_s in 1u32..5,
         ops in proptest::collection::vec(op(), 1..80),

@@ -1,4 +1,4 @@
-//! The most expensive CEL rules the static check accepts at the default limits (SPEC §12.5), and the
+//! The most expensive CEL rules the static check accepts at the default limits (`docs/evaluation.md`), and the
 //! largest inputs they can meet: shared by the test that bounds their evaluation time
 //! (`tests/it/cel_bounds.rs`) and the benchmark that measures it (`benches/cel_worst_case.rs`).
 //!
