@@ -891,3 +891,71 @@ mod tests {
         assert!(served.is_ok(), "the tenant is served again once its queue drains");
     }
 }
+
+#[cfg(test)]
+mod wire {
+    use runguard_contract::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+
+    /// The typed answers serialise byte for byte as the JSON objects the node built before them (keys in
+    /// alphabetical order, `null` for absent options).
+    #[test]
+    fn typed_answers_keep_the_json_the_node_always_answered() {
+        let at = Timestamp::from_unix_millis(1_700_000_000_000);
+        let tenant = TenantId::new("acme").unwrap();
+        let answer = Graduation {
+            degraded_from: None,
+            evaluated_at: at,
+            gates: Gates {
+                prevention: PreventionGate {
+                    counted_preventions: 3,
+                    last_prevention_at: Some(at),
+                    missed_recurrences: 1,
+                    passed: true,
+                    prevention_rate: 0.75,
+                },
+                rollback: RollbackGate { demotions: 0, passed: false, regret_rate: 0.5, regrets: 2 },
+            },
+            history: vec![GraduationStep { at, degraded_from: Some("l2".into()), level: "l1".into(), reason: None }],
+            level: "l1".into(),
+            reason: Some("why".into()),
+            tenant_id: tenant.clone(),
+        };
+        let before = json!({
+            "tenant_id": tenant,
+            "level": "l1",
+            "degraded_from": null,
+            "reason": "why",
+            "evaluated_at": at,
+            "gates": {
+                "prevention": {
+                    "passed": true, "counted_preventions": 3, "missed_recurrences": 1,
+                    "prevention_rate": 0.75, "last_prevention_at": at,
+                },
+                "rollback": { "passed": false, "demotions": 0, "regrets": 2, "regret_rate": 0.5 },
+            },
+            "history": [{ "level": "l1", "degraded_from": "l2", "reason": null, "at": at }],
+        });
+        assert_eq!(serde_json::to_string(&answer).unwrap(), before.to_string());
+        let global = RegretEffect {
+            demoted: false,
+            policy_id: PolicyId::new("pol_1").unwrap(),
+            reason: Some("global policies are not demoted by a tenant's regrets"),
+            regret_score: None,
+            regrets_since_activation: None,
+            scope: Some(Scope::Global),
+        };
+        let before = json!({
+            "policy_id": "pol_1", "scope": Scope::Global, "demoted": false,
+            "reason": "global policies are not demoted by a tenant's regrets",
+        });
+        assert_eq!(serde_json::to_string(&global).unwrap(), before.to_string());
+        let unknown = RegretEffect { reason: None, scope: None, ..global };
+        assert_eq!(
+            serde_json::to_string(&unknown).unwrap(),
+            json!({ "policy_id": "pol_1", "demoted": false }).to_string()
+        );
+    }
+}
