@@ -17,6 +17,7 @@ pub mod background;
 pub mod cli;
 pub mod config;
 pub mod current_snapshots;
+pub mod decision_log;
 pub mod error;
 pub mod http;
 pub mod metric_families;

@@ -10,7 +10,6 @@ use actix::WeakAddr;
 use actix::prelude::*;
 use runguard_contract::{
     Action, Decision, Outcome, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId, Timestamp,
-    ViolationType,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{
@@ -322,9 +321,8 @@ fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
     if would_block > 0 {
         metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
     }
-    for policy in &outcome.fail_opens {
-        tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
-        metrics::counter!("runguard_fail_open_total").increment(1);
+    if !outcome.fail_opens.is_empty() {
+        metrics::counter!("runguard_fail_open_total").increment(outcome.fail_opens.len() as u64);
     }
 }
 
@@ -571,15 +569,11 @@ impl RunActor {
                 return Err(refused.error);
             }
             record_metrics(&answer, Some(elapsed));
+            crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
-            let decision = answer.decision;
-            if decision.action == Action::Block {
-                let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
-                tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
-            }
-            Ok(RunReply::Decision(Box::new(decision)))
+            Ok(RunReply::Decision(Box::new(answer.decision)))
         }))
     }
 
