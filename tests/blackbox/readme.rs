@@ -162,3 +162,17 @@ fn the_shell_reader_follows_quotes_continuations_and_comments() {
         [vec!["curl", "-s", "-XPOST", "x", "-d", "{\"a\": 1,\n \"b\": 2}"], vec!["curl", "-s", "y", "-d", "{}"]]
     );
 }
+
+/// The configuration file shown in docs/operations.md is one the node accepts (unknown keys are errors,
+/// so a renamed setting fails here). Its token hash is a placeholder there; any valid one stands in.
+#[test]
+fn the_operations_guide_configuration_is_accepted() {
+    let guide = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md");
+    let text = std::fs::read_to_string(guide).expect("docs/operations.md");
+    let config = text.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("the configuration block");
+    assert!(config.contains("[limits]") && config.contains("[[tokens]]"), "{config}");
+    let config = config.replace("sha256 = \"…\"", &format!("sha256 = \"{}\"", "0".repeat(64)));
+    let node = Node::start_with_config(&config);
+    node.client().get("/healthz").expect(200);
+    node.client().get("/v1/runs").expect_error(401, "unauthorized");
+}
