@@ -30,3 +30,4 @@ mod runs;
 mod security;
 mod semantics;
 mod soak;
+mod wording;

@@ -20,15 +20,10 @@ pub fn parse<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
         params.insert(name, Value::String(value));
     }
     runguard_contract::error::from_json_value(Value::Object(params)).map_err(|err| {
-        let message = match err.message().strip_prefix("unknown field `") {
-            Some(rest) => {
-                let takes = rest.split_once(", expected ").map_or("", |(_, expected)| expected);
-                let takes = takes.strip_prefix("one of ").unwrap_or(takes);
-                if takes.is_empty() || takes.starts_with("no fields") {
-                    "is not a parameter of this endpoint, which takes none".to_owned()
-                } else {
-                    format!("is not a parameter of this endpoint; it takes {takes}")
-                }
+        let message = match err.message().strip_prefix("is not a known field (known: ") {
+            Some(known) => format!("is not a parameter of this endpoint; it takes {}", known.trim_end_matches(')')),
+            None if err.message().starts_with("is not a known field") => {
+                "is not a parameter of this endpoint, which takes none".to_owned()
             }
             None => err.message().to_owned(),
         };
@@ -54,7 +49,7 @@ mod tests {
     fn problems_name_the_parameter_in_our_words() {
         let err = parse::<Params>("limit=5&bogus=1").unwrap_err();
         assert_eq!(err.details["field"], "bogus");
-        assert_eq!(err.message, "`bogus` is not a parameter of this endpoint; it takes `limit` or `cursor`");
+        assert_eq!(err.message, "`bogus` is not a parameter of this endpoint; it takes `limit`, `cursor`");
         let err = parse::<Params>("limit=5&limit=6").unwrap_err();
         assert_eq!(
             (err.details["field"].as_str(), err.message.as_str()),
