@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use serde_json::json;
 
 use crate::fixtures::budget;
-use crate::harness::{ACME_OPERATOR, ACME_WORKER, Node, runguard_bin, tokens_config};
+use crate::harness::{ACME_OPERATOR, ACME_WORKER, ADMIN, Node, runguard_bin, tokens_config};
 
 /// What a finished `runguard` said: exit code, stdout, stderr.
 struct Ran {
@@ -161,6 +161,18 @@ fn apply_with_a_wrong_token_or_no_node_says_so_and_exits_2() {
     assert_eq!(worker.code, Some(2), "{}{}", worker.out, worker.err);
     assert!(worker.err.contains("(403)"), "{}", worker.err);
     assert!(versions(&node).is_empty());
+
+    // A change the token's role may not make is that change refused (exit 1), not a bad token.
+    let global = tempfile::tempdir().expect("temp dir");
+    let mut doc = budget("pol_global", "tokens", 100);
+    doc["scope"] = json!("global");
+    write(global.path(), "g.json", &doc.to_string());
+    let operator = apply(&node, global.path(), ACME_OPERATOR.secret, &[]);
+    assert_eq!(operator.code, Some(1), "{}{}", operator.out, operator.err);
+    assert!(operator.err.contains("creating `pol_global`: the node answered 403"), "{}", operator.err);
+    let admin = apply(&node, global.path(), ADMIN.secret, &[]);
+    assert_eq!(admin.code, Some(0), "{}{}", admin.out, admin.err);
+    assert_eq!(versions(&node), [("pol_global".to_owned(), 1)], "acme sees the global policy");
 
     // A port nothing listens on: this node's, once it is gone.
     let base = node.base();

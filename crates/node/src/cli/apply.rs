@@ -121,14 +121,19 @@ impl Node {
             .read_to_string()
             .map_err(|e| Stop::Usage(format!("the node at `{}` broke off its answer: {e}", self.base)))?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        match status {
-            401 | 403 => Err(Stop::Usage(format!(
-                "the node refused the token ({status}): {}",
-                message(&body).unwrap_or("no reason given")
-            ))),
-            _ => Ok(Answer { status, body }),
-        }
+        let answer = Answer { status, body };
+        // An unknown token is a usage error wherever it shows; a role too low for a change (an operator's
+        // token and a global policy) is that change refused, reported where it happens.
+        if status == 401 || (status == 403 && method == "GET") { Err(token_refused(&answer)) } else { Ok(answer) }
     }
+}
+
+fn token_refused(answer: &Answer) -> Stop {
+    Stop::Usage(format!(
+        "the node refused the token ({}): {}",
+        answer.status,
+        message(&answer.body).unwrap_or("no reason given")
+    ))
 }
 
 /// The node's error message, if the body is an error.
