@@ -60,6 +60,8 @@ fn requests_and_decisions_are_logged_with_who_and_what_and_never_the_token() {
         .unwrap_or_else(|| panic!("no access-log line for a step call:\n{logs}"));
     assert_eq!((step["tenant"].as_str(), step["token_name"].as_str()), (Some("acme"), Some("acme-worker")), "{step}");
     assert_eq!(step["status"], 200, "{step}");
+    let decisions = [allowed["decision_id"].clone(), blocked["decision_id"].clone()];
+    assert!(decisions.contains(&step["decision_id"]), "the step's line names its decision: {step}");
     assert!(step["latency_us"].is_u64(), "{step}");
     assert_eq!(step["level"], "INFO", "{step}");
     let refused =

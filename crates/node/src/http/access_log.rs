@@ -1,6 +1,6 @@
 //! The access log: one INFO line per answered request, with the route template (never the raw path, so
-//! ids do not make every line unique), the status, the latency and who called — the tenant and the
-//! token's configured name, never the token. Its target is `access`, so an operator can silence it
+//! ids do not make every line unique), the status, the latency, who called — the tenant and the token's
+//! configured name, never the token — and the run and decision where there are. Its target is `access`, so an operator can silence it
 //! alone (`RUST_LOG=info,access=off`).
 
 use std::time::Instant;
@@ -24,6 +24,15 @@ pub fn identify(req: &HttpRequest, caller: &Caller) {
     req.extensions_mut().insert(Identified { tenant: caller.tenant.to_string(), token: caller.name.clone() });
 }
 
+/// The decision a request answered, kept on the request for its access-log line.
+#[derive(Clone, Debug)]
+struct Decided(String);
+
+/// Notes the decision `req` answered (step calls), so its access-log line can be joined to the decision's.
+pub fn decided(req: &HttpRequest, decision_id: &str) {
+    req.extensions_mut().insert(Decided(decision_id.to_owned()));
+}
+
 /// The middleware (`actix_web::middleware::from_fn(access_log::log)`).
 pub async fn log(
     req: ServiceRequest,
@@ -39,6 +48,7 @@ pub async fn log(
         _ => None,
     };
     let who = request.extensions().get::<Identified>().cloned();
+    let decided = request.extensions().get::<Decided>().cloned();
     tracing::info!(
         target: "access",
         method = method.as_str(),
@@ -48,6 +58,7 @@ pub async fn log(
         tenant = who.as_ref().map(|w| w.tenant.as_str()),
         token_name = who.as_ref().map(|w| w.token.as_str()),
         run_id,
+        decision_id = decided.as_ref().map(|d| d.0.as_str()),
         "request"
     );
     Ok(answer)

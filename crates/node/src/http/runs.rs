@@ -229,7 +229,10 @@ pub async fn step(
     let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::Step(Box::new(call))).await? {
-        RunReply::Decision(decision) => Ok(HttpResponse::Ok().json(decision)),
+        RunReply::Decision(decision) => {
+            crate::http::access_log::decided(&req, decision.decision_id.as_str());
+            Ok(HttpResponse::Ok().json(decision))
+        }
         _ => Err(ApiError::internal()),
     }
 }
