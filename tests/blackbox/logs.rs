@@ -30,7 +30,7 @@ fn requests_and_decisions_are_logged_with_who_and_what_and_never_the_token() {
     let open = json!({ "id": "pol_open", "name": "reads a missing field", "on_error": "allow",
                        "rule": { "kind": "expr", "cel": "step.output_text == 'boom'" } });
     ok(&acme_ops.post("/v1/policies", &open), 201);
-    ok(&acme.post("/v1/runs", &json!({ "run_id": "run-log" })), 201);
+    let started = ok(&acme.post("/v1/runs", &json!({ "run_id": "run-log" })), 201);
     let allowed = ok(&acme.post("/v1/runs/run-log/steps", &post(0, 10)), 200);
     assert_eq!(allowed["action"], "allow", "{allowed}");
     let blocked = ok(&acme.post("/v1/runs/run-log/steps", &post(1, 200)), 200);
@@ -93,4 +93,8 @@ fn requests_and_decisions_are_logged_with_who_and_what_and_never_the_token() {
         (allow["level"].as_str(), allow["action"].as_str(), allow["tenant"].as_str()),
         (Some("DEBUG"), Some("allow"), Some("acme"))
     );
+    assert_eq!(allow["phase"], "post", "{allow}");
+    let start = find(&lines, "decision", &[("decision_id", &id(&started["decision"]))])
+        .unwrap_or_else(|| panic!("no line for the run-start decision:\n{logs}"));
+    assert_eq!((start["phase"].as_str(), start["run_id"].as_str()), (Some("run_start"), Some("run-log")), "{start}");
 }

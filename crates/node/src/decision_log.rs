@@ -5,18 +5,20 @@
 use runguard_contract::{Action, TenantId, ViolationType};
 use runguard_engine::Outcome;
 
-/// Logs an acknowledged decision of a run of `tenant` (called once the decision is durable and applied).
+/// Logs an acknowledged decision of a run of `tenant` — run start, step or run end — once it is durable
+/// and applied.
 pub fn applied(tenant: &TenantId, outcome: &Outcome) {
     let decision = &outcome.decision;
     let (run_id, decision_id) = (decision.run_id.as_str(), decision.decision_id.as_str());
     let policy_id = decision.deciding_policy.as_ref().map(|p| p.id.as_str());
-    let step = decision.step_index;
+    let (step, phase) = (decision.step_index, decision.phase.as_str());
     match decision.action {
         Action::Allow | Action::Warn => tracing::debug!(
             tenant = tenant.as_str(),
             run_id,
             decision_id,
             step,
+            phase,
             action = decision.action.as_str(),
             policy_id,
             "decision"
@@ -26,6 +28,7 @@ pub fn applied(tenant: &TenantId, outcome: &Outcome) {
             run_id,
             decision_id,
             step,
+            phase,
             policy_id,
             retry_after_ms = decision.retry_after_ms,
             "call throttled"
@@ -37,6 +40,7 @@ pub fn applied(tenant: &TenantId, outcome: &Outcome) {
                 run_id,
                 decision_id,
                 step,
+                phase,
                 policy_id,
                 violation_type = violation.map(|v| v.violation_type.as_str()),
                 reason = violation.map(|v| v.reason.as_str()),

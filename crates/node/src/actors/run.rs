@@ -358,6 +358,7 @@ impl RunActor {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
         record_metrics(&answer, None);
+        crate::decision_log::applied(&key.tenant, &answer);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
         Ok((Live { run, meta }, answer.decision))
     }
@@ -632,6 +633,7 @@ impl RunActor {
                 }
             };
             record_metrics(&answer, None);
+            crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
