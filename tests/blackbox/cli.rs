@@ -58,7 +58,13 @@ rule = { kind = "rate", metric = "steps", max = 1, window_s = 0 }
     assert_eq!(lint(&[&valid_json]).0, Some(0));
     assert_eq!(lint(&[&valid_list]).0, Some(0));
     assert_eq!(lint(&[&valid_toml]).0, Some(0));
-    assert_eq!(lint(&[&valid_json, &valid_list, &valid_toml]).0, Some(0));
+    // The three files all give `pol_a`: which would a node get? Refused, naming where it came first.
+    let (code, out) = lint(&[&valid_json, &valid_list, &valid_toml]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("list.json[0]: `id` `pol_a` is already the id of the policy in ") && out.contains("valid.json"),
+        "{out}"
+    );
 
     let (code, out) = lint(&[&invalid_json]);
     assert_eq!(code, Some(1));

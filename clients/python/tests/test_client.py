@@ -100,6 +100,16 @@ def test_runs_snapshots_and_decisions(client: runguard.Client) -> None:
     assert snapshot.verified and snapshot.hash == created.snapshot.hash
     assert snapshot.policies is not None and snapshot.policies[0].id == "pol_budget"
 
+    client.create_run("run-b", labels={"team": "ads"})
+    assert [r.run_id for r in client.list_runs(limit=1)] == ["run-a", "run-b"]
+    (listed,) = client.list_runs(label="team=search", status="running")
+    assert listed.run_id == "run-a" and listed.steps_seen == 1 and listed.labels == {"team": "search"}
+    assert [r.run_id for r in client.list_runs(label="team")] == ["run-a", "run-b"]
+    assert list(client.list_runs(since="2100-01-01T00:00:00Z")) == []
+    with pytest.raises(runguard.BadRequestError) as bad:
+        list(client.list_runs(status="done"))
+    assert bad.value.field == "status"
+
     ended = client.end_run("run-a", "succeeded")
     assert ended.run.status == "succeeded" and ended.incident_id is None
     with pytest.raises(runguard.NotFoundError):
@@ -187,6 +197,7 @@ async def test_async_client_covers_the_same_calls(aclient: runguard.AsyncClient)
     decisions = [d async for d in aclient.list_decisions("run-async")]
     assert len(decisions) == 2
     assert (await aclient.get_run("run-async")).totals.tokens == 5
+    assert [r.run_id async for r in aclient.list_runs(status="running")] == ["run-async"]
     assert (await aclient.get_snapshot(created.snapshot.id)).verified
     assert (await aclient.end_run("run-async")).run.status == "succeeded"
     assert (await aclient.health()).status == "ok" and await aclient.ready()

@@ -42,6 +42,7 @@ OPERATIONS: dict[tuple[str, str, str], type[BaseModel] | None] = {
     ("get", "/v1/policies/{id}/shadow-stats", "200"): m.ShadowStats,
     ("get", "/v1/policies/{id}/graduation", "200"): m.PolicyGraduation,
     ("post", "/v1/runs", "201"): m.RunCreated,
+    ("get", "/v1/runs", "200"): page_of(m.Run),
     ("get", "/v1/runs/{id}", "200"): m.Run,
     ("post", "/v1/runs/{id}/steps", "200"): m.Decision,
     ("post", "/v1/runs/{id}/end", "200"): m.RunEnded,
@@ -200,6 +201,7 @@ def drive_every_endpoint(client: runguard.Client) -> None:
             with run.step("b", estimate=100):
                 pass
     client.get_run(run.run_id)
+    assert [r.run_id for r in client.list_runs(status="stopped", label="k=v")] == [run.run_id]
     list(client.list_decisions(run.run_id))
     client.get_snapshot(client.get_run(run.run_id).snapshot.id)
     (record,) = list(client.list_prevention_records(run_id=run.run_id))

@@ -94,6 +94,6 @@ fn describe_json_error(err: &serde_json::Error) -> String {
     };
     match err.classify() {
         Category::Syntax | Category::Eof => format!("is not valid JSON: {without_position}"),
-        Category::Data | Category::Io => without_position,
+        Category::Data | Category::Io => crate::wording::in_our_words(&without_position),
     }
 }

@@ -42,6 +42,7 @@ pub mod snapshot;
 pub mod step;
 pub mod strict;
 pub mod timestamp;
+mod wording;
 
 #[cfg(feature = "proptest")]
 pub mod strategies;

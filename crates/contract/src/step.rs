@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(err.field(), "index");
         let err = parse(r#"{"index":0,"phase":"post","usage":{"tokens":1,"cents":2}}"#).unwrap_err();
         assert_eq!(err.field(), "usage.cents");
-        assert!(err.message().contains("cents"));
+        assert!(err.to_string().starts_with("`usage.cents` is not a known field"), "{err}");
     }
 
     #[test]
@@ -236,7 +236,7 @@ mod tests {
     fn arrays_duplicate_keys_and_unsafe_integers_are_refused() {
         let err = parse(r#"{"index":0,"phase":"post","usage":[500,0,0]}"#).unwrap_err();
         assert_eq!(err.field(), "usage");
-        assert!(err.message().contains("sequence"), "{err}");
+        assert_eq!(err.message(), "must be an object, not a list", "{err}");
         assert_eq!(parse(r#"[0,"post"]"#).unwrap_err().field(), "");
         let err = parse(r#"{"index":0,"phase":"post","phase":"pre"}"#).unwrap_err();
         assert_eq!((err.field(), err.message()), ("phase", "is given more than once"));

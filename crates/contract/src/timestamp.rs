@@ -44,8 +44,9 @@ impl Timestamp {
 
     /// Parses an RFC 3339 timestamp.
     pub fn parse(text: &str) -> Result<Self, ValidationError> {
-        let parsed = OffsetDateTime::parse(text, &Rfc3339)
-            .map_err(|err| ValidationError::new("", format!("`{text}` is not an RFC 3339 timestamp: {err}")))?;
+        let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+            ValidationError::new("", format!("`{text}` is not an RFC 3339 timestamp such as `2026-01-31T09:30:00Z`"))
+        })?;
         let millis = parsed.unix_timestamp_nanos() / 1_000_000;
         let millis =
             i64::try_from(millis).map_err(|_| ValidationError::new("", format!("`{text}` is out of range")))?;

@@ -1,11 +1,11 @@
-//! The command line: `serve`, `verify`, `export`, `policy lint`.
+//! The command line: `serve`, `verify`, `export`, `simulate`, `policy lint`, `policy apply`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use runguard_contract::{PolicyDocument, PolicyLimits, ValidationError};
+use runguard_contract::PolicyLimits;
 use runguard_store::{Store, StoreOptions};
 
 use crate::config::{Config, Overrides};
@@ -78,12 +78,18 @@ struct SimulateArgs {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
-    /// Validate policy files (JSON or TOML; one document or a list) offline.
+    /// Validate policy files (JSON or TOML; one document or a list) offline: every problem of every
+    /// document, and ids that two documents share. Exit 0 valid, 1 a problem, 2 a file cannot be read.
     Lint {
-        /// The files.
+        /// The files; a directory stands for its `.json` and `.toml` files; `-` reads standard input.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Make a node's policies match policy files: create what is new, update what changed, never delete
+    /// (mark a policy `"mode": "disabled"` to switch it off). Nothing changes unless every file passes
+    /// `policy lint`. Exit 0 done (or nothing to do), 1 a problem in the files or a change the node refused,
+    /// 2 a usage error (unreadable file, unreachable node, refused token).
+    Apply(apply::ApplyArgs),
 }
 
 const FINDING: u8 = 1;
@@ -104,6 +110,11 @@ macro_rules! complain {
     }};
 }
 
+mod apply;
+mod lint;
+
+pub use lint::{lint_document, problems};
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -113,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Export(args) => with_store(args.data, if args.runs { export_runs } else { export }),
         Command::Simulate(args) => simulate(&args),
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
+        Command::Policy(PolicyCommand::Apply(args)) => apply::apply(&args),
     }
 }
 
@@ -325,10 +337,20 @@ enum ReadError {
 }
 
 /// Reads a policy file: JSON, or TOML (by extension), holding one document or a list of them (a TOML
-/// file lists them as `[[policies]]`).
+/// file lists them as `[[policies]]`). `-` is standard input, read as JSON when it starts like JSON
+/// (`{`, or `[` followed by `{` or `]`) and as TOML otherwise.
 fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, ReadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ReadError::Unreadable(format!("cannot read: {e}")))?;
-    let value: serde_json::Value = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+    let stdin = path == Path::new("-");
+    let text = if stdin { std::io::read_to_string(std::io::stdin()) } else { std::fs::read_to_string(path) }
+        .map_err(|e| ReadError::Unreadable(format!("cannot read: {e}")))?;
+    let toml = if stdin {
+        let start = text.trim_start();
+        let json_list = start.strip_prefix('[').is_some_and(|rest| rest.trim_start().starts_with(['{', ']']));
+        !(start.starts_with('{') || json_list)
+    } else {
+        path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+    };
+    let value: serde_json::Value = if toml {
         let table: toml::Table =
             toml::from_str(&text).map_err(|e| ReadError::Invalid(format!("is not valid TOML: {e}")))?;
         serde_json::to_value(table).map_err(|e| ReadError::Invalid(format!("cannot be read as a document: {e}")))?
@@ -347,46 +369,18 @@ fn read_documents(path: &Path) -> Result<Vec<serde_json::Value>, ReadError> {
     })
 }
 
-/// Validates one document completely (structure, regexes, CEL).
-pub fn lint_document(value: serde_json::Value, limits: &PolicyLimits) -> Result<(), ValidationError> {
-    let doc = PolicyDocument::from_value(value, limits)?;
-    runguard_engine::validate_document(&doc, limits)
-}
-
-fn lint(files: &[PathBuf]) -> ExitCode {
-    let limits = PolicyLimits::default();
-    let mut problems = 0usize;
-    let mut unreadable = false;
-    for file in files {
-        match read_documents(file) {
-            Err(ReadError::Unreadable(why)) => {
-                say!("{}: {why}", file.display());
-                unreadable = true;
-            }
-            Err(ReadError::Invalid(why)) => {
-                say!("{}: {why}", file.display());
-                problems += 1;
-            }
-            Ok(documents) => {
-                let count = documents.len();
-                let mut file_ok = true;
-                for (i, document) in documents.into_iter().enumerate() {
-                    if let Err(err) = lint_document(document, &limits) {
-                        file_ok = false;
-                        problems += 1;
-                        let at = if count > 1 { format!("[{i}]") } else { String::new() };
-                        say!("{}{at}: {err}", file.display());
-                    }
-                }
-                if file_ok {
-                    say!("{}: ok ({count} polic{})", file.display(), if count == 1 { "y" } else { "ies" });
-                }
-            }
+fn lint(paths: &[PathBuf]) -> ExitCode {
+    let files = match lint::expand(paths) {
+        Ok(files) => files,
+        Err(why) => {
+            say!("{why}");
+            return ExitCode::from(USAGE);
         }
-    }
-    if unreadable {
+    };
+    let checks = lint::check(&files, &PolicyLimits::default(), &mut |line, _| say!("{line}"));
+    if checks.unreadable {
         ExitCode::from(USAGE)
-    } else if problems > 0 {
+    } else if checks.problems > 0 {
         ExitCode::from(FINDING)
     } else {
         ExitCode::SUCCESS

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod current_snapshots;
+pub mod decision_log;
 pub mod error;
 pub mod http;
 pub mod metric_families;

@@ -93,6 +93,13 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/v1/runs",
+        role: "worker",
+        summary: "List runs (filter `status`, `label`, `since`, `until`)",
+        status: 200,
+    },
+    Route {
+        method: "get",
         path: "/v1/runs/{id}",
         role: "worker",
         summary: "A run: status, totals, snapshot, termination",

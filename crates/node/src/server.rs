@@ -163,6 +163,7 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
                     Ok(answer)
                 }
             })
+            .wrap(actix_web::middleware::from_fn(http::access_log::log))
             .configure(http::configure)
     })
     .workers(workers)

@@ -48,7 +48,7 @@ impl PageRequest {
     /// The decoded cursor key, which must lie under `prefix`.
     pub(crate) fn cursor_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(cursor) = &self.cursor else { return Ok(None) };
-        let bad = || StoreError::invalid(format!("cursor `{cursor}` is not valid for this query"));
+        let bad = || StoreError::invalid(format!("`{cursor}` is not a cursor this list gave"));
         let key = hex::decode(cursor).map_err(|_| bad())?;
         if !key.starts_with(prefix) || key.len() == prefix.len() {
             return Err(bad());
@@ -157,7 +157,7 @@ mod tests {
         assert!(PageRequest::first(1001).checked_limit().is_err());
         assert_eq!(PageRequest::first(1000).checked_limit().unwrap(), 1000);
         let err = PageRequest::after(5, "zz").cursor_key(b"a").unwrap_err();
-        assert!(err.message().contains("cursor `zz`"), "{err}");
+        assert_eq!(err.message(), "`zz` is not a cursor this list gave", "{err}");
         assert!(PageRequest::after(5, hex::encode(b"b1")).cursor_key(b"a").is_err());
         assert_eq!(PageRequest::after(5, hex::encode(b"a1")).cursor_key(b"a").unwrap(), Some(b"a1".to_vec()));
     }

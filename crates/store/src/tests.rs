@@ -559,6 +559,13 @@ fn runs_bind_once_need_their_snapshot_and_list_by_tenant() {
     assert_eq!((rest.items.len(), rest.next_cursor), (1, None));
     assert!(store.list_runs(&tenant("globex"), &PageRequest::first(5)).unwrap().items.is_empty());
     assert!(store.get_run(&tenant("globex"), &runs[0].run_id).unwrap().is_none());
+    // A filtered page skips what the filter refuses and still pages by run id.
+    let odd = |run: &StoredRun| run.run_id != runs[1].run_id;
+    let page = store.list_runs_where(&world.tenant, &PageRequest::first(1), odd).unwrap();
+    assert_eq!(page.items[0].run_id, runs[0].run_id);
+    let rest = store.list_runs_where(&world.tenant, &PageRequest::after(1, page.next_cursor.unwrap()), odd).unwrap();
+    assert_eq!((rest.items.len(), rest.next_cursor), (1, None));
+    assert_eq!(rest.items[0].run_id, runs[2].run_id);
 
     let mut ended = runs[1].clone();
     ended.status = RunStatus::Succeeded;

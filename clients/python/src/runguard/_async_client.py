@@ -202,6 +202,19 @@ class AsyncClient:
     ) -> m.RunEnded:
         return await self._call(_ops.end_run(run_id, outcome, error_of(error)))
 
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        label: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncPager[m.Run]:
+        """The tenant's runs by run id, narrowed by ``status``, a ``label`` (``"key"`` or ``"key=value"``)
+        and creation time (``since`` inclusive, ``until`` exclusive; RFC 3339)."""
+        return AsyncPager(self, _ops.list_runs(status, label, since, until, limit))
+
     def list_decisions(self, run_id: str, *, limit: int | None = None) -> AsyncPager[m.Decision]:
         return AsyncPager(self, _ops.list_decisions(run_id, limit))
 

@@ -199,6 +199,19 @@ class Client:
     ) -> m.RunEnded:
         return self._call(_ops.end_run(run_id, outcome, error_of(error)))
 
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        label: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+    ) -> Pager[m.Run]:
+        """The tenant's runs by run id, narrowed by ``status``, a ``label`` (``"key"`` or ``"key=value"``)
+        and creation time (``since`` inclusive, ``until`` exclusive; RFC 3339)."""
+        return Pager(self, _ops.list_runs(status, label, since, until, limit))
+
     def list_decisions(self, run_id: str, *, limit: int | None = None) -> Pager[m.Decision]:
         return Pager(self, _ops.list_decisions(run_id, limit))
 

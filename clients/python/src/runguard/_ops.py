@@ -117,6 +117,12 @@ def get_run(run_id: str) -> Op[m.Run]:
     return Op("GET", f"/v1/runs/{path_segment(run_id)}", _model(m.Run))
 
 
+def list_runs(
+    status: str | None, label: str | None, since: str | None, until: str | None, limit: int | None
+) -> PageOp[m.Run]:
+    return paged(m.Run, "/v1/runs", limit, status=status, label=label, since=since, until=until)
+
+
 def step(run_id: str, body: bytes) -> Op[m.Decision]:
     return Op("POST", f"/v1/runs/{path_segment(run_id)}/steps", _model(m.Decision), body=body)
 

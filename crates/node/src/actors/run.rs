@@ -10,7 +10,7 @@ use actix::WeakRecipient;
 use actix::prelude::*;
 use runguard_contract::{
     Action, Decision, IncidentId, Outcome, RunId, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId,
-    Timestamp, ViolationType,
+    Timestamp,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{
@@ -349,9 +349,8 @@ fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
     if would_block > 0 {
         metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
     }
-    for policy in &outcome.fail_opens {
-        tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
-        metrics::counter!("runguard_fail_open_total").increment(1);
+    if !outcome.fail_opens.is_empty() {
+        metrics::counter!("runguard_fail_open_total").increment(outcome.fail_opens.len() as u64);
     }
 }
 
@@ -387,6 +386,7 @@ impl RunActor {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
         record_metrics(&answer, None);
+        crate::decision_log::applied(&key.tenant, &answer);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
         Ok((Live { run, meta }, answer.decision))
     }
@@ -631,15 +631,11 @@ impl RunActor {
                 return Err(refused.error);
             }
             record_metrics(&answer, Some(elapsed));
+            crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
-            let decision = answer.decision;
-            if decision.action == Action::Block {
-                let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
-                tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
-            }
-            Ok(decision)
+            Ok(answer.decision)
         }))
     }
 
@@ -704,6 +700,7 @@ impl RunActor {
                 }
             };
             record_metrics(&answer, None);
+            crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }

@@ -1,12 +1,15 @@
 //! The HTTP API (actix-web 4), documented in `docs/api.md`.
 
+pub mod access_log;
 pub mod body;
 pub mod errors;
 pub mod learning;
 pub mod metered;
 pub mod ops;
 pub mod policies;
+pub mod query_params;
 pub mod records;
+pub mod run_list;
 pub mod runs;
 
 use std::sync::Arc;
@@ -58,6 +61,7 @@ impl AppState {
     pub fn caller(&self, req: &HttpRequest, role: Role) -> Result<Caller, ApiError> {
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let caller = self.auth.authenticate(header("authorization"), header("x-tenant"))?;
+        access_log::identify(req, &caller);
         caller.require(role)?;
         Ok(caller)
     }
@@ -146,9 +150,7 @@ impl PageQuery {
 
 /// Parses a query string strictly (unknown parameters are 400).
 pub fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
-    web::Query::<T>::from_query(req.query_string())
-        .map(web::Query::into_inner)
-        .map_err(|err| ApiError::bad_request("query", err.to_string()))
+    query_params::parse(req.query_string())
 }
 
 /// Reads one page of a tenant's list and encodes it as `{"items", "next_cursor"}` in the tenant's lane
@@ -216,7 +218,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(endpoint("/v1/policies/{id}/versions", READ).route(read().to(policies::versions)))
         .service(endpoint("/v1/policies/{id}/shadow-stats", READ).route(read().to(policies::shadow_stats)))
         .service(endpoint("/v1/policies/{id}/graduation", READ).route(read().to(policies::graduation)))
-        .service(endpoint("/v1/runs", WRITE).route(web::post().to(runs::create)))
+        .service(
+            endpoint("/v1/runs", "GET, HEAD, POST")
+                .route(web::post().to(runs::create))
+                .route(read().to(run_list::list)),
+        )
         .service(endpoint("/v1/runs/{id}", READ).route(read().to(runs::get)))
         .service(endpoint("/v1/runs/{id}/steps", WRITE).route(web::post().to(runs::step)))
         .service(endpoint("/v1/runs/{id}/end", WRITE).route(web::post().to(runs::end)))

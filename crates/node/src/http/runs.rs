@@ -224,6 +224,7 @@ pub async fn step(
     let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
     let key = RunKey { tenant: caller.tenant, run_id };
     let decision = call_run(&state, key, Step(Box::new(call))).await?;
+    crate::http::access_log::decided(&req, decision.decision_id.as_str());
     Ok(HttpResponse::Ok().json(decision))
 }
 

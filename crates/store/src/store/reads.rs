@@ -231,7 +231,23 @@ impl Store {
 
     /// A tenant's runs, by run id.
     pub fn list_runs(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<StoredRun>, StoreError> {
-        self.page_prefix(T::Runs, &keys::tenant(tenant), page, |_, v| StoredRun::decode(v).map(Some))
+        self.list_runs_where(tenant, page, |_| true)
+    }
+
+    /// A tenant's runs that `keep` accepts, by run id. The filter runs over the tenant's runs in key
+    /// order, so a page of a narrow filter may read many runs; no index is kept for it (the runs tree is
+    /// already per tenant, and the filters an operator combines — status, label, creation time — would each
+    /// need their own).
+    pub fn list_runs_where(
+        &self,
+        tenant: &TenantId,
+        page: &PageRequest,
+        keep: impl Fn(&StoredRun) -> bool,
+    ) -> Result<Page<StoredRun>, StoreError> {
+        self.page_prefix(T::Runs, &keys::tenant(tenant), page, |_, v| {
+            let run = StoredRun::decode(v)?;
+            Ok(keep(&run).then_some(run))
+        })
     }
 
     /// Every run whose status is `running`, across tenants (for expiry and rehydration).
