@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use runguard_contract::{
     Action, Decision, Mode, PolicyId, PolicyRef, PreventionRecord, RunId, RunStatus, Signature, SnapshotHash, StepCall,
@@ -20,24 +21,41 @@ use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
 use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
 
-/// What a host configures about every run it hosts.
+/// What a host configures about every run it hosts. The default limits nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RunLimits {
     /// Step calls with an index at or above this are refused ([`Refusal::StepLimit`]).
     pub steps_per_run: u64,
+    /// How long after its creation a run that has not ended expires; `None` keeps it running.
+    pub ttl: Option<Duration>,
 }
 
 impl RunLimits {
-    /// Limits allowing `steps_per_run` steps.
+    /// Limits allowing `steps_per_run` steps, without a TTL.
     pub fn new(steps_per_run: u64) -> Self {
-        Self { steps_per_run }
+        Self { steps_per_run, ttl: None }
+    }
+
+    /// These limits with runs expiring `ttl` after their creation.
+    #[must_use]
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        Self { ttl: Some(ttl), ..self }
+    }
+
+    /// Whether a run created at `created_at` is past its TTL at `now`: the one TTL rule, for a live
+    /// [`Run`] ([`Run::expire_if_due`]) and for a stored run of which only the creation time is at hand.
+    pub fn ttl_elapsed(&self, created_at: Timestamp, now: Timestamp) -> bool {
+        self.ttl.is_some_and(|ttl| {
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            now >= created_at.plus_millis(ttl_ms)
+        })
     }
 }
 
 impl Default for RunLimits {
     fn default() -> Self {
-        Self { steps_per_run: u64::MAX }
+        Self { steps_per_run: u64::MAX, ttl: None }
     }
 }
 
@@ -145,7 +163,7 @@ fn shadow_deltas(snapshot: &CompiledSnapshot, evaluation: &Evaluation) -> Vec<Sh
         .map(|policy_id| {
             let mut delta = ShadowDelta {
                 policy_id: policy_id.clone(),
-                owner: snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone()),
+                owner: snapshot.policy(policy_id).and_then(|p| p.tenant_id.clone()),
                 evaluations: 1,
                 would_block: 0,
                 would_warn: 0,
@@ -284,8 +302,7 @@ impl Run {
         if !self.state.status.is_running() {
             return None;
         }
-        let evaluation =
-            evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome, error }, &TenantRates::default(), now);
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome }, &TenantRates::default(), now);
         let mut answer = Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, Some(outcome));
         // Only a running run that ends failed, and is not stopped by a block, creates an incident.
         if runguard_contract::prevention::may_create_incident(self.state.status, outcome)
@@ -330,10 +347,10 @@ impl Run {
         }
     }
 
-    /// Expires a running run whose `ttl_ms` since creation has passed at `now`; whether it did. The host
-    /// persists the run's new status before anything else happens to it.
-    pub fn expire_if_due(&mut self, now: Timestamp, ttl_ms: i64) -> bool {
-        if !self.state.status.is_running() || now < self.created_at.plus_millis(ttl_ms) {
+    /// Expires a running run past the TTL of `limits` at `now`; whether it did. The host persists the
+    /// run's new status before anything else happens to it.
+    pub fn expire_if_due(&mut self, now: Timestamp, limits: &RunLimits) -> bool {
+        if !self.state.status.is_running() || !limits.ttl_elapsed(self.created_at, now) {
             return false;
         }
         self.state.expire();
@@ -387,11 +404,6 @@ impl Run {
     /// A run continuing from `state` (replays start from a state rather than from a run-start call).
     pub(crate) fn resume(snapshot: Arc<CompiledSnapshot>, state: RunState, created_at: Timestamp) -> Self {
         Self { snapshot, state, failure: FailureTracker::default(), created_at, ended_at: None, outcome: None }
-    }
-
-    /// The run's engine state, consuming the run.
-    pub(crate) fn into_state(self) -> RunState {
-        self.state
     }
 
     /// The run's engine state.

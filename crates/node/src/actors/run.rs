@@ -13,9 +13,7 @@ use runguard_contract::{
     ViolationType,
 };
 use runguard_engine::Outcome as Answer;
-use runguard_engine::{
-    CompiledSnapshot, Effects, LedgerItem, Matcher, Refusal, Run, RunLimits, StoredHead, TenantRates,
-};
+use runguard_engine::{CompiledSnapshot, Effects, LedgerItem, Refusal, Run, RunLimits, StoredHead, TenantRates};
 use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
 };
@@ -264,7 +262,7 @@ fn persist_outcome(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, outcome:
             record: record.clone(),
             authority: RecordAuthority::Live {
                 decision: Box::new(outcome.decision.clone()),
-                policy: Box::new(deciding.policy.clone()),
+                policy: Box::new(deciding.clone()),
                 run_tenant: tenant.clone(),
             },
         })));
@@ -289,8 +287,7 @@ fn scans_large_texts(snapshot: &CompiledSnapshot, call: &StepCall) -> bool {
     let text_bytes = call.input_text.as_ref().map_or(0, String::len)
         + call.output_text.as_ref().map_or(0, String::len)
         + call.input_keys.iter().map(String::len).sum::<usize>();
-    text_bytes > HEAVY_TEXT_BYTES
-        && snapshot.policies().iter().any(|p| matches!(p.matcher, Ok(Matcher::Content(_) | Matcher::Expr(_))))
+    text_bytes > HEAVY_TEXT_BYTES && snapshot.scans_texts()
 }
 
 /// Answers a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
@@ -400,8 +397,8 @@ impl RunActor {
     /// A running run past its TTL becomes `expired` (persisted) before anything else happens to it.
     fn expiry(&mut self, at: Timestamp) -> Option<WriteBatch> {
         let live = self.live.as_mut()?;
-        let ttl_ms = i64::try_from(self.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if !live.run.expire_if_due(at, ttl_ms) {
+        let limits = RunLimits::default().with_ttl(Duration::from_secs(self.shared.config.run_ttl_s));
+        if !live.run.expire_if_due(at, &limits) {
             return None;
         }
         let mut batch = WriteBatch::new();
