@@ -93,3 +93,28 @@ pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
 pub use error::Error;
 pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
 pub use state::{Effects, Refusal, RunState, TenantRates, Termination};
+
+/// The engine's internals stay out of reach of a host; each of these fails to compile.
+///
+/// ```compile_fail
+/// use runguard_engine::evaluate;
+/// ```
+/// ```compile_fail
+/// use runguard_engine::cel_check;
+/// ```
+/// ```compile_fail
+/// use runguard_engine::{CelContext, CelRule, Matcher, ContentMatcher};
+/// ```
+/// ```compile_fail
+/// fn fold(state: &mut runguard_engine::RunState, effects: &runguard_engine::Effects, d: &runguard_contract::Decision) {
+///     state.apply(d, effects);
+/// }
+/// ```
+/// ```compile_fail
+/// fn peek(effects: &runguard_engine::Effects) -> bool { effects.counts_step }
+/// ```
+/// ```compile_fail
+/// fn count(rates: &mut runguard_engine::TenantRates, effects: &runguard_engine::Effects) { rates.apply(effects) }
+/// ```
+#[cfg(doctest)]
+struct PrivateApi;

@@ -104,7 +104,7 @@ pub struct Outcome {
     pub shadow: Vec<ShadowDelta>,
     /// The incident this call creates (only a failed end of a running run has one).
     pub incident: Option<IncidentBasis>,
-    change: Option<Box<Change>>,
+    change: Option<Change>,
 }
 
 /// What [`Run::commit`] applies besides the decision and effects; absent for an identical retry, which
@@ -151,7 +151,7 @@ impl Outcome {
             fail_opens: evaluation.fail_opens,
             shadow,
             incident: None,
-            change: Some(Box::new(Change { totals, at, observed, ended })),
+            change: Some(Change { totals, at, observed, ended }),
         }
     }
 }
@@ -288,7 +288,8 @@ impl Run {
         }
         let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
         tenant_rates.apply(&evaluation.effects);
-        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(Observation::of(call)), None))
+        let observed = self.failure.observation(call);
+        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))
     }
 
     /// Ends the run as its agent reports; `None` when it is no longer running (ending it again changes
@@ -319,7 +320,7 @@ impl Run {
     pub fn commit(&mut self, outcome: Outcome) {
         let Some(change) = outcome.change else { return };
         self.state.apply(&outcome.decision, &outcome.effects);
-        let Change { at, observed, ended, .. } = *change;
+        let Change { at, observed, ended, .. } = change;
         self.settle(at, observed, ended);
     }
 

@@ -285,7 +285,7 @@ pub struct Effects {
 }
 
 impl RunState {
-    /// A new running run expecting step 0 (the start of a [`simulate_run`](crate::learning::simulate_run)).
+    /// A new running run expecting step 0 (where a simulation of recorded calls starts).
     pub fn new(tenant_id: TenantId, run_id: RunId, labels: BTreeMap<String, String>) -> Self {
         Self {
             tenant_id,
