@@ -238,6 +238,7 @@ pub struct Run {
 impl Run {
     /// A new run bound to `snapshot`, and the outcome of its run-start call, which the host persists and
     /// commits like any other.
+    #[must_use = "the run-start outcome changes nothing until it is persisted and committed"]
     pub fn start(
         snapshot: Arc<CompiledSnapshot>,
         tenant: TenantId,
@@ -294,6 +295,7 @@ impl Run {
 
     /// Ends the run as its agent reports; `None` when it is no longer running (ending it again changes
     /// nothing).
+    #[must_use = "the run-end outcome changes nothing until it is persisted and committed"]
     pub fn end(
         &self,
         outcome: runguard_contract::Outcome,
@@ -326,6 +328,7 @@ impl Run {
 
     /// The run as it will be once `outcome` is committed, leaving this one unchanged: for a host that
     /// persists the run's new form before it applies the outcome (it then replaces the run with this one).
+    #[must_use = "the run as it will be is to be persisted; `commit` applies an outcome in place"]
     pub fn after(&self, outcome: &Outcome) -> Self {
         let mut next = self.clone();
         if let Some(change) = &outcome.change {
@@ -350,6 +353,7 @@ impl Run {
 
     /// Expires a running run past the TTL of `limits` at `now`; whether it did. The host persists the
     /// run's new status before anything else happens to it.
+    #[must_use = "an expired run's new status must be persisted"]
     pub fn expire_if_due(&mut self, now: Timestamp, limits: &RunLimits) -> bool {
         if !self.state.status.is_running() || !limits.ttl_elapsed(self.created_at, now) {
             return false;
