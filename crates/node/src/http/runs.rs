@@ -7,6 +7,7 @@ use actix::MailboxError;
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
+use runguard_engine::RunLimits;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -206,8 +207,8 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     let lookup = run_id.clone();
     let run = state.shared.read(move |store| store.get_run(&tenant, &lookup)).await?;
     let mut run = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
-    let ttl_ms = i64::try_from(state.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-    if run.status == RunStatus::Running && now() >= run.created_at.plus_millis(ttl_ms) {
+    let limits = RunLimits::default().with_ttl(Duration::from_secs(state.shared.config.run_ttl_s));
+    if run.status == RunStatus::Running && limits.ttl_elapsed(run.created_at, now()) {
         // Shown as it will be persisted on the run's next call.
         run.status = RunStatus::Expired;
     }
