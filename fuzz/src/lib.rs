@@ -158,7 +158,7 @@ pub mod stored {
                 &runguard_contract::PolicyLimits::default(),
             );
             assert!(!compiled.is_tampered(), "a snapshot does not verify against its own hash");
-            super::exercise(&compiled);
+            super::exercise(&std::sync::Arc::new(compiled));
         }
     }
 }

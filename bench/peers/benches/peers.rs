@@ -8,12 +8,14 @@
 //!
 //! Each timed iteration does what a per-call decision needs in that system, from the run's totals and
 //! the call's usage to an answer that names the outcome and any warn tiers:
-//! - runguard: `evaluate` (admission already done), a full decision with ids, `remaining` and effects;
+//! - runguard: `Run::step` on the warmed run, a full outcome (admission, decision with ids, `remaining`,
+//!   effects), uncommitted;
 //! - cedar: build the request context (totals after the call, step tokens), `is_authorized` over four
 //!   `forbid` limits, one `permit` and two warn-tier `permit`s whose ids appear in the diagnostics;
 //! - regorus: build the input value, `eval_rule` of a Rego rule that returns `{block, violations, warnings}`.
 //!
-//! The baseline is the same trivial operation as the engine bench (`RunState::totals_with`), so ratios
+//! The baseline is the same trivial operation as the engine bench (adding a step's usage to the run's
+//! totals), so ratios
 //! compare across both benches. Run: `just bench-peers`.
 
 use std::hint::black_box;
@@ -24,7 +26,9 @@ use criterion::{Criterion, criterion_group};
 use runguard_contract::{
     Action, Phase, Policy, PolicyDocument, PolicyLimits, RunId, Snapshot, StepCall, TenantId, Timestamp, Usage,
 };
-use runguard_engine::{Admission, Call, CompiledSnapshot, RunState, TenantRates, evaluate, validate_document};
+use std::sync::Arc;
+
+use runguard_engine::{CompiledSnapshot, Run, RunLimits, TenantRates, validate_document};
 use serde_json::json;
 
 const START_MS: i64 = 1_795_000_000_000;
@@ -59,11 +63,20 @@ fn at(index: u64, post: bool) -> Timestamp {
     )
 }
 
+/// The totals once a step's usage is added (the engine bench's baseline).
+fn totals_with(totals: &runguard_contract::Totals, usage: &Usage) -> runguard_contract::Totals {
+    runguard_contract::Totals {
+        tokens: totals.tokens.saturating_add(usage.tokens),
+        cost_micros: totals.cost_micros.saturating_add(usage.cost_micros),
+        steps: totals.steps.saturating_add(1),
+        duration_ms: totals.duration_ms.saturating_add(usage.duration_ms),
+    }
+}
+
 struct Runguard {
-    snapshot: CompiledSnapshot,
-    run: RunState,
+    run: Run,
     call: StepCall,
-    rates: TenantRates,
+    limits: RunLimits,
 }
 
 impl Runguard {
@@ -76,28 +89,29 @@ impl Runguard {
         ];
         let snapshot = CompiledSnapshot::compile(&Snapshot::capture(&tenant(), &policies), &PolicyLimits::default())
             .expect("the snapshot compiles");
-        let mut run = RunState::new(tenant(), RunId::new("run-bench").expect("id"), Default::default());
+        let (mut run, start) = Run::start(
+            Arc::new(snapshot),
+            tenant(),
+            RunId::new("run-bench").expect("id"),
+            Default::default(),
+            at(0, false),
+        );
+        run.commit(start);
+        let limits = RunLimits::default();
         for index in 0..WARM_STEPS {
-            let call = post(index);
-            assert_eq!(run.admit(&call), Admission::Evaluate);
-            let evaluation = evaluate(&snapshot, &run, Call::Step(&call), &TenantRates::default(), at(index, true));
-            assert_eq!(evaluation.decision.action, Action::Allow);
-            run.apply(&evaluation.decision, &evaluation.effects);
+            let outcome =
+                run.step(&post(index), &limits, &mut TenantRates::default(), at(index, true)).expect("in order");
+            assert_eq!(outcome.decision.action, Action::Allow);
+            run.commit(outcome);
         }
-        let call = post(WARM_STEPS);
-        assert_eq!(run.admit(&call), Admission::Evaluate);
-        Self { snapshot, run, call, rates: TenantRates::default() }
+        Self { run, call: post(WARM_STEPS), limits }
     }
 
     fn decide(&self) -> Action {
-        let evaluation = evaluate(
-            black_box(&self.snapshot),
-            black_box(&self.run),
-            Call::Step(black_box(&self.call)),
-            black_box(&self.rates),
-            black_box(at(WARM_STEPS, true)),
-        );
-        evaluation.decision.action
+        let outcome = black_box(&self.run)
+            .step(black_box(&self.call), &self.limits, &mut TenantRates::default(), black_box(at(WARM_STEPS, true)))
+            .expect("in order");
+        outcome.decision.action
     }
 }
 
@@ -213,7 +227,7 @@ impl Rego {
 
 fn peers(c: &mut Criterion) {
     let runguard = Runguard::new();
-    let totals = runguard.run.totals;
+    let totals = runguard.run.state().totals;
     assert_eq!(runguard.decide(), Action::Allow, "runguard allows the benched call");
     let cedar = Cedar::new(totals);
     assert_eq!(cedar.decide(&USAGE), (true, 0), "cedar allows the benched call, no warn tier");
@@ -231,7 +245,7 @@ fn peers(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("peers_four_budgets");
     group.bench_function("baseline_totals_with", |b| {
-        b.iter(|| black_box(&runguard.run).totals_with(black_box(Some(&USAGE)), black_box(true)))
+        b.iter(|| totals_with(black_box(&runguard.run.state().totals), black_box(&USAGE)))
     });
     group.bench_function("runguard", |b| b.iter(|| runguard.decide()));
     group.bench_function("cedar", |b| b.iter(|| cedar.decide(black_box(&USAGE))));

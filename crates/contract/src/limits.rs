@@ -21,7 +21,7 @@ pub struct PolicyLimits {
     /// Longest CEL expression, in bytes.
     pub max_cel_len: usize,
     /// Highest static cost of a CEL expression: nodes plus the text it may scan at the step limits of
-    /// `cel_inputs`, multiplied through comprehensions (see `runguard_engine::cel_check`).
+    /// `cel_inputs`, multiplied through comprehensions (see `crates/engine/src/cel_check.rs`).
     pub max_cel_cost: u64,
     /// Longest endpoint or other short text, in bytes.
     pub max_text_len: usize,

@@ -1,6 +1,7 @@
 //! Criterion benchmark of the most expensive CEL rules the static check accepts (`docs/evaluation.md`): each family
 //! of `tests/shared/cel_worst_cases.rs`, at the most repetitions the default cost limit accepts, evaluated
-//! against the largest step (256 KiB texts, 256 keys of 2 KiB) and labels the default limits allow.
+//! through [`Run::step`] against the largest step (256 KiB texts, 256 keys of 2 KiB) and labels the
+//! default limits allow.
 //! `docs/evaluation.md` quotes the figures as the documented bound.
 //!
 //! `cargo bench -p runguard-engine --bench cel_worst_case`
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use runguard_contract::{Action, Policy, PolicyDocument, PolicyId, PolicyLimits, RunId, Snapshot, TenantId, Timestamp};
-use runguard_engine::{Call, CompiledSnapshot, RunState, TenantRates, evaluate, validate_document};
+use runguard_engine::{CompiledSnapshot, Run, RunLimits, TenantRates, validate_document};
 
 #[path = "../tests/shared/cel_worst_cases.rs"]
 #[allow(dead_code, reason = "shared with the test, which uses every helper")]
@@ -22,7 +23,6 @@ fn bench(c: &mut Criterion) {
     let limits = PolicyLimits::default();
     let tenant = TenantId::new("acme").expect("`acme` is a valid tenant id");
     let step = cases::largest_step();
-    let state = RunState::new(tenant.clone(), RunId::new("run-worst").expect("valid run id"), cases::largest_labels());
     let mut group = c.benchmark_group("cel_worst_case");
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for (name, cel, cost) in cases::worst_cases() {
@@ -34,12 +34,16 @@ fn bench(c: &mut Criterion) {
         let snapshot =
             CompiledSnapshot::compile(&Snapshot::capture(&tenant, [&policy]), &limits).expect("the snapshot compiles");
         let now = Timestamp::from_unix_millis(START_MS + 1);
-        let rates = TenantRates::default();
-        let first = evaluate(&snapshot, &state, Call::Step(&step), &rates, now);
+        let run_id = RunId::new("run-worst").expect("valid run id");
+        let (mut run, start) =
+            Run::start(std::sync::Arc::new(snapshot), tenant.clone(), run_id, cases::largest_labels(), now);
+        run.commit(start);
+        let limits = RunLimits::default();
+        let first = run.step(&step, &limits, &mut TenantRates::default(), now).expect("in order");
         assert_eq!(first.decision.action, Action::Allow, "{name} matches nothing and fails nowhere");
         println!("{name}: cost {cost}");
         group.bench_function(name, |b| {
-            b.iter(|| black_box(evaluate(&snapshot, &state, Call::Step(black_box(&step)), &rates, now)))
+            b.iter(|| black_box(run.step(black_box(&step), &limits, &mut TenantRates::default(), now)))
         });
     }
     group.finish();

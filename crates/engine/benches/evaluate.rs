@@ -1,8 +1,11 @@
-//! Criterion benchmarks of [`runguard_engine::evaluate`] against the engine's latency targets (`docs/performance.md`).
+//! Criterion benchmarks of [`Run::step`], what a host calls per step, against the engine's latency
+//! targets (`docs/performance.md`). Every figure goes through the public API: a warmed run answers one call, uncommitted.
 //!
-//! - `baseline_totals_with`: a trivial operation (`RunState::totals_with`) measured in the same run; the
-//!   other figures are quoted as ratios to it.
-//! - `four_budgets`: a typical snapshot of four budgets answering a `post` call (target: under 1 µs).
+//! - `baseline_totals_with`: a trivial operation (adding a step's usage to run totals) measured in the
+//!   same run; the other figures are quoted as ratios to it.
+//! - `four_budgets`: a typical snapshot of four budgets answering a `post` call (target: under 1 µs);
+//!   `four_budgets_block`: the same call over the per-step token budget, the block path with its
+//!   prevention record draft.
 //! - `fifty_policies_content_cel`: fifty policies (budgets, run-scope rates, content, skill and CEL rules)
 //!   answering a `post` call that carries 4 KiB of output text, without and with matches (target: under
 //!   25 µs); `clean_4k_non_ascii` is the clean text with one sentence of typographic punctuation.
@@ -12,10 +15,8 @@
 //! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
 //! - `tenant_rate/{allow,throttle}/{100,100000}`: one tenant-scope rate rule checked against a window
 //!   holding 100 or 100,000 events; the check must cost the same for both.
-//! - `host_step/{evaluate_apply,run_step_after}/{four_budgets,fifty_policies_4k}`: what a host does per
-//!   `post` call, back to back: admit, evaluate and apply to a copy of the state (the node before `Run`),
-//!   against `Run::step` and `Run::after` (the node with `Run`, shadow deltas and failing-step tracker
-//!   included).
+//! - `host_step/run_step_after/{four_budgets,fifty_policies_4k}`: [`Run::step`] and [`Run::after`], what
+//!   the node does per `post` call before it persists.
 //!
 //! Every input is built, validated and checked once outside the timed closures: each bench asserts the
 //! decision it expects, so a broken setup cannot produce a meaningless fast number.
@@ -24,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -31,10 +33,7 @@ use runguard_contract::{
     Action, Estimate, Phase, Policy, PolicyDocument, PolicyLimits, RunId, Snapshot, StepCall, TenantId, Timestamp,
     Totals, Usage,
 };
-use runguard_engine::{
-    Admission, Call, CompiledSnapshot, Effects, Evaluation, Matcher, RateEvent, Run, RunLimits, RunState, TenantRates,
-    call_digest, evaluate, validate_document,
-};
+use runguard_engine::{CompiledSnapshot, Outcome, Run, RunLimits, TenantRates, validate_document};
 use serde_json::{Value, json};
 
 /// When the bench run starts (any fixed instant: the engine never reads the clock).
@@ -64,11 +63,12 @@ fn snapshot_of(policies: &[Policy]) -> Snapshot {
     snapshot
 }
 
-fn compile(policies: &[Policy]) -> CompiledSnapshot {
+/// Compiles validated policies (so every rule compiles).
+fn compile(policies: &[Policy]) -> Arc<CompiledSnapshot> {
     let compiled =
         CompiledSnapshot::compile(&snapshot_of(policies), &PolicyLimits::default()).expect("the snapshot hashes");
-    assert!(compiled.policies().iter().all(|p| p.matcher.is_ok()), "every rule compiles");
-    compiled
+    assert_eq!(compiled.reference().policy_count, u64::try_from(policies.len()).expect("few policies"));
+    Arc::new(compiled)
 }
 
 fn budget(id: &str, metric: &str, per: &str, max: u64, warn_at: &[u32], action: &str, precedence: u32) -> Policy {
@@ -333,68 +333,66 @@ fn post_call(index: u64, output_text: Option<String>) -> StepCall {
     }
 }
 
-/// Admits, evaluates and applies one call that must be allowed.
-fn drive(run: &mut RunState, snapshot: &CompiledSnapshot, call: &StepCall, now: Timestamp) {
-    assert_eq!(run.admit(call), Admission::Evaluate, "the warm-up calls are in order");
-    let evaluation = evaluate(snapshot, run, Call::Step(call), &TenantRates::default(), now);
-    assert_eq!(evaluation.decision.action, Action::Allow, "warm-up call: {:?}", evaluation.decision.violations);
-    run.apply(&evaluation.decision, &evaluation.effects);
+/// Answers and commits one call that must be allowed.
+fn drive(run: &mut Run, call: &StepCall, now: Timestamp) {
+    let outcome = run.step(call, &RunLimits::default(), &mut TenantRates::default(), now).expect("in order");
+    assert_eq!(outcome.decision.action, Action::Allow, "warm-up call: {:?}", outcome.decision.violations);
+    run.commit(outcome);
 }
 
 /// A run that has taken [`WARM_STEPS`] complete steps under `snapshot` (so it has totals and rate events),
 /// and, with `then_pre`, also the `pre` of the next step, so that it expects that step's `post`.
-fn warmed_run(snapshot: &CompiledSnapshot, then_pre: bool) -> RunState {
-    let mut run = RunState::new(tenant(), RunId::new("run-bench").expect("valid run id"), labels());
+fn warmed_run(snapshot: &Arc<CompiledSnapshot>, then_pre: bool) -> Run {
+    let run_id = RunId::new("run-bench").expect("valid run id");
+    let (mut run, start) = Run::start(Arc::clone(snapshot), tenant(), run_id, labels(), pre_time(0));
+    run.commit(start);
     for index in 0..WARM_STEPS {
-        drive(&mut run, snapshot, &pre_call(index), pre_time(index));
-        drive(&mut run, snapshot, &post_call(index, Some("done".to_owned())), post_time(index));
+        drive(&mut run, &pre_call(index), pre_time(index));
+        drive(&mut run, &post_call(index, Some("done".to_owned())), post_time(index));
     }
     if then_pre {
-        drive(&mut run, snapshot, &pre_call(WARM_STEPS), pre_time(WARM_STEPS));
+        drive(&mut run, &pre_call(WARM_STEPS), pre_time(WARM_STEPS));
     }
     run
 }
 
-/// One benched evaluation: snapshot, warmed run state and the call, all built before timing.
+/// One benched call: a warmed run and the call it expects, built before timing.
 #[derive(Debug)]
 struct Case {
-    snapshot: CompiledSnapshot,
-    run: RunState,
+    run: Run,
     call: StepCall,
     now: Timestamp,
-    rates: TenantRates,
+    limits: RunLimits,
 }
 
 impl Case {
     /// The `post` of step [`WARM_STEPS`] with `output_text`.
     fn post(policies: &[Policy], output_text: Option<String>) -> Self {
-        let snapshot = compile(policies);
-        let run = warmed_run(&snapshot, true);
+        let run = warmed_run(&compile(policies), true);
         let call = post_call(WARM_STEPS, output_text);
-        Self { snapshot, run, call, now: post_time(WARM_STEPS), rates: TenantRates::default() }
+        Self { run, call, now: post_time(WARM_STEPS), limits: RunLimits::default() }
     }
 
     /// The `pre` of step [`WARM_STEPS`].
     fn pre(policies: &[Policy]) -> Self {
-        let snapshot = compile(policies);
-        let run = warmed_run(&snapshot, false);
-        Self { snapshot, run, call: pre_call(WARM_STEPS), now: pre_time(WARM_STEPS), rates: TenantRates::default() }
+        let run = warmed_run(&compile(policies), false);
+        Self { run, call: pre_call(WARM_STEPS), now: pre_time(WARM_STEPS), limits: RunLimits::default() }
     }
 
-    fn evaluate(&self) -> Evaluation {
-        evaluate(
-            black_box(&self.snapshot),
-            black_box(&self.run),
-            Call::Step(black_box(&self.call)),
-            black_box(&self.rates),
-            black_box(self.now),
-        )
+    /// The outcome of the call, uncommitted. The snapshots here have no tenant-scope rule, so the tenant's
+    /// windows are an empty value (which does not allocate).
+    fn step(&self) -> Outcome {
+        let mut rates = TenantRates::default();
+        black_box(&self.run)
+            .step(black_box(&self.call), &self.limits, &mut rates, black_box(self.now))
+            .expect("the benched call is in order")
     }
 
-    /// Checks, once and untimed, that the call is admitted and gets `action` with `violations` violations.
+    /// Checks, once and untimed, that the call gets `action` with `violations` violations.
     fn expect(self, action: Action, violations: usize) -> Self {
-        assert_eq!(self.run.admit(&self.call), Admission::Evaluate, "the benched call is in order");
-        let decision = self.evaluate().decision;
+        let outcome = self.step();
+        assert!(!outcome.is_replay(), "the benched call is evaluated");
+        let decision = outcome.decision;
         assert_eq!(decision.action, action, "unexpected decision: {:?}", decision.violations);
         assert_eq!(decision.violations.len(), violations, "unexpected violations: {:?}", decision.violations);
         assert!(decision.shadow.is_empty());
@@ -402,7 +400,17 @@ impl Case {
     }
 
     fn bench(&self, c: &mut Criterion, name: &str) {
-        c.bench_function(name, |b| b.iter(|| self.evaluate()));
+        c.bench_function(name, |b| b.iter(|| self.step()));
+    }
+}
+
+/// The totals once a step's usage is added: the trivial operation the figures are compared with.
+fn totals_with(totals: &Totals, usage: &Usage) -> Totals {
+    Totals {
+        tokens: totals.tokens.saturating_add(usage.tokens),
+        cost_micros: totals.cost_micros.saturating_add(usage.cost_micros),
+        steps: totals.steps.saturating_add(1),
+        duration_ms: totals.duration_ms.saturating_add(usage.duration_ms),
     }
 }
 
@@ -415,24 +423,28 @@ fn baseline(c: &mut Criterion) {
         steps: WARM_STEPS + 1,
         duration_ms: 850 * (WARM_STEPS + 1),
     };
-    assert_eq!(run.totals_with(Some(&usage), true), expected);
+    assert_eq!(totals_with(&run.state().totals, &usage), expected);
     c.bench_function("baseline_totals_with", |b| {
-        b.iter(|| black_box(&run).totals_with(black_box(Some(&usage)), black_box(true)))
+        b.iter(|| totals_with(black_box(&run.state().totals), black_box(&usage)))
     });
 }
 
 fn engine(c: &mut Criterion) {
     Case::post(&four_budgets(), None).expect(Action::Allow, 0).bench(c, "four_budgets");
+    // The same call over the per-step token budget: a block, with its prevention record draft.
+    let mut block = Case::post(&four_budgets(), None);
+    block.call.usage = Some(Usage { tokens: 20_000, cost_micros: 2_400, duration_ms: 850 });
+    block.expect(Action::Block, 1).bench(c, "four_budgets_block");
 
     let fifty = fifty_policies();
     let clean = Case::post(&fifty, Some(output_text(&[]))).expect(Action::Allow, 0);
     let matching =
         Case::post(&fifty, Some(output_text(&[(12, MATCHING[0]), (27, MATCHING[1])]))).expect(Action::Warn, 2);
     let mut group = c.benchmark_group("fifty_policies_content_cel");
-    group.bench_function("clean_4k", |b| b.iter(|| clean.evaluate()));
-    group.bench_function("two_matches_4k", |b| b.iter(|| matching.evaluate()));
+    group.bench_function("clean_4k", |b| b.iter(|| clean.step()));
+    group.bench_function("two_matches_4k", |b| b.iter(|| matching.step()));
     let typographic = Case::post(&fifty, Some(output_text(&[(3, TYPOGRAPHIC)]))).expect(Action::Allow, 0);
-    group.bench_function("clean_4k_non_ascii", |b| b.iter(|| typographic.evaluate()));
+    group.bench_function("clean_4k_non_ascii", |b| b.iter(|| typographic.step()));
     group.finish();
 
     Case::pre(&fifty).expect(Action::Allow, 0).bench(c, "fifty_policies_pre");
@@ -443,7 +455,7 @@ fn scaling(c: &mut Criterion) {
     for n in [10usize, 100, 1_000] {
         let case = Case::post(&scaled_policies(n), None).expect(Action::Allow, 0);
         group.throughput(Throughput::Elements(u64::try_from(n).expect("small")));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &case, |b, case| b.iter(|| case.evaluate()));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &case, |b, case| b.iter(|| case.step()));
     }
     group.finish();
 }
@@ -452,8 +464,7 @@ fn compile_snapshot(c: &mut Criterion) {
     let limits = PolicyLimits::default();
     let snapshot = snapshot_of(&fifty_policies());
     let compiled = CompiledSnapshot::compile(&snapshot, &limits).expect("the snapshot hashes");
-    assert_eq!(compiled.policies().len(), 50);
-    assert!(compiled.policies().iter().all(|p| p.matcher.is_ok()));
+    assert_eq!(compiled.reference().policy_count, 50);
     let mut group = c.benchmark_group("compile");
     // A few milliseconds per iteration: 50 samples need more than the default 3 s.
     group.measurement_time(Duration::from_secs(6));
@@ -469,79 +480,74 @@ fn breakdown(c: &mut Criterion) {
     let text = output_text(&[]);
     let mut group = c.benchmark_group("breakdown");
 
-    // Every evaluation of a step call digests its canonical JSON (for idempotent retries), with and
-    // without the 4 KiB text.
-    let call = post_call(WARM_STEPS, Some(text.clone()));
-    assert_eq!(call_digest(&call).len(), 64);
-    group.bench_function("call_digest_4k", |b| b.iter(|| call_digest(black_box(&call))));
-
-    let small = post_call(WARM_STEPS, None);
-    assert_eq!(call_digest(&small).len(), 64);
-    group.bench_function("call_digest_no_text", |b| b.iter(|| call_digest(black_box(&small))));
-
-    // The twelve content rules scanning the 4 KiB text directly.
-    let snapshot = compile(&fifty);
-    let matchers: Vec<_> = snapshot
-        .policies()
-        .iter()
-        .filter_map(|p| match &p.matcher {
-            Ok(Matcher::Content(m)) => Some(m),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(matchers.len(), 12);
-    assert!(matchers.iter().all(|m| m.scan(&text).is_empty()), "the clean text matches nothing");
-    group.bench_function("content_scan_4k", |b| {
-        b.iter(|| matchers.iter().map(|m| m.scan(black_box(&text)).len()).sum::<usize>())
-    });
+    // Only the twelve content rules scanning the 4 KiB text.
+    let content: Vec<Policy> = fifty.iter().filter(|p| p.rule.kind() == "content").cloned().collect();
+    assert_eq!(content.len(), 12);
+    let content_only = Case::post(&content, Some(text.clone())).expect(Action::Allow, 0);
+    group.bench_function("content_rules_only_4k", |b| b.iter(|| content_only.step()));
 
     // The same fifty policies and call without output text: content rules have nothing to scan.
     let no_text = Case::post(&fifty, None).expect(Action::Allow, 0);
-    group.bench_function("fifty_policies_no_text", |b| b.iter(|| no_text.evaluate()));
+    group.bench_function("fifty_policies_no_text", |b| b.iter(|| no_text.step()));
 
     // Only the twelve CEL rules, with the 4 KiB text in the step.
     let cel: Vec<Policy> = fifty.iter().filter(|p| p.rule.kind() == "expr").cloned().collect();
     assert_eq!(cel.len(), CEL_RULES.len());
     let cel_only = Case::post(&cel, Some(text.clone())).expect(Action::Allow, 0);
-    group.bench_function("cel_rules_only_4k", |b| b.iter(|| cel_only.evaluate()));
+    group.bench_function("cel_rules_only_4k", |b| b.iter(|| cel_only.step()));
 
     // One CEL rule, without text: the fixed cost of evaluating a single expression.
     let one_cel = Case::post(&cel[..1], None).expect(Action::Allow, 0);
-    group.bench_function("one_cel_rule", |b| b.iter(|| one_cel.evaluate()));
+    group.bench_function("one_cel_rule", |b| b.iter(|| one_cel.step()));
 
-    // The four budgets with the 4 KiB text in the step: what the digest adds to the typical case.
+    // The four budgets with the 4 KiB text in the step: what digesting the call adds to the typical case.
     let budgets_text = Case::post(&four_budgets(), Some(text)).expect(Action::Allow, 0);
-    group.bench_function("four_budgets_4k_output", |b| b.iter(|| budgets_text.evaluate()));
+    group.bench_function("four_budgets_4k_output", |b| b.iter(|| budgets_text.step()));
     group.finish();
 }
 
-/// A tenant-scope steps rate rule against `events` recorded 2 ms apart, the newest 1 ms before the call:
-/// all of them inside the 300 s window. With `max` = half the events the call is throttled until the
-/// oldest half has left the window; with `max` above the count it is allowed.
+/// A tenant-scope steps rate rule against `events` steps of other runs, 2 ms apart, the newest 1 ms before
+/// the call: all of them inside the 300 s window. With `max` = half the events the call is throttled until
+/// the oldest half has left the window. The allowed call is counted in the window (at the same instant
+/// every iteration, so the window does not grow), so its rule's `max` leaves room for every iteration.
 fn tenant_rates(c: &mut Criterion) {
     const WINDOW_S: u32 = 300;
     let mut group = c.benchmark_group("tenant_rate");
     for (name, throttled) in [("allow", false), ("throttle", true)] {
         for events in [100i64, 100_000] {
-            let max = if throttled { events / 2 } else { events + 1 };
-            let rule = policy(json!({
-                "id": "t01_tenant_steps", "name": "tenant steps per 5 minutes",
-                "rule": {"kind": "rate", "metric": "steps", "max": max, "window_s": WINDOW_S, "scope": "tenant"},
-            }));
-            let snapshot = compile(&[rule]);
+            let rule = |max: i64| {
+                policy(json!({
+                    "id": "t01_tenant_steps", "name": "tenant steps per 5 minutes",
+                    "rule": {"kind": "rate", "metric": "steps", "max": max, "window_s": WINDOW_S, "scope": "tenant"},
+                }))
+            };
+            let unlimited = 1 << 50;
+            let max = if throttled { events / 2 } else { unlimited };
+            let snapshot = compile(&[rule(max)]);
+            // The other runs are bound to a snapshot whose rule lets them all through.
+            let filling = compile(&[rule(unlimited)]);
             let now = pre_time(0);
             let at = |i: i64| now.plus_millis(-1 - 2 * (events - 1 - i));
+            // The other runs of the tenant fill its window, one step each.
             let mut rates = TenantRates::default();
             for i in 0..events {
-                rates.apply(&Effects {
-                    tenant_rate_event: Some(RateEvent { at: at(i), steps: 1, tokens: 0, cost_micros: 0 }),
-                    tenant_window_ms: i64::from(WINDOW_S) * 1000,
-                    ..Effects::default()
-                });
+                let run_id = RunId::new(format!("run-fill-{i}")).expect("valid run id");
+                let (mut run, start) = Run::start(Arc::clone(&filling), tenant(), run_id, labels(), at(i));
+                run.commit(start);
+                let filled = run.step(&pre_call(0), &RunLimits::default(), &mut rates, at(i)).expect("in order");
+                assert_eq!(filled.decision.action, Action::Allow);
             }
-            let run = RunState::new(tenant(), RunId::new("run-bench").expect("valid run id"), labels());
+            let (mut run, start) = Run::start(
+                Arc::clone(&snapshot),
+                tenant(),
+                RunId::new("run-bench").expect("valid run id"),
+                labels(),
+                now,
+            );
+            run.commit(start);
             let call = pre_call(0);
-            let decision = evaluate(&snapshot, &run, Call::Step(&call), &rates, now).decision;
+            let limits = RunLimits::default();
+            let decision = run.step(&call, &limits, &mut rates.clone(), now).expect("in order").decision;
             if throttled {
                 // `max` events may stay: the call fits once the oldest `events - max + 1` have left.
                 let fits_at = at(events - max).plus_millis(i64::from(WINDOW_S) * 1000);
@@ -550,15 +556,11 @@ fn tenant_rates(c: &mut Criterion) {
             } else {
                 assert_eq!(decision.action, Action::Allow, "{:?}", decision.violations);
             }
-            group.bench_with_input(BenchmarkId::new(name, events), &rates, |b, rates| {
+            group.bench_function(BenchmarkId::new(name, events), |b| {
                 b.iter(|| {
-                    evaluate(
-                        black_box(&snapshot),
-                        black_box(&run),
-                        Call::Step(black_box(&call)),
-                        black_box(rates),
-                        black_box(now),
-                    )
+                    black_box(&run)
+                        .step(black_box(&call), &limits, black_box(&mut rates), black_box(now))
+                        .expect("in order")
                 })
             });
         }
@@ -566,7 +568,7 @@ fn tenant_rates(c: &mut Criterion) {
     group.finish();
 }
 
-/// A host's whole step, the old way and through [`Run`], on the same warmed run and call.
+/// A host's whole step before it persists: the outcome and the run as it will be once committed.
 fn host_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("host_step");
     let text = output_text(&[]);
@@ -574,43 +576,10 @@ fn host_step(c: &mut Criterion) {
         [("four_budgets", four_budgets(), None), ("fifty_policies_4k", fifty_policies(), Some(text))]
     {
         let case = Case::post(&policies, output).expect(Action::Allow, 0);
-        let snapshot = std::sync::Arc::new(compile(&policies));
-        let (mut run, start) = Run::start(
-            std::sync::Arc::clone(&snapshot),
-            tenant(),
-            RunId::new("run-bench").expect("valid run id"),
-            labels(),
-            pre_time(0),
-        );
-        run.commit(start);
-        for index in 0..WARM_STEPS {
-            for (call, at) in
-                [(pre_call(index), pre_time(index)), (post_call(index, Some("done".to_owned())), post_time(index))]
-            {
-                let outcome =
-                    run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at).expect("in order");
-                run.commit(outcome);
-            }
-        }
-        let pre =
-            run.step(&pre_call(WARM_STEPS), &RunLimits::default(), &mut TenantRates::default(), pre_time(WARM_STEPS));
-        run.commit(pre.expect("in order"));
-        let limits = RunLimits::default();
-        group.bench_function(BenchmarkId::new("evaluate_apply", name), |b| {
-            b.iter(|| {
-                assert_eq!(case.run.admit(black_box(&case.call)), Admission::Evaluate);
-                let evaluation = case.evaluate();
-                let mut next = case.run.clone();
-                next.apply(&evaluation.decision, &evaluation.effects);
-                (evaluation, next)
-            })
-        });
         group.bench_function(BenchmarkId::new("run_step_after", name), |b| {
             b.iter(|| {
-                let mut rates = TenantRates::default();
-                let outcome =
-                    run.step(black_box(&case.call), &limits, &mut rates, black_box(case.now)).expect("in order");
-                let next = run.after(&outcome);
+                let outcome = case.step();
+                let next = case.run.after(&outcome);
                 (outcome, next)
             })
         });

@@ -23,11 +23,11 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use runguard_contract::ValidationError;
 
 /// The functions an expression may call (operators aside), as documented in `docs/evaluation.md`.
-pub const FUNCTIONS: &[&str] =
+pub(crate) const FUNCTIONS: &[&str] =
     &["size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string"];
 
 /// The macros an expression may use (`has` is a field test, the others comprehensions).
-pub const MACROS: &[&str] = &["has", "all", "exists", "exists_one", "existsOne", "map", "filter"];
+pub(crate) const MACROS: &[&str] = &["has", "all", "exists", "exists_one", "existsOne", "map", "filter"];
 
 /// The operators, by cel's internal names.
 const OPERATORS: &[&str] = &[
@@ -53,33 +53,33 @@ const OPERATORS: &[&str] = &[
 ];
 
 /// Bytes of text scanned per unit of cost.
-pub const BYTES_PER_UNIT: u64 = 64;
+pub(crate) const BYTES_PER_UNIT: u64 = 64;
 /// How much more a regex match costs per byte than a plain scan (a lazy DFA against `memchr`).
-pub const REGEX_FACTOR: u64 = 8;
+pub(crate) const REGEX_FACTOR: u64 = 8;
 /// The largest compiled size of a `matches` pattern. cel compiles the pattern on every call, so its
 /// compile time is part of every evaluation.
-pub const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+pub(crate) const REGEX_SIZE_LIMIT: usize = 64 * 1024;
 /// What compiling a `matches` pattern costs at least (cel compiles it on every call).
-pub const REGEX_COMPILE: u64 = 256;
+pub(crate) const REGEX_COMPILE: u64 = 256;
 /// The longest `matches` pattern, in bytes.
-pub const MAX_REGEX_LEN: usize = 256;
+pub(crate) const MAX_REGEX_LEN: usize = 256;
 
 /// The text sizes an expression may meet: the node's step limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TextSizes {
+pub(crate) struct TextSizes {
     /// Longest `step.input_text` or `step.output_text`.
-    pub text: u64,
+    pub(crate) text: u64,
     /// Longest other string (skill, endpoint, input key, error field, run id, label).
-    pub field: u64,
+    pub(crate) field: u64,
     /// Most elements of an input list or map (input keys, labels): a comprehension's fan-out.
-    pub list: u64,
+    pub(crate) list: u64,
 }
 
 /// What the check learned about an accepted expression.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Checked {
+pub(crate) struct Checked {
     /// The bound on one evaluation's work (see the module docs).
-    pub cost: u64,
+    pub(crate) cost: u64,
 }
 
 /// The static type of a subexpression, as far as it can be seen.
@@ -209,7 +209,7 @@ struct Checker {
 }
 
 /// Checks a parsed expression; see the module docs.
-pub fn check(expr: &IdedExpr, sizes: TextSizes, max_regex_len: usize) -> Result<Checked, ValidationError> {
+pub(crate) fn check(expr: &IdedExpr, sizes: TextSizes, max_regex_len: usize) -> Result<Checked, ValidationError> {
     let mut checker = Checker { sizes, max_regex_len: max_regex_len.min(MAX_REGEX_LEN), scope: Vec::new() };
     let (ty, cost) = checker.walk(expr)?;
     if !matches!(ty, Ty::Bool | Ty::Dyn(_)) {

@@ -22,7 +22,7 @@ use crate::cel_check::{self, TextSizes};
 
 /// A compiled CEL rule with its environment (the standard library, built once: building it costs more
 /// than evaluating most rules).
-pub struct CelRule {
+pub(crate) struct CelRule {
     program: Program,
     env: Arc<Env>,
 }
@@ -34,9 +34,9 @@ impl std::fmt::Debug for CelRule {
 }
 
 /// Most nested brackets (`(`, `[`, `{`, outside string literals) an expression may have.
-pub const MAX_CEL_NESTING: usize = 32;
+pub(crate) const MAX_CEL_NESTING: usize = 32;
 /// Deepest parsed expression tree accepted (evaluation recurses once per level).
-pub const MAX_CEL_DEPTH: usize = 48;
+pub(crate) const MAX_CEL_DEPTH: usize = 48;
 /// Stack of the thread that parses an expression: room for [`MAX_CEL_NESTING`] levels of the parser.
 const PARSE_STACK_BYTES: usize = 64 * 1024 * 1024;
 
@@ -111,13 +111,14 @@ fn push_entry<'a>(stack: &mut Vec<(&'a IdedExpr, usize)>, entry: &'a EntryExpr, 
 impl CelRule {
     /// Compiles `source`, rejecting syntax errors, what [`crate::cel_check`] refuses, and expressions whose
     /// cost at the input limits of `limits` exceeds its `max_cel_cost`.
-    pub fn compile(source: &str, limits: &PolicyLimits) -> Result<Self, ValidationError> {
+    #[cfg(test)]
+    pub(crate) fn compile(source: &str, limits: &PolicyLimits) -> Result<Self, ValidationError> {
         Self::compile_in(source, limits, Arc::new(Env::stdlib()))
     }
 
     /// Like [`CelRule::compile`], in an environment shared with the other rules of a snapshot (so that
     /// one evaluation context serves them all).
-    pub fn compile_in(source: &str, limits: &PolicyLimits, env: Arc<Env>) -> Result<Self, ValidationError> {
+    pub(crate) fn compile_in(source: &str, limits: &PolicyLimits, env: Arc<Env>) -> Result<Self, ValidationError> {
         let rule = Self::parse(source, env)?;
         let checked = cel_check::check(rule.program.expression(), sizes(limits), limits.max_pattern_len)?;
         if checked.cost > limits.max_cel_cost {
@@ -135,7 +136,7 @@ impl CelRule {
 
     /// The cost [`crate::cel_check`] computes for `source` at `limits`, if it is accepted at all (for
     /// measurements and tests).
-    pub fn cost(source: &str, limits: &PolicyLimits) -> Result<u64, ValidationError> {
+    pub(crate) fn cost(source: &str, limits: &PolicyLimits) -> Result<u64, ValidationError> {
         let rule = Self::parse(source, Arc::new(Env::stdlib()))?;
         cel_check::check(rule.program.expression(), sizes(limits), limits.max_pattern_len).map(|checked| checked.cost)
     }
@@ -181,14 +182,14 @@ impl CelRule {
 
     /// Evaluates the rule. `Ok(true)` means violated. Any runtime error, and any non-boolean result, is an
     /// evaluation error (the policy's `on_error` then decides).
-    pub fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
+    pub(crate) fn evaluate(&self, input: &CelInput<'_>) -> Result<bool, String> {
         self.evaluate_in(&self.context(input))
     }
 
     /// The variables of `input`, converted for this rule's environment. Converting costs more than
     /// evaluating most rules, so convert once per call and evaluate every rule of the same environment
     /// against them. The values borrow the input's strings (a step's texts may be kilobytes).
-    pub fn context<'a>(&self, input: &CelInput<'a>) -> CelContext<'a> {
+    pub(crate) fn context<'a>(&self, input: &CelInput<'a>) -> CelContext<'a> {
         CelContext {
             run: input.run_value(),
             step: input.step.map(step_value),
@@ -197,12 +198,12 @@ impl CelRule {
     }
 
     /// Whether this rule was compiled in `env` (and so can be evaluated in its contexts).
-    pub fn shares_env(&self, other: &CelRule) -> bool {
+    pub(crate) fn shares_env(&self, other: &CelRule) -> bool {
         Arc::ptr_eq(&self.env, &other.env)
     }
 
     /// Evaluates the rule against variables converted by a rule of the same environment.
-    pub fn evaluate_in(&self, variables: &CelContext<'_>) -> Result<bool, String> {
+    pub(crate) fn evaluate_in(&self, variables: &CelContext<'_>) -> Result<bool, String> {
         let mut context = Context::with_env(Arc::clone(&self.env));
         context.set_variable_resolver(variables);
         match self.program.execute(&context) {
@@ -249,23 +250,23 @@ fn first_line(text: &str) -> String {
 
 /// What a CEL rule sees.
 #[derive(Debug)]
-pub struct CelInput<'a> {
+pub(crate) struct CelInput<'a> {
     /// The run's id.
-    pub run_id: &'a str,
+    pub(crate) run_id: &'a str,
     /// The run's tenant.
-    pub tenant: &'a str,
+    pub(crate) tenant: &'a str,
     /// The run's labels.
-    pub labels: &'a BTreeMap<String, String>,
+    pub(crate) labels: &'a BTreeMap<String, String>,
     /// Totals as the rule should see them (after this step's usage at `post`).
-    pub totals: Totals,
+    pub(crate) totals: Totals,
     /// The step, absent at run start and run end.
-    pub step: Option<&'a StepCall>,
+    pub(crate) step: Option<&'a StepCall>,
     /// The evaluation time (CEL `int` milliseconds since the epoch).
-    pub now: Timestamp,
+    pub(crate) now: Timestamp,
 }
 
 /// The variables a CEL rule sees (`run`, `step`, `now`), converted once per call.
-pub struct CelContext<'a> {
+pub(crate) struct CelContext<'a> {
     run: Val<'a>,
     step: Option<Val<'a>>,
     now: Val<'a>,

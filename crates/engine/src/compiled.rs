@@ -7,10 +7,11 @@ use runguard_contract::{
 
 use crate::cel_rule::CelRule;
 use crate::content::ContentMatcher;
+use crate::error::Error;
 
 /// A compiled rule.
 #[derive(Debug)]
-pub enum Matcher {
+pub(crate) enum Matcher {
     /// A budget.
     Budget(BudgetRule),
     /// A rate limit.
@@ -31,7 +32,7 @@ pub enum Matcher {
 }
 
 /// Compiles one rule. Errors name the field under `rule`.
-pub fn compile_rule(rule: &Rule, limits: &PolicyLimits) -> Result<Matcher, ValidationError> {
+pub(crate) fn compile_rule(rule: &Rule, limits: &PolicyLimits) -> Result<Matcher, ValidationError> {
     compile_rule_in(rule, limits, &std::sync::OnceLock::new())
 }
 
@@ -62,7 +63,7 @@ fn compile_rule_in(
 }
 
 /// Skill names compare trimmed and lower-cased.
-pub fn normalize_skill(skill: &str) -> String {
+pub(crate) fn normalize_skill(skill: &str) -> String {
     skill.trim().to_lowercase()
 }
 
@@ -73,21 +74,27 @@ pub fn validate_document(doc: &PolicyDocument, limits: &PolicyLimits) -> Result<
     compile_rule(&doc.rule, limits).map(drop)
 }
 
+/// The cost bound the static check computes for a CEL rule at `limits` (compared with
+/// `limits.max_cel_cost` by [`validate_document`]), or why the rule is refused before any cost applies.
+pub fn cel_cost(source: &str, limits: &PolicyLimits) -> Result<u64, ValidationError> {
+    CelRule::cost(source, limits)
+}
+
 /// A policy of a snapshot with its compiled rule.
 #[derive(Debug)]
-pub struct CompiledPolicy {
+pub(crate) struct CompiledPolicy {
     /// The pinned policy version.
-    pub policy: Policy,
+    pub(crate) policy: Policy,
     /// The compiled rule, or why it could not be compiled (then `on_error` decides at evaluation).
-    pub matcher: Result<Matcher, String>,
+    pub(crate) matcher: Result<Matcher, String>,
     /// For content rules: the index in the snapshot's screen of each part of the matcher.
-    pub screen: Vec<usize>,
+    pub(crate) screen: Vec<usize>,
 }
 
 /// One pass over a text that tells, for every content regex of the snapshot, whether it can match at
 /// all; most texts match nothing, so most per-rule scans are skipped.
 #[derive(Debug)]
-pub struct ContentScreen {
+pub(crate) struct ContentScreen {
     /// Every entry, for ASCII texts (and for all texts when no entry has a Unicode word boundary).
     all: EntrySet,
     /// For texts with a non-ASCII byte, when some entries may have a Unicode word boundary. A lazy DFA
@@ -119,7 +126,7 @@ struct SplitScreen {
 
 /// What the screen found in a text.
 #[derive(Debug)]
-pub enum Screened {
+pub(crate) enum Screened {
     /// Nothing can match.
     Clean,
     /// Whether each entry matches somewhere.
@@ -128,7 +135,7 @@ pub enum Screened {
 
 impl Screened {
     /// Whether entry `i` may match.
-    pub fn may_match(&self, i: usize) -> bool {
+    pub(crate) fn may_match(&self, i: usize) -> bool {
         match self {
             Screened::Clean => false,
             Screened::Matches(matches) => matches.get(i).copied().unwrap_or(false),
@@ -163,7 +170,7 @@ impl EntrySet {
 
 impl ContentScreen {
     /// Which screen entries match somewhere in `text`.
-    pub fn matches(&self, text: &str) -> Screened {
+    pub(crate) fn matches(&self, text: &str) -> Screened {
         let mut hits = vec![false; self.entries];
         let found = match &self.non_ascii {
             Some(split) if !text.is_ascii() => {
@@ -235,7 +242,7 @@ fn may_have_unicode_word_boundary(source: &str) -> bool {
 
 impl CompiledPolicy {
     /// Whether the policy is evaluated at `bind`.
-    pub fn binds_at(&self, bind: BindAt) -> bool {
+    pub(crate) fn binds_at(&self, bind: BindAt) -> bool {
         self.policy.bindings().contains(&bind)
     }
 }
@@ -254,11 +261,8 @@ pub struct CompiledSnapshot {
 impl CompiledSnapshot {
     /// Compiles a snapshot whose hash is computed here. A policy whose rule no longer compiles is kept and
     /// fails at evaluation under its `on_error` (fail closed by default).
-    pub fn compile(
-        snapshot: &Snapshot,
-        limits: &PolicyLimits,
-    ) -> Result<Self, runguard_contract::canonical::CanonicalError> {
-        let reference = snapshot.reference()?;
+    pub fn compile(snapshot: &Snapshot, limits: &PolicyLimits) -> Result<Self, Error> {
+        let reference = snapshot.reference().map_err(Error::Snapshot)?;
         Ok(Self::build(reference, snapshot, limits))
     }
 
@@ -343,7 +347,7 @@ impl CompiledSnapshot {
     }
 
     /// The snapshot's content screen, if it has content rules and the screen could be built.
-    pub fn screen(&self) -> Option<&ContentScreen> {
+    pub(crate) fn screen(&self) -> Option<&ContentScreen> {
         self.screen.as_ref()
     }
 
@@ -363,13 +367,23 @@ impl CompiledSnapshot {
     }
 
     /// The compiled policies, in snapshot order.
-    pub fn policies(&self) -> &[CompiledPolicy] {
+    pub(crate) fn policies(&self) -> &[CompiledPolicy] {
         &self.policies
     }
 
-    /// A policy by id.
-    pub fn policy(&self, id: &runguard_contract::PolicyId) -> Option<&CompiledPolicy> {
+    /// A policy of the snapshot by id, as pinned (a host stores it beside a prevention record).
+    pub fn policy(&self, id: &runguard_contract::PolicyId) -> Option<&Policy> {
+        self.compiled_policy(id).map(|p| &p.policy)
+    }
+
+    pub(crate) fn compiled_policy(&self, id: &runguard_contract::PolicyId) -> Option<&CompiledPolicy> {
         self.policies.iter().find(|p| &p.policy.id == id)
+    }
+
+    /// Whether any policy reads the step's texts with a content or CEL rule, whose cost grows with them:
+    /// a host may move the evaluation of calls with large texts off a latency-sensitive thread.
+    pub fn scans_texts(&self) -> bool {
+        self.policies.iter().any(|p| matches!(p.matcher, Ok(Matcher::Content(_) | Matcher::Expr(_))))
     }
 
     /// Whether any policy keeps a tenant-wide rate window (the caller must then pass its `TenantRates`).

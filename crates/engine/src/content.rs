@@ -8,13 +8,13 @@ use regex::{Regex, RegexBuilder};
 use runguard_contract::{ContentRule, Detector, EvidenceMatch, ValidationError};
 
 /// Compiled regexes may not exceed this many bytes, so a hostile pattern cannot exhaust memory.
-pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub(crate) const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Samples kept per match kind.
-pub const MAX_SAMPLES: usize = 3;
+pub(crate) const MAX_SAMPLES: usize = 3;
 
 /// A compiled content rule.
 #[derive(Debug)]
-pub struct ContentMatcher {
+pub(crate) struct ContentMatcher {
     detectors: Vec<(Detector, Regex)>,
     patterns: Vec<Regex>,
     /// Case-insensitive lists are compiled lower-cased and search the lower-cased text (see
@@ -70,7 +70,7 @@ fn confirm(detector: Detector, candidate: &str) -> bool {
 }
 
 /// The Luhn checksum over the digits of `candidate` (13 to 19 digits).
-pub fn luhn_valid(candidate: &str) -> bool {
+pub(crate) fn luhn_valid(candidate: &str) -> bool {
     let digits: Vec<u32> = candidate.chars().filter_map(|c| c.to_digit(10)).collect();
     if !(13..=19).contains(&digits.len()) {
         return false;
@@ -93,7 +93,7 @@ pub fn luhn_valid(candidate: &str) -> bool {
 
 /// Redacts a match: the first 2 and last 2 characters are kept only when the match has at least 8
 /// characters, so that at least half of it is always hidden; shorter matches are fully masked.
-pub fn redact(matched: &str) -> String {
+pub(crate) fn redact(matched: &str) -> String {
     let chars: Vec<char> = matched.chars().collect();
     if chars.len() < 8 {
         return "***".to_owned();
@@ -105,7 +105,7 @@ pub fn redact(matched: &str) -> String {
 
 impl ContentMatcher {
     /// Compiles a content rule. Regexes are size-limited; errors name the pattern's index.
-    pub fn compile(rule: &ContentRule) -> Result<Self, ValidationError> {
+    pub(crate) fn compile(rule: &ContentRule) -> Result<Self, ValidationError> {
         let mut detectors = Vec::with_capacity(rule.detectors.len());
         for detector in &rule.detectors {
             let regex = build_regex(detector_source(*detector), false)
@@ -158,18 +158,19 @@ impl ContentMatcher {
     }
 
     /// One regex source per part, in the order [`ContentMatcher::scan_screened`] expects.
-    pub fn screen_sources(&self) -> &[String] {
+    pub(crate) fn screen_sources(&self) -> &[String] {
         &self.screen_sources
     }
 
     /// Every match in `text`, grouped by detector, pattern and keyword, with redacted samples.
-    pub fn scan(&self, text: &str) -> Vec<EvidenceMatch> {
+    #[cfg(test)]
+    pub(crate) fn scan(&self, text: &str) -> Vec<EvidenceMatch> {
         self.scan_screened(&ScanText::new(text), |_| true)
     }
 
     /// Like [`ContentMatcher::scan`], running only the parts for which `may_match(part)` is true (a
     /// screen has ruled out the others).
-    pub fn scan_screened(&self, text: &ScanText<'_>, may_match: impl Fn(usize) -> bool) -> Vec<EvidenceMatch> {
+    pub(crate) fn scan_screened(&self, text: &ScanText<'_>, may_match: impl Fn(usize) -> bool) -> Vec<EvidenceMatch> {
         let folded = text;
         let text = folded.text;
         let mut found = Vec::new();
@@ -208,20 +209,15 @@ impl ContentMatcher {
 /// A text being scanned by several content rules, with its ASCII-lower-cased copy made on first use and
 /// shared by every case-insensitive keyword list.
 #[derive(Debug)]
-pub struct ScanText<'t> {
+pub(crate) struct ScanText<'t> {
     text: &'t str,
     folded: std::cell::OnceCell<String>,
 }
 
 impl<'t> ScanText<'t> {
     /// Wraps `text`.
-    pub fn new(text: &'t str) -> Self {
+    pub(crate) fn new(text: &'t str) -> Self {
         Self { text, folded: std::cell::OnceCell::new() }
-    }
-
-    /// The text itself.
-    pub fn text(&self) -> &'t str {
-        self.text
     }
 
     fn folded(&self) -> &str {

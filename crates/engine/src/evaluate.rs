@@ -6,7 +6,7 @@ use runguard_contract::{
     Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentTarget, Decision, DecisionId, DecisionPhase, Evidence,
     IncidentId, Mode, OnError, Outcome, PatternRule, Phase, Policy, PolicyAction, PolicyId, PolicyRef,
     PreventionRecord, RateMetric, RateRule, RateScope, RecordHash, RecordId, Remaining, Rule, ShadowEntry, Signature,
-    StepCall, StepError, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
+    StepCall, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
 };
 
 use crate::cel_rule::{CelContext, CelInput};
@@ -17,7 +17,7 @@ use crate::state::{Effects, RunState, TenantRates, TierKey, call_digest};
 
 /// The call being evaluated.
 #[derive(Clone, Copy, Debug)]
-pub enum Call<'a> {
+pub(crate) enum Call<'a> {
     /// Run creation (`run_start` policies).
     RunStart,
     /// A step's `pre` or `post` call.
@@ -26,8 +26,6 @@ pub enum Call<'a> {
     RunEnd {
         /// How the run ended.
         outcome: Outcome,
-        /// The failing step's error, if any.
-        error: Option<&'a StepError>,
     },
 }
 
@@ -62,19 +60,19 @@ impl<'a> Call<'a> {
 /// The result of evaluating a call: the decision, how the run state changes, and what the caller must
 /// persist or count.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Evaluation {
+pub(crate) struct Evaluation {
     /// The decision to return.
-    pub decision: Decision,
+    pub(crate) decision: Decision,
     /// What [`RunState::apply`] folds in.
-    pub effects: Effects,
+    pub(crate) effects: Effects,
     /// The prevention record this decision requires (unsealed: the store assigns `seq` and the chain).
-    pub record: Option<PreventionRecord>,
+    pub(crate) record: Option<PreventionRecord>,
     /// The mode of the deciding policy, if any.
-    pub deciding_mode: Option<Mode>,
+    pub(crate) deciding_mode: Option<Mode>,
     /// Policies skipped because they failed with `on_error: allow` (each is a fail-open to count).
-    pub fail_opens: Vec<PolicyRef>,
+    pub(crate) fail_opens: Vec<PolicyRef>,
     /// Shadow policies evaluated by this call (for shadow statistics).
-    pub shadow_evaluated: Vec<PolicyId>,
+    pub(crate) shadow_evaluated: Vec<PolicyId>,
 }
 
 /// One violation found by one policy, before it is attributed.
@@ -487,7 +485,7 @@ fn remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
 }
 
 /// The id of the synthetic violation raised when a snapshot fails verification.
-pub const INTEGRITY_POLICY_ID: &str = "runguard:integrity";
+pub(crate) const INTEGRITY_POLICY_ID: &str = "runguard:integrity";
 
 fn integrity_violation(snapshot: &CompiledSnapshot) -> Option<Violation> {
     Some(Violation {
@@ -543,7 +541,7 @@ fn effects_for(snapshot: &CompiledSnapshot, state: &RunState, call: Call<'_>, no
 ///
 /// Pure and deterministic: the same snapshot, state, call, tenant rates and `now` give the same
 /// [`Evaluation`]. Step calls should first pass [`RunState::admit`]; this function does not check order.
-pub fn evaluate(
+pub(crate) fn evaluate(
     snapshot: &CompiledSnapshot,
     state: &RunState,
     call: Call<'_>,
@@ -636,9 +634,9 @@ pub fn evaluate(
             .filter(|(v, _, _)| v.action == action)
             .min_by(|(a, pa, _), (b, pb, _)| (pa, a.policy_id.as_str()).cmp(&(pb, b.policy_id.as_str())));
         if let Some((v, _, _)) = deciding {
-            let compiled = snapshot.policy(&v.policy_id);
-            decision.deciding_policy = compiled.map(|c| policy_ref(&c.policy));
-            deciding_mode = compiled.map(|c| c.policy.mode);
+            let policy = snapshot.policy(&v.policy_id);
+            decision.deciding_policy = policy.map(policy_ref);
+            deciding_mode = policy.map(|p| p.mode);
         }
     }
     decision.action = action;
@@ -672,7 +670,7 @@ fn draft_record(
     now: Timestamp,
 ) -> Option<PreventionRecord> {
     let deciding = decision.deciding_policy.as_ref()?;
-    let policy = &snapshot.policy(&deciding.id)?.policy;
+    let policy = snapshot.policy(&deciding.id)?;
     let (pattern_id, signature_hash) = match &policy.rule {
         Rule::Pattern(rule) => (Some(rule.pattern_id.clone()), Some(rule.signature_hash.clone())),
         _ => (None, None),

@@ -22,6 +22,10 @@ struct StepFields {
     input_keys: Vec<String>,
 }
 
+fn has_no_fields(call: &StepCall) -> bool {
+    call.skill.is_none() && call.api_endpoint.is_none() && call.input_keys.is_empty()
+}
+
 /// What the tracker keeps of one step call (its texts are not needed); cheap to copy.
 #[derive(Clone, Debug)]
 pub(crate) struct Observation {
@@ -44,6 +48,24 @@ impl Observation {
 }
 
 impl FailureTracker {
+    /// What recording `call` will need. A call that repeats the tracked step's fields, or has none (a
+    /// `post` after its `pre`, usually), shares them rather than copying its strings on the hot path.
+    pub(crate) fn observation(&self, call: &StepCall) -> Observation {
+        let fields = match &self.current {
+            Some(current)
+                if current.index == call.index
+                    && (has_no_fields(call)
+                        || (current.skill == call.skill
+                            && current.api_endpoint == call.api_endpoint
+                            && current.input_keys == call.input_keys)) =>
+            {
+                Arc::clone(current)
+            }
+            _ => return Observation::of(call),
+        };
+        Observation { fields, error: call.error.clone() }
+    }
+
     /// Observes an accepted step call.
     #[cfg(test)]
     pub(crate) fn observe(&mut self, call: &StepCall) {
@@ -54,6 +76,7 @@ impl FailureTracker {
     pub(crate) fn record(&mut self, observation: Observation) {
         let Observation { fields: call, error } = observation;
         let fields = match self.current.take() {
+            Some(current) if Arc::ptr_eq(&current, &call) => current,
             Some(current) if current.index == call.index => {
                 if call.skill.is_none() && call.api_endpoint.is_none() && call.input_keys.is_empty() {
                     current
@@ -117,6 +140,33 @@ mod tests {
         let (signature, error) = tracker.incident_basis(None);
         assert_eq!((signature.skill.as_str(), signature.api_endpoint.as_str()), ("fetch", "/a/{id}"));
         assert_eq!(error.error_type.as_deref(), Some("Timeout"));
+    }
+
+    #[test]
+    fn a_post_repeating_its_pre_shares_the_tracked_fields() {
+        let pre = StepCall {
+            skill: Some("fetch".into()),
+            api_endpoint: Some("/a/1".into()),
+            input_keys: vec!["id".into()],
+            ..StepCall::new(0, Phase::Pre)
+        };
+        let mut tracker = FailureTracker::default();
+        tracker.record(tracker.observation(&pre));
+        let error = StepError { error_type: Some("Timeout".into()), ..StepError::default() };
+        for post in [
+            StepCall { error: Some(error.clone()), ..StepCall::new(0, Phase::Post) },
+            StepCall { error: Some(error.clone()), index: 0, phase: Phase::Post, ..pre.clone() },
+        ] {
+            let mut shared = tracker.clone();
+            let observation = shared.observation(&post);
+            assert!(shared.current.as_ref().is_some_and(|current| Arc::ptr_eq(current, &observation.fields)));
+            shared.record(observation);
+            let mut copied = tracker.clone();
+            copied.observe(&post);
+            assert_eq!(format!("{:?}", shared.incident_basis(None)), format!("{:?}", copied.incident_basis(None)));
+        }
+        let next = StepCall { index: 1, ..pre };
+        assert!(!Arc::ptr_eq(tracker.current.as_ref().unwrap(), &tracker.observation(&next).fields));
     }
 
     #[test]

@@ -42,27 +42,79 @@
 //! assert_eq!(run.state().status, RunStatus::Stopped);
 //! ```
 //!
-//! The lower-level pieces `Run` is made of ([`RunState::admit`], [`evaluate`], [`RunState::apply`]) stay
-//! public for the engine's own tests and benches.
+//! A tenant-scope rate rule counts every run of the tenant in one window: pass the same [`TenantRates`]
+//! to the steps of all its runs (behind the tenant's lock in a multi-threaded host), and the second run
+//! is throttled by what the first consumed:
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use runguard_contract::*;
+//! # use runguard_engine::{CompiledSnapshot, Run, RunLimits, TenantRates};
+//! # let tenant = TenantId::new("acme").unwrap();
+//! let doc = PolicyDocument::from_json(
+//!     br#"{"id": "pol_rate", "name": "One step a minute per tenant",
+//!          "rule": {"kind": "rate", "metric": "steps", "max": 1, "window_s": 60, "scope": "tenant"}}"#,
+//!     &PolicyLimits::default(),
+//! ).unwrap();
+//! let policy = Policy::create(doc, PolicyId::new("pol_rate").unwrap(), Some(tenant.clone()),
+//!                             Timestamp::from_unix_millis(0));
+//! let snapshot = Arc::new(CompiledSnapshot::compile(&Snapshot::capture(&tenant, [&policy]),
+//!                                                   &PolicyLimits::default()).unwrap());
+//! let mut tenant_rates = TenantRates::default();
+//! let mut actions = Vec::new();
+//! for name in ["run-a", "run-b"] {
+//!     let now = Timestamp::from_unix_millis(1_000);
+//!     let (mut run, start) = Run::start(Arc::clone(&snapshot), tenant.clone(), RunId::new(name).unwrap(),
+//!                                       Default::default(), now);
+//!     run.commit(start);
+//!     let outcome = run.step(&StepCall::new(0, Phase::Pre), &RunLimits::default(), &mut tenant_rates, now)
+//!         .unwrap();
+//!     actions.push(outcome.decision.action);
+//!     run.commit(outcome);
+//! }
+//! assert_eq!(actions, [Action::Allow, Action::Throttle]);
+//! ```
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
+#![deny(missing_docs, unreachable_pub)]
 
-pub mod cel_check;
+mod cel_check;
 mod cel_rule;
 mod compiled;
 mod content;
+mod error;
 mod evaluate;
 mod failure;
 pub mod learning;
 mod rates;
-mod replay;
 mod run;
 mod state;
 
-pub use cel_rule::{CelContext, CelRule};
-pub use compiled::{CompiledPolicy, CompiledSnapshot, Matcher, compile_rule, validate_document};
-pub use content::{ContentMatcher, ScanText, luhn_valid, redact};
-pub use evaluate::{Call, Evaluation, INTEGRITY_POLICY_ID, evaluate};
-pub use rates::RateEvent;
-pub use replay::{ReplayedCall, replay};
+pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
+pub use error::Error;
 pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
-pub use state::{Admission, Effects, LastCall, Refusal, RunState, TenantRates, Termination, TierKey, call_digest};
+pub use state::{Effects, Refusal, RunState, TenantRates, Termination};
+
+/// The engine's internals stay out of reach of a host; each of these fails to compile.
+///
+/// ```compile_fail
+/// use runguard_engine::evaluate;
+/// ```
+/// ```compile_fail
+/// use runguard_engine::cel_check;
+/// ```
+/// ```compile_fail
+/// use runguard_engine::{CelContext, CelRule, Matcher, ContentMatcher};
+/// ```
+/// ```compile_fail
+/// fn fold(state: &mut runguard_engine::RunState, effects: &runguard_engine::Effects, d: &runguard_contract::Decision) {
+///     state.apply(d, effects);
+/// }
+/// ```
+/// ```compile_fail
+/// fn peek(effects: &runguard_engine::Effects) -> bool { effects.counts_step }
+/// ```
+/// ```compile_fail
+/// fn count(rates: &mut runguard_engine::TenantRates, effects: &runguard_engine::Effects) { rates.apply(effects) }
+/// ```
+#[cfg(doctest)]
+struct PrivateApi;

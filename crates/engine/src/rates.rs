@@ -14,15 +14,15 @@ use serde::{Deserialize, Serialize};
 
 /// Consumption at one instant, kept for sliding-window rate rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RateEvent {
+pub(crate) struct RateEvent {
     /// When.
-    pub at: Timestamp,
+    pub(crate) at: Timestamp,
     /// Steps admitted.
-    pub steps: u64,
+    pub(crate) steps: u64,
     /// Tokens reported.
-    pub tokens: u64,
+    pub(crate) tokens: u64,
     /// Micro-USD reported.
-    pub cost_micros: u64,
+    pub(crate) cost_micros: u64,
 }
 
 /// The events a rate rule is checked against.
@@ -251,3 +251,6 @@ impl RateEvents for RateWindow {
         self.slots.get(low).map(|slot| slot.at)
     }
 }
+
+#[cfg(test)]
+mod model;

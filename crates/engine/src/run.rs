@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use runguard_contract::{
     Action, Decision, Mode, PolicyId, PolicyRef, PreventionRecord, RunId, RunStatus, Signature, SnapshotHash, StepCall,
@@ -20,24 +21,41 @@ use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
 use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
 
-/// What a host configures about every run it hosts.
+/// What a host configures about every run it hosts. The default limits nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RunLimits {
     /// Step calls with an index at or above this are refused ([`Refusal::StepLimit`]).
     pub steps_per_run: u64,
+    /// How long after its creation a run that has not ended expires; `None` keeps it running.
+    pub ttl: Option<Duration>,
 }
 
 impl RunLimits {
-    /// Limits allowing `steps_per_run` steps.
+    /// Limits allowing `steps_per_run` steps, without a TTL.
     pub fn new(steps_per_run: u64) -> Self {
-        Self { steps_per_run }
+        Self { steps_per_run, ttl: None }
+    }
+
+    /// These limits with runs expiring `ttl` after their creation.
+    #[must_use]
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        Self { ttl: Some(ttl), ..self }
+    }
+
+    /// Whether a run created at `created_at` is past its TTL at `now`: the one TTL rule, for a live
+    /// [`Run`] ([`Run::expire_if_due`]) and for a stored run of which only the creation time is at hand.
+    pub fn ttl_elapsed(&self, created_at: Timestamp, now: Timestamp) -> bool {
+        self.ttl.is_some_and(|ttl| {
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            now >= created_at.plus_millis(ttl_ms)
+        })
     }
 }
 
 impl Default for RunLimits {
     fn default() -> Self {
-        Self { steps_per_run: u64::MAX }
+        Self { steps_per_run: u64::MAX, ttl: None }
     }
 }
 
@@ -86,7 +104,7 @@ pub struct Outcome {
     pub shadow: Vec<ShadowDelta>,
     /// The incident this call creates (only a failed end of a running run has one).
     pub incident: Option<IncidentBasis>,
-    change: Option<Box<Change>>,
+    change: Option<Change>,
 }
 
 /// What [`Run::commit`] applies besides the decision and effects; absent for an identical retry, which
@@ -133,7 +151,7 @@ impl Outcome {
             fail_opens: evaluation.fail_opens,
             shadow,
             incident: None,
-            change: Some(Box::new(Change { totals, at, observed, ended })),
+            change: Some(Change { totals, at, observed, ended }),
         }
     }
 }
@@ -145,7 +163,7 @@ fn shadow_deltas(snapshot: &CompiledSnapshot, evaluation: &Evaluation) -> Vec<Sh
         .map(|policy_id| {
             let mut delta = ShadowDelta {
                 policy_id: policy_id.clone(),
-                owner: snapshot.policy(policy_id).and_then(|p| p.policy.tenant_id.clone()),
+                owner: snapshot.policy(policy_id).and_then(|p| p.tenant_id.clone()),
                 evaluations: 1,
                 would_block: 0,
                 would_warn: 0,
@@ -220,6 +238,7 @@ pub struct Run {
 impl Run {
     /// A new run bound to `snapshot`, and the outcome of its run-start call, which the host persists and
     /// commits like any other.
+    #[must_use = "the run-start outcome changes nothing until it is persisted and committed"]
     pub fn start(
         snapshot: Arc<CompiledSnapshot>,
         tenant: TenantId,
@@ -270,11 +289,13 @@ impl Run {
         }
         let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
         tenant_rates.apply(&evaluation.effects);
-        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(Observation::of(call)), None))
+        let observed = self.failure.observation(call);
+        Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))
     }
 
     /// Ends the run as its agent reports; `None` when it is no longer running (ending it again changes
     /// nothing).
+    #[must_use = "the run-end outcome changes nothing until it is persisted and committed"]
     pub fn end(
         &self,
         outcome: runguard_contract::Outcome,
@@ -284,8 +305,7 @@ impl Run {
         if !self.state.status.is_running() {
             return None;
         }
-        let evaluation =
-            evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome, error }, &TenantRates::default(), now);
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome }, &TenantRates::default(), now);
         let mut answer = Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, Some(outcome));
         // Only a running run that ends failed, and is not stopped by a block, creates an incident.
         if runguard_contract::prevention::may_create_incident(self.state.status, outcome)
@@ -302,12 +322,13 @@ impl Run {
     pub fn commit(&mut self, outcome: Outcome) {
         let Some(change) = outcome.change else { return };
         self.state.apply(&outcome.decision, &outcome.effects);
-        let Change { at, observed, ended, .. } = *change;
+        let Change { at, observed, ended, .. } = change;
         self.settle(at, observed, ended);
     }
 
     /// The run as it will be once `outcome` is committed, leaving this one unchanged: for a host that
     /// persists the run's new form before it applies the outcome (it then replaces the run with this one).
+    #[must_use = "the run as it will be is to be persisted; `commit` applies an outcome in place"]
     pub fn after(&self, outcome: &Outcome) -> Self {
         let mut next = self.clone();
         if let Some(change) = &outcome.change {
@@ -330,10 +351,11 @@ impl Run {
         }
     }
 
-    /// Expires a running run whose `ttl_ms` since creation has passed at `now`; whether it did. The host
-    /// persists the run's new status before anything else happens to it.
-    pub fn expire_if_due(&mut self, now: Timestamp, ttl_ms: i64) -> bool {
-        if !self.state.status.is_running() || now < self.created_at.plus_millis(ttl_ms) {
+    /// Expires a running run past the TTL of `limits` at `now`; whether it did. The host persists the
+    /// run's new status before anything else happens to it.
+    #[must_use = "an expired run's new status must be persisted"]
+    pub fn expire_if_due(&mut self, now: Timestamp, limits: &RunLimits) -> bool {
+        if !self.state.status.is_running() || !limits.ttl_elapsed(self.created_at, now) {
             return false;
         }
         self.state.expire();
@@ -387,11 +409,6 @@ impl Run {
     /// A run continuing from `state` (replays start from a state rather than from a run-start call).
     pub(crate) fn resume(snapshot: Arc<CompiledSnapshot>, state: RunState, created_at: Timestamp) -> Self {
         Self { snapshot, state, failure: FailureTracker::default(), created_at, ended_at: None, outcome: None }
-    }
-
-    /// The run's engine state, consuming the run.
-    pub(crate) fn into_state(self) -> RunState {
-        self.state
     }
 
     /// The run's engine state.

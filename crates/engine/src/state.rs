@@ -14,11 +14,11 @@ use crate::rates::{RateEvent, RateWindow};
 
 /// A warn tier of a budget policy that has fired in this run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct TierKey {
+pub(crate) struct TierKey {
     /// The budget policy.
-    pub policy_id: PolicyId,
+    pub(crate) policy_id: PolicyId,
     /// The tier, in percent.
-    pub tier: u32,
+    pub(crate) tier: u32,
 }
 
 /// Run-scope rate events older than the longest window are dropped.
@@ -29,8 +29,8 @@ fn prune(events: &mut VecDeque<RateEvent>, now: Timestamp, horizon_ms: i64) {
     }
 }
 
-/// The tenant-wide rate windows on this node. The caller owns one per tenant and passes it to
-/// [`evaluate`](crate::evaluate), then applies [`Effects::tenant_rate_event`] to it.
+/// One tenant's rate windows, shared by all its runs: a host keeps one per tenant and passes it to every
+/// [`Run::step`](crate::Run::step) of the tenant's runs, which reads it and counts the call in it.
 ///
 /// A tenant's window holds every call of the tenant within the longest window (hundreds of thousands
 /// under load): running totals are kept beside the events, so that a rate check takes time logarithmic
@@ -71,7 +71,7 @@ impl Eq for TenantRates {}
 
 impl TenantRates {
     /// Records the tenant-scope consumption of an applied evaluation.
-    pub fn apply(&mut self, effects: &Effects) {
+    pub(crate) fn apply(&mut self, effects: &Effects) {
         if let Some(event) = effects.tenant_rate_event {
             self.window.push(event);
             self.window.drop_through(event.at.plus_millis(effects.tenant_window_ms.saturating_neg()));
@@ -80,7 +80,7 @@ impl TenantRates {
 
     /// The events still inside some window, in the order they were recorded; consecutive events of the
     /// same millisecond come merged into one.
-    pub fn events(&self) -> impl Iterator<Item = RateEvent> + '_ {
+    pub(crate) fn events(&self) -> impl Iterator<Item = RateEvent> + '_ {
         self.window.events()
     }
 
@@ -91,19 +91,20 @@ impl TenantRates {
 
 /// The last call a run accepted, with its decision, for idempotent retries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastCall {
+pub(crate) struct LastCall {
     /// Step index, `None` at run start or end.
-    pub index: Option<u64>,
+    pub(crate) index: Option<u64>,
     /// Where in the run.
-    pub phase: DecisionPhase,
+    pub(crate) phase: DecisionPhase,
     /// SHA-256 of the call's canonical JSON.
-    pub digest: String,
+    pub(crate) digest: String,
     /// The decision it got.
-    pub decision: Decision,
+    pub(crate) decision: Decision,
 }
 
 /// Why a run stopped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Termination {
     /// Policy block or integrity failure.
     pub reason: TerminationReason,
@@ -113,7 +114,8 @@ pub struct Termination {
     pub violation_policy_id: Option<PolicyId>,
 }
 
-/// The state of one run.
+/// The state of one run, as a host reads it ([`Run::state`](crate::Run::state)); it changes only when a
+/// [`Run`](crate::Run) commits an outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunState {
     /// The run's tenant.
@@ -129,20 +131,20 @@ pub struct RunState {
     /// The next call expected.
     pub next: NextCall,
     /// Decisions made so far (each evaluation, including throttles); seeds decision ids.
-    pub decisions: u64,
+    pub(crate) decisions: u64,
     /// Warn tiers that already fired.
-    pub fired_tiers: BTreeSet<TierKey>,
+    pub(crate) fired_tiers: BTreeSet<TierKey>,
     /// Run-scope rate events inside the longest window.
-    pub rate_events: VecDeque<RateEvent>,
+    pub(crate) rate_events: VecDeque<RateEvent>,
     /// The last accepted call (boxed: most live runs are idle, and an idle run's state stays small).
-    pub last: Option<Box<LastCall>>,
+    pub(crate) last: Option<Box<LastCall>>,
     /// Set once the run is stopped.
     pub termination: Option<Termination>,
 }
 
 /// Whether a step call may be evaluated.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// In order: evaluate it.
     Evaluate,
     /// An identical re-send of the last call: answer its decision again.
@@ -188,7 +190,7 @@ pub enum Refusal {
 /// SHA-256 (hex) of a call's fields, to recognise identical re-sends. Each field is fed with a tag and
 /// its length, so distinct calls cannot collide by shifting bytes between fields; no serialisation is
 /// needed (it would cost more than evaluating a typical snapshot).
-pub fn call_digest(call: &StepCall) -> String {
+pub(crate) fn call_digest(call: &StepCall) -> String {
     use sha2::{Digest, Sha256};
     fn field(hasher: &mut Sha256, tag: u8, bytes: Option<&[u8]>) {
         match bytes {
@@ -256,33 +258,34 @@ mod tests {
     }
 }
 
-/// How a call changes the run, computed by evaluation and applied by [`RunState::apply`].
+/// How a call changes its run. Opaque to a host, which persists it (serialised) with the call's ledger
+/// entry so that [`Run::rehydrate`](crate::Run::rehydrate) can fold it in again.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Effects {
     /// The call's digest (step calls).
-    pub digest: Option<String>,
+    pub(crate) digest: Option<String>,
     /// The call's step index and phase (step calls).
-    pub step: Option<(u64, Phase)>,
+    pub(crate) step: Option<(u64, Phase)>,
     /// Usage added to the totals (`post`).
-    pub usage: Option<Usage>,
+    pub(crate) usage: Option<Usage>,
     /// Whether the call counts a step (`post`).
-    pub counts_step: bool,
+    pub(crate) counts_step: bool,
     /// Warn tiers that fired.
-    pub fired_tiers: Vec<TierKey>,
+    pub(crate) fired_tiers: Vec<TierKey>,
     /// Run-scope rate event to record.
-    pub run_rate_event: Option<RateEvent>,
+    pub(crate) run_rate_event: Option<RateEvent>,
     /// Longest run-scope window, in ms.
-    pub run_window_ms: i64,
+    pub(crate) run_window_ms: i64,
     /// Tenant-scope rate event for the caller's [`TenantRates`].
-    pub tenant_rate_event: Option<RateEvent>,
+    pub(crate) tenant_rate_event: Option<RateEvent>,
     /// Longest tenant-scope window, in ms.
-    pub tenant_window_ms: i64,
+    pub(crate) tenant_window_ms: i64,
     /// The outcome, for a run-end call.
-    pub end_outcome: Option<Outcome>,
+    pub(crate) end_outcome: Option<Outcome>,
 }
 
 impl RunState {
-    /// A new running run expecting step 0.
+    /// A new running run expecting step 0 (where a simulation of recorded calls starts).
     pub fn new(tenant_id: TenantId, run_id: RunId, labels: BTreeMap<String, String>) -> Self {
         Self {
             tenant_id,
@@ -300,7 +303,7 @@ impl RunState {
     }
 
     /// Decides whether `call` may be evaluated now (SPEC §2.5).
-    pub fn admit(&self, call: &StepCall) -> Admission {
+    pub(crate) fn admit(&self, call: &StepCall) -> Admission {
         let last_same_call = self.last.as_ref().filter(|last| {
             last.index == Some(call.index)
                 && last.phase == DecisionPhase::from(call.phase)
@@ -325,7 +328,7 @@ impl RunState {
     }
 
     /// The totals a call is compared against: at `post` its usage and one step are added first.
-    pub fn totals_with(&self, usage: Option<&Usage>, counts_step: bool) -> Totals {
+    pub(crate) fn totals_with(&self, usage: Option<&Usage>, counts_step: bool) -> Totals {
         let mut totals = self.totals;
         if let Some(usage) = usage {
             totals.tokens = totals.tokens.saturating_add(usage.tokens);
@@ -340,7 +343,7 @@ impl RunState {
 
     /// Applies an evaluated call: a pure fold, so replaying a ledger of (decision, effects) rebuilds the
     /// state exactly.
-    pub fn apply(&mut self, decision: &Decision, effects: &Effects) {
+    pub(crate) fn apply(&mut self, decision: &Decision, effects: &Effects) {
         self.decisions = self.decisions.saturating_add(1);
         if let Some(digest) = &effects.digest {
             self.last = Some(Box::new(LastCall {
@@ -383,7 +386,7 @@ impl RunState {
     }
 
     /// Marks a running run expired (TTL passed). Ended and stopped runs keep their status.
-    pub fn expire(&mut self) {
+    pub(crate) fn expire(&mut self) {
         if self.status.is_running() {
             self.status = RunStatus::Expired;
         }

@@ -254,6 +254,13 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The engine's limits for every run of this node: the step limit and the TTL (the one TTL rule is
+    /// [`RunLimits::ttl_elapsed`]).
+    pub fn run_limits(&self) -> runguard_engine::RunLimits {
+        runguard_engine::RunLimits::new(self.limits.steps_per_run)
+            .with_ttl(std::time::Duration::from_secs(self.run_ttl_s))
+    }
+
     /// Loads defaults, then `file` (if any; it must exist), then `RUNGUARD_*` variables (nested keys with
     /// `__`, e.g. `RUNGUARD_LIMITS__BODY_BYTES`), then `overrides`; and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {

@@ -115,7 +115,7 @@ pub fn simulate(candidate: &Arc<CompiledSnapshot>, run: &RecordedRun) -> (Value,
 mod tests {
     use super::*;
     use runguard_contract::{Phase, Snapshot, StepCall, Usage};
-    use runguard_engine::{Call, TenantRates, evaluate};
+    use runguard_engine::{Run, RunLimits, TenantRates};
 
     #[test]
     fn a_tighter_candidate_differs_and_would_write_a_simulated_record() {
@@ -123,11 +123,11 @@ mod tests {
         let run_id = RunId::new("r1").unwrap();
         let at = Timestamp::from_unix_millis(1_000);
         let live_snapshot =
-            CompiledSnapshot::compile(&Snapshot::capture(&tenant, []), &PolicyLimits::default()).unwrap();
-        let mut state = RunState::new(tenant.clone(), run_id.clone(), BTreeMap::new());
+            Arc::new(CompiledSnapshot::compile(&Snapshot::capture(&tenant, []), &PolicyLimits::default()).unwrap());
+        let (mut run, start) = Run::start(live_snapshot, tenant.clone(), run_id.clone(), BTreeMap::new(), at);
+        run.commit(start);
         let step = StepCall { usage: Some(Usage { tokens: 50, ..Usage::default() }), ..StepCall::new(0, Phase::Post) };
-        let live = evaluate(&live_snapshot, &state, Call::Step(&step), &TenantRates::default(), at);
-        state.apply(&live.decision, &live.effects);
+        let live = run.step(&step, &RunLimits::default(), &mut TenantRates::default(), at).unwrap();
         let recorded = RecordedRun {
             tenant_id: tenant.clone(),
             run_id,

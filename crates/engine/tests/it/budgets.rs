@@ -26,8 +26,8 @@ fn a_total_equal_to_max_is_allowed_and_one_above_blocks() {
     assert_eq!(v.reason, "run tokens 101 exceed 100");
     assert_eq!(e.decision.deciding_policy.as_ref().unwrap().id.as_str(), "pol_tokens");
     assert!(e.record.is_some());
-    assert_eq!(run.state.status, RunStatus::Stopped);
-    assert_eq!(run.state.totals.tokens, 101, "usage is added before budgets compare");
+    assert_eq!(run.state().status, RunStatus::Stopped);
+    assert_eq!(run.state().totals.tokens, 101, "usage is added before budgets compare");
 }
 
 #[test]
@@ -45,12 +45,12 @@ fn max_zero_allows_nothing_and_absent_budget_means_no_limit() {
 #[test]
 fn a_pre_estimate_is_refused_before_it_spends() {
     let mut run = Driver::new(&[tokens_budget(100)]);
-    run.send(&post(0, 60), at(1));
+    run.pass(&post(0, 60), at(1));
     assert_eq!(run.peek(&pre_estimate(1, 40), at(2)).decision.action, Action::Allow, "60 + 40 = max");
     let e = run.send(&pre_estimate(1, 41), at(2));
     assert_eq!(e.decision.action, Action::Block);
     assert_eq!(e.decision.violations[0].actual.as_deref(), Some("101"));
-    assert_eq!(run.state.totals.tokens, 60, "a refused pre spends nothing");
+    assert_eq!(run.state().totals.tokens, 60, "a refused pre spends nothing");
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn steps_budget_counts_accepted_posts_and_refuses_the_next_pre() {
     let steps =
         policy(r#"{"id":"pol_steps","name":"steps","rule":{"kind":"budget","metric":"steps","per":"run","max":2}}"#);
     let mut run = Driver::new(&[steps]);
-    run.send(&post(0, 0), at(1));
+    run.pass(&post(0, 0), at(1));
     let e = run.send(&post(1, 0), at(2));
     assert_eq!((e.decision.action, e.decision.remaining.steps), (Action::Allow, Some(0)));
     let e = run.send(&pre(2), at(3));
@@ -128,7 +128,7 @@ fn a_warn_budget_warns_instead_of_blocking() {
     let e = run.send(&post(0, 11), at(1));
     assert_eq!(e.decision.action, Action::Warn);
     assert!(e.record.is_none());
-    assert_eq!(run.state.status, RunStatus::Running);
+    assert_eq!(run.state().status, RunStatus::Running);
     assert_eq!(e.decision.remaining.tokens, None, "warn budgets do not clamp");
 }
 

@@ -7,12 +7,12 @@
 use std::time::{Duration, Instant};
 
 use runguard_contract::*;
-use runguard_engine::{Call, CompiledSnapshot, RunState, TenantRates, evaluate, validate_document};
+use runguard_engine::{CompiledSnapshot, RunLimits, TenantRates, validate_document};
 
 #[path = "../shared/cel_worst_cases.rs"]
 mod cases;
 
-use crate::support::{T0, at, tenant};
+use crate::support::{T0, at, start, tenant};
 
 /// Per evaluation, in a debug build on a busy machine (measured up to 0.7 s); release figures are in
 /// `docs/evaluation.md` (at most about 25 ms).
@@ -23,7 +23,6 @@ fn the_worst_accepted_rules_evaluate_in_bounded_time_at_the_size_limits() {
     let limits = PolicyLimits::default();
     let step = cases::largest_step();
     step.validate(&StepLimits::default()).unwrap();
-    let state = RunState::new(tenant(), RunId::new("run-worst").unwrap(), cases::largest_labels());
     let mut report = Vec::new();
     for (name, cel, cost) in cases::worst_cases() {
         let doc = serde_json::json!({ "id": "pol_worst", "name": name, "rule": { "kind": "expr", "cel": cel } });
@@ -32,8 +31,9 @@ fn the_worst_accepted_rules_evaluate_in_bounded_time_at_the_size_limits() {
         let policy =
             Policy::create(doc, PolicyId::new("pol_worst").unwrap(), Some(tenant()), Timestamp::from_unix_millis(T0));
         let snapshot = CompiledSnapshot::compile(&Snapshot::capture(&tenant(), [&policy]), &limits).unwrap();
+        let run = start(std::sync::Arc::new(snapshot), "run-worst", cases::largest_labels());
         let started = Instant::now();
-        let evaluation = evaluate(&snapshot, &state, Call::Step(&step), &TenantRates::default(), at(1));
+        let evaluation = run.step(&step, &RunLimits::default(), &mut TenantRates::default(), at(1)).unwrap();
         let took = started.elapsed();
         // Nothing matches: every repetition ran to the end, and none failed.
         assert_eq!(evaluation.decision.action, Action::Allow, "{name}: {:?}", evaluation.decision.violations);

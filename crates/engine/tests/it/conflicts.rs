@@ -62,7 +62,7 @@ fn shadow_policies_are_reported_but_never_decide() {
     assert_eq!(e.decision.action, Action::Allow);
     assert!(e.decision.violations.is_empty());
     assert_eq!(e.decision.shadow[0].would_action, Action::Block);
-    assert_eq!(e.shadow_evaluated.len(), 1);
+    assert_eq!(e.shadow.len(), 1);
     assert!(e.record.is_none());
     assert_eq!(e.decision.remaining.tokens, None, "shadow budgets do not clamp");
 }

@@ -1,7 +1,7 @@
 //! Content (with redaction), skill and pattern rules.
 
 use runguard_contract::*;
-use runguard_engine::{Call, CompiledSnapshot, RunState, TenantRates, evaluate};
+use runguard_engine::{CompiledSnapshot, RunLimits, TenantRates};
 
 use crate::support::*;
 
@@ -109,9 +109,9 @@ fn pattern_policies_never_fire_for_another_tenant() {
     let mut snapshot = Snapshot::capture(&other, [&foreign]);
     snapshot.policies[0].tenant_id = Some(other);
     let compiled = CompiledSnapshot::compile(&snapshot, &PolicyLimits::default()).unwrap();
-    let state = RunState::new(tenant(), RunId::new("r").unwrap(), Default::default());
+    let run = start(std::sync::Arc::new(compiled), "r", Default::default());
     let call = matching_call("/v1/users/1");
-    let e = evaluate(&compiled, &state, Call::Step(&call), &TenantRates::default(), at(1));
+    let e = run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at(1)).unwrap();
     assert_eq!(e.decision.action, Action::Allow);
     assert!(e.record.is_none());
 }

@@ -1,7 +1,9 @@
 //! CEL rules, failure modes (`on_error`) and integrity failures.
 
 use runguard_contract::*;
-use runguard_engine::{Call, CompiledSnapshot, RunState, TenantRates, evaluate};
+use std::sync::Arc;
+
+use runguard_engine::{CompiledSnapshot, Run};
 
 use crate::support::*;
 
@@ -55,42 +57,28 @@ fn run_start_and_run_end_policies_evaluate_at_their_point() {
     let start = expr("pol_s", "run.labels.env == 'prod'", "block");
     let mut start = start;
     start.bind_at = Some(BindAt::RunStart);
-    let snapshot = snapshot(&[start]);
+    let snapshot = Arc::new(snapshot(&[start]));
     let labels = [("env".to_owned(), "prod".to_owned())].into_iter().collect();
-    let mut state = RunState::new(tenant(), RunId::new("r").unwrap(), labels);
-    let e = evaluate(&snapshot, &state, Call::RunStart, &TenantRates::default(), at(0));
+    let (mut run, e) = Run::start(snapshot, tenant(), RunId::new("r").unwrap(), labels, at(0));
     assert_eq!(
         (e.decision.action, e.decision.phase, e.decision.step_index),
         (Action::Block, DecisionPhase::RunStart, None)
     );
-    state.apply(&e.decision, &e.effects);
-    assert_eq!(state.status, RunStatus::Stopped);
+    run.commit(e);
+    assert_eq!(run.state().status, RunStatus::Stopped);
 
     let mut end = expr("pol_e", "run.steps == 0", "block");
     end.bind_at = Some(BindAt::RunEnd);
-    let snapshot = crate::support::snapshot(&[end]);
-    let mut state = RunState::new(tenant(), RunId::new("r").unwrap(), Default::default());
-    let e = evaluate(
-        &snapshot,
-        &state,
-        Call::RunEnd { outcome: Outcome::Succeeded, error: None },
-        &TenantRates::default(),
-        at(0),
-    );
+    let mut run = crate::support::start(Arc::new(crate::support::snapshot(&[end])), "r", Default::default());
+    let e = run.end(Outcome::Succeeded, None, at(0)).unwrap();
     assert_eq!(e.decision.action, Action::Block);
-    state.apply(&e.decision, &e.effects);
-    assert_eq!(state.status, RunStatus::Stopped);
+    run.commit(e);
+    assert_eq!(run.state().status, RunStatus::Stopped);
 
-    let mut ok = RunState::new(tenant(), RunId::new("r2").unwrap(), Default::default());
-    let e = evaluate(
-        &CompiledSnapshot::compile(&Snapshot::capture(&tenant(), []), &PolicyLimits::default()).unwrap(),
-        &ok,
-        Call::RunEnd { outcome: Outcome::Failed, error: None },
-        &TenantRates::default(),
-        at(0),
-    );
-    ok.apply(&e.decision, &e.effects);
-    assert_eq!(ok.status, RunStatus::Failed);
+    let mut ok = crate::support::start(Arc::new(crate::support::snapshot(&[])), "r2", Default::default());
+    let e = ok.end(Outcome::Failed, None, at(0)).unwrap();
+    ok.commit(e);
+    assert_eq!(ok.state().status, RunStatus::Failed);
 }
 
 #[test]
@@ -105,14 +93,14 @@ fn a_tampered_snapshot_blocks_every_call_with_integrity_and_no_record() {
         Rule::Budget(BudgetRule { metric: BudgetMetric::Tokens, per: BudgetPer::Run, max: 1_000_000, warn_at: vec![] });
     let compiled = CompiledSnapshot::load(&tampered, &hash, &PolicyLimits::default());
     assert!(compiled.is_tampered());
-    let mut state = run();
-    let call = post(0, 0);
-    let e = evaluate(&compiled, &state, Call::Step(&call), &TenantRates::default(), at(1));
+    // The run-start call is the first to meet the snapshot, and blocks.
+    let (mut run, e) =
+        Run::start(Arc::new(compiled), tenant(), RunId::new("run-1").unwrap(), Default::default(), at(1));
     assert_eq!((e.decision.action, types(&e)), (Action::Block, vec![ViolationType::Integrity]));
     assert_eq!(e.decision.snapshot_hash, hash);
     assert!(e.record.is_none(), "an integrity block is a system fault, not a prevention");
-    state.apply(&e.decision, &e.effects);
-    assert_eq!(state.termination.unwrap().reason, TerminationReason::IntegrityFailure);
+    run.commit(e);
+    assert_eq!(run.state().termination.clone().unwrap().reason, TerminationReason::IntegrityFailure);
 
     let intact = CompiledSnapshot::load(&snap, &hash, &PolicyLimits::default());
     assert!(!intact.is_tampered());

@@ -7,7 +7,6 @@ mod content_skill_pattern;
 mod expr_and_errors;
 mod order;
 mod properties;
-mod rate_windows;
 mod rates;
 mod run_lifecycle;
 mod run_model;

@@ -5,7 +5,9 @@ use proptest::test_runner::FileFailurePersistence;
 use runguard_contract::prevention::{check_record_against_decision, requires_prevention_record};
 use runguard_contract::strategies::*;
 use runguard_contract::*;
-use runguard_engine::{Admission, Call, CompiledSnapshot, RunState, TenantRates, evaluate, replay};
+use std::sync::Arc;
+
+use runguard_engine::{CompiledSnapshot, Outcome, Run, RunLimits, TenantRates};
 
 use crate::support::{T0, at};
 
@@ -37,35 +39,38 @@ fn calls(max_steps: u64) -> impl Strategy<Value = Vec<(StepCall, Timestamp)>> {
         })
 }
 
-fn compile(tenant: &TenantId, policies: &[Policy]) -> CompiledSnapshot {
-    CompiledSnapshot::compile(&Snapshot::capture(tenant, policies), &PolicyLimits::default()).unwrap()
+fn compile(tenant: &TenantId, policies: &[Policy]) -> Arc<CompiledSnapshot> {
+    Arc::new(CompiledSnapshot::compile(&Snapshot::capture(tenant, policies), &PolicyLimits::default()).unwrap())
 }
 
-fn new_run(tenant: &TenantId) -> RunState {
+fn new_run(snapshot: &Arc<CompiledSnapshot>, tenant: &TenantId) -> Run {
     let labels = [("team".to_owned(), "red".to_owned())].into_iter().collect();
-    RunState::new(tenant.clone(), RunId::new("run-prop").unwrap(), labels)
+    let (mut run, start) =
+        Run::start(Arc::clone(snapshot), tenant.clone(), RunId::new("run-prop").unwrap(), labels, at(0));
+    run.commit(start);
+    run
 }
 
-/// Drives a run through every call it admits; returns each evaluation with the run state before it.
-fn drive(
-    snapshot: &CompiledSnapshot,
-    tenant: &TenantId,
-    calls: &[(StepCall, Timestamp)],
-) -> Vec<(RunState, runguard_engine::Evaluation)> {
-    let mut state = new_run(tenant);
+/// Drives a run through every call it evaluates; returns each outcome with the run before it.
+fn drive(snapshot: &Arc<CompiledSnapshot>, tenant: &TenantId, calls: &[(StepCall, Timestamp)]) -> Vec<(Run, Outcome)> {
+    let mut run = new_run(snapshot, tenant);
     let mut rates = TenantRates::default();
     let mut out = Vec::new();
     for (call, now) in calls {
-        if state.admit(call) != Admission::Evaluate {
+        let Ok(outcome) = run.step(call, &RunLimits::default(), &mut rates, *now) else { continue };
+        if outcome.is_replay() {
             continue;
         }
-        let evaluation = evaluate(snapshot, &state, Call::Step(call), &rates, *now);
-        let before = state.clone();
-        state.apply(&evaluation.decision, &evaluation.effects);
-        rates.apply(&evaluation.effects);
-        out.push((before, evaluation));
+        let before = run.clone();
+        run.commit(outcome.clone());
+        out.push((before, outcome));
     }
     out
+}
+
+/// The outcome of `call` on `run` (which is left as it is), with empty tenant windows.
+fn step(run: &Run, call: &StepCall, now: Timestamp) -> Outcome {
+    run.step(call, &RunLimits::default(), &mut TenantRates::default(), now).unwrap()
 }
 
 proptest! {
@@ -88,7 +93,7 @@ proptest! {
                 prop_assert_eq!(decision.action, Action::Block);
                 prop_assert_eq!(evaluation.deciding_mode, Some(Mode::Active));
                 let deciding = decision.deciding_policy.as_ref().unwrap();
-                let policy = &snapshot.policy(&deciding.id).unwrap().policy;
+                let policy = snapshot.policy(&deciding.id).unwrap();
                 prop_assert!(check_record_against_decision(record, decision, policy, &tenant).is_ok());
             }
             if matches!(decision.action, Action::Allow | Action::Warn | Action::Throttle) {
@@ -129,16 +134,12 @@ proptest! {
             p.id = PolicyId::new(format!("pol_shadow_{i}")).unwrap();
             with_shadow.push(p);
         }
-        let plain = compile(&tenant, &active);
-        let shadowed = compile(&tenant, &with_shadow);
-        for (state, evaluation) in drive(&plain, &tenant, &calls) {
-            let (call, now) = match evaluation.decision.step_index {
-                Some(i) => calls.iter().find(|(c, _)| c.index == i && DecisionPhase::from(c.phase) == evaluation.decision.phase).unwrap(),
-                None => continue,
-            };
-            // Tier bookkeeping of shadow budgets is per policy and does not leak into active decisions.
-            let other = evaluate(&shadowed, &state, Call::Step(call), &TenantRates::default(), *now);
-            let base = evaluate(&plain, &state, Call::Step(call), &TenantRates::default(), *now);
+        let plain = drive(&compile(&tenant, &active), &tenant, &calls);
+        let shadowed = drive(&compile(&tenant, &with_shadow), &tenant, &calls);
+        // Both runs take the same calls: tier bookkeeping of shadow budgets is per policy and does not leak
+        // into active decisions.
+        prop_assert_eq!(plain.len(), shadowed.len());
+        for ((_, base), (_, other)) in plain.iter().zip(&shadowed) {
             prop_assert_eq!(other.decision.action, base.decision.action);
             prop_assert_eq!(&other.decision.deciding_policy, &base.decision.deciding_policy);
             prop_assert_eq!(&other.decision.violations, &base.decision.violations);
@@ -156,20 +157,21 @@ proptest! {
         let tenant = TenantId::new("acme").unwrap();
         let snapshot = compile(&tenant, &policies);
         let live = drive(&snapshot, &tenant, &calls);
-        for (state, evaluation) in &live {
-            let call = calls.iter().find(|(c, now)| Some(c.index) == evaluation.decision.step_index
-                && DecisionPhase::from(c.phase) == evaluation.decision.phase && *now == evaluation.decision.evaluated_at);
+        for (run, outcome) in &live {
+            let call = calls.iter().find(|(c, now)| Some(c.index) == outcome.decision.step_index
+                && DecisionPhase::from(c.phase) == outcome.decision.phase && *now == outcome.decision.evaluated_at);
             if let Some((call, now)) = call {
-                let once = evaluate(&snapshot, state, Call::Step(call), &TenantRates::default(), *now);
-                let twice = evaluate(&snapshot, &state.clone(), Call::Step(call), &TenantRates::default(), *now);
-                prop_assert_eq!(once, twice);
+                let once = step(run, call, *now);
+                let twice = step(&run.clone(), call, *now);
+                prop_assert_eq!(&once.decision, &twice.decision);
+                prop_assert_eq!(&once.record, &twice.record);
+                prop_assert_eq!(&once.effects, &twice.effects);
+                prop_assert_eq!(&once.shadow, &twice.shadow);
             }
         }
-        let (replayed, _) = replay(std::sync::Arc::new(compile(&tenant, &policies)), new_run(&tenant), &calls);
-        let replayed: Vec<Decision> = replayed.into_iter().filter_map(|r| match r {
-            runguard_engine::ReplayedCall::Evaluated(e) => Some(e.decision),
-            _ => None,
-        }).collect();
+        // Replaying the calls on a new run of a snapshot compiled again reproduces every decision.
+        let replayed: Vec<Decision> =
+            drive(&compile(&tenant, &policies), &tenant, &calls).into_iter().map(|(_, e)| e.decision).collect();
         let live: Vec<Decision> = live.into_iter().map(|(_, e)| e.decision).collect();
         prop_assert_eq!(replayed, live);
     }
@@ -193,12 +195,15 @@ proptest! {
             action: PolicyAction::Block, precedence: 100, on_error: OnError::Block, bind_at: None, rule: Rule::Rate(rate) };
         policies.push(Policy::create(doc, PolicyId::new("pol_rate").unwrap(), Some(tenant.clone()), Timestamp::from_unix_millis(T0)));
         let snapshot = compile(&tenant, &policies);
-        let mut state = new_run(&tenant);
-        state.totals.tokens = prior;
-        state.totals.cost_micros = prior;
-        let step = |tokens: u64| StepCall { usage: Some(Usage { tokens, cost_micros: tokens, duration_ms: tokens }), ..StepCall::new(0, Phase::Post) };
-        let small = evaluate(&snapshot, &state, Call::Step(&step(usage)), &TenantRates::default(), at(1));
-        let large = evaluate(&snapshot, &state, Call::Step(&step(usage + more)), &TenantRates::default(), at(1));
+        let call = |index: u64, tokens: u64| StepCall { usage: Some(Usage { tokens, cost_micros: tokens, duration_ms: tokens }), ..StepCall::new(index, Phase::Post) };
+        // The run's earlier usage comes from a first step when the run takes it, else it is part of this one.
+        let mut run = new_run(&snapshot, &tenant);
+        let (index, prior) = match run.step(&call(0, prior), &RunLimits::default(), &mut TenantRates::default(), at(1)) {
+            Ok(first) if matches!(first.decision.action, Action::Allow | Action::Warn) => { run.commit(first); (1, 0) }
+            _ => (0, prior),
+        };
+        let small = step(&run, &call(index, prior + usage), at(2));
+        let large = step(&run, &call(index, prior + usage + more), at(2));
         prop_assert!(large.decision.action >= small.decision.action, "{:?} then {:?}", small.decision.action, large.decision.action);
         if small.decision.action == Action::Block {
             prop_assert_eq!(large.decision.action, Action::Block);
@@ -213,18 +218,19 @@ proptest! {
         calls in calls(4),
     ) {
         let tenant = TenantId::new("acme").unwrap();
-        let base = compile(&tenant, &policies);
         let mut more = policies.clone();
         let mut extra = extra;
         extra.id = PolicyId::new("pol_extra").unwrap();
         more.push(extra);
-        let extended = compile(&tenant, &more);
-        for (state, evaluation) in drive(&base, &tenant, &calls) {
-            let Some((call, now)) = calls.iter().find(|(c, now)| Some(c.index) == evaluation.decision.step_index
-                && DecisionPhase::from(c.phase) == evaluation.decision.phase && *now == evaluation.decision.evaluated_at) else { continue };
-            let other = evaluate(&extended, &state, Call::Step(call), &TenantRates::default(), *now);
-            let base_again = evaluate(&base, &state, Call::Step(call), &TenantRates::default(), *now);
-            prop_assert!(other.decision.action >= base_again.decision.action);
+        let base = drive(&compile(&tenant, &policies), &tenant, &calls);
+        let extended = drive(&compile(&tenant, &more), &tenant, &calls);
+        // The two runs take the same calls until their decisions first differ; from there their states do.
+        for ((_, base), (_, other)) in base.iter().zip(&extended) {
+            prop_assert_eq!(base.decision.step_index, other.decision.step_index);
+            prop_assert!(other.decision.action >= base.decision.action);
+            if other.decision.action != base.decision.action {
+                break;
+            }
         }
     }
 
@@ -246,13 +252,14 @@ proptest! {
         // Force the policy into the run's snapshot even for another tenant, to test the predicate itself.
         let mut snap = Snapshot::capture(&owner, [&policy]);
         snap.policies[0].tenant_id = Some(owner.clone());
-        let snapshot = CompiledSnapshot::compile(&snap, &PolicyLimits::default()).unwrap();
+        let snapshot = Arc::new(CompiledSnapshot::compile(&snap, &PolicyLimits::default()).unwrap());
         let (skill, endpoint, keys) = if same {
             (policy_sig.skill.clone(), policy_sig.api_endpoint.clone(), policy_sig.input_keys.clone())
         } else { request_sig_source };
         let call = StepCall { skill: Some(skill.clone()), api_endpoint: Some(endpoint.clone()), input_keys: keys.clone(), ..StepCall::new(0, Phase::Pre) };
-        let state = RunState::new(run_tenant.clone(), RunId::new("r").unwrap(), Default::default());
-        let e = evaluate(&snapshot, &state, Call::Step(&call), &TenantRates::default(), at(1));
+        let (mut run, start) = Run::start(snapshot, run_tenant.clone(), RunId::new("r").unwrap(), Default::default(), at(0));
+        run.commit(start);
+        let e = step(&run, &call, at(1));
         let request_hash = Signature::normalize(Some(&skill), Some(&endpoint), &keys).hash();
         let should_block = run_tenant == owner && request_hash == rule.signature_hash;
         prop_assert_eq!(e.decision.action == Action::Block, should_block);
@@ -282,7 +289,7 @@ proptest! {
         all.push(faulty.clone());
         let snapshot = compile(&tenant, &all);
         let mut saw_fault = false;
-        for (_, evaluation) in drive(&snapshot, &tenant, &calls) {
+        for (before, evaluation) in drive(&snapshot, &tenant, &calls) {
             let decision = &evaluation.decision;
             let fault = decision.deciding_violation().is_some_and(|v| v.violation_type == ViolationType::EvaluationError);
             if !fault {
@@ -293,12 +300,12 @@ proptest! {
             prop_assert!(evaluation.record.is_none());
             prop_assert!(decision.prevention_record_id.is_none());
             prop_assert!(!requires_prevention_record(decision, evaluation.deciding_mode));
-            let mut state = new_run(&tenant);
-            state.apply(decision, &evaluation.effects);
-            prop_assert_eq!(state.status, RunStatus::Stopped);
+            let mut run = before;
+            run.commit(evaluation.clone());
+            prop_assert_eq!(run.state().status, RunStatus::Stopped);
             // A record forged for the fault block is refused by the check the store applies.
             let deciding = decision.deciding_policy.as_ref().unwrap();
-            let policy = &snapshot.policy(&deciding.id).unwrap().policy;
+            let policy = snapshot.policy(&deciding.id).unwrap();
             let mut forged_decision = decision.clone();
             let record_id = RecordId::new("prv_forged").unwrap();
             forged_decision.prevention_record_id = Some(record_id.clone());

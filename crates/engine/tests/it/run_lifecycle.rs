@@ -15,7 +15,8 @@ const SHADOW: &str = r#"{"id":"pol_shadow","name":"shadow","mode":"shadow","rule
 fn started(policies: &[Policy]) -> Run {
     let snapshot = Arc::new(snapshot(policies));
     let (mut run, outcome) = Run::start(snapshot, tenant(), RunId::new("run-1").unwrap(), Default::default(), at(0));
-    assert_eq!(run.state().decisions, 0, "start changes nothing before its commit");
+    let fresh = runguard_engine::RunState::new(tenant(), RunId::new("run-1").unwrap(), Default::default());
+    assert_eq!(run.state(), &fresh, "start changes nothing before its commit");
     run.commit(outcome);
     run
 }
@@ -94,10 +95,26 @@ fn a_failed_end_carries_its_failing_step_as_incident_basis() {
 #[test]
 fn a_running_run_expires_once_its_ttl_has_passed() {
     let mut run = started(&[]);
-    assert!(!run.expire_if_due(at(999), 1000));
-    assert!(run.expire_if_due(at(1000), 1000));
+    let limits = RunLimits::default().with_ttl(std::time::Duration::from_secs(1));
+    assert!(!run.expire_if_due(at(999), &limits));
+    assert!(!run.expire_if_due(at(1_000_000), &RunLimits::default()), "without a TTL a run never expires");
+    assert!(run.expire_if_due(at(1000), &limits));
     assert_eq!((run.state().status, run.ended_at()), (RunStatus::Expired, Some(at(1000))));
-    assert!(!run.expire_if_due(at(5000), 1000), "an expired run does not expire again");
+    assert!(!run.expire_if_due(at(5000), &limits), "an expired run does not expire again");
+}
+
+/// The rule a host applies to a stored run, of which it knows only the creation time, is the one a live
+/// run expires by.
+#[test]
+fn a_stored_run_is_due_exactly_when_a_live_run_expires() {
+    let limits = RunLimits::new(10).with_ttl(std::time::Duration::from_millis(1500));
+    for now in [at(0), at(1499), at(1500), at(9000)] {
+        let mut live = started(&[]);
+        assert_eq!(limits.ttl_elapsed(live.created_at(), now), live.expire_if_due(now, &limits), "at {now:?}");
+    }
+    assert!(!RunLimits::default().ttl_elapsed(at(0), Timestamp::from_unix_millis(i64::MAX)));
+    let forever = RunLimits::default().with_ttl(std::time::Duration::MAX);
+    assert!(!forever.ttl_elapsed(at(0), at(1_000_000_000)), "a TTL too long for a timestamp never elapses");
 }
 
 #[test]

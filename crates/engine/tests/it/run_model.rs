@@ -2,15 +2,15 @@
 //!
 //! The snapshot holds a per-run token budget and a per-run steps budget. The model tracks totals, the
 //! next expected call, whether the run is stopped, and the last call; it predicts for each call whether
-//! it is refused, replayed, allowed or blocked. The engine (admit, evaluate, apply) must agree.
+//! it is refused, replayed, allowed or blocked. The engine's `Run` (step, then commit) must agree.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use runguard_contract::*;
-use runguard_engine::{Admission, Call, CompiledSnapshot, RunState, TenantRates, evaluate};
+use runguard_engine::{Run, RunLimits, TenantRates};
 
-use crate::support::{at, policy, snapshot, tenant};
+use crate::support::{at, policy, snapshot, start};
 
 const MAX_TOKENS: u64 = 300;
 const MAX_STEPS: u64 = 6;
@@ -134,8 +134,7 @@ impl ReferenceStateMachine for RunMachine {
 }
 
 pub struct Sut {
-    snapshot: CompiledSnapshot,
-    state: RunState,
+    run: Run,
     last_call: Option<StepCall>,
 }
 
@@ -151,8 +150,7 @@ impl StateMachineTest for Sut {
             r#"{{"id":"pol_steps","name":"steps","rule":{{"kind":"budget","metric":"steps","per":"run","max":{MAX_STEPS}}}}}"#
         ));
         Sut {
-            snapshot: snapshot(&[tokens, steps]),
-            state: RunState::new(tenant(), RunId::new("run-model").unwrap(), Default::default()),
+            run: start(std::sync::Arc::new(snapshot(&[tokens, steps])), "run-model", Default::default()),
             last_call: None,
         }
     }
@@ -165,15 +163,15 @@ impl StateMachineTest for Sut {
             },
             other => to_call(other),
         };
-        let got = match sut.state.admit(&call) {
-            Admission::Refused(_) => Expected::Refused,
-            Admission::Replay(_) => Expected::Replayed,
-            Admission::Evaluate => {
-                let e = evaluate(&sut.snapshot, &sut.state, Call::Step(&call), &TenantRates::default(), at(1));
-                sut.state.apply(&e.decision, &e.effects);
+        let got = match sut.run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at(1)) {
+            Err(_) => Expected::Refused,
+            Ok(e) if e.is_replay() => Expected::Replayed,
+            Ok(e) => {
                 assert_eq!(e.record.is_some(), e.decision.action == Action::Block);
+                let action = e.decision.action;
+                sut.run.commit(e);
                 sut.last_call = Some(call);
-                Expected::Decided(e.decision.action)
+                Expected::Decided(action)
             }
         };
         if let Some(expected) = &reference.expected {
@@ -183,10 +181,11 @@ impl StateMachineTest for Sut {
     }
 
     fn check_invariants(sut: &Sut, reference: &Model) {
-        assert_eq!(sut.state.totals.tokens, reference.tokens);
-        assert_eq!(sut.state.totals.steps, reference.steps);
-        assert_eq!((sut.state.next.index, sut.state.next.phase), reference.next);
-        assert_eq!(sut.state.status == RunStatus::Stopped, reference.stopped);
+        let state = sut.run.state();
+        assert_eq!(state.totals.tokens, reference.tokens);
+        assert_eq!(state.totals.steps, reference.steps);
+        assert_eq!((state.next.index, state.next.phase), reference.next);
+        assert_eq!(state.status == RunStatus::Stopped, reference.stopped);
     }
 }
 

@@ -1,7 +1,10 @@
-//! Builders shared by the engine tests.
+//! Builders shared by the engine tests: runs are driven through the public [`Run`] API only, as a host
+//! drives them (`start` → `step` → `commit`).
+
+use std::sync::Arc;
 
 use runguard_contract::*;
-use runguard_engine::{Admission, Call, CompiledSnapshot, Evaluation, RunState, TenantRates, evaluate};
+use runguard_engine::{CompiledSnapshot, Outcome, Refusal, Run, RunLimits, RunState, TenantRates};
 
 pub const T0: i64 = 1_795_000_000_000;
 
@@ -30,8 +33,11 @@ pub fn snapshot(policies: &[Policy]) -> CompiledSnapshot {
     CompiledSnapshot::compile(&Snapshot::capture(&tenant(), policies), &PolicyLimits::default()).unwrap()
 }
 
-pub fn run() -> RunState {
-    RunState::new(tenant(), RunId::new("run-1").unwrap(), Default::default())
+/// A run of `acme` on `snapshot`, its run-start call committed.
+pub fn start(snapshot: Arc<CompiledSnapshot>, run_id: &str, labels: std::collections::BTreeMap<String, String>) -> Run {
+    let (mut run, started) = Run::start(snapshot, tenant(), RunId::new(run_id).unwrap(), labels, at(0));
+    run.commit(started);
+    run
 }
 
 pub fn post(index: u64, tokens: u64) -> StepCall {
@@ -46,33 +52,72 @@ pub fn pre_estimate(index: u64, tokens: u64) -> StepCall {
     StepCall { estimate: Some(Estimate { tokens: Some(tokens), cost_micros: None }), ..pre(index) }
 }
 
-/// A run driven through admission, evaluation and apply, as the node does it.
+/// How a run would answer a call, without answering it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Evaluated afresh.
+    Evaluate,
+    /// An identical re-send: the earlier decision again.
+    Replay(Box<Decision>),
+    /// Refused.
+    Refused(Refusal),
+}
+
+/// A run driven the way a host drives it, with its tenant's rate windows.
 pub struct Driver {
-    pub snapshot: CompiledSnapshot,
-    pub state: RunState,
+    pub run: Run,
     pub tenant_rates: TenantRates,
 }
 
 impl Driver {
     pub fn new(policies: &[Policy]) -> Self {
-        Self { snapshot: snapshot(policies), state: run(), tenant_rates: TenantRates::default() }
+        Self::named(policies, "run-1")
     }
 
-    /// Sends a call at `now`; panics if it is refused or replayed.
-    pub fn send(&mut self, call: &StepCall, now: Timestamp) -> Evaluation {
-        assert_eq!(self.state.admit(call), Admission::Evaluate, "call {call:?} not admitted");
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), &self.tenant_rates, now);
-        self.state.apply(&evaluation.decision, &evaluation.effects);
-        self.tenant_rates.apply(&evaluation.effects);
-        evaluation
+    pub fn named(policies: &[Policy], run_id: &str) -> Self {
+        Self {
+            run: start(Arc::new(snapshot(policies)), run_id, Default::default()),
+            tenant_rates: TenantRates::default(),
+        }
     }
 
-    /// Evaluates without applying.
-    pub fn peek(&self, call: &StepCall, now: Timestamp) -> Evaluation {
-        evaluate(&self.snapshot, &self.state, Call::Step(call), &self.tenant_rates, now)
+    pub fn state(&self) -> &RunState {
+        self.run.state()
+    }
+
+    /// Sends a call at `now` and commits its outcome; panics if it is refused or replayed.
+    pub fn send(&mut self, call: &StepCall, now: Timestamp) -> Outcome {
+        let outcome = self
+            .run
+            .step(call, &RunLimits::default(), &mut self.tenant_rates, now)
+            .unwrap_or_else(|refusal| panic!("call {call:?} refused: {refusal}"));
+        assert!(!outcome.is_replay(), "call {call:?} replayed");
+        self.run.commit(outcome.clone());
+        outcome
+    }
+
+    /// Sends a call whose outcome the test does not read.
+    pub fn pass(&mut self, call: &StepCall, now: Timestamp) {
+        let _committed = self.send(call, now);
+    }
+
+    /// The outcome of a call at `now`, neither committed nor counted in the tenant's windows.
+    pub fn peek(&self, call: &StepCall, now: Timestamp) -> Outcome {
+        self.run
+            .step(call, &RunLimits::default(), &mut self.tenant_rates.clone(), now)
+            .unwrap_or_else(|refusal| panic!("call {call:?} refused: {refusal}"))
+    }
+
+    /// Whether the run would evaluate, replay or refuse `call`.
+    pub fn admit(&self, call: &StepCall) -> Admission {
+        match self.run.step(call, &RunLimits::default(), &mut self.tenant_rates.clone(), at(0)) {
+            Ok(outcome) if outcome.is_replay() => Admission::Replay(Box::new(outcome.decision)),
+            Ok(_) => Admission::Evaluate,
+            Err(refusal) => Admission::Refused(refusal),
+        }
     }
 }
 
-pub fn types(evaluation: &Evaluation) -> Vec<ViolationType> {
-    evaluation.decision.violations.iter().map(|v| v.violation_type).collect()
+pub fn types(outcome: &Outcome) -> Vec<ViolationType> {
+    outcome.decision.violations.iter().map(|v| v.violation_type).collect()
 }

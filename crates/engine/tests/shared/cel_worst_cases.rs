@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use runguard_contract::{Phase, PolicyLimits, StepCall, StepError, Usage};
-use runguard_engine::CelRule;
+use runguard_engine::cel_cost;
 
 /// Families of expensive shapes: (name, guard, one repetition).
 const SHAPES: &[(&str, &str, &str)] = &[
@@ -45,9 +45,9 @@ pub fn worst_cases() -> Vec<(&'static str, String, u64)> {
         .map(|(name, guard, unit)| {
             let build = |n: usize| format!("{guard} && ({})", vec![*unit; n].join(" || "));
             let mut n = 1;
-            let mut cost = CelRule::cost(&build(1), &limits).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut cost = cel_cost(&build(1), &limits).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(cost <= limits.max_cel_cost, "{name}: one repetition costs {cost}");
-            while let Ok(next) = CelRule::cost(&build(n + 1), &limits) {
+            while let Ok(next) = cel_cost(&build(n + 1), &limits) {
                 if next > limits.max_cel_cost || build(n + 1).len() > limits.max_cel_len {
                     break;
                 }

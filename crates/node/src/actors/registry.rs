@@ -231,14 +231,14 @@ impl Registry {
         let runs = Arc::clone(&self.runs);
         let me = ctx.address();
         actix::spawn(async move {
-            let ttl_ms = i64::try_from(shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let limits = shared.config.run_limits();
             let now = crate::shared::now();
             let due = shared
                 .read(move |store| {
                     let mut due = Vec::new();
                     for run in store.running_runs() {
                         let run = run?;
-                        if now >= run.created_at.plus_millis(ttl_ms) {
+                        if limits.ttl_elapsed(run.created_at, now) {
                             due.push(RunKey { tenant: run.tenant_id, run_id: run.run_id });
                         }
                     }

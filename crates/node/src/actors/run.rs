@@ -13,9 +13,7 @@ use runguard_contract::{
     Timestamp,
 };
 use runguard_engine::Outcome as Answer;
-use runguard_engine::{
-    CompiledSnapshot, Effects, LedgerItem, Matcher, Refusal, Run, RunLimits, StoredHead, TenantRates,
-};
+use runguard_engine::{CompiledSnapshot, Effects, LedgerItem, Refusal, Run, StoredHead, TenantRates};
 use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
 };
@@ -291,7 +289,7 @@ fn persist_outcome(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, outcome:
             record: record.clone(),
             authority: RecordAuthority::Live {
                 decision: Box::new(outcome.decision.clone()),
-                policy: Box::new(deciding.policy.clone()),
+                policy: Box::new(deciding.clone()),
                 run_tenant: tenant.clone(),
             },
         })));
@@ -316,14 +314,13 @@ fn scans_large_texts(snapshot: &CompiledSnapshot, call: &StepCall) -> bool {
     let text_bytes = call.input_text.as_ref().map_or(0, String::len)
         + call.output_text.as_ref().map_or(0, String::len)
         + call.input_keys.iter().map(String::len).sum::<usize>();
-    text_bytes > HEAVY_TEXT_BYTES
-        && snapshot.policies().iter().any(|p| matches!(p.matcher, Ok(Matcher::Content(_) | Matcher::Expr(_))))
+    text_bytes > HEAVY_TEXT_BYTES && snapshot.scans_texts()
 }
 
 /// Answers a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
 fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Result<Answer, Refusal>, Duration) {
     let started = Instant::now();
-    let limits = RunLimits::new(shared.config.limits.steps_per_run);
+    let limits = shared.config.run_limits();
     let answer = if run.snapshot().uses_tenant_rates() {
         shared.with_tenant_rates(&run.state().tenant_id, |rates| run.step(call, &limits, rates, at))
     } else {
@@ -426,8 +423,8 @@ impl RunActor {
     /// A running run past its TTL becomes `expired` (persisted) before anything else happens to it.
     fn expiry(&mut self, at: Timestamp) -> Option<WriteBatch> {
         let live = self.live.as_mut()?;
-        let ttl_ms = i64::try_from(self.deps.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if !live.run.expire_if_due(at, ttl_ms) {
+        let limits = self.deps.shared.config.run_limits();
+        if !live.run.expire_if_due(at, &limits) {
             return None;
         }
         let mut batch = WriteBatch::new();

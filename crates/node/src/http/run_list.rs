@@ -2,6 +2,7 @@
 
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{RunStatus, Timestamp};
+use runguard_engine::RunLimits;
 use runguard_store::StoredRun;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -33,13 +34,14 @@ struct RunFilter {
     since: Option<Timestamp>,
     /// Created before (exclusive).
     until: Option<Timestamp>,
-    /// A running run created before this is shown `expired`, as `GET /v1/runs/{id}` shows it.
-    expires_before: Timestamp,
+    /// A running run past its TTL at `now` is shown `expired`, as `GET /v1/runs/{id}` shows it.
+    expires: RunLimits,
+    now: Timestamp,
 }
 
 impl RunFilter {
     fn status(&self, run: &StoredRun) -> RunStatus {
-        if run.status == RunStatus::Running && run.created_at <= self.expires_before {
+        if run.status == RunStatus::Running && self.expires.ttl_elapsed(run.created_at, self.now) {
             RunStatus::Expired
         } else {
             run.status
@@ -97,13 +99,13 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
     let caller = state.caller(&req, Role::Worker)?;
     let q: RunsQuery = query(&req)?;
     let page = PageQuery { limit: q.limit, cursor: q.cursor }.page()?;
-    let ttl_ms = i64::try_from(state.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let filter = RunFilter {
         status: q.status.as_deref().map(status).transpose()?,
         label: q.label.as_deref().map(label).transpose()?,
         since: time("since", q.since.as_deref())?,
         until: time("until", q.until.as_deref())?,
-        expires_before: now().plus_millis(ttl_ms.saturating_neg()),
+        expires: state.shared.config.run_limits(),
+        now: now(),
     };
     let tenant = caller.tenant.clone();
     list_page(&state, &caller.tenant, move |store| {

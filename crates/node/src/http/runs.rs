@@ -201,8 +201,8 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     let lookup = run_id.clone();
     let run = state.shared.read(move |store| store.get_run(&tenant, &lookup)).await?;
     let mut run = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
-    let ttl_ms = i64::try_from(state.shared.config.run_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-    if run.status == RunStatus::Running && now() >= run.created_at.plus_millis(ttl_ms) {
+    let limits = state.shared.config.run_limits();
+    if run.status == RunStatus::Running && limits.ttl_elapsed(run.created_at, now()) {
         // Shown as it will be persisted on the run's next call.
         run.status = RunStatus::Expired;
     }

@@ -8,9 +8,39 @@ use std::collections::VecDeque;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use runguard_contract::*;
-use runguard_engine::{Call, Effects, RateEvent, TenantRates, evaluate};
 
-use crate::support::{at, policy, pre, run, snapshot};
+use crate::compiled::CompiledSnapshot;
+use crate::evaluate::{Call, evaluate};
+use crate::rates::RateEvent;
+use crate::state::{Effects, RunState, TenantRates};
+
+// Events are injected into the windows directly (out of time order, with saturating sums, any horizon),
+// which no sequence of calls through `Run` can produce: this test stays beside the code.
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_unix_millis(1_795_000_000_000 + ms)
+}
+
+fn policy(json: &str) -> Policy {
+    let limits = PolicyLimits::default();
+    let doc = PolicyDocument::from_json(json.as_bytes(), &limits).unwrap();
+    crate::compiled::validate_document(&doc, &limits).unwrap();
+    let id = doc.id.clone().unwrap();
+    Policy::create(doc, id, Some(TenantId::new("acme").unwrap()), at(0))
+}
+
+fn snapshot(policies: &[Policy]) -> CompiledSnapshot {
+    let tenant = TenantId::new("acme").unwrap();
+    CompiledSnapshot::compile(&Snapshot::capture(&tenant, policies), &PolicyLimits::default()).unwrap()
+}
+
+fn run() -> RunState {
+    RunState::new(TenantId::new("acme").unwrap(), RunId::new("run-1").unwrap(), Default::default())
+}
+
+fn pre(index: u64) -> StepCall {
+    StepCall::new(index, Phase::Pre)
+}
 
 fn config() -> ProptestConfig {
     ProptestConfig {
