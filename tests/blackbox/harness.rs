@@ -3,18 +3,22 @@
 //! Each [`Node`] runs the binary on `127.0.0.1:0` with its own temporary directory (the sled data
 //! directory, an optional config file and the node's log), reads the port from the one line the node
 //! prints on stdout, and kills the process when dropped. [`Client`] is a small JSON client that answers
-//! every status (never an error for non-2xx) as a [`Resp`].
+//! every status (never an error for non-2xx) as a [`Resp`], after checking it against the node's own
+//! OpenAPI document (see [`contract`]): a status the document does not declare for the operation, a body
+//! that does not match the schema declared for that status, or a missing `Retry-After` fails the test.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+use crate::contract::Contract;
 
 /// How long a node may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,6 +140,7 @@ pub struct Node {
     port: u16,
     starts: u32,
     agent: ureq::Agent,
+    contract: Arc<OnceLock<Contract>>,
 }
 
 impl Node {
@@ -161,7 +166,8 @@ impl Node {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .build()
             .into();
-        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent };
+        let contract = Arc::new(OnceLock::new());
+        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent, contract };
         node.spawn();
         node
     }
@@ -224,7 +230,13 @@ impl Node {
 
     /// A client without a token (development mode accepts it).
     pub fn client(&self) -> Client {
-        Client { agent: self.agent.clone(), base: self.base(), token: None, tenant: None }
+        Client {
+            agent: self.agent.clone(),
+            base: self.base(),
+            token: None,
+            tenant: None,
+            contract: Arc::clone(&self.contract),
+        }
     }
 
     /// A client presenting `token`.
@@ -334,6 +346,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     tenant: Option<String>,
+    /// The node's OpenAPI document, fetched at the first request.
+    contract: Arc<OnceLock<Contract>>,
 }
 
 impl Client {
@@ -392,12 +406,35 @@ impl Client {
             request = request.header(*name, *value);
         }
         let request = request.body(body.unwrap_or_default()).expect("a valid request");
+        let resp = self.exchange(request)?;
+        if let Some(contract) = self.contract() {
+            contract.check(method, path, &resp);
+        }
+        Ok(resp)
+    }
+
+    fn exchange(&self, request: ureq::http::Request<Vec<u8>>) -> Result<Resp, ureq::Error> {
         let mut response = self.agent.run(request)?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.body_mut().read_to_string()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Ok(Resp { status, headers, text, body })
+    }
+
+    /// The node's document, fetched once per node; `None` while the node cannot serve it (stopped).
+    fn contract(&self) -> Option<&Contract> {
+        if let Some(contract) = self.contract.get() {
+            return Some(contract);
+        }
+        let request = ureq::http::Request::builder()
+            .method("GET")
+            .uri(format!("{}/openapi.json", self.base))
+            .body(Vec::new())
+            .expect("a valid request");
+        let resp = self.exchange(request).ok().filter(|resp| resp.status == 200)?;
+        let _ = self.contract.set(Contract::new(&resp.body));
+        self.contract.get()
     }
 }
 

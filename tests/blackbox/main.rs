@@ -1,6 +1,7 @@
 //! Black-box tests of the `runguard` binary: every test starts real nodes on loopback ports with
 //! temporary data directories and drives them over HTTP or the command line only.
 
+mod contract;
 mod fixtures;
 mod harness;
 
@@ -15,6 +16,7 @@ mod isolation;
 mod learning;
 mod learning_loop;
 mod noisy_neighbour;
+mod openapi;
 mod ops;
 mod overload;
 mod policies;

@@ -84,6 +84,8 @@ enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the JSON Schema (2020-12) of a policy document, for editors and CI checks.
+    Schema,
 }
 
 const FINDING: u8 = 1;
@@ -113,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Export(args) => with_store(args.data, if args.runs { export_runs } else { export }),
         Command::Simulate(args) => simulate(&args),
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
+        Command::Policy(PolicyCommand::Schema) => policy_schema(),
     }
 }
 
@@ -235,6 +238,16 @@ fn write_ndjson<T: serde::Serialize>(
         }
     }
     match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => write_failed(&err),
+    }
+}
+
+/// `runguard policy schema`.
+fn policy_schema() -> ExitCode {
+    let schema = runguard_contract::schema::policy_document();
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer_pretty(&mut out, &schema).map_err(std::io::Error::from).and_then(|()| writeln!(out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => write_failed(&err),
     }

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use runguard_contract::{IncidentId, PatternId, PreventionRecord, RecordId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
 use runguard_store::WriteBatch;
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
+use crate::http::views::Simulation;
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::simulation;
@@ -72,11 +74,17 @@ pub async fn graduation(state: State, req: HttpRequest) -> Result<HttpResponse, 
     Ok(HttpResponse::Ok().json(view))
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/simulate`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SimulateBody {
+pub struct SimulateBody {
+    /// Candidate policy documents (tenant scope; at most 100).
+    #[schemars(with = "Vec<runguard_contract::PolicyDocument>", length(max = 100))]
     policies: Vec<Value>,
+    /// The runs to replay (1–100, no repeats).
+    #[schemars(with = "Vec<RunId>", length(min = 1, max = 100), extend("uniqueItems" = true))]
     run_ids: Vec<String>,
+    /// Store the simulated records (`is_simulated: true`).
     #[serde(default)]
     persist: bool,
 }
@@ -149,5 +157,5 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             }
         }
     }
-    Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": hash, "results": results })))
+    Ok(HttpResponse::Ok().json(Simulation { candidate_snapshot_hash: hash, results }))
 }

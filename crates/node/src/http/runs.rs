@@ -7,6 +7,7 @@ use actix::MailboxError;
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -15,27 +16,34 @@ use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::http::views::{RunEnded, RunView};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::ticket::Ticket;
 
-/// Most labels on a run, and their longest key or value.
-
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/runs`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub struct CreateBody {
+    /// The run's id; generated (`run_…`) when absent. Sending it again makes the creation idempotent.
     #[serde(default)]
+    #[schemars(with = "Option<RunId>")]
     run_id: Option<String>,
+    /// Caller labels (`CEL: run.labels`).
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// The endpoint the run calls (pattern policies compare it).
     #[serde(default)]
     api_endpoint: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/runs/{id}/end`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EndBody {
+pub struct EndBody {
+    /// How the run ended.
     outcome: Outcome,
+    /// How it failed (a failed run with an error creates an incident).
     #[serde(default)]
     error: Option<StepError>,
 }
@@ -211,9 +219,8 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
         // Shown as it will be persisted on the run's next call.
         run.status = RunStatus::Expired;
     }
-    let mut view = serde_json::to_value(&run).map_err(|_| ApiError::internal())?;
-    view["steps_seen"] = json!(run.next.index);
-    Ok(HttpResponse::Ok().json(view))
+    let steps_seen = run.next.index;
+    Ok(HttpResponse::Ok().json(RunView::new(run, Some(steps_seen))))
 }
 
 /// `POST /v1/runs/{id}/steps`.
@@ -245,7 +252,7 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
         RunReply::Ended(run, incident_id) => {
-            Ok(HttpResponse::Ok().json(json!({ "run": run, "incident_id": incident_id })))
+            Ok(HttpResponse::Ok().json(RunEnded { run: RunView::new(*run, None), incident_id }))
         }
         _ => Err(ApiError::internal()),
     }

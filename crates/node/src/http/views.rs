@@ -1,0 +1,375 @@
+//! The answers the handlers build themselves, as types: what they serialise is what the OpenAPI
+//! document describes, so the two cannot drift.
+//!
+//! Fields are declared in alphabetical order where the answer used to be a `json!` object (whose keys
+//! serde_json sorts), so that every byte on the wire stays as it was.
+//!
+//! Some answers are built as JSON values by actors today (confirmation, regret, tenant graduation,
+//! simulation results, run creation); their `…Doc` structs here only describe them, mirroring the JSON,
+//! until the actors answer typed values.
+
+use std::collections::BTreeMap;
+
+use runguard_contract::{
+    Decision, IncidentId, NextCall, Outcome, Policy, PolicyId, PreventionRecord, Regret, RunId, RunStatus, Scope,
+    SnapshotHash, SnapshotId, SnapshotRef, TenantId, TerminationReason, Timestamp, Totals,
+};
+use runguard_engine::learning::{PolicyGraduation, PolicyStatus};
+use runguard_store::StoredRun;
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// One page of a list: `next_cursor` is passed back as `cursor` for the next page; `null` on the last.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "{T}Page")]
+pub struct Page<T> {
+    /// The items of this page, in the list's order.
+    pub items: Vec<T>,
+    /// The cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Health {
+    /// `ok` (alive) or `ready`.
+    pub status: &'static str,
+}
+
+/// Every error answer.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Error")]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `step_out_of_order`.
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+    /// Structured details: `field` (the JSON path) for 400s, `expected` for order errors, …
+    pub details: Map<String, Value>,
+}
+
+/// A run as `GET /v1/runs/{id}` and the end of a run answer it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunView {
+    /// The endpoint given at run creation, if any.
+    pub api_endpoint: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it ended, stopped or expired.
+    pub ended_at: Option<Timestamp>,
+    /// Caller labels.
+    pub labels: BTreeMap<String, String>,
+    /// The next call it expects.
+    pub next: NextCall,
+    /// The outcome reported at run end.
+    pub outcome: Option<Outcome>,
+    /// The run.
+    pub run_id: RunId,
+    /// The snapshot it evaluates.
+    pub snapshot: SnapshotRef,
+    /// Current status.
+    pub status: RunStatus,
+    /// Step calls seen (`GET /v1/runs/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_seen: Option<u64>,
+    /// The step at which it was stopped.
+    pub stopped_at_step: Option<u64>,
+    /// The run's tenant.
+    pub tenant_id: TenantId,
+    /// Why it was stopped, if it was.
+    pub termination_reason: Option<TerminationReason>,
+    /// Totals after the last acknowledged call.
+    pub totals: Totals,
+    /// The policy that stopped it.
+    pub violation_policy_id: Option<PolicyId>,
+}
+
+impl RunView {
+    /// The stored run, with `steps_seen` when the answer carries it.
+    pub fn new(run: StoredRun, steps_seen: Option<u64>) -> Self {
+        // Destructured field by field: a field added to the stored run does not compile until it is shown.
+        let StoredRun {
+            tenant_id,
+            run_id,
+            snapshot,
+            status,
+            totals,
+            termination_reason,
+            stopped_at_step,
+            violation_policy_id,
+            labels,
+            api_endpoint,
+            created_at,
+            ended_at,
+            outcome,
+            next,
+        } = run;
+        Self {
+            api_endpoint,
+            created_at,
+            ended_at,
+            labels,
+            next,
+            outcome,
+            run_id,
+            snapshot,
+            status,
+            steps_seen,
+            stopped_at_step,
+            tenant_id,
+            termination_reason,
+            totals,
+            violation_policy_id,
+        }
+    }
+}
+
+/// `POST /v1/runs/{id}/end`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunEnded {
+    /// The incident a failed run created (open it at `GET /v1/incidents/{id}`).
+    pub incident_id: Option<IncidentId>,
+    /// The run as it ended.
+    pub run: RunView,
+}
+
+/// `POST /v1/runs` (describes the run actor's answer).
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "RunCreated")]
+pub struct RunCreatedDoc {
+    /// The run.
+    pub run_id: RunId,
+    /// Its status.
+    pub status: RunStatus,
+    /// Its snapshot.
+    pub snapshot: SnapshotRef,
+    /// The run-start decision.
+    pub decision: Decision,
+}
+
+/// `GET /v1/policies/{id}/shadow-stats`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ShadowStats {
+    /// Evaluations of the policy while in shadow mode.
+    pub evaluations: u64,
+    /// Its current mode.
+    pub mode: runguard_contract::Mode,
+    /// The policy.
+    pub policy_id: PolicyId,
+    /// Would-be blocks.
+    pub would_block: u64,
+    /// Would-be throttles.
+    pub would_throttle: u64,
+    /// Would-be warns.
+    pub would_warn: u64,
+}
+
+/// `GET /v1/policies/{id}/graduation`: the prevention gate of one policy.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PolicyGraduationView {
+    /// The policy.
+    pub policy_id: PolicyId,
+    /// `observing`, `unproven`, `proven` or `demoted`.
+    #[schemars(with = "PolicyStatusDoc")]
+    pub status: PolicyStatus,
+    /// At least one counted record since the latest activation.
+    pub gate_passed: bool,
+    /// Records counted.
+    pub counted_records: u64,
+    /// The latest activation.
+    pub activated_at: Option<Timestamp>,
+}
+
+impl From<PolicyGraduation> for PolicyGraduationView {
+    fn from(graduation: PolicyGraduation) -> Self {
+        let PolicyGraduation { policy_id, status, gate_passed, counted_records, activated_at } = graduation;
+        Self { policy_id, status, gate_passed, counted_records, activated_at }
+    }
+}
+
+/// A policy's graduation status.
+#[derive(Debug, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[schemars(rename = "PolicyStatus")]
+pub enum PolicyStatusDoc {
+    /// In shadow or pending.
+    Observing,
+    /// Active, no counted prevention yet.
+    Unproven,
+    /// Active with at least one counted prevention since its latest activation.
+    Proven,
+    /// Disabled.
+    Demoted,
+}
+
+/// `GET /v1/snapshots/{id}`: `policy_count` and `policies` when it verifies, `problem` when it does not.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct SnapshotView {
+    /// Its hash.
+    pub hash: SnapshotHash,
+    /// Its id.
+    pub id: SnapshotId,
+    /// Its policies, as captured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<Policy>>,
+    /// How many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_count: Option<u64>,
+    /// Why it fails verification (admins only see such a snapshot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Whether its content matches its hash.
+    pub verified: bool,
+}
+
+/// `POST /v1/simulate`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Simulation {
+    /// The hash of the snapshot of the candidate policies.
+    pub candidate_snapshot_hash: SnapshotHash,
+    /// One result per run, in the order asked.
+    #[schemars(with = "Vec<SimulatedRunDoc>")]
+    pub results: Vec<Value>,
+}
+
+/// One replayed run (describes `simulation::simulate`'s answer).
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "SimulatedRun")]
+pub struct SimulatedRunDoc {
+    /// The decisions the candidates made.
+    pub candidate: Vec<Decision>,
+    /// How many calls were answered differently.
+    pub differences: u64,
+    /// The decisions made live.
+    pub live: Vec<Decision>,
+    /// The records the candidates would have written (stored, with `persist`).
+    pub records: Vec<PreventionRecord>,
+    /// The run.
+    pub run_id: RunId,
+}
+
+/// `POST /v1/policies/{id}/confirm` (describes the learning actor's answer).
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Confirmation")]
+pub struct ConfirmationDoc {
+    /// Distinct confirmations so far.
+    pub confirmations: u64,
+    /// Confirmations needed.
+    pub required: u64,
+    /// The policy after this confirmation.
+    pub policy: Policy,
+}
+
+/// `POST /v1/prevention-records/{id}/regret` (describes the learning actor's answer).
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "RegretResult")]
+pub struct RegretResultDoc {
+    /// The regret recorded.
+    pub regret: Regret,
+    /// What it did to the record's policy.
+    pub policy: RegretPolicySummaryDoc,
+}
+
+/// What a regret did to the policy of the record.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "RegretPolicySummary")]
+pub struct RegretPolicySummaryDoc {
+    /// The policy.
+    pub policy_id: PolicyId,
+    /// Whether this regret disabled it.
+    pub demoted: bool,
+    /// Its scope (absent when the policy no longer exists).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Its regret score since activation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regret_score: Option<f64>,
+    /// Regrets counted since activation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regrets_since_activation: Option<u64>,
+    /// Why it was not demoted (a global policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/graduation` (describes the learning actor's answer).
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "TenantGraduation")]
+pub struct TenantGraduationDoc {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// `alpha`, `beta`, `complete` or `degraded`.
+    pub level: String,
+    /// The level a `degraded` tenant fell from.
+    pub degraded_from: Option<String>,
+    /// Why the level is what it is.
+    pub reason: Option<String>,
+    /// When it was evaluated.
+    pub evaluated_at: Timestamp,
+    /// The two gates.
+    pub gates: GatesDoc,
+    /// Every level change, oldest first.
+    pub history: Vec<GraduationHistoryDoc>,
+}
+
+/// The graduation gates.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Gates")]
+pub struct GatesDoc {
+    /// Gate 1.
+    pub prevention: PreventionGateDoc,
+    /// Gate 2.
+    pub rollback: RollbackGateDoc,
+}
+
+/// Gate 1: preventions.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "PreventionGate")]
+pub struct PreventionGateDoc {
+    /// Whether it passed.
+    pub passed: bool,
+    /// Counted preventions.
+    pub counted_preventions: u64,
+    /// Incidents that recurred although a policy covered them.
+    pub missed_recurrences: u64,
+    /// Preventions over preventions and misses.
+    pub prevention_rate: f64,
+    /// The latest counted prevention.
+    pub last_prevention_at: Option<Timestamp>,
+}
+
+/// Gate 2: rollbacks.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "RollbackGate")]
+pub struct RollbackGateDoc {
+    /// Whether it passed.
+    pub passed: bool,
+    /// Policies demoted.
+    pub demotions: u64,
+    /// Regrets counted.
+    pub regrets: u64,
+    /// Regrets over counted preventions.
+    pub regret_rate: f64,
+}
+
+/// One level change.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "GraduationHistoryEntry")]
+pub struct GraduationHistoryDoc {
+    /// The level.
+    pub level: String,
+    /// The level a `degraded` tenant fell from.
+    pub degraded_from: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+    /// When.
+    pub at: Timestamp,
+}
