@@ -16,16 +16,38 @@ use crate::strict::MAX_SAFE_INTEGER;
 /// Integer formats whose natural range passes 2^53 − 1.
 const WIDE_INTEGERS: [&str; 6] = ["uint64", "int64", "uint", "int", "uint128", "int128"];
 
-/// Bounds 64-bit integers to what the strict reader accepts and canonical JSON represents exactly.
+/// The largest value of the narrow unsigned formats, which the generator leaves unbounded above.
+fn narrow_maximum(format: &str) -> Option<u64> {
+    match format {
+        "uint8" => Some(u8::MAX.into()),
+        "uint16" => Some(u16::MAX.into()),
+        "uint32" => Some(u32::MAX.into()),
+        _ => None,
+    }
+}
+
+/// Bounds 64-bit integers to what the strict reader accepts and canonical JSON represents exactly, and
+/// narrow ones to their type.
 fn bound_integers(schema: &mut Schema) {
-    let wide = schema.get("format").and_then(Value::as_str).is_some_and(|format| WIDE_INTEGERS.contains(&format));
-    if wide {
+    let format = schema.get("format").and_then(Value::as_str).map(str::to_owned).unwrap_or_default();
+    if let Some(maximum) = narrow_maximum(&format)
+        && schema.get("maximum").is_none()
+    {
+        schema.insert("maximum".into(), maximum.into());
+    }
+    if WIDE_INTEGERS.contains(&format.as_str()) {
         schema.insert("maximum".into(), MAX_SAFE_INTEGER.into());
         let signed = schema.get("minimum").and_then(Value::as_i64).is_none_or(|min| min < 0);
         if signed {
             schema.insert("minimum".into(), Value::from(-i128::from(MAX_SAFE_INTEGER) as i64));
         }
     }
+}
+
+/// Applies the integer bound to a schema and every schema inside it. Generators apply it to root schemas
+/// and definitions; a schema inlined into another document (OpenAPI request bodies) needs it applied here.
+pub fn bound_integers_within(schema: &mut Schema) {
+    RecursiveTransform(bound_integers).transform(schema);
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -183,7 +183,7 @@ fn not_null(mut schema: Value) -> Value {
 
 /// The query parameters of a query type: one per property.
 fn query_parameters(query: SchemaFn, requests: &mut SchemaGenerator) -> Vec<Value> {
-    let schema = query(requests).to_value();
+    let schema = request_schema(query, requests).to_value();
     let required: Vec<&str> =
         schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
     let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
@@ -204,6 +204,13 @@ fn query_parameters(query: SchemaFn, requests: &mut SchemaGenerator) -> Vec<Valu
             parameter
         })
         .collect()
+}
+
+/// A request schema, inlined: the integer bound the generator applies to definitions is applied here.
+fn request_schema(schema: SchemaFn, requests: &mut SchemaGenerator) -> Schema {
+    let mut schema = schema(requests);
+    runguard_contract::schema::bound_integers_within(&mut schema);
+    schema
 }
 
 fn operation(route: &Operation, requests: &mut SchemaGenerator, answers: &mut SchemaGenerator) -> Value {
@@ -259,7 +266,7 @@ fn operation(route: &Operation, requests: &mut SchemaGenerator, answers: &mut Sc
     if let Some(body) = route.body {
         operation["requestBody"] = json!({
             "required": body.required,
-            "content": { "application/json": { "schema": (body.schema)(requests) } },
+            "content": { "application/json": { "schema": request_schema(body.schema, requests) } },
         });
     }
     operation["security"] = if route.role.is_some() { json!([{ "bearer": [] }]) } else { json!([]) };

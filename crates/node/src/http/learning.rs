@@ -79,7 +79,7 @@ pub async fn graduation(state: State, req: HttpRequest) -> Result<HttpResponse, 
 #[serde(deny_unknown_fields)]
 pub struct SimulateBody {
     /// Candidate policy documents (tenant scope; at most 100).
-    #[schemars(with = "Vec<runguard_contract::PolicyDocument>", length(max = 100))]
+    #[schemars(schema_with = "candidate_documents")]
     policies: Vec<Value>,
     /// The runs to replay (1–100, no repeats).
     #[schemars(with = "Vec<RunId>", length(min = 1, max = 100), extend("uniqueItems" = true))]
@@ -87,6 +87,15 @@ pub struct SimulateBody {
     /// Store the simulated records (`is_simulated: true`).
     #[serde(default)]
     persist: bool,
+}
+
+/// Candidates are tenant policies: documents whose `scope` can only be `tenant`.
+fn candidate_documents(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut document = generator.subschema_for::<runguard_contract::PolicyDocument>();
+    if let Some(scope) = document.get_mut("properties").and_then(Value::as_object_mut) {
+        scope.insert("scope".into(), serde_json::json!({ "const": "tenant", "default": "tenant" }));
+    }
+    schemars::json_schema!({ "type": "array", "maxItems": MAX_CANDIDATES, "items": document })
 }
 
 /// `POST /v1/simulate`.

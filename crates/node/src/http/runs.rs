@@ -29,8 +29,13 @@ pub struct CreateBody {
     #[serde(default)]
     #[schemars(with = "Option<RunId>")]
     run_id: Option<String>,
-    /// Caller labels (`CEL: run.labels`).
+    /// Caller labels (`CEL: run.labels`): at most 64, keys 1–256 bytes, values at most 256 (default limits).
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "propertyNames" = { "minLength": 1, "maxLength": 256 },
+        "additionalProperties" = { "type": "string", "maxLength": 256 },
+    ))]
     labels: BTreeMap<String, String>,
     /// The endpoint the run calls (pattern policies compare it).
     #[serde(default)]
