@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::views::Simulation;
+use crate::http::views::{Simulation, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::simulation;
@@ -166,5 +166,5 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             }
         }
     }
-    Ok(HttpResponse::Ok().json(Simulation { candidate_snapshot_hash: hash, results }))
+    Ok(HttpResponse::Ok().json(sorted(&Simulation { candidate_snapshot_hash: hash, results })?))
 }

@@ -144,7 +144,7 @@ where
         .shared
         .heavy(tenant, move |shared| {
             let page = read(&shared.store)?;
-            serde_json::to_vec(&views::Page { items: page.items, next_cursor: page.next_cursor })
+            serde_json::to_vec(&views::sorted(&views::Page { items: page.items, next_cursor: page.next_cursor })?)
                 .map_err(|_| ApiError::internal())
         })
         .await?;

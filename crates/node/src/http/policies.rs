@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::actors::learning::{Confirm, policy_id_taken, preventions};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
-use crate::http::views::{PolicyGraduationView, ShadowStats};
+use crate::http::views::{PolicyGraduationView, ShadowStats, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 
@@ -334,14 +334,14 @@ pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> R
     let (owner, pid, tenant) = (policy.tenant_id.clone(), policy.id.clone(), caller.tenant.clone());
     // A global policy's statistics count only the caller's tenant's runs (SPEC §12.1).
     let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid, &tenant)).await?;
-    Ok(HttpResponse::Ok().json(ShadowStats {
+    Ok(HttpResponse::Ok().json(sorted(&ShadowStats {
         evaluations: stats.evaluations,
         mode: policy.mode,
         policy_id: policy.id,
         would_block: stats.would_block,
         would_throttle: stats.would_throttle,
         would_warn: stats.would_warn,
-    }))
+    })?))
 }
 
 /// `GET /v1/policies/{id}/graduation`: the prevention gate of SPEC §6 for one policy.

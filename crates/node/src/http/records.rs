@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
-use crate::http::views::SnapshotView;
+use crate::http::views::{SnapshotView, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::store_error;
 
@@ -157,5 +157,5 @@ pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Resul
             verified: false,
         },
     };
-    Ok(HttpResponse::Ok().json(view))
+    Ok(HttpResponse::Ok().json(sorted(&view)?))
 }

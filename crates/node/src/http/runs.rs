@@ -16,7 +16,7 @@ use crate::actors::run::{CreateRun, RunCall, RunMsg, RunReply};
 use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::http::views::{RunEnded, RunView};
+use crate::http::views::{RunEnded, RunView, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::{now, store_error};
 use crate::ticket::Ticket;
@@ -225,7 +225,7 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
         run.status = RunStatus::Expired;
     }
     let steps_seen = run.next.index;
-    Ok(HttpResponse::Ok().json(RunView::new(run, Some(steps_seen))))
+    Ok(HttpResponse::Ok().json(sorted(&RunView::new(run, Some(steps_seen)))?))
 }
 
 /// `POST /v1/runs/{id}/steps`.
@@ -257,7 +257,7 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     let key = RunKey { tenant: caller.tenant, run_id };
     match call_run(&state, key, RunMsg::End { outcome: body.outcome, error: body.error }).await? {
         RunReply::Ended(run, incident_id) => {
-            Ok(HttpResponse::Ok().json(RunEnded { run: RunView::new(*run, None), incident_id }))
+            Ok(HttpResponse::Ok().json(sorted(&RunEnded { run: RunView::new(*run, None), incident_id })?))
         }
         _ => Err(ApiError::internal()),
     }

@@ -1,8 +1,9 @@
 //! The answers the handlers build themselves, as types: what they serialise is what the OpenAPI
 //! document describes, so the two cannot drift.
 //!
-//! Fields are declared in alphabetical order where the answer used to be a `json!` object (whose keys
-//! serde_json sorts), so that every byte on the wire stays as it was.
+//! Where an answer used to be a `json!` object, it is still sent through a JSON value ([`sorted`]), whose
+//! keys serde_json sorts at every depth, so that every byte on the wire stays as it was; fields are
+//! declared in that order too.
 //!
 //! Some answers are built as JSON values by actors today (confirmation, regret, tenant graduation,
 //! simulation results, run creation); their `…Doc` structs here only describe them, mirroring the JSON,
@@ -19,6 +20,13 @@ use runguard_store::StoredRun;
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// The view as a JSON value: keys sorted at every depth, as the `json!` answers it replaces had them.
+pub fn sorted<T: Serialize>(view: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(view).map_err(|_| ApiError::internal())
+}
 
 /// One page of a list: `next_cursor` is passed back as `cursor` for the next page; `null` on the last.
 #[derive(Debug, Serialize, JsonSchema)]
