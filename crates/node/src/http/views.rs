@@ -381,3 +381,45 @@ pub struct GraduationHistoryDoc {
     /// When.
     pub at: Timestamp,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runguard_contract::{Phase, SnapshotHash};
+
+    fn stored_run() -> StoredRun {
+        let hash = SnapshotHash::from_bytes(&[7; 32]);
+        StoredRun {
+            tenant_id: TenantId::new("acme").unwrap(),
+            run_id: RunId::new("run-1").unwrap(),
+            snapshot: SnapshotRef { id: SnapshotId::for_hash(&hash), hash, policy_count: 2 },
+            status: RunStatus::Stopped,
+            totals: Totals { tokens: 5, cost_micros: 6, steps: 1, duration_ms: 7 },
+            termination_reason: Some(TerminationReason::PolicyBlock),
+            stopped_at_step: Some(1),
+            violation_policy_id: Some(PolicyId::new("pol_b").unwrap()),
+            labels: BTreeMap::from([("env".to_owned(), "prod".to_owned())]),
+            api_endpoint: Some("/x".to_owned()),
+            created_at: Timestamp::from_unix_millis(1_000),
+            ended_at: Some(Timestamp::from_unix_millis(2_000)),
+            outcome: None,
+            next: NextCall { index: 1, phase: Phase::Pre },
+        }
+    }
+
+    /// The views answer exactly the bytes the `json!` objects they replace answered.
+    #[test]
+    fn run_views_keep_the_bytes_of_the_json_objects_they_replace() {
+        let run = stored_run();
+        let mut before = serde_json::to_value(&run).unwrap();
+        before["steps_seen"] = serde_json::json!(run.next.index);
+        let after = sorted(&RunView::new(run.clone(), Some(1))).unwrap();
+        assert_eq!(after.to_string(), before.to_string());
+        let before = serde_json::json!({ "run": run, "incident_id": None::<IncidentId> });
+        let after = sorted(&RunEnded { run: RunView::new(run, None), incident_id: None }).unwrap();
+        assert_eq!(after.to_string(), before.to_string());
+        let page = Page { items: vec![1, 2], next_cursor: Some("c".to_owned()) };
+        let before = serde_json::json!({ "items": [1, 2], "next_cursor": "c" });
+        assert_eq!(serde_json::to_string(&sorted(&page).unwrap()).unwrap(), before.to_string());
+    }
+}
