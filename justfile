@@ -88,7 +88,8 @@ api-fuzz MAX="25":
     venv=target/api-fuzz/venv
     [ -x "$venv/bin/schemathesis" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q "schemathesis==4.32.5"; }
     work=$(mktemp -d)
-    trap 'kill "$node" 2>/dev/null || true; rm -rf "$work"' EXIT
+    node=""
+    trap '[ -n "$node" ] && kill "$node" 2>/dev/null; rm -rf "$work"' EXIT
     secret=fuzz-admin-secret
     printf '[[tokens]]\nname = "fuzz"\ntenant = "fuzz"\nrole = "admin"\nsha256 = "%s"\n' \
         "$(printf %s "$secret" | sha256sum | cut -d' ' -f1)" > "$work/runguard.toml"
