@@ -98,6 +98,8 @@ api-fuzz MAX="25":
     node=$!
     for _ in $(seq 100); do grep -q 'listening on' "$work/stdout" && break; sleep 0.1; done
     base=$(sed -n 's/^runguard listening on //p' "$work/stdout" | head -n1)
-    "$venv/bin/schemathesis" run "$base/openapi.json" --url "$base" --checks all \
+    # Run from target/api-fuzz, where schemathesis keeps its cache (`.schemathesis/`) and report.
+    cd target/api-fuzz
+    venv/bin/schemathesis run "$base/openapi.json" --url "$base" --checks all \
         --header "Authorization: Bearer $secret" --max-examples "{{MAX}}" --seed 1 \
-        --report junit --report-dir target/api-fuzz/report
+        --report junit --report-dir report
