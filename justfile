@@ -77,3 +77,29 @@ deny:
 # The whole CI script.
 ci:
     bash .ci/run
+
+# Schemathesis (pinned, in its own venv under target/) against a node with a token on loopback: every
+# documented operation with `--checks all`, then the stateful phase that follows the document's links.
+# Not in CI; the last result is quoted in docs/api.md. MAX is schemathesis' `--max-examples`.
+api-fuzz MAX="25":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build -p runguard-node --bin runguard
+    venv=target/api-fuzz/venv
+    [ -x "$venv/bin/schemathesis" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q "schemathesis==4.32.5"; }
+    work=$(mktemp -d)
+    node=""
+    trap '[ -n "$node" ] && kill "$node" 2>/dev/null; rm -rf "$work"' EXIT
+    secret=fuzz-admin-secret
+    printf '[[tokens]]\nname = "fuzz"\ntenant = "fuzz"\nrole = "admin"\nsha256 = "%s"\n' \
+        "$(printf %s "$secret" | sha256sum | cut -d' ' -f1)" > "$work/runguard.toml"
+    target/debug/runguard serve --listen 127.0.0.1:0 --data "$work/data" --config "$work/runguard.toml" \
+        > "$work/stdout" 2> "$work/node.log" &
+    node=$!
+    for _ in $(seq 100); do grep -q 'listening on' "$work/stdout" && break; sleep 0.1; done
+    base=$(sed -n 's/^runguard listening on //p' "$work/stdout" | head -n1)
+    # Run from target/api-fuzz, where schemathesis keeps its cache (`.schemathesis/`) and report.
+    cd target/api-fuzz
+    venv/bin/schemathesis run "$base/openapi.json" --url "$base" --checks all \
+        --header "Authorization: Bearer $secret" --max-examples "{{MAX}}" --seed 1 \
+        --report junit --report-dir report

@@ -3,7 +3,9 @@
 //! Each [`Node`] runs the binary on `127.0.0.1:0` with its own temporary directory (the sled data
 //! directory, an optional config file and the node's log), reads the port from the one line the node
 //! prints on stdout, and kills the process when dropped. [`Client`] is a small JSON client that answers
-//! every status (never an error for non-2xx) as a [`Resp`].
+//! every status (never an error for non-2xx) as a [`Resp`], after checking it against the node's own
+//! OpenAPI document (see [`contract`]): a status the document does not declare for the operation, a body
+//! that does not match the schema declared for that status, or a missing `Retry-After` fails the test.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+use crate::contract::Contract;
 
 /// How long a node may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -136,6 +140,8 @@ pub struct Node {
     port: u16,
     starts: u32,
     agent: ureq::Agent,
+    /// Whether its clients check answers against the document (all but the node that serves it).
+    checked: bool,
 }
 
 impl Node {
@@ -150,6 +156,10 @@ impl Node {
     }
 
     fn launch(toml: Option<&str>) -> Node {
+        Self::launch_as(toml, true)
+    }
+
+    fn launch_as(toml: Option<&str>, checked: bool) -> Node {
         let dir = tempfile::Builder::new().prefix("runguard-bbt-").tempdir().expect("a temporary directory");
         let config = toml.map(|text| {
             let path = dir.path().join("runguard.toml");
@@ -161,7 +171,7 @@ impl Node {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .build()
             .into();
-        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent };
+        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent, checked };
         node.spawn();
         node
     }
@@ -215,6 +225,10 @@ impl Node {
                 panic!("runguard did not report its port (first stdout line: {first:?}); log:\n{}", self.logs());
             }
         }
+        // Compiled now rather than at a test's first call, so that tests timing their calls time only theirs.
+        if self.checked {
+            contract();
+        }
     }
 
     /// The base URL, e.g. `http://127.0.0.1:40213`.
@@ -224,7 +238,7 @@ impl Node {
 
     /// A client without a token (development mode accepts it).
     pub fn client(&self) -> Client {
-        Client { agent: self.agent.clone(), base: self.base(), token: None, tenant: None }
+        Client { agent: self.agent.clone(), base: self.base(), token: None, tenant: None, checked: self.checked }
     }
 
     /// A client presenting `token`.
@@ -334,6 +348,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     tenant: Option<String>,
+    /// Whether answers are checked against the document.
+    checked: bool,
 }
 
 impl Client {
@@ -392,6 +408,14 @@ impl Client {
             request = request.header(*name, *value);
         }
         let request = request.body(body.unwrap_or_default()).expect("a valid request");
+        let resp = self.exchange(request)?;
+        if self.checked {
+            contract().check(method, path, &resp);
+        }
+        Ok(resp)
+    }
+
+    fn exchange(&self, request: ureq::http::Request<Vec<u8>>) -> Result<Resp, ureq::Error> {
         let mut response = self.agent.run(request)?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
@@ -399,6 +423,17 @@ impl Client {
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         Ok(Resp { status, headers, text, body })
     }
+}
+
+/// The OpenAPI document of the binary under test, compiled once per test process from a node of its own:
+/// the document is the same for every configuration, and the nodes under test see no extra request.
+pub fn contract() -> &'static Contract {
+    static CONTRACT: OnceLock<Contract> = OnceLock::new();
+    CONTRACT.get_or_init(|| {
+        let node = Node::launch_as(None, false);
+        let document = node.client().get("/openapi.json").expect(200).clone();
+        Contract::new(&document)
+    })
 }
 
 /// A proptest runner for properties that drive one node across their cases: the case count comes from

@@ -1,6 +1,7 @@
 //! Black-box tests of the `runguard` binary: every test starts real nodes on loopback ports with
 //! temporary data directories and drives them over HTTP or the command line only.
 
+mod contract;
 mod fixtures;
 mod harness;
 
@@ -16,6 +17,7 @@ mod learning;
 mod learning_loop;
 mod logs;
 mod noisy_neighbour;
+mod openapi;
 mod ops;
 mod overload;
 mod policies;

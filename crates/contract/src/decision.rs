@@ -10,6 +10,7 @@ use crate::timestamp::Timestamp;
 
 /// The answer to a call, ordered from least to most restrictive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Go ahead.
@@ -42,6 +43,7 @@ impl fmt::Display for Action {
 
 /// Which kind of check a violation comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationType {
     /// A token budget.
@@ -92,6 +94,7 @@ impl ViolationType {
 
 /// Where in a run a decision was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionPhase {
     /// At run creation.
@@ -127,6 +130,7 @@ impl DecisionPhase {
 
 /// The policy that decided.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PolicyRef {
     /// Its id.
     pub id: PolicyId,
@@ -138,6 +142,7 @@ pub struct PolicyRef {
 
 /// One redacted match: the detector, pattern or keyword, how often, and up to 3 redacted samples.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EvidenceMatch {
     /// `detector`, `pattern` or `keyword`.
     pub kind: String,
@@ -151,6 +156,7 @@ pub struct EvidenceMatch {
 
 /// Why a violation was raised, without the matched text.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Evidence {
     /// Which text was read (`input_text`, `output_text`), for content rules.
     pub text: Option<String>,
@@ -164,6 +170,7 @@ pub struct Evidence {
 
 /// A violated policy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Violation {
     /// The policy.
     pub policy_id: PolicyId,
@@ -187,6 +194,7 @@ pub struct Violation {
 
 /// What a shadow policy would have done.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ShadowEntry {
     /// The shadow policy.
     pub policy_id: PolicyId,
@@ -202,6 +210,7 @@ pub struct ShadowEntry {
 
 /// The tightest per-run budget left for each metric, never below 0; `None` where no budget applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Remaining {
     /// Tokens left.
     pub tokens: Option<u64>,
@@ -215,6 +224,7 @@ pub struct Remaining {
 
 /// A decision.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Decision {
     /// Unique; identical retries return the same one.
     pub decision_id: DecisionId,

@@ -13,6 +13,9 @@ use crate::error::ValidationError;
 /// The longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
+/// The alphabet and length of [`check_id`] as a regular expression (for JSON Schemas).
+pub const ID_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,128}$";
+
 /// Checks the alphabet and length shared by every id: 1 to 128 bytes of `[A-Za-z0-9._:-]`.
 pub fn check_id(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
@@ -91,6 +94,22 @@ macro_rules! define_id {
         }
 
         string_newtype_conversions!($name);
+
+        #[cfg(feature = "schema")]
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_ID_LEN,
+                    "pattern": ID_PATTERN,
+                })
+            }
+        }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -177,6 +196,20 @@ macro_rules! define_hex_digest {
         }
 
         string_newtype_conversions!($name);
+
+        #[cfg(feature = "schema")]
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "pattern": format!("^[0-9a-f]{{{}}}$", $len),
+                })
+            }
+        }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -10,6 +10,7 @@ use crate::timestamp::Timestamp;
 
 /// A failed run, with the signature and error of its failing step.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Incident {
     /// `inc_…`.
     pub id: IncidentId,
@@ -31,6 +32,7 @@ pub struct Incident {
 
 /// One tenant's incidents grouped by (signature hash, error type).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Pattern {
     /// `pat_…`.
     pub id: PatternId,
@@ -56,6 +58,7 @@ pub struct Pattern {
 
 /// How a mode change was approved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ApprovalPath {
     /// An operator set the mode.
     #[serde(rename = "manual")]
@@ -70,6 +73,7 @@ pub enum ApprovalPath {
 
 /// One entry of a policy's activation audit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AuditEntry {
     /// The policy.
     pub policy_id: PolicyId,
@@ -89,6 +93,7 @@ pub struct AuditEntry {
 
 /// An operator's judgement that a prevention record was a false positive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Regret {
     /// The record.
     pub record_id: RecordId,

@@ -37,6 +37,8 @@ pub mod policy;
 pub mod prevention;
 pub mod record;
 pub mod run;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod signature;
 pub mod snapshot;
 pub mod step;

@@ -9,6 +9,7 @@ use crate::timestamp::Timestamp;
 
 /// Whether a policy belongs to one tenant or applies to all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// The caller's tenant.
@@ -20,6 +21,7 @@ pub enum Scope {
 
 /// The lifecycle mode of a policy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Enforced: its violations decide.
@@ -52,6 +54,7 @@ impl Mode {
 
 /// What a violated policy asks for. Rate rules throttle instead of blocking.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyAction {
     /// Stop the run (rate rules: throttle the call).
@@ -63,6 +66,7 @@ pub enum PolicyAction {
 
 /// What happens when a policy cannot be evaluated (`docs/evaluation.md`). Defaults to `block`: fail closed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// An `evaluation_error` violation with action block.
@@ -76,6 +80,7 @@ pub enum OnError {
 
 /// The point in a run at which a policy is evaluated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BindAt {
     /// When the run is created.
@@ -102,12 +107,14 @@ impl BindAt {
 
 /// A policy document as a caller creates or updates it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDocument {
     /// Optional on create; generated (`pol_…`) when absent.
     #[serde(default)]
     pub id: Option<PolicyId>,
     /// A human name, shown in decisions.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 256), regex(pattern = r"\S")))]
     pub name: String,
     /// Tenant (default) or global.
     #[serde(default)]
@@ -140,6 +147,7 @@ fn default_precedence() -> u32 {
 
 /// A rule, tagged by `kind` on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Rule {
     /// Token, cost, step or duration budget.
@@ -200,6 +208,7 @@ impl Rule {
 
 /// What a budget counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetMetric {
     /// Tokens reported in `usage.tokens`.
@@ -226,6 +235,7 @@ impl BudgetMetric {
 
 /// Whether a budget caps the run's total or each step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetPer {
     /// The run's running total.
@@ -236,6 +246,7 @@ pub enum BudgetPer {
 
 /// A budget rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BudgetRule {
     /// What is counted.
@@ -246,11 +257,13 @@ pub struct BudgetRule {
     pub max: u64,
     /// Warn tiers in percent of `max` (1–99, per-run budgets only).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(range(min = 1, max = 99))))]
     pub warn_at: Vec<u32>,
 }
 
 /// What a rate rule counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RateMetric {
     /// Steps admitted.
@@ -274,6 +287,7 @@ impl RateMetric {
 
 /// Whether a rate window is kept per run or per tenant on this node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RateScope {
     /// One window per run.
@@ -285,6 +299,7 @@ pub enum RateScope {
 
 /// A sliding-window rate rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateRule {
     /// What is counted.
@@ -292,6 +307,7 @@ pub struct RateRule {
     /// Inclusive maximum within the window.
     pub max: u64,
     /// Window length, 1–86400 seconds.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 86_400)))]
     pub window_s: u32,
     /// Run (default) or tenant.
     #[serde(default)]
@@ -300,6 +316,7 @@ pub struct RateRule {
 
 /// Which text a content rule reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ContentTarget {
     /// `output_text` (default).
@@ -313,6 +330,7 @@ pub enum ContentTarget {
 
 /// A built-in detector of sensitive content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Detector {
     /// E-mail addresses.
@@ -345,6 +363,12 @@ impl Detector {
 
 /// A content rule.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("anyOf" = [
+    {"required": ["detectors"], "properties": {"detectors": {"minItems": 1}}},
+    {"required": ["patterns"], "properties": {"patterns": {"minItems": 1}}},
+    {"required": ["keywords"], "properties": {"keywords": {"minItems": 1}}},
+])))]
 #[serde(deny_unknown_fields)]
 pub struct ContentRule {
     /// Which text to read.
@@ -355,9 +379,11 @@ pub struct ContentRule {
     pub detectors: Vec<Detector>,
     /// Regular expressions (Rust `regex` syntax, linear time).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1, max = 1024))))]
     pub patterns: Vec<String>,
     /// Literal keywords.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1, max = 256))))]
     pub keywords: Vec<String>,
     /// Match patterns and keywords without regard to case.
     #[serde(default)]
@@ -366,18 +392,26 @@ pub struct ContentRule {
 
 /// A skill rule: exactly one of `allow` or `deny`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("oneOf" = [
+    {"required": ["allow"], "properties": {"allow": {"type": "array", "minItems": 1}}},
+    {"required": ["deny"], "properties": {"deny": {"type": "array", "minItems": 1}}},
+])))]
 #[serde(deny_unknown_fields)]
 pub struct SkillRule {
     /// Only these skills may run.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1, max = 256))))]
     pub allow: Option<Vec<String>>,
     /// These skills may not run.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(length(min = 1, max = 256))))]
     pub deny: Option<Vec<String>>,
 }
 
 /// A pattern rule, created by proposing a learned pattern.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PatternRule {
     /// The pattern this policy prevents.
@@ -391,14 +425,17 @@ pub struct PatternRule {
 
 /// A custom rule in CEL.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExprRule {
     /// A CEL expression that is true when the rule is violated.
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 4096)))]
     pub cel: String,
 }
 
 /// A stored policy version: the document plus identity, version and times.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Unique within its tenant, or among global policies.

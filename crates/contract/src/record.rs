@@ -11,6 +11,7 @@ use crate::timestamp::Timestamp;
 
 /// A durable proof that an active policy blocked a step.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PreventionRecord {
     /// `prv_…`.

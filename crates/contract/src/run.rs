@@ -6,6 +6,7 @@ use crate::step::Phase;
 
 /// The status of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Accepting calls.
@@ -40,6 +41,7 @@ impl RunStatus {
 
 /// How a run ended, as the worker reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The agent finished its task.
@@ -50,6 +52,7 @@ pub enum Outcome {
 
 /// Why a run was stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TerminationReason {
     /// An active policy blocked.
@@ -60,6 +63,7 @@ pub enum TerminationReason {
 
 /// What a run has consumed so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Totals {
     /// Tokens.
     pub tokens: u64,
@@ -73,6 +77,7 @@ pub struct Totals {
 
 /// The next call a run expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NextCall {
     /// Step index.
     pub index: u64,

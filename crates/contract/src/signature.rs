@@ -8,6 +8,7 @@ use crate::step::StepError;
 
 /// The normalised identity of a request: skill, endpoint and input keys. The error is not part of it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Signature {
     /// Trimmed, lower-case.
     pub skill: String,
@@ -73,6 +74,7 @@ fn is_uuid(segment: &str) -> bool {
 
 /// How an incident failed: classifies it, but is not part of the request signature.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorClass {
     /// Lower-cased error type (empty when unknown).
     pub error_type: String,

@@ -11,6 +11,7 @@ pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
 
 /// Every policy in scope for a tenant, in `active` or `shadow` mode, at its current version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// [`SNAPSHOT_FORMAT_VERSION`] when captured.
@@ -21,6 +22,7 @@ pub struct Snapshot {
 
 /// A snapshot with its identity, as the API shows it in runs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SnapshotRef {
     /// `snp_` and the first 32 hex digits of the hash.
     pub id: SnapshotId,

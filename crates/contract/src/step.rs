@@ -7,6 +7,7 @@ use crate::limits::StepLimits;
 
 /// The phase of a step call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Admission, before the step executes.
@@ -27,6 +28,7 @@ impl Phase {
 
 /// What a `pre` call expects the step to consume.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Estimate {
     /// Expected tokens.
@@ -39,6 +41,7 @@ pub struct Estimate {
 
 /// What a step consumed, reported at `post`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Usage {
     /// Tokens consumed.
@@ -54,6 +57,7 @@ pub struct Usage {
 
 /// How a step failed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StepError {
     /// Error type, e.g. `timeout` (lower-cased when classifying).
@@ -72,6 +76,12 @@ pub struct StepError {
 
 /// A step call, `POST /v1/runs/{id}/steps`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(extend("anyOf" = [
+    {"properties": {"phase": {"const": "pre"},
+                    "usage": {"type": "null"}, "output_text": {"type": "null"}, "error": {"type": "null"}}},
+    {"properties": {"phase": {"const": "post"}, "estimate": {"type": "null"}}},
+])))]
 #[serde(deny_unknown_fields)]
 pub struct StepCall {
     /// Step index, from 0.

@@ -68,6 +68,26 @@ impl Timestamp {
     }
 }
 
+/// Accepted: any RFC 3339 instant. Answered: UTC with exactly three fractional digits.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        if generator.contract().is_serialize() {
+            schemars::json_schema!({
+                "type": "string",
+                "format": "date-time",
+                "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{3}Z$",
+            })
+        } else {
+            schemars::json_schema!({ "type": "string", "format": "date-time" })
+        }
+    }
+}
+
 impl TryFrom<String> for Timestamp {
     type Error = ValidationError;
     fn try_from(value: String) -> Result<Self, Self::Error> {

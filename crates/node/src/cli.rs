@@ -90,6 +90,8 @@ enum PolicyCommand {
     /// `policy lint`. Exit 0 done (or nothing to do), 1 a problem in the files or a change the node refused,
     /// 2 a usage error (unreadable file, unreachable node, refused token).
     Apply(apply::ApplyArgs),
+    /// Print the JSON Schema (2020-12) of a policy document, for editors and CI checks.
+    Schema,
 }
 
 const FINDING: u8 = 1;
@@ -125,6 +127,7 @@ pub fn main() -> ExitCode {
         Command::Simulate(args) => simulate(&args),
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
         Command::Policy(PolicyCommand::Apply(args)) => apply::apply(&args),
+        Command::Policy(PolicyCommand::Schema) => policy_schema(),
     }
 }
 
@@ -247,6 +250,16 @@ fn write_ndjson<T: serde::Serialize>(
         }
     }
     match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => write_failed(&err),
+    }
+}
+
+/// `runguard policy schema`.
+fn policy_schema() -> ExitCode {
+    let schema = runguard_contract::schema::policy_document();
+    let mut out = std::io::stdout().lock();
+    match serde_json::to_writer_pretty(&mut out, &schema).map_err(std::io::Error::from).and_then(|()| writeln!(out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => write_failed(&err),
     }

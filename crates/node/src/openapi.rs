@@ -1,238 +1,344 @@
-//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the route table below. A test
-//! checks that every route in the table is served by the app, so the two cannot drift apart.
+//! The OpenAPI 3.1 document served at `/openapi.json`, rendered from the route table
+//! ([`crate::http::routes::ROUTES`]) that also builds the router, so that no route is served undocumented
+//! or documented unserved. Schemas come from the wire types (`schemars`, JSON Schema 2020-12, which
+//! OpenAPI 3.1 uses as it is): what the node reads is described as it deserialises, what it answers as it
+//! serialises.
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{Map, Value, json};
 
-/// One documented route.
-#[derive(Clone, Copy, Debug)]
-pub struct Route {
-    /// HTTP method, lower-case.
-    pub method: &'static str,
-    /// Path with `{id}` parameters.
-    pub path: &'static str,
-    /// The least role that may call it (`none` for operations endpoints).
-    pub role: &'static str,
-    /// What it does.
-    pub summary: &'static str,
-    /// The success status.
-    pub status: u16,
+use crate::auth::Role;
+use crate::http::routes::ROUTES;
+use crate::http::views::ErrorBody;
+
+/// Describes one body or query type.
+pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
+
+/// The schema of `T` in the generator's contract (a reference for answers, inline for requests).
+pub fn schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<T>()
 }
 
-/// Every route of the API.
-pub const ROUTES: &[Route] = &[
-    Route { method: "post", path: "/v1/policies", role: "operator", summary: "Create a policy", status: 201 },
-    Route {
-        method: "get",
-        path: "/v1/policies",
-        role: "operator",
-        summary: "List policies (filter `mode`)",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/policies/{id}",
-        role: "operator",
-        summary: "A policy; `?version=n` for an older version",
-        status: 200,
-    },
-    Route {
-        method: "put",
-        path: "/v1/policies/{id}",
-        role: "operator",
-        summary: "Update a policy (body carries `expected_version`)",
-        status: 200,
-    },
-    Route {
-        method: "post",
-        path: "/v1/policies/{id}/mode",
-        role: "operator",
-        summary: "Change a policy's mode (audited)",
-        status: 200,
-    },
-    Route {
-        method: "post",
-        path: "/v1/policies/{id}/confirm",
-        role: "operator",
-        summary: "Confirm a policy",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/policies/{id}/audit",
-        role: "operator",
-        summary: "Activation audit, oldest first",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/policies/{id}/versions",
-        role: "operator",
-        summary: "Every version of a policy, oldest first",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/policies/{id}/shadow-stats",
-        role: "operator",
-        summary: "Shadow statistics",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/policies/{id}/graduation",
-        role: "operator",
-        summary: "Policy graduation gate",
-        status: 200,
-    },
-    Route {
-        method: "post",
-        path: "/v1/runs",
-        role: "worker",
-        summary: "Create a run (idempotent on `run_id`)",
-        status: 201,
-    },
-    Route {
-        method: "get",
-        path: "/v1/runs",
-        role: "worker",
-        summary: "List runs (filter `status`, `label`, `since`, `until`)",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/runs/{id}",
-        role: "worker",
-        summary: "A run: status, totals, snapshot, termination",
-        status: 200,
-    },
-    Route {
-        method: "post",
-        path: "/v1/runs/{id}/steps",
-        role: "worker",
-        summary: "A step call: answers a decision",
-        status: 200,
-    },
-    Route { method: "post", path: "/v1/runs/{id}/end", role: "worker", summary: "End a run", status: 200 },
-    Route {
-        method: "get",
-        path: "/v1/runs/{id}/decisions",
-        role: "operator",
-        summary: "A run's decisions in order",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/snapshots/{id}",
-        role: "operator",
-        summary: "A snapshot with its policies and `verified`",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/prevention-records",
-        role: "operator",
-        summary: "Prevention records (filters, cursor)",
-        status: 200,
-    },
-    Route {
-        method: "get",
-        path: "/v1/prevention-records/{id}",
-        role: "operator",
-        summary: "One prevention record",
-        status: 200,
-    },
-    Route {
-        method: "post",
-        path: "/v1/prevention-records/{id}/regret",
-        role: "operator",
-        summary: "Mark a record a false positive",
-        status: 201,
-    },
-    Route { method: "get", path: "/v1/incidents", role: "operator", summary: "Incidents", status: 200 },
-    Route { method: "get", path: "/v1/incidents/{id}", role: "operator", summary: "One incident", status: 200 },
-    Route { method: "get", path: "/v1/patterns", role: "operator", summary: "Patterns", status: 200 },
-    Route { method: "get", path: "/v1/patterns/{id}", role: "operator", summary: "One pattern", status: 200 },
-    Route {
-        method: "post",
-        path: "/v1/patterns/{id}/propose",
-        role: "operator",
-        summary: "Propose a shadow pattern policy",
-        status: 201,
-    },
-    Route { method: "get", path: "/v1/graduation", role: "operator", summary: "Tenant graduation level", status: 200 },
-    Route {
-        method: "post",
-        path: "/v1/simulate",
-        role: "operator",
-        summary: "Replay runs against candidate policies",
-        status: 200,
-    },
-    Route { method: "get", path: "/healthz", role: "none", summary: "Liveness", status: 200 },
-    Route { method: "get", path: "/readyz", role: "none", summary: "Readiness", status: 200 },
-    Route { method: "get", path: "/metrics", role: "none", summary: "Prometheus metrics", status: 200 },
-    Route { method: "get", path: "/openapi.json", role: "none", summary: "This document", status: 200 },
-];
+/// An HTTP method of the API. `GET` routes answer `HEAD` too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Method {
+    /// `GET` (and `HEAD`).
+    Get,
+    /// `POST`.
+    Post,
+    /// `PUT`.
+    Put,
+}
 
-fn error_response(description: &str) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+impl Method {
+    /// The name as OpenAPI keys operations.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Method::Get => "get",
+            Method::Post => "post",
+            Method::Put => "put",
+        }
+    }
+
+    /// The methods an `Allow` header names for it.
+    pub const fn allow(self) -> &'static str {
+        match self {
+            Method::Get => "GET, HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// A request body.
+#[derive(Clone, Copy, Debug)]
+pub struct Body {
+    /// Its schema (as the node reads it).
+    pub schema: SchemaFn,
+    /// False when an absent body reads as `{}`.
+    pub required: bool,
+}
+
+/// What a success answer carries.
+#[derive(Clone, Copy, Debug)]
+pub enum Content {
+    /// JSON of this schema.
+    Json(SchemaFn),
+    /// Text of this media type.
+    Text(&'static str),
+}
+
+/// A success answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Success {
+    /// Its status.
+    pub status: u16,
+    /// What it means.
+    pub description: &'static str,
+    /// Its body.
+    pub content: Content,
+}
+
+/// A link from an answer to an operation whose `id` it gives (OpenAPI links; schemathesis' stateful mode
+/// follows them).
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    /// The target operation.
+    pub operation_id: &'static str,
+    /// Where in the answer the target's `id` is, as a JSON pointer into the body.
+    pub id_at: &'static str,
+}
+
+/// One route: what the router serves and the document describes.
+#[derive(Clone, Copy, Debug)]
+pub struct Operation {
+    /// Its method.
+    pub method: Method,
+    /// Its path, with `{id}`.
+    pub path: &'static str,
+    /// A unique name.
+    pub operation_id: &'static str,
+    /// Its group.
+    pub tag: &'static str,
+    /// The least role that may call it; `None` for the unauthenticated operations endpoints.
+    pub role: Option<Role>,
+    /// What it does.
+    pub summary: &'static str,
+    /// Its query parameters, as one type.
+    pub query: Option<SchemaFn>,
+    /// Its request body.
+    pub body: Option<Body>,
+    /// Its success answers.
+    pub success: &'static [Success],
+    /// Every error status it can answer.
+    pub errors: &'static [u16],
+    /// Operations its success answers lead to.
+    pub links: &'static [Link],
+    /// The handler, without a method guard (the router adds it).
+    pub handler: fn() -> actix_web::Route,
+    /// False for a route served only to tests and drills (`fault_injection`), left out of the document.
+    pub documented: bool,
+}
+
+/// What an error status means, in every operation that can answer it.
+fn error_description(status: u16) -> &'static str {
+    match status {
+        400 => "invalid JSON, field, query parameter or `X-Tenant` (`details.field` names it)",
+        401 => "missing or unknown token",
+        403 => "the token's role is too low, or `X-Tenant` from a caller that is not an admin",
+        404 => "unknown, or another tenant's",
+        408 => "the body did not arrive within `http.body_timeout_ms` (the connection closes)",
+        409 => "conflict: order, stopped run, idempotency mismatch, version race or duplicate",
+        413 => "the body is over `limits.body_bytes`",
+        415 => "a body whose `Content-Type` is not `application/json`",
+        429 => "the run has too many calls in flight: treat the call as a block and retry after `Retry-After`",
+        503 => {
+            "the node cannot answer now (store, writer, registry, answer budget or readiness): treat the call as a block and retry after `Retry-After`"
+        }
+        _ => "error",
+    }
+}
+
+fn error_response(status: u16) -> Value {
+    let mut response = json!({
+        "description": error_description(status),
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } },
+    });
+    if matches!(status, 429 | 503) {
+        response["headers"] = json!({ "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "required": true,
+            "schema": { "type": "integer", "minimum": 0 },
+        } });
+    }
+    response
+}
+
+/// Removes `null` from a schema: a query parameter is absent, never null.
+fn not_null(mut schema: Value) -> Value {
+    if let Some(types) = schema.get_mut("type").and_then(Value::as_array_mut) {
+        types.retain(|t| t != "null");
+        if let [only] = types.as_slice() {
+            schema["type"] = only.clone();
+        }
+    }
+    let Some(object) = schema.as_object_mut() else { return schema };
+    if let Some(Value::Array(mut options)) = object.remove("anyOf") {
+        options.retain(|option| option.get("type").is_none_or(|t| t != "null"));
+        match options.pop() {
+            Some(Value::Object(only)) if options.is_empty() => {
+                for (key, value) in only {
+                    object.entry(key).or_insert(value);
+                }
+            }
+            Some(last) => {
+                options.push(last);
+                object.insert("anyOf".into(), Value::Array(options));
+            }
+            None => {}
+        }
+    }
+    schema
+}
+
+/// The query parameters of a query type: one per property.
+fn query_parameters(query: SchemaFn, requests: &mut SchemaGenerator) -> Vec<Value> {
+    let schema = request_schema(query, requests).to_value();
+    let required: Vec<&str> =
+        schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else { return Vec::new() };
+    properties
+        .iter()
+        .map(|(name, property)| {
+            let mut property = not_null(property.clone());
+            let description = property.as_object_mut().and_then(|p| p.remove("description"));
+            let mut parameter = json!({
+                "name": name,
+                "in": "query",
+                "required": required.contains(&name.as_str()),
+                "schema": property,
+            });
+            if let Some(description) = description {
+                parameter["description"] = description;
+            }
+            parameter
+        })
+        .collect()
+}
+
+/// A request schema, inlined: the integer bound the generator applies to definitions is applied here.
+fn request_schema(schema: SchemaFn, requests: &mut SchemaGenerator) -> Schema {
+    let mut schema = schema(requests);
+    runguard_contract::schema::bound_integers_within(&mut schema);
+    schema
+}
+
+fn operation(route: &Operation, requests: &mut SchemaGenerator, answers: &mut SchemaGenerator) -> Value {
+    let mut responses = Map::new();
+    for success in route.success {
+        let content = match success.content {
+            Content::Json(schema) => json!({ "application/json": { "schema": schema(answers) } }),
+            Content::Text(media_type) => json!({ media_type: { "schema": { "type": "string" } } }),
+        };
+        let mut response = json!({ "description": success.description, "content": content });
+        if !route.links.is_empty() {
+            let links: Map<String, Value> = route
+                .links
+                .iter()
+                .map(|link| {
+                    (
+                        link.operation_id.to_owned(),
+                        json!({ "operationId": link.operation_id,
+                                "parameters": { "id": format!("$response.body#{}", link.id_at) } }),
+                    )
+                })
+                .collect();
+            response["links"] = Value::Object(links);
+        }
+        responses.insert(success.status.to_string(), response);
+    }
+    for status in route.errors {
+        responses.insert(status.to_string(), error_response(*status));
+    }
+    let mut parameters = Vec::new();
+    if route.path.contains("{id}") {
+        parameters.push(json!({ "name": "id", "in": "path", "required": true,
+            "schema": { "type": "string", "pattern": runguard_contract::ids::ID_PATTERN } }));
+    }
+    if route.role.is_some() {
+        parameters.push(json!({ "name": "X-Tenant", "in": "header", "required": false,
+            "description": "admins only: act for this tenant",
+            "schema": { "type": "string", "pattern": runguard_contract::ids::ID_PATTERN } }));
+    }
+    if let Some(query) = route.query {
+        parameters.extend(query_parameters(query, requests));
+    }
+    let mut operation = json!({
+        "operationId": route.operation_id,
+        "tags": [route.tag],
+        "summary": route.summary,
+        "x-runguard-role": route.role.map_or("none", Role::as_str),
+        "responses": responses,
+    });
+    if !parameters.is_empty() {
+        operation["parameters"] = Value::Array(parameters);
+    }
+    if let Some(body) = route.body {
+        operation["requestBody"] = json!({
+            "required": body.required,
+            "content": { "application/json": { "schema": request_schema(body.schema, requests) } },
+        });
+    }
+    operation["security"] = if route.role.is_some() { json!([{ "bearer": [] }]) } else { json!([]) };
+    operation
+}
+
+/// The document as served, rendered once.
+pub fn rendered() -> &'static str {
+    static RENDERED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RENDERED.get_or_init(|| document().to_string())
 }
 
 /// The document.
 pub fn document() -> Value {
+    let mut requests = {
+        let mut settings = runguard_contract::schema::settings(false);
+        settings.inline_subschemas = true;
+        settings.meta_schema = None;
+        settings.into_generator()
+    };
+    let mut answers = {
+        let mut settings = runguard_contract::schema::settings(true);
+        settings.definitions_path = "/components/schemas".into();
+        settings.meta_schema = None;
+        settings.into_generator()
+    };
+    answers.subschema_for::<ErrorBody>();
     let mut paths = Map::new();
-    for route in ROUTES {
-        let entry = paths.entry(route.path.to_owned()).or_insert_with(|| json!({}));
-        let mut responses = Map::new();
-        responses.insert(
-            route.status.to_string(),
-            json!({ "description": "success", "content": { "application/json": {} } }),
-        );
-        for (status, text) in [
-            ("400", "invalid JSON or field (`details.field` names it)"),
-            ("401", "missing or unknown token"),
-            ("403", "role too low"),
-            ("404", "unknown, or another tenant's"),
-            ("409", "order, stopped run, idempotency mismatch or version race"),
-            ("413", "body over the limit"),
-            ("503", "store or writer unavailable: treat as block"),
-        ] {
-            responses.insert(status.to_owned(), error_response(text));
-        }
-        if matches!(route.method, "post" | "put") {
-            responses.insert("408".to_owned(), error_response("the body did not arrive within `http.body_timeout_ms`"));
-            responses.insert("415".to_owned(), error_response("the body's `Content-Type` is not `application/json`"));
-        }
-        let mut operation = json!({
-            "summary": route.summary,
-            "x-runguard-role": route.role,
-            "responses": responses,
-        });
-        if route.path.contains("{id}") {
-            operation["parameters"] =
-                json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
-        }
-        if route.role != "none" {
-            operation["security"] = json!([{ "bearer": [] }]);
-        }
-        if let Some(object) = entry.as_object_mut() {
-            object.insert(route.method.to_owned(), operation);
-        }
+    for route in ROUTES.iter().filter(|route| route.documented) {
+        let item = paths.entry(route.path.to_owned()).or_insert_with(|| json!({}));
+        item[route.method.key()] = operation(route, &mut requests, &mut answers);
     }
     json!({
         "openapi": "3.1.0",
-        "info": { "title": "runguard", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Policy prevention node for LLM agent runs." },
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {
+            "title": "runguard",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Policy prevention node for LLM agent runs. Clients treat every non-2xx answer to a step call as a block.",
+        },
+        "tags": [
+            { "name": "policies", "description": "Policies, their modes, versions, audit and graduation" },
+            { "name": "runs", "description": "Runs, step calls and decisions" },
+            { "name": "records", "description": "Prevention records and snapshots" },
+            { "name": "learning", "description": "Incidents, patterns, tenant graduation and simulation" },
+            { "name": "operations", "description": "Health, readiness, metrics and this document" },
+        ],
         "paths": paths,
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": { "error": { "type": "object", "required": ["code", "message", "details"],
-                        "properties": { "code": { "type": "string" }, "message": { "type": "string" }, "details": { "type": "object" } } } }
-                }
-            }
-        }
+            "schemas": answers.take_definitions(true),
+        },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reference_resolves_and_every_operation_is_unique() {
+        let doc = document();
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().cloned().unwrap_or_default();
+        for reference in text.split("\"$ref\":\"").skip(1) {
+            let target = reference.split('"').next().unwrap_or_default();
+            let name = target.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("ref {target}"));
+            assert!(schemas.contains_key(name), "{target} does not resolve");
+        }
+        let mut ids: Vec<&str> = ROUTES.iter().map(|route| route.operation_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), ROUTES.len(), "operationIds repeat");
+    }
 }

@@ -101,7 +101,8 @@ pub struct TenantGraduation {
 // node's JSON objects have always had on the wire.
 
 /// Where a policy's confirmations stand after one more.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Confirmation")]
 pub struct Confirmation {
     /// Distinct callers who confirmed since the latest mode change.
     pub confirmations: usize,
@@ -112,7 +113,8 @@ pub struct Confirmation {
 }
 
 /// A regret and what it did to the deciding policy.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "RegretResult")]
 pub struct RegretAnswer {
     /// The effect on the policy.
     pub policy: RegretEffect,
@@ -121,7 +123,8 @@ pub struct RegretAnswer {
 }
 
 /// What a regret did to the policy that decided the record.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "RegretPolicySummary")]
 pub struct RegretEffect {
     /// Whether the regret demoted (disabled) the policy.
     pub demoted: bool,
@@ -142,7 +145,8 @@ pub struct RegretEffect {
 }
 
 /// A tenant's graduation level, its gates and its history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "TenantGraduation")]
 pub struct Graduation {
     /// The level it fell from, if degraded.
     pub degraded_from: Option<String>,
@@ -161,7 +165,8 @@ pub struct Graduation {
 }
 
 /// The graduation gates.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Gates")]
 pub struct Gates {
     /// The prevention gate.
     pub prevention: PreventionGate,
@@ -170,7 +175,8 @@ pub struct Gates {
 }
 
 /// The prevention gate.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "PreventionGate")]
 pub struct PreventionGate {
     /// Counted preventions in the window.
     pub counted_preventions: u64,
@@ -185,7 +191,8 @@ pub struct PreventionGate {
 }
 
 /// The rollback gate.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "RollbackGate")]
 pub struct RollbackGate {
     /// Demotions in the window.
     pub demotions: u64,
@@ -198,7 +205,8 @@ pub struct RollbackGate {
 }
 
 /// One level change.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "GraduationHistoryEntry")]
 pub struct GraduationStep {
     /// When.
     pub at: Timestamp,

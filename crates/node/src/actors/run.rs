@@ -117,11 +117,14 @@ pub struct Deregister {
 }
 
 /// The answer to run creation (and to an identical re-creation).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "RunCreated")]
 pub struct CreateAnswer {
     /// The run.
+    #[schemars(with = "runguard_contract::RunId")]
     pub run_id: String,
     /// Its status.
+    #[schemars(with = "RunStatus")]
     pub status: &'static str,
     /// Its snapshot.
     pub snapshot: SnapshotRef,

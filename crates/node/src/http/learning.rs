@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use runguard_contract::{IncidentId, PatternId, PreventionRecord, RecordId, RunId, Snapshot};
 use runguard_engine::CompiledSnapshot;
 use runguard_store::WriteBatch;
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::actors::learning::{Propose, TenantGraduation};
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
+use crate::http::views::{Simulation, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::now;
 use crate::simulation;
@@ -73,13 +75,28 @@ pub async fn graduation(state: State, req: HttpRequest) -> Result<HttpResponse, 
     Ok(HttpResponse::Ok().json(view))
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/simulate`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SimulateBody {
+pub struct SimulateBody {
+    /// Candidate policy documents (tenant scope; at most 100).
+    #[schemars(schema_with = "candidate_documents")]
     policies: Vec<Value>,
+    /// The runs to replay (1–100, no repeats).
+    #[schemars(with = "Vec<RunId>", length(min = 1, max = 100), extend("uniqueItems" = true))]
     run_ids: Vec<String>,
+    /// Store the simulated records (`is_simulated: true`).
     #[serde(default)]
     persist: bool,
+}
+
+/// Candidates are tenant policies: documents whose `scope` can only be `tenant`.
+fn candidate_documents(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut document = generator.subschema_for::<runguard_contract::PolicyDocument>();
+    if let Some(scope) = document.get_mut("properties").and_then(Value::as_object_mut) {
+        scope.insert("scope".into(), serde_json::json!({ "const": "tenant", "default": "tenant" }));
+    }
+    schemars::json_schema!({ "type": "array", "maxItems": MAX_CANDIDATES, "items": document })
 }
 
 /// `POST /v1/simulate`.
@@ -150,5 +167,5 @@ pub async fn simulate(state: State, req: HttpRequest, payload: Payload) -> Resul
             }
         }
     }
-    Ok(HttpResponse::Ok().json(json!({ "candidate_snapshot_hash": hash, "results": results })))
+    Ok(HttpResponse::Ok().json(sorted(&Simulation { candidate_snapshot_hash: hash, results })?))
 }

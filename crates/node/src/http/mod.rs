@@ -9,8 +9,10 @@ pub mod ops;
 pub mod policies;
 pub mod query_params;
 pub mod records;
+pub mod routes;
 pub mod run_list;
 pub mod runs;
+pub mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,18 +20,19 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::header::{ALLOW, HeaderValue};
-use actix_web::{HttpRequest, HttpResponse, Resource, ResponseError, Route, guard, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, guard, web};
 use metrics_exporter_prometheus::PrometheusHandle;
 use runguard_contract::TenantId;
 use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, Store};
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::actors::learning::Learning;
 use crate::actors::registry::{Registry, RunTable};
 use crate::auth::{Authenticator, Caller, Role};
 use crate::error::ApiError;
 use crate::node_error::NodeError;
+use crate::openapi::Method;
 use crate::shared::Shared;
 
 /// What every handler can reach.
@@ -117,12 +120,14 @@ impl AppState {
 pub type State = web::Data<AppState>;
 
 /// `limit` and `cursor` query parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
-    /// At most 1000; default 100.
+    /// At most this many (1–1000, default 100).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     pub limit: Option<String>,
-    /// From a previous page's `next_cursor`.
+    /// From a previous page's `next_cursor`; opaque: a cursor the list did not give is refused (400).
+    #[schemars(length(min = 1))]
     pub cursor: Option<String>,
 }
 
@@ -165,7 +170,7 @@ where
         .shared
         .heavy(tenant, move |shared| {
             let page = read(&shared.store)?;
-            serde_json::to_vec(&json!({ "items": page.items, "next_cursor": page.next_cursor }))
+            serde_json::to_vec(&views::sorted(&views::Page { items: page.items, next_cursor: page.next_cursor })?)
                 .map_err(|_| ApiError::internal())
         })
         .await?;
@@ -177,67 +182,46 @@ async fn unknown_route(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 /// 405 with `Allow` naming the methods the path serves.
-fn wrong_method(req: &HttpRequest, allow: &'static str) -> HttpResponse {
+fn wrong_method(req: &HttpRequest, allow: &str) -> HttpResponse {
     let mut response = ApiError::method_not_allowed(req.method().as_str(), req.path()).error_response();
-    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    if let Ok(allow) = HeaderValue::from_str(allow) {
+        response.headers_mut().insert(ALLOW, allow);
+    }
     response
 }
 
-/// A resource answering methods other than `allow` with 405.
-fn endpoint(path: &str, allow: &'static str) -> Resource {
-    web::resource(path.to_owned())
-        .default_service(web::to(move |req: HttpRequest| async move { wrong_method(&req, allow) }))
+/// The guard of a method: `GET` routes answer `HEAD` too (health probes send it); actix-web sends no
+/// body to `HEAD`.
+fn method_guard(method: Method) -> guard::AnyGuard {
+    match method {
+        Method::Get => guard::Any(guard::Get()).or(guard::Head()),
+        Method::Post => guard::Any(guard::Post()),
+        Method::Put => guard::Any(guard::Put()),
+    }
 }
 
-/// A route for `GET` that answers `HEAD` too (health probes send it); actix-web sends no body to `HEAD`.
-fn read() -> Route {
-    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
-}
-
-/// Registers every route.
+/// Registers every route of the table ([`routes::ROUTES`]), one resource per path answering the other
+/// methods with 405.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    const READ: &str = "GET, HEAD";
-    const WRITE: &str = "POST";
-    cfg.service(endpoint("/healthz", READ).route(read().to(ops::healthz)))
-        .service(endpoint("/readyz", READ).route(read().to(ops::readyz)))
-        .service(endpoint("/metrics", READ).route(read().to(ops::metrics)))
-        .service(endpoint("/openapi.json", READ).route(read().to(ops::openapi)))
-        .service(
-            endpoint("/v1/policies", "GET, HEAD, POST")
-                .route(web::post().to(policies::create))
-                .route(read().to(policies::list)),
-        )
-        .service(
-            endpoint("/v1/policies/{id}", "GET, HEAD, PUT")
-                .route(read().to(policies::get))
-                .route(web::put().to(policies::update)),
-        )
-        .service(endpoint("/v1/policies/{id}/mode", WRITE).route(web::post().to(policies::set_mode)))
-        .service(endpoint("/v1/policies/{id}/confirm", WRITE).route(web::post().to(policies::confirm)))
-        .service(endpoint("/v1/policies/{id}/audit", READ).route(read().to(policies::audit)))
-        .service(endpoint("/v1/policies/{id}/versions", READ).route(read().to(policies::versions)))
-        .service(endpoint("/v1/policies/{id}/shadow-stats", READ).route(read().to(policies::shadow_stats)))
-        .service(endpoint("/v1/policies/{id}/graduation", READ).route(read().to(policies::graduation)))
-        .service(
-            endpoint("/v1/runs", "GET, HEAD, POST")
-                .route(web::post().to(runs::create))
-                .route(read().to(run_list::list)),
-        )
-        .service(endpoint("/v1/runs/{id}", READ).route(read().to(runs::get)))
-        .service(endpoint("/v1/runs/{id}/steps", WRITE).route(web::post().to(runs::step)))
-        .service(endpoint("/v1/runs/{id}/end", WRITE).route(web::post().to(runs::end)))
-        .service(endpoint("/v1/runs/{id}/decisions", READ).route(read().to(runs::decisions)))
-        .service(endpoint("/v1/snapshots/{id}", READ).route(read().to(records::snapshot)))
-        .service(endpoint("/v1/prevention-records", READ).route(read().to(records::list)))
-        .service(endpoint("/v1/prevention-records/{id}", READ).route(read().to(records::get)))
-        .service(endpoint("/v1/prevention-records/{id}/regret", WRITE).route(web::post().to(records::regret)))
-        .service(endpoint("/v1/incidents", READ).route(read().to(learning::incidents)))
-        .service(endpoint("/v1/incidents/{id}", READ).route(read().to(learning::incident)))
-        .service(endpoint("/v1/patterns", READ).route(read().to(learning::patterns)))
-        .service(endpoint("/v1/patterns/{id}", READ).route(read().to(learning::pattern)))
-        .service(endpoint("/v1/patterns/{id}/propose", WRITE).route(web::post().to(learning::propose)))
-        .service(endpoint("/v1/graduation", READ).route(read().to(learning::graduation)))
-        .service(endpoint("/v1/simulate", WRITE).route(web::post().to(learning::simulate)))
-        .service(endpoint("/v1/faults/store", WRITE).route(web::post().to(ops::store_fault)))
-        .default_service(web::to(unknown_route));
+    let mut paths: Vec<&'static str> = Vec::new();
+    for route in routes::ROUTES {
+        if !paths.contains(&route.path) {
+            paths.push(route.path);
+        }
+    }
+    for path in paths {
+        let mut methods: Vec<Method> =
+            routes::ROUTES.iter().filter(|route| route.path == path).map(|route| route.method).collect();
+        methods.sort();
+        let allow = methods.iter().map(|method| method.allow()).collect::<Vec<_>>().join(", ");
+        let mut resource = web::resource(path).default_service(web::to(move |req: HttpRequest| {
+            let allow = allow.clone();
+            async move { wrong_method(&req, &allow) }
+        }));
+        for route in routes::ROUTES.iter().filter(|route| route.path == path) {
+            resource = resource.route((route.handler)().guard(method_guard(route.method)));
+        }
+        cfg.service(resource);
+    }
+    cfg.default_service(web::to(unknown_route));
 }

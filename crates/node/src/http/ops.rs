@@ -8,18 +8,19 @@ use serde_json::json;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::State;
+use crate::http::views::Health;
 use crate::openapi;
 
 /// `GET /healthz`: the process answers.
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+    HttpResponse::Ok().json(Health { status: "ok" })
 }
 
 /// `GET /readyz`: the store is open, the writer accepts commits and the latest commit attempt (or the
 /// writer's probe while unhealthy, about once a second) could write (`docs/operations.md`).
 pub async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     if state.is_ready() && state.shared.store.is_healthy() {
-        Ok(HttpResponse::Ok().json(json!({ "status": "ready" })))
+        Ok(HttpResponse::Ok().json(Health { status: "ready" }))
     } else {
         Err(ApiError::unavailable("not ready", 1))
     }
@@ -33,7 +34,7 @@ pub async fn metrics(state: State) -> HttpResponse {
 
 /// `GET /openapi.json`.
 pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().insert_header(ContentType::json()).body(openapi::document().to_string())
+    HttpResponse::Ok().insert_header(ContentType::json()).body(openapi::rendered())
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@ use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{Mode, Policy, PolicyDocument, PolicyId, Scope, TenantId};
 use runguard_store::{StoreErrorKind, WriteBatch};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -11,6 +12,7 @@ use crate::actors::learning::{Confirm, preventions};
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::http::errors::store_error;
+use crate::http::views::{PolicyGraduationView, ShadowStats, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::node_error::NodeError;
 use crate::policy_change::{Approval, PolicyChange, id_taken, id_taken_error};
@@ -110,11 +112,17 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
     Ok(HttpResponse::Created().json(policy))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The query of `GET /v1/policies`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub struct ListQuery {
+    /// Only policies in this mode.
     mode: Option<Mode>,
+    /// At most this many (1–1000, default 100).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     limit: Option<String>,
+    /// From a previous page's `next_cursor`; opaque: a cursor the list did not give is refused (400).
+    #[schemars(length(min = 1))]
     cursor: Option<String>,
 }
 
@@ -128,9 +136,12 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
         .await
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The query of `GET /v1/policies/{id}`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct VersionQuery {
+pub struct VersionQuery {
+    /// An older version than the current one.
+    #[schemars(with = "Option<u32>", range(min = 1))]
     version: Option<String>,
 }
 
@@ -192,10 +203,13 @@ pub async fn update(
     Ok(HttpResponse::Ok().json(next))
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/policies/{id}/mode`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ModeBody {
+pub struct ModeBody {
+    /// The new mode.
     mode: Mode,
+    /// Why (kept in the audit).
     #[serde(default)]
     reason: Option<String>,
 }
@@ -286,14 +300,14 @@ pub async fn shadow_stats(state: State, req: HttpRequest, id: Path<String>) -> R
     let (owner, pid, tenant) = (policy.tenant_id.clone(), policy.id.clone(), caller.tenant.clone());
     // A global policy's statistics count only the caller's tenant's runs (`docs/policies.md`).
     let stats = state.shared.read(move |store| store.shadow_stats(owner.as_ref(), &pid, &tenant)).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "policy_id": policy.id,
-        "mode": policy.mode,
-        "evaluations": stats.evaluations,
-        "would_block": stats.would_block,
-        "would_warn": stats.would_warn,
-        "would_throttle": stats.would_throttle,
-    })))
+    Ok(HttpResponse::Ok().json(sorted(&ShadowStats {
+        evaluations: stats.evaluations,
+        mode: policy.mode,
+        policy_id: policy.id,
+        would_block: stats.would_block,
+        would_throttle: stats.would_throttle,
+        would_warn: stats.would_warn,
+    })?))
 }
 
 /// `GET /v1/policies/{id}/graduation`: the prevention gate for one policy (`docs/learning-loop.md`).
@@ -314,5 +328,6 @@ pub async fn graduation(state: State, req: HttpRequest, id: Path<String>) -> Res
             preventions(store, records)
         })
         .await?;
-    Ok(HttpResponse::Ok().json(runguard_engine::learning::policy_graduation(&policy, &records)))
+    Ok(HttpResponse::Ok()
+        .json(PolicyGraduationView::from(runguard_engine::learning::policy_graduation(&policy, &records))))
 }

@@ -4,24 +4,40 @@ use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{RecordId, SnapshotId, Timestamp};
 use runguard_store::RecordQuery;
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::actors::learning::RegretRecord;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
+use crate::http::views::{SnapshotView, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 
-#[derive(Debug, Default, Deserialize)]
+/// The query of `GET /v1/prevention-records`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RecordsQuery {
+pub struct RecordsQuery {
+    /// Only this policy's records.
+    #[schemars(with = "Option<runguard_contract::PolicyId>")]
     policy_id: Option<String>,
+    /// Only this run's records.
+    #[schemars(with = "Option<runguard_contract::RunId>")]
     run_id: Option<String>,
+    /// Prevented at or after (RFC 3339).
+    #[schemars(with = "Option<Timestamp>")]
     since: Option<String>,
+    /// Prevented before (RFC 3339).
+    #[schemars(with = "Option<Timestamp>")]
     until: Option<String>,
+    /// Simulated records (`true`) instead of live ones (default `false`).
+    #[schemars(with = "Option<bool>")]
     simulated: Option<String>,
+    /// At most this many (1–1000, default 100).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     limit: Option<String>,
+    /// From a previous page's `next_cursor`; opaque: a cursor the list did not give is refused (400).
+    #[schemars(length(min = 1))]
     cursor: Option<String>,
 }
 
@@ -62,10 +78,14 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     Ok(HttpResponse::Ok().json(found.ok_or_else(|| ApiError::not_found("prevention record", &id))?))
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/prevention-records/{id}/regret`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RegretBody {
+pub struct RegretBody {
+    /// How bad the false positive was.
+    #[schemars(range(min = 1, max = 10))]
     severity: u8,
+    /// Free text.
     #[serde(default)]
     note: Option<String>,
 }
@@ -105,6 +125,7 @@ pub async fn regret(
 pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Result<HttpResponse, ApiError> {
     let caller = state.caller(&req, Role::Operator)?;
     let snapshot_id = SnapshotId::new(id.as_str()).map_err(|_| ApiError::not_found("snapshot", &id))?;
+    let stored_id = snapshot_id.clone();
     let admin = caller.role == Role::Admin;
     let tenant = caller.tenant.clone();
     let found = state
@@ -117,16 +138,23 @@ pub async fn snapshot(state: State, req: HttpRequest, id: Path<String>) -> Resul
         })
         .await?;
     let stored = found.ok_or_else(|| ApiError::not_found("snapshot", &id))?;
-    match &stored.snapshot {
-        Ok(snapshot) => Ok(HttpResponse::Ok().json(json!({
-            "id": id.as_str(),
-            "hash": stored.hash,
-            "verified": true,
-            "policy_count": snapshot.policies.len(),
-            "policies": snapshot.policies,
-        }))),
-        Err(err) => Ok(HttpResponse::Ok().json(json!({
-            "id": id.as_str(), "hash": stored.hash, "verified": false, "problem": err.to_string(),
-        }))),
-    }
+    let view = match stored.snapshot {
+        Ok(snapshot) => SnapshotView {
+            hash: stored.hash,
+            id: stored_id,
+            policy_count: Some(u64::try_from(snapshot.policies.len()).unwrap_or(u64::MAX)),
+            policies: Some(snapshot.policies),
+            problem: None,
+            verified: true,
+        },
+        Err(err) => SnapshotView {
+            hash: stored.hash,
+            id: stored_id,
+            policies: None,
+            policy_count: None,
+            problem: Some(err.to_string()),
+            verified: false,
+        },
+    };
+    Ok(HttpResponse::Ok().json(sorted(&view)?))
 }

@@ -4,23 +4,38 @@ use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{RunStatus, Timestamp};
 use runguard_engine::RunLimits;
 use runguard_store::StoredRun;
+use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
+use crate::http::views::RunView;
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::now;
 
-#[derive(Debug, Default, Deserialize)]
+/// The query of `GET /v1/runs`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RunsQuery {
+pub struct RunsQuery {
+    /// Only runs with this status (a running run past its TTL counts as `expired`).
+    #[schemars(with = "Option<RunStatus>")]
     status: Option<String>,
+    /// Only runs carrying this label: `key` (any value) or `key=value`.
+    #[schemars(length(min = 1))]
     label: Option<String>,
+    /// Created at or after (RFC 3339).
+    #[schemars(with = "Option<Timestamp>")]
     since: Option<String>,
+    /// Created before (RFC 3339).
+    #[schemars(with = "Option<Timestamp>")]
     until: Option<String>,
+    /// At most this many (1–1000, default 100).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     limit: Option<String>,
+    /// From a previous page's `next_cursor`; opaque: a cursor the list did not give is refused (400).
+    #[schemars(length(min = 1))]
     cursor: Option<String>,
 }
 
@@ -60,13 +75,10 @@ impl RunFilter {
     }
 
     /// The run as `GET /v1/runs/{id}` answers it.
-    fn view(&self, run: StoredRun) -> Result<Value, ApiError> {
-        let status = self.status(&run);
+    fn view(&self, mut run: StoredRun) -> RunView {
+        run.status = self.status(&run);
         let steps_seen = run.next.index;
-        let mut view = serde_json::to_value(run).map_err(|_| ApiError::internal())?;
-        view["status"] = json!(status);
-        view["steps_seen"] = json!(steps_seen);
-        Ok(view)
+        RunView::new(run, Some(steps_seen))
     }
 }
 
@@ -110,7 +122,7 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
     let tenant = caller.tenant.clone();
     list_page(&state, &caller.tenant, move |store| {
         let page = store.list_runs_where(&tenant, &page, |run| filter.keeps(run)).map_err(store_error)?;
-        let items = page.items.into_iter().map(|run| filter.view(run)).collect::<Result<Vec<_>, _>>()?;
+        let items = page.items.into_iter().map(|run| filter.view(run)).collect();
         Ok(runguard_store::Page { items, next_cursor: page.next_cursor })
     })
     .await

@@ -7,6 +7,7 @@ use actix::MailboxError;
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -16,28 +17,40 @@ use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
+use crate::http::views::{RunEnded, RunView, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::node_error::NodeError;
 use crate::shared::now;
 use crate::ticket::Ticket;
 
-/// Most labels on a run, and their longest key or value.
-
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/runs`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub struct CreateBody {
+    /// The run's id; generated (`run_…`) when absent. Sending it again makes the creation idempotent.
     #[serde(default)]
+    #[schemars(with = "Option<RunId>")]
     run_id: Option<String>,
+    /// Caller labels (`CEL: run.labels`): at most 64, keys 1–256 bytes, values at most 256 (default limits).
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "propertyNames" = { "minLength": 1, "maxLength": 256 },
+        "additionalProperties" = { "type": "string", "maxLength": 256 },
+    ))]
     labels: BTreeMap<String, String>,
+    /// The endpoint the run calls (pattern policies compare it).
     #[serde(default)]
     api_endpoint: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/runs/{id}/end`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EndBody {
+pub struct EndBody {
+    /// How the run ended.
     outcome: Outcome,
+    /// How it failed (a failed run with an error creates an incident).
     #[serde(default)]
     error: Option<StepError>,
 }
@@ -206,9 +219,8 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
         // Shown as it will be persisted on the run's next call.
         run.status = RunStatus::Expired;
     }
-    let mut view = serde_json::to_value(&run).map_err(|_| ApiError::internal())?;
-    view["steps_seen"] = json!(run.next.index);
-    Ok(HttpResponse::Ok().json(view))
+    let steps_seen = run.next.index;
+    Ok(HttpResponse::Ok().json(sorted(&RunView::new(run, Some(steps_seen)))?))
 }
 
 /// `POST /v1/runs/{id}/steps`.
@@ -238,7 +250,8 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     }
     let key = RunKey { tenant: caller.tenant, run_id };
     let ended = call_run(&state, key, EndRun { outcome: body.outcome, error: body.error }).await?;
-    Ok(HttpResponse::Ok().json(ended))
+    let view = RunEnded { run: RunView::new(*ended.run, None), incident_id: ended.incident_id };
+    Ok(HttpResponse::Ok().json(sorted(&view)?))
 }
 
 /// `GET /v1/runs/{id}/decisions`.
