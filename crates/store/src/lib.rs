@@ -53,7 +53,7 @@ mod model;
 mod offline;
 mod query;
 mod run_cache;
-mod store;
+mod sled_backend;
 mod watermark;
 
 pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
@@ -61,5 +61,5 @@ pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
-pub use store::{SCHEMA_VERSION, Store, StoreOptions};
+pub use sled_backend::{SCHEMA_VERSION, Store, StoreOptions};
 pub use watermark::WATERMARK_FILE;
