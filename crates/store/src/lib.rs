@@ -51,6 +51,7 @@ mod integrity;
 mod keys;
 mod model;
 mod offline;
+mod prepare;
 mod query;
 mod run_cache;
 mod sled_backend;
