@@ -44,6 +44,7 @@ mod tests;
 #[cfg(test)]
 mod tests_durability;
 
+mod backend;
 mod batch;
 pub mod codec;
 mod error;
@@ -51,16 +52,19 @@ mod integrity;
 mod keys;
 mod model;
 mod offline;
+mod postgres;
 mod prepare;
 mod query;
 mod run_cache;
 mod sled_backend;
 mod watermark;
 
+pub use backend::Store;
 pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
+pub use postgres::{PG_SCHEMA_VERSION, PgOptions, migrate};
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
-pub use sled_backend::{SCHEMA_VERSION, Store, StoreOptions};
+pub use sled_backend::{SCHEMA_VERSION, StoreOptions};
 pub use watermark::WATERMARK_FILE;

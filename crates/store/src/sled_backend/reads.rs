@@ -566,7 +566,7 @@ pub(super) fn collect_page<V>(
 }
 
 /// The 16 hash bytes a snapshot id names, when it is exactly `snp_` and 32 hex digits.
-pub(super) fn snapshot_id_digest(id: &SnapshotId) -> Option<Vec<u8>> {
+pub(crate) fn snapshot_id_digest(id: &SnapshotId) -> Option<Vec<u8>> {
     let hex_digits = id.as_str().strip_prefix(SnapshotId::PREFIX)?;
     if hex_digits.len() != SnapshotHash::HEX_LEN / 2 {
         return None;
