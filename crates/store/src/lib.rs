@@ -40,6 +40,30 @@ extern crate self as runguard_store;
 #[path = "../tests/it/fixtures.rs"]
 mod fixtures;
 #[cfg(test)]
+/// A test run once on a fresh sled store and once on a fresh PostgreSQL database (skipped, with a
+/// message, where PostgreSQL is not installed): `name::sled` and `name::postgres`.
+#[cfg(test)]
+macro_rules! on_both_backends {
+    (fn $name:ident($store:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports, reason = "each test uses a different subset")]
+            use super::*;
+
+            #[test]
+            fn sled() {
+                let (_dir, $store) = fresh();
+                $body
+            }
+
+            #[test]
+            fn postgres() {
+                let Some($store) = fresh_postgres() else { return };
+                $body
+            }
+        }
+    };
+}
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_durability;

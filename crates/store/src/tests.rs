@@ -31,29 +31,6 @@ fn fresh_postgres() -> Option<Store> {
     Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
 }
 
-/// A test run once on a fresh sled store and once on a fresh PostgreSQL database (skipped, with a
-/// message, where PostgreSQL is not installed): `name::sled` and `name::postgres`.
-macro_rules! on_both_backends {
-    (fn $name:ident($store:ident) $body:block) => {
-        mod $name {
-            #[allow(unused_imports, reason = "each test uses a different subset")]
-            use super::*;
-
-            #[test]
-            fn sled() {
-                let (_dir, $store) = fresh();
-                $body
-            }
-
-            #[test]
-            fn postgres() {
-                let Some($store) = fresh_postgres() else { return };
-                $body
-            }
-        }
-    };
-}
-
 fn commit(store: &Store, f: impl FnOnce(&mut WriteBatch)) -> crate::CommitReceipt {
     let mut batch = WriteBatch::new();
     f(&mut batch);

@@ -104,7 +104,9 @@ impl PgStore {
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(options.connect_timeout)
-            .test_on_check_out(false)
+            // A pooled connection outlives a database restart as a dead socket: test it (one empty
+            // query) before handing it out, so that a read after recovery does not fail once.
+            .test_on_check_out(true)
             .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
         tracing::info!(url = %shown, "opened the postgres store");
         Ok(Self {
