@@ -286,9 +286,10 @@ fn check_invariants(sut: &Sut, model: &Model) {
     assert_eq!(seqs(&all_pages(store, simulated, 3)), expected(model, |r| r.simulated, true));
 }
 
-/// Cases of the PostgreSQL machine: each opens a store in a fresh schema, so fewer than sled's by default.
+/// Cases of the PostgreSQL machine: each case migrates a fresh schema (about a quarter of a second), so a
+/// quarter of `PROPTEST_CASES` (at least 4), and 12 when it is not set.
 fn postgres_cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(12)
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse::<u32>().ok()).map_or(12, |n| (n / 4).max(4))
 }
 
 prop_state_machine! {
