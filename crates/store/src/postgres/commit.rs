@@ -19,7 +19,7 @@ use runguard_contract::{
     TenantId,
 };
 
-use super::{PgStore, WriterState, enum_str, from_json, i64_of, i64_saturating, pg_error, to_json, u64_of};
+use super::{PgStore, Statements, WriterState, enum_str, from_json, i64_of, i64_saturating, pg_error, to_json, u64_of};
 use crate::batch::{CommitReceipt, WriteBatch, WriteOp};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::keys::owner as owner_str;
@@ -54,7 +54,7 @@ impl PgStore {
             Err(err) if matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Injected) => {
                 if err.kind() == StoreErrorKind::Io {
                     // The connection may be gone or mid-transaction: start afresh next time.
-                    writer.client = None;
+                    writer.reset();
                 }
                 self.healthy.store(false, Ordering::SeqCst);
             }
@@ -84,7 +84,7 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let fail = self.inject_failure.load(Ordering::SeqCst);
         let fail_durability = self.inject_durability_failure.load(Ordering::SeqCst);
-        let client = self.connect_writer(writer)?;
+        let (client, statements) = self.connect_writer(writer)?;
         let mut tx = client.transaction().map_err(|err| pg_error("cannot start the commit", err))?;
         let row = tx
             .query_one("SELECT head_seq, head_hash, commits FROM runguard_chain FOR UPDATE", &[])
@@ -98,7 +98,7 @@ impl PgStore {
         for (i, batch) in batches.iter().enumerate() {
             let mut savepoint = tx.savepoint("caller").map_err(|err| pg_error("cannot open a savepoint", err))?;
             let staged = {
-                let view = PgView { tx: RefCell::new(&mut savepoint) };
+                let view = PgView { tx: RefCell::new(&mut savepoint), statements: RefCell::new(&mut *statements) };
                 Prepare::new(&view, head.clone()).run(&[batch])
             };
             let prepared = match staged {
@@ -113,7 +113,7 @@ impl PgStore {
             };
             let mut written = Ok(());
             for (_, staged) in &prepared.writes {
-                written = apply(&mut savepoint, staged);
+                written = apply(&mut savepoint, statements, staged);
                 if written.is_err() {
                     break;
                 }
@@ -165,9 +165,10 @@ impl PgStore {
 }
 
 /// Writes one checked write inside the caller's savepoint.
-fn apply(tx: &mut Transaction<'_>, staged: &Staged) -> Result<(), StoreError> {
-    let exec = |tx: &mut Transaction<'_>, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]| {
-        tx.execute(sql, params).map(|_| ()).map_err(|err| pg_error(format!("cannot write {what}"), err))
+fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged) -> Result<(), StoreError> {
+    let mut exec = |tx: &mut Transaction<'_>, what: &str, sql: &'static str, params: &[&(dyn ToSql + Sync)]| {
+        let statement = statements.get(tx, sql).map_err(|err| pg_error(format!("cannot write {what}"), err))?;
+        tx.execute(&statement, params).map(|_| ()).map_err(|err| pg_error(format!("cannot write {what}"), err))
     };
     match staged {
         Staged::PolicyVersion(policy) => {
@@ -335,19 +336,28 @@ fn apply(tx: &mut Transaction<'_>, staged: &Staged) -> Result<(), StoreError> {
 /// What the write rules read, inside the commit's transaction.
 struct PgView<'t, 'c> {
     tx: RefCell<&'t mut Transaction<'c>>,
+    statements: RefCell<&'t mut Statements>,
 }
 
 impl PgView<'_, '_> {
-    fn opt(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<postgres::Row>, StoreError> {
-        self.tx.borrow_mut().query_opt(sql, params).map_err(|err| pg_error(format!("cannot read {what}"), err))
+    fn opt(
+        &self,
+        what: &str,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<postgres::Row>, StoreError> {
+        let mut tx = self.tx.borrow_mut();
+        let read = |err| pg_error(format!("cannot read {what}"), err);
+        let statement = self.statements.borrow_mut().get(&mut tx, sql).map_err(read)?;
+        tx.query_opt(&statement, params).map_err(read)
     }
 
-    fn exists(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool, StoreError> {
+    fn exists(&self, what: &str, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<bool, StoreError> {
         Ok(self.opt(what, sql, params)?.is_some())
     }
 
     /// One `bigint` (or `NULL`) the query answers, as the next number: `NULL` → 0, `n` → n + 1.
-    fn next(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+    fn next(&self, what: &str, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         let Some(row) = self.opt(what, sql, params)? else { return Ok(0) };
         let last: Option<i64> = row.try_get(0).map_err(|err| pg_error(format!("cannot read {what}"), err))?;
         Ok(match last {

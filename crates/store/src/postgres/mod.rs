@@ -11,6 +11,7 @@ mod reads;
 mod schema;
 mod verify;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -54,8 +55,38 @@ pub fn migrate(url: &str, options: &PgOptions) -> Result<u32, StoreError> {
 struct WriterState {
     /// `None` until connected, and after a failure (reconnected on the next commit or probe).
     client: Option<postgres::Client>,
+    /// The statements prepared on `client`.
+    statements: Statements,
     /// Commits made so far, as of the writer's last commit.
     commits: u64,
+}
+
+impl WriterState {
+    /// Forgets the connection (and what was prepared on it): the next commit connects afresh.
+    fn reset(&mut self) {
+        self.client = None;
+        self.statements = Statements::default();
+    }
+}
+
+/// Statements prepared once per connection: a commit then costs one round trip per statement, not two.
+#[derive(Default)]
+pub(crate) struct Statements(HashMap<&'static str, postgres::Statement>);
+
+impl Statements {
+    /// The statement for `sql`, prepared on first use.
+    pub(crate) fn get(
+        &mut self,
+        tx: &mut postgres::Transaction<'_>,
+        sql: &'static str,
+    ) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(statement) = self.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = tx.prepare(sql)?;
+        self.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
 }
 
 impl std::fmt::Debug for WriterState {
@@ -113,7 +144,7 @@ impl PgStore {
             shown,
             config,
             pool,
-            writer: Mutex::new(WriterState { client: Some(client), commits }),
+            writer: Mutex::new(WriterState { client: Some(client), statements: Statements::default(), commits }),
             healthy: AtomicBool::new(true),
             inject_failure: AtomicBool::new(false),
             inject_durability_failure: AtomicBool::new(false),
@@ -171,7 +202,7 @@ impl PgStore {
         let mut writer = self.writer();
         let result = self.probe_locked(&mut writer);
         if result.as_ref().is_err_and(|err| err.kind() == StoreErrorKind::Io) {
-            writer.client = None;
+            writer.reset();
         }
         self.healthy.store(result.is_ok(), Ordering::SeqCst);
         result
@@ -181,7 +212,7 @@ impl PgStore {
         if self.inject_failure.load(Ordering::SeqCst) {
             return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
         }
-        let client = self.connect_writer(writer)?;
+        let (client, _) = self.connect_writer(writer)?;
         let row = client
             .query_one("SELECT current_setting('transaction_read_only')", &[])
             .map_err(|err| pg_error("the readiness probe failed", err))?;
@@ -192,19 +223,23 @@ impl PgStore {
         Ok(())
     }
 
-    /// The writer's connection, opened if needed.
-    fn connect_writer<'w>(&self, writer: &'w mut WriterState) -> Result<&'w mut postgres::Client, StoreError> {
+    /// The writer's connection (opened if needed) and the statements prepared on it.
+    fn connect_writer<'w>(
+        &self,
+        writer: &'w mut WriterState,
+    ) -> Result<(&'w mut postgres::Client, &'w mut Statements), StoreError> {
         if writer.client.as_ref().is_some_and(postgres::Client::is_closed) {
-            writer.client = None;
+            writer.reset();
         }
-        match &mut writer.client {
-            Some(client) => Ok(client),
+        let WriterState { client, statements, .. } = writer;
+        match client {
+            Some(client) => Ok((client, statements)),
             slot @ None => {
                 let client = self
                     .config
                     .connect(NoTls)
                     .map_err(|err| pg_error(format!("cannot connect to {}", self.shown), err))?;
-                Ok(slot.insert(client))
+                Ok((slot.insert(client), statements))
             }
         }
     }
