@@ -165,3 +165,48 @@ fn an_unreachable_database_is_io_and_its_password_is_never_shown() {
     assert!(!shown.contains("s3cret-pw"), "{shown}");
     assert!(shown.contains("127.0.0.1:1"), "{shown}");
 }
+
+/// Durable commit rates of the two backends side by side, as the node writes blocks (ledger entry,
+/// record, stopped run): one block per commit, then groups of 8 callers. Prints, asserts nothing; run by
+/// hand: `cargo test -p runguard-store --test it commit_rates -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn commit_rates_on_sled_and_postgres() {
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let stores = [
+        ("sled", Store::open(dir.path(), &runguard_store::StoreOptions::default()).unwrap()),
+        ("postgres", Store::open_postgres(&db.url, &options()).unwrap()),
+    ];
+    for (name, store) in &stores {
+        let (world, runs) = populate(store, 1, 0);
+        let run = &runs[0];
+        let mut step = 0u64;
+        let mut block = || {
+            let mut batch = WriteBatch::new();
+            world.push_block(&mut batch, run, step, at(step as i64));
+            step += 1;
+            batch
+        };
+        let n = 300;
+        let started = Instant::now();
+        for _ in 0..n {
+            store.commit(block()).unwrap();
+        }
+        let single = started.elapsed();
+        let groups = 60;
+        let started = Instant::now();
+        for _ in 0..groups {
+            let outcomes = store.commit_group((0..8).map(|_| block()).collect());
+            assert!(outcomes.iter().all(Result::is_ok));
+        }
+        let grouped = started.elapsed();
+        eprintln!(
+            "{name}: {:.0} commits/s of 1 block ({:.2} ms each); {:.0} blocks/s in groups of 8 ({:.2} ms per group)",
+            f64::from(n) / single.as_secs_f64(),
+            single.as_secs_f64() * 1000.0 / f64::from(n),
+            f64::from(groups * 8) / grouped.as_secs_f64(),
+            grouped.as_secs_f64() * 1000.0 / f64::from(groups),
+        );
+    }
+}
