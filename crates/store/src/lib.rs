@@ -1,16 +1,19 @@
 //! # runguard-store
 //!
-//! The embedded persistence of runguard: policies with every version and their activation audit,
+//! The persistence of runguard: policies with every version and their activation audit,
 //! content-addressed snapshots (verified on every load), runs and their ledgers, the hash-chained
 //! prevention records with their tenant-scoped indexes, shadow statistics, and the learning loop
-//! (incidents, patterns, regrets, graduation). This is the only crate that names sled or bincode.
+//! (incidents, patterns, regrets, graduation). Two backends sit behind the one [`Store`] facade:
+//! embedded sled ([`Store::open`], the default) and PostgreSQL ([`Store::open_postgres`]). This is the only
+//! crate that names sled, bincode or the PostgreSQL client, each only inside its backend's module.
 //!
 //! All writes go through [`Store::commit_group`] (a group of callers, one result each) or [`Store::commit`]
 //! (a group of one): each caller's [`WriteBatch`] is checked (records against the prevention contract,
 //! policy versions against the current one) against the state the earlier callers leave, and the accepted
-//! ones are applied in one multi-tree transaction, flushed and fsynced. A refused batch fails only its caller; nothing of a failed
-//! batch is written. A commit counter inside sled and a watermark file beside it let [`Store::open`] refuse
-//! a store that recovered to an earlier state than it acknowledged.
+//! ones are written in one transaction (sled: one multi-tree transaction, flushed and fsynced; PostgreSQL:
+//! one transaction with a savepoint per caller). A refused batch fails only its caller; nothing of a
+//! failed batch is written. On sled, a commit counter inside the database and a watermark file beside it
+//! let [`Store::open`] refuse a store that recovered to an earlier state than it acknowledged.
 //!
 //! ```
 //! use runguard_store::{Store, StoreOptions, WriteBatch, PageRequest};
@@ -31,7 +34,7 @@
 //! assert!(runs.items.is_empty() && runs.next_cursor.is_none());
 //! ```
 //!
-//! See `docs/store.md` for the trees, the key layout, the envelope and recovery.
+//! See `docs/store.md` for the seam, the sled trees and key layout, the PostgreSQL schema and recovery.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[cfg(test)]

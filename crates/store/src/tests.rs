@@ -1192,3 +1192,75 @@ fn snapshot_ids_are_exact_and_bindings_are_per_tenant() {
     assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
     assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap());
 }
+
+// ---- PostgreSQL twins of the tests above that reach into sled's trees or directory ------------------
+
+fn fresh_postgres_at() -> Option<(String, Store)> {
+    let db = runguard_testpg::fresh_database()?;
+    let store = Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap();
+    Some((db.url, store))
+}
+
+#[test]
+fn snapshot_ids_are_exact_and_bindings_are_per_tenant_on_postgres() {
+    let Some(store) = fresh_postgres() else { return };
+    let (world, _runs) = world_with_runs(&store, 2);
+    let id = world.snapshot_ref.id.clone();
+    assert!(store.snapshot_by_id(&id).unwrap().is_some());
+    for partial in ["snp_", &id.as_str()[..6], &id.as_str()[..id.as_str().len() - 1]] {
+        let partial = runguard_contract::SnapshotId::new(partial).unwrap();
+        assert!(store.snapshot_by_id(&partial).unwrap().is_none(), "{partial:?} is not an id");
+        assert!(!store.snapshot_bound_to(&world.tenant, &partial).unwrap());
+    }
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+    assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap(), "another tenant has no run on it");
+    // The binding is the run row itself: nothing to index.
+    store.index_snapshot_bindings().unwrap();
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+}
+
+#[test]
+fn a_tenant_sees_its_own_policy_where_an_older_store_holds_a_global_one_with_its_id_on_postgres() {
+    let Some((url, store)) = fresh_postgres_at() else { return };
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    let own = budget_policy(Some(&acme), "pol_shared", Mode::Active, 10);
+    commit(&store, |b| {
+        b.put_policy_version(own.clone());
+    });
+    // Written with SQL, as a database from before the check (or an operator) could hold it.
+    let global = budget_policy(None, "pol_shared", Mode::Shadow, 100);
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let body = serde_json::to_value(&global).unwrap();
+    client
+        .execute(
+            "INSERT INTO policies (owner, policy_id, version, mode, body) VALUES ('', 'pol_shared', 1, 'shadow', $1)",
+            &[&body],
+        )
+        .unwrap();
+    client.batch_execute("INSERT INTO policy_heads (owner, policy_id, version) VALUES ('', 'pol_shared', 1)").unwrap();
+    let listed = store.list_policies(&acme, None, &PageRequest::first(10)).unwrap().items;
+    assert_eq!(listed, std::slice::from_ref(&own), "only the tenant's own policy, never both");
+    assert_eq!(store.find_policy(&acme, &own.id, None).unwrap(), Some(own));
+    assert_eq!(store.list_policies(&globex, None, &PageRequest::first(10)).unwrap().items, [global]);
+}
+
+#[test]
+fn reopening_recovers_the_chain_head_and_everything_acknowledged_on_postgres() {
+    let Some((url, store)) = fresh_postgres_at() else { return };
+    let (world, runs) = records_fixture(&store);
+    let head = store.chain_head().unwrap();
+    let commits = store.commit_count();
+    drop(store);
+    let store = Store::open_postgres(&url, &crate::PgOptions::default()).unwrap();
+    assert_eq!(store.chain_head().unwrap(), head);
+    assert_eq!(store.commit_count(), commits);
+    let receipt = commit(&store, |b| {
+        let mut run = runs[0].clone();
+        run.run_id = RunId::new("late").unwrap();
+        b.put_run(run.clone());
+        world.push_block(b, &run, 0, at(999));
+    });
+    assert_eq!(receipt.records[0].seq, head.0 + 1);
+    assert_eq!(receipt.records[0].prev_hash, head.1);
+    assert!(store.verify().unwrap().is_ok());
+}
