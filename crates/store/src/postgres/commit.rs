@@ -12,8 +12,8 @@ use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use postgres::Transaction;
 use postgres::types::ToSql;
+use postgres::{IsolationLevel, Transaction};
 use runguard_contract::{
     IncidentId, PatternId, PolicyId, PreventionRecord, RecordHash, RecordId, RunId, SignatureHash, SnapshotHash,
     TenantId,
@@ -22,9 +22,10 @@ use runguard_contract::{
 use super::{PgStore, Statements, WriterState, enum_str, from_json, i64_of, i64_saturating, pg_error, to_json, u64_of};
 use crate::batch::{CommitReceipt, WriteBatch, WriteOp};
 use crate::error::{StoreError, StoreErrorKind};
-use crate::keys::owner as owner_str;
+use crate::keys::{self, owner as owner_str};
 use crate::model::ShadowStats;
 use crate::prepare::{ChainHead, Prepare, ReadView, Staged};
+use crate::run_cache::{CachedRun, RunCache};
 
 type Outcome = Result<CommitReceipt, StoreError>;
 
@@ -84,8 +85,14 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let fail = self.inject_failure.load(Ordering::SeqCst);
         let fail_durability = self.inject_durability_failure.load(Ordering::SeqCst);
-        let (client, statements) = self.connect_writer(writer)?;
-        let mut tx = client.transaction().map_err(|err| pg_error("cannot start the commit", err))?;
+        let (client, statements, bindings) = self.connect_writer(writer)?;
+        // Read committed, whatever the server's default: once the chain head row is locked, each statement
+        // sees every commit made before the lock was granted (a snapshot taken earlier would not).
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .map_err(|err| pg_error("cannot start the commit", err))?;
         let row = tx
             .query_one("SELECT head_seq, head_hash, commits FROM runguard_chain FOR UPDATE", &[])
             .map_err(|err| pg_error("cannot lock the chain head", err))?;
@@ -95,10 +102,12 @@ impl PgStore {
         let hash = RecordHash::new(head_hash).map_err(|_| StoreError::corrupt("the chain head holds an invalid hash"));
         let mut head = hash.map(|hash| ChainHead { seq: u64_of(head_seq).unwrap_or(0), hash });
         let mut committed = 0usize;
+        let mut learned = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
             let mut savepoint = tx.savepoint("caller").map_err(|err| pg_error("cannot open a savepoint", err))?;
             let staged = {
-                let view = PgView { tx: RefCell::new(&mut savepoint), statements: RefCell::new(&mut *statements) };
+                let view =
+                    PgView { tx: RefCell::new(&mut savepoint), statements: RefCell::new(&mut *statements), bindings };
                 Prepare::new(&view, head.clone()).run(&[batch])
             };
             let prepared = match staged {
@@ -133,6 +142,7 @@ impl PgStore {
                         head = Ok(new_head);
                     }
                     outcomes[i] = Some(Ok(prepared.receipts.into_iter().next().unwrap_or_default()));
+                    learned.extend(prepared.runs.into_iter().filter_map(|(key, run)| Some((key, run.snapshot?))));
                     committed += 1;
                 }
             }
@@ -160,6 +170,9 @@ impl PgStore {
         }
         tx.commit().map_err(|err| pg_error("the commit failed", err))?;
         writer.commits = u64_of(commits)?;
+        for (key, hash) in learned {
+            writer.bindings.learn(key, CachedRun { snapshot: Some(hash), ..CachedRun::default() });
+        }
         Ok(())
     }
 }
@@ -337,6 +350,7 @@ fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged)
 struct PgView<'t, 'c> {
     tx: RefCell<&'t mut Transaction<'c>>,
     statements: RefCell<&'t mut Statements>,
+    bindings: &'t RunCache,
 }
 
 impl PgView<'_, '_> {
@@ -402,6 +416,9 @@ impl ReadView for PgView<'_, '_> {
     }
 
     fn run_binding(&self, tenant: &TenantId, run: &RunId) -> Result<Option<SnapshotHash>, StoreError> {
+        if let Some(hash) = self.bindings.get(&keys::run(tenant, run)).and_then(|c| c.snapshot.clone()) {
+            return Ok(Some(hash));
+        }
         let row = self.opt(
             "a run",
             "SELECT snapshot_hash FROM runs WHERE tenant_id = $1 AND run_id = $2",
@@ -415,8 +432,8 @@ impl ReadView for PgView<'_, '_> {
     }
 
     fn run_listed_live(&self, _: &TenantId, _: &RunId) -> Option<bool> {
-        // The live listing is the run's `status` column.
-        Some(true)
+        // There is no listing to keep: the run's `status` column is the listing.
+        None
     }
 
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError> {

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 pub use schema::PG_SCHEMA_VERSION;
 
 use crate::error::{StoreError, StoreErrorKind};
+use crate::run_cache::RunCache;
 
 /// How to reach and use a PostgreSQL store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +58,10 @@ struct WriterState {
     client: Option<postgres::Client>,
     /// The statements prepared on `client`.
     statements: Statements,
+    /// The snapshot each recently written run is bound to. A binding never changes and runs are never
+    /// deleted, so this stays true whichever node writes the database; learned only from commits that
+    /// committed.
+    bindings: RunCache,
     /// Commits made so far, as of the writer's last commit.
     commits: u64,
 }
@@ -144,7 +149,12 @@ impl PgStore {
             shown,
             config,
             pool,
-            writer: Mutex::new(WriterState { client: Some(client), statements: Statements::default(), commits }),
+            writer: Mutex::new(WriterState {
+                client: Some(client),
+                statements: Statements::default(),
+                bindings: RunCache::default(),
+                commits,
+            }),
             healthy: AtomicBool::new(true),
             inject_failure: AtomicBool::new(false),
             inject_durability_failure: AtomicBool::new(false),
@@ -212,7 +222,7 @@ impl PgStore {
         if self.inject_failure.load(Ordering::SeqCst) {
             return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
         }
-        let (client, _) = self.connect_writer(writer)?;
+        let (client, _, _) = self.connect_writer(writer)?;
         let row = client
             .query_one("SELECT current_setting('transaction_read_only')", &[])
             .map_err(|err| pg_error("the readiness probe failed", err))?;
@@ -223,23 +233,24 @@ impl PgStore {
         Ok(())
     }
 
-    /// The writer's connection (opened if needed) and the statements prepared on it.
+    /// The writer's connection (opened if needed), the statements prepared on it and the run bindings it
+    /// knows.
     fn connect_writer<'w>(
         &self,
         writer: &'w mut WriterState,
-    ) -> Result<(&'w mut postgres::Client, &'w mut Statements), StoreError> {
+    ) -> Result<(&'w mut postgres::Client, &'w mut Statements, &'w RunCache), StoreError> {
         if writer.client.as_ref().is_some_and(postgres::Client::is_closed) {
             writer.reset();
         }
-        let WriterState { client, statements, .. } = writer;
+        let WriterState { client, statements, bindings, .. } = writer;
         match client {
-            Some(client) => Ok((client, statements)),
+            Some(client) => Ok((client, statements, bindings)),
             slot @ None => {
                 let client = self
                     .config
                     .connect(NoTls)
                     .map_err(|err| pg_error(format!("cannot connect to {}", self.shown), err))?;
-                Ok((slot.insert(client), statements))
+                Ok((slot.insert(client), statements, bindings))
             }
         }
     }
