@@ -145,6 +145,63 @@ fn commits_fail_as_io_while_postgres_is_down_and_recover_with_nothing_half_writt
 }
 
 #[test]
+fn two_stores_on_one_database_keep_one_gap_free_chain() {
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    let first = Store::open_postgres(&db.url, &options()).unwrap();
+    let (world, runs) = populate(&first, 2, 0);
+    // Two writers as two nodes would be: separate stores, connections and caches, one database.
+    let stores = [first, Store::open_postgres(&db.url, &options()).unwrap()];
+    let acked: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let writers: Vec<_> = stores
+            .iter()
+            .zip(&runs)
+            .map(|(store, run)| {
+                let world = world.clone();
+                scope.spawn(move || {
+                    (0..40u64)
+                        .flat_map(|step| {
+                            let mut batch = WriteBatch::new();
+                            world.push_block(&mut batch, run, step, at(step as i64));
+                            store.commit(batch).unwrap().records.into_iter().map(|r| r.seq)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut all: Vec<u64> = acked.concat();
+    all.sort_unstable();
+    assert_eq!(all, (1..=80).collect::<Vec<u64>>(), "every seq given once, none skipped");
+    for store in &stores {
+        assert_eq!(store.chain_head().unwrap().0, 80);
+        let report = store.verify().unwrap();
+        assert!(report.is_ok() && report.records_checked == 80, "{report:?}");
+    }
+    for run in &runs {
+        let ledger = stores[0].full_ledger(&world.tenant, &run.run_id).unwrap();
+        let positions: Vec<u64> = ledger.iter().map(|e| e.position).collect();
+        assert_eq!(positions, (0..40).collect::<Vec<u64>>());
+    }
+}
+
+#[test]
+fn a_policy_version_raced_from_two_stores_conflicts_for_the_loser() {
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    let (a, b) =
+        (Store::open_postgres(&db.url, &options()).unwrap(), Store::open_postgres(&db.url, &options()).unwrap());
+    let (world, _) = populate(&a, 0, 0);
+    let mut next = world.policy.clone();
+    next.version = 2;
+    let mut batch = WriteBatch::new();
+    batch.put_policy_version(next.clone());
+    a.commit(batch.clone()).unwrap();
+    let err = b.commit(batch).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict, "{err}");
+    assert_eq!(b.get_policy(Some(&world.tenant), &next.id, None).unwrap(), Some(next));
+}
+
+#[test]
 fn a_newer_schema_is_refused_and_migrate_is_idempotent() {
     let Some(db) = runguard_testpg::fresh_database() else { return };
     assert_eq!(runguard_store::migrate(&db.url, &options()).unwrap(), 0, "a new database had no schema");
