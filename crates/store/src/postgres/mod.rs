@@ -140,9 +140,9 @@ impl PgStore {
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(options.connect_timeout)
-            // A pooled connection outlives a database restart as a dead socket: test it (one empty
-            // query) before handing it out, so that a read after recovery does not fail once.
-            .test_on_check_out(true)
+            // Not tested on checkout (a round trip per read): a connection that died with a database
+            // restart fails its next query and the read is retried once on a new one (`PgStore::read`).
+            .test_on_check_out(false)
             .build_unchecked(PostgresConnectionManager::new(config.clone(), NoTls));
         tracing::info!(url = %shown, "opened the postgres store");
         Ok(Self {
@@ -168,9 +168,38 @@ impl PgStore {
         self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A pooled connection for reads.
-    fn read(&self) -> Result<PooledConnection<Manager>, StoreError> {
+    fn pooled(&self) -> Result<PooledConnection<Manager>, StoreError> {
         self.pool.get().map_err(|err| StoreError::io(format!("no connection to {}", self.shown), err))
+    }
+
+    /// Runs a read on a pooled connection. Pooled connections outlive a database restart as dead
+    /// sockets; a read that finds its connection so is run again on another (the pool drops closed ones),
+    /// at most once per connection the pool can hold.
+    fn read<T>(
+        &self,
+        mut read: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, ReadError> {
+        let mut tries = self.pool.max_size();
+        loop {
+            let mut conn = self.pooled().map_err(ReadError::Store)?;
+            match read(&mut conn) {
+                Err(_) if conn.is_closed() && tries > 0 => tries -= 1,
+                other => return other.map_err(ReadError::Db),
+            }
+        }
+    }
+
+    /// A pooled connection known to be alive (for a long walk such as `verify`).
+    fn live(&self) -> Result<PooledConnection<Manager>, StoreError> {
+        let mut tries = self.pool.max_size();
+        loop {
+            let mut conn = self.pooled()?;
+            match conn.simple_query("") {
+                Err(_) if conn.is_closed() && tries > 0 => tries -= 1,
+                Err(err) => return Err(pg_error("cannot read", err)),
+                Ok(_) => return Ok(conn),
+            }
+        }
     }
 
     pub(crate) fn inject_commit_failure(&self, fail: bool) {
@@ -293,6 +322,22 @@ fn redact_query(tail: &str) -> String {
         })
         .collect();
     format!("{path}?{}", masked.join("&"))
+}
+
+/// Why a read failed: no connection, or the database's answer.
+pub(crate) enum ReadError {
+    Store(StoreError),
+    Db(postgres::Error),
+}
+
+impl ReadError {
+    /// As a store error, `context` naming what was read.
+    pub(crate) fn context(self, context: impl Into<String>) -> StoreError {
+        match self {
+            ReadError::Store(err) => err,
+            ReadError::Db(err) => pg_error(context, err),
+        }
+    }
 }
 
 /// A database error as a store error: a violated constraint is a `Conflict` (another writer got there

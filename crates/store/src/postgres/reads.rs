@@ -98,7 +98,7 @@ fn limit_param(limit: usize) -> i64 {
 
 impl PgStore {
     fn rows(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>, StoreError> {
-        self.read()?.query(sql, params).map_err(|err| pg_error(format!("cannot read {what}"), err))
+        self.read(|conn| conn.query(sql, params)).map_err(|err| err.context(format!("cannot read {what}")))
     }
 
     fn one<T: DeserializeOwned>(
@@ -107,7 +107,8 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<T>, StoreError> {
-        let row = self.read()?.query_opt(sql, params).map_err(|err| pg_error(format!("cannot read {what}"), err))?;
+        let row =
+            self.read(|conn| conn.query_opt(sql, params)).map_err(|err| err.context(format!("cannot read {what}")))?;
         row.map(|row| body(&row, what)).transpose()
     }
 

@@ -18,7 +18,7 @@ const CHUNK: i64 = 1000;
 impl PgStore {
     pub(crate) fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        let mut conn = self.read()?;
+        let mut conn = self.live()?;
         let mut after = String::new();
         'snapshots: loop {
             let rows = conn

@@ -302,13 +302,23 @@ prop_state_machine! {
     fn the_record_store_matches_its_model(sequential 1..16 => StoreMachine<Sled>);
 }
 
-prop_state_machine! {
-    #![proptest_config(Config {
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+/// The same machine on PostgreSQL, run without `prop_state_machine!`: its `proptest!` lets
+/// `PROPTEST_CASES` override any case count given in code, and this one wants fewer cases than sled's.
+#[test]
+fn the_postgres_record_store_matches_its_model() {
+    let config = Config {
         cases: postgres_cases(),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        source_file: Some(file!()),
+        test_name: Some("the_postgres_record_store_matches_its_model"),
         ..Config::default()
-    })]
-
-    #[test]
-    fn the_postgres_record_store_matches_its_model(sequential 1..16 => StoreMachine<Postgres>);
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config.clone());
+    let result = runner.run(&Model::sequential_strategy(1..16), |(initial, transitions, seen)| {
+        StoreMachine::<Postgres>::test_sequential(config.clone(), initial, transitions, seen);
+        Ok(())
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
 }
