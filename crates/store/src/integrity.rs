@@ -1,5 +1,6 @@
 //! What loading and verifying report when stored data does not verify.
 
+use runguard_contract::canonical::{SNAPSHOT_DOMAIN, domain_hash};
 use runguard_contract::{ChainBreak, RecordId, Snapshot, SnapshotHash, SnapshotId};
 
 use crate::model::{LedgerEntry, StoredRun};
@@ -146,4 +147,19 @@ impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.snapshot_break.is_none() && self.record_break.is_none() && self.lost.is_none()
     }
+}
+
+/// Checks a snapshot's stored canonical bytes against the hash it is stored under and decodes it: the
+/// check every backend makes on every load.
+pub(crate) fn verify_snapshot_bytes(hash: &SnapshotHash, bytes: &[u8]) -> Result<Snapshot, IntegrityError> {
+    let undecodable = |reason: String| IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason };
+    let actual = SnapshotHash::from_bytes(&domain_hash(SNAPSHOT_DOMAIN, bytes));
+    if &actual != hash {
+        return Err(IntegrityError::SnapshotHashMismatch { expected: hash.clone(), actual });
+    }
+    let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|err| undecodable(err.to_string()))?;
+    if !snapshot.verify(hash) {
+        return Err(undecodable("the decoded snapshot does not re-encode to its hash".to_owned()));
+    }
+    Ok(snapshot)
 }

@@ -1,16 +1,19 @@
 //! # runguard-store
 //!
-//! The embedded persistence of runguard: policies with every version and their activation audit,
+//! The persistence of runguard: policies with every version and their activation audit,
 //! content-addressed snapshots (verified on every load), runs and their ledgers, the hash-chained
 //! prevention records with their tenant-scoped indexes, shadow statistics, and the learning loop
-//! (incidents, patterns, regrets, graduation). This is the only crate that names sled or bincode.
+//! (incidents, patterns, regrets, graduation). Two backends sit behind the one [`Store`] facade:
+//! embedded sled ([`Store::open`], the default) and PostgreSQL ([`Store::open_postgres`]). This is the only
+//! crate that names sled, bincode or the PostgreSQL client, each only inside its backend's module.
 //!
 //! All writes go through [`Store::commit_group`] (a group of callers, one result each) or [`Store::commit`]
 //! (a group of one): each caller's [`WriteBatch`] is checked (records against the prevention contract,
 //! policy versions against the current one) against the state the earlier callers leave, and the accepted
-//! ones are applied in one multi-tree transaction, flushed and fsynced. A refused batch fails only its caller; nothing of a failed
-//! batch is written. A commit counter inside sled and a watermark file beside it let [`Store::open`] refuse
-//! a store that recovered to an earlier state than it acknowledged.
+//! ones are written in one transaction (sled: one multi-tree transaction, flushed and fsynced; PostgreSQL:
+//! one transaction with a savepoint per caller). A refused batch fails only its caller; nothing of a
+//! failed batch is written. On sled, a commit counter inside the database and a watermark file beside it
+//! let [`Store::open`] refuse a store that recovered to an earlier state than it acknowledged.
 //!
 //! ```
 //! use runguard_store::{Store, StoreOptions, WriteBatch, PageRequest};
@@ -31,7 +34,7 @@
 //! assert!(runs.items.is_empty() && runs.next_cursor.is_none());
 //! ```
 //!
-//! See `docs/store.md` for the trees, the key layout, the envelope and recovery.
+//! See `docs/store.md` for the seam, the sled trees and key layout, the PostgreSQL schema and recovery.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[cfg(test)]
@@ -40,10 +43,35 @@ extern crate self as runguard_store;
 #[path = "../tests/it/fixtures.rs"]
 mod fixtures;
 #[cfg(test)]
+/// A test run once on a fresh sled store and once on a fresh PostgreSQL database (skipped, with a
+/// message, where PostgreSQL is not installed): `name::sled` and `name::postgres`.
+#[cfg(test)]
+macro_rules! on_both_backends {
+    (fn $name:ident($store:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports, reason = "each test uses a different subset")]
+            use super::*;
+
+            #[test]
+            fn sled() {
+                let (_dir, $store) = fresh();
+                $body
+            }
+
+            #[test]
+            fn postgres() {
+                let Some($store) = fresh_postgres() else { return };
+                $body
+            }
+        }
+    };
+}
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_durability;
 
+mod backend;
 mod batch;
 pub mod codec;
 mod error;
@@ -51,15 +79,19 @@ mod integrity;
 mod keys;
 mod model;
 mod offline;
+mod postgres;
+mod prepare;
 mod query;
 mod run_cache;
-mod store;
+mod sled_backend;
 mod watermark;
 
+pub use backend::Store;
 pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
+pub use postgres::{PG_SCHEMA_VERSION, PgOptions, migrate};
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
-pub use store::{SCHEMA_VERSION, Store, StoreOptions};
+pub use sled_backend::{SCHEMA_VERSION, StoreOptions};
 pub use watermark::WATERMARK_FILE;

@@ -26,6 +26,11 @@ fn fresh() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+fn fresh_postgres() -> Option<Store> {
+    let db = runguard_testpg::fresh_database()?;
+    Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
+}
+
 fn commit(store: &Store, f: impl FnOnce(&mut WriteBatch)) -> crate::CommitReceipt {
     let mut batch = WriteBatch::new();
     f(&mut batch);
@@ -264,9 +269,8 @@ fn envelopes_reject_unknown_versions_trailing_bytes_and_garbage() {
 
 // ---- group commit and the chain ---------------------------------------------------------------------
 
-#[test]
-fn records_get_gap_free_seqs_and_a_verifying_chain_in_batch_order() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn records_get_gap_free_seqs_and_a_verifying_chain_in_batch_order(store) {
     let (world, runs) = world_with_runs(&store, 3);
     let receipt = commit(&store, |b| {
         world.push_block(b, &runs[0], 0, at(100));
@@ -291,10 +295,10 @@ fn records_get_gap_free_seqs_and_a_verifying_chain_in_batch_order() {
     assert_eq!(run.status, RunStatus::Stopped);
     assert_eq!(run.violation_policy_id, Some(world.policy.id.clone()));
 }
+}
 
-#[test]
-fn a_contract_breach_fails_the_whole_batch_and_writes_nothing() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn a_contract_breach_fails_the_whole_batch_and_writes_nothing(store) {
     let (world, runs) = world_with_runs(&store, 2);
     let mut batch = WriteBatch::new();
     world.push_block(&mut batch, &runs[0], 0, at(5));
@@ -316,10 +320,10 @@ fn a_contract_breach_fails_the_whole_batch_and_writes_nothing() {
     assert_eq!(store.get_run(&world.tenant, &runs[0].run_id).unwrap().unwrap().status, RunStatus::Running);
     assert!(store.last_ledger_entry(&world.tenant, &runs[0].run_id).unwrap().is_none());
 }
+}
 
-#[test]
-fn shadow_and_foreign_tenant_records_are_refused() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn shadow_and_foreign_tenant_records_are_refused(store) {
     let (world, runs) = world_with_runs(&store, 1);
     let record_id = RecordId::new("prv_x").unwrap();
     let decision = world.block(&runs[0].run_id, 0, &record_id, at(6));
@@ -356,14 +360,14 @@ fn shadow_and_foreign_tenant_records_are_refused() {
     assert!(store.verify().unwrap().is_ok());
     assert_eq!(store.chain_head().unwrap().0, 0);
 }
+}
 
 fn decision_for(world: &World, run: &StoredRun, record: &RecordId) -> Decision {
     world.block(&run.run_id, 0, record, at(6))
 }
 
-#[test]
-fn duplicate_record_ids_conflict() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn duplicate_record_ids_conflict(store) {
     let (world, runs) = world_with_runs(&store, 1);
     commit(&store, |b| {
         world.push_block(b, &runs[0], 0, at(5));
@@ -372,10 +376,10 @@ fn duplicate_record_ids_conflict() {
     world.push_block(&mut batch, &runs[0], 0, at(5));
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Conflict);
 }
+}
 
-#[test]
-fn injected_failures_write_nothing_and_the_store_recovers() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn injected_failures_write_nothing_and_the_store_recovers(store) {
     let (world, runs) = world_with_runs(&store, 2);
     store.inject_commit_failure(true);
     let mut batch = WriteBatch::new();
@@ -390,12 +394,12 @@ fn injected_failures_write_nothing_and_the_store_recovers() {
     assert_eq!(receipt.records[0].seq, 1);
     assert!(store.verify().unwrap().is_ok());
 }
+}
 
 // ---- policies ---------------------------------------------------------------------------------------
 
-#[test]
-fn policy_versions_are_kept_and_races_conflict() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn policy_versions_are_kept_and_races_conflict(store) {
     let acme = tenant("acme");
     let v1 = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 10);
     let generation = store.policy_generation();
@@ -442,10 +446,10 @@ fn policy_versions_are_kept_and_races_conflict() {
     batch.put_policy_version(bad);
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
 }
+}
 
-#[test]
-fn policies_list_global_then_own_filtered_and_paginated() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn policies_list_global_then_own_filtered_and_paginated(store) {
     let acme = tenant("acme");
     let globex = tenant("globex");
     commit(&store, |b| {
@@ -485,6 +489,7 @@ fn policies_list_global_then_own_filtered_and_paginated() {
     assert_eq!(store.find_policy(&acme, &PolicyId::new("pol_g1").unwrap(), None).unwrap().unwrap().tenant_id, None);
     assert!(store.find_policy(&acme, &PolicyId::new("pol_x").unwrap(), None).unwrap().is_none());
 }
+}
 
 /// An operator's manual mode change of `policy` to `to`, at `at(n)`.
 fn manual_audit(policy: &PolicyId, to: Mode, n: i64, reason: Option<String>) -> AuditEntry {
@@ -499,9 +504,8 @@ fn manual_audit(policy: &PolicyId, to: Mode, n: i64, reason: Option<String>) -> 
     }
 }
 
-#[test]
-fn the_activation_audit_appends_in_order() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn the_activation_audit_appends_in_order(store) {
     let acme = tenant("acme");
     let policy = budget_policy(Some(&acme), "pol_a", Mode::Shadow, 1);
     let entry = |to: Mode, n: i64| manual_audit(&policy.id, to, n, Some(format!("step {n}")));
@@ -518,12 +522,12 @@ fn the_activation_audit_appends_in_order() {
     batch.append_audit(None, entry(Mode::Active, 3));
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
 }
+}
 
 // ---- snapshots and runs -----------------------------------------------------------------------------
 
-#[test]
-fn snapshots_are_content_addressed_and_found_by_id() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn snapshots_are_content_addressed_and_found_by_id(store) {
     let world = World::new("acme");
     commit(&store, |b| {
         b.put_snapshot(world.snapshot.clone()).put_snapshot(world.snapshot.clone());
@@ -536,10 +540,10 @@ fn snapshots_are_content_addressed_and_found_by_id() {
     assert_eq!(store.load_snapshot(&missing).unwrap_err(), IntegrityError::SnapshotMissing { hash: missing });
     assert_eq!(store.verify().unwrap().snapshots_checked, 1);
 }
+}
 
-#[test]
-fn runs_bind_once_need_their_snapshot_and_list_by_tenant() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn runs_bind_once_need_their_snapshot_and_list_by_tenant(store) {
     let (world, runs) = world_with_runs(&store, 3);
     let mut rebound = runs[0].clone();
     let other = Snapshot::capture(&world.tenant, []);
@@ -561,9 +565,9 @@ fn runs_bind_once_need_their_snapshot_and_list_by_tenant() {
     assert!(store.get_run(&tenant("globex"), &runs[0].run_id).unwrap().is_none());
     // A filtered page skips what the filter refuses and still pages by run id.
     let odd = |run: &StoredRun| run.run_id != runs[1].run_id;
-    let page = store.list_runs_where(&world.tenant, &PageRequest::first(1), odd).unwrap();
+    let page = store.list_runs_where(&world.tenant, &PageRequest::first(1), &odd).unwrap();
     assert_eq!(page.items[0].run_id, runs[0].run_id);
-    let rest = store.list_runs_where(&world.tenant, &PageRequest::after(1, page.next_cursor.unwrap()), odd).unwrap();
+    let rest = store.list_runs_where(&world.tenant, &PageRequest::after(1, page.next_cursor.unwrap()), &odd).unwrap();
     assert_eq!((rest.items.len(), rest.next_cursor), (1, None));
     assert_eq!(rest.items[0].run_id, runs[2].run_id);
 
@@ -575,10 +579,10 @@ fn runs_bind_once_need_their_snapshot_and_list_by_tenant() {
     let live: Vec<RunId> = store.running_runs().map(|r| r.unwrap().run_id).collect();
     assert_eq!(live, [runs[0].run_id.clone(), runs[2].run_id.clone()]);
 }
+}
 
-#[test]
-fn ledgers_keep_every_call_and_load_run_checks_totals() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn ledgers_keep_every_call_and_load_run_checks_totals(store) {
     let (world, runs) = world_with_runs(&store, 2);
     let mut run = runs[0].clone();
     let e0 = world.post(&mut run, 0, 30);
@@ -623,6 +627,7 @@ fn ledgers_keep_every_call_and_load_run_checks_totals() {
     batch.append_ledger(world.tenant.clone(), RunId::new("nope").unwrap(), e0);
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
 }
+}
 
 // ---- record queries ---------------------------------------------------------------------------------
 
@@ -650,9 +655,8 @@ fn seqs(page: &crate::Page<PreventionRecord>) -> Vec<u64> {
     page.items.iter().map(|r| r.seq).collect()
 }
 
-#[test]
-fn record_queries_filter_by_time_policy_run_and_simulation() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn record_queries_filter_by_time_policy_run_and_simulation(store) {
     let (world, runs) = records_fixture(&store);
     let q = RecordQuery::tenant(world.tenant.clone());
     assert_eq!(seqs(&store.list_records(&q).unwrap()), [1, 4, 2, 3], "ordered by prevented_at");
@@ -675,10 +679,10 @@ fn record_queries_filter_by_time_policy_run_and_simulation() {
     assert_eq!(store.get_record(&tenant("globex"), &one.id).unwrap(), None);
     assert!(store.verify().unwrap().is_ok());
 }
+}
 
-#[test]
-fn record_pagination_edges() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn record_pagination_edges(store) {
     // Empty.
     let q = RecordQuery::tenant(tenant("acme"));
     let empty = store.list_records(&q).unwrap();
@@ -728,12 +732,12 @@ fn record_pagination_edges() {
     let err = store.list_records(&RecordQuery { page: PageRequest::first(1001), ..q.clone() }).unwrap_err();
     assert!(err.to_string().contains("limit 1001"), "{err}");
 }
+}
 
 // ---- learning loop ----------------------------------------------------------------------------------
 
-#[test]
-fn shadow_stats_add_batch_deltas() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn shadow_stats_add_batch_deltas(store) {
     let acme = tenant("acme");
     let id = PolicyId::new("pol_s").unwrap();
     let d = ShadowStats { evaluations: 3, would_block: 1, would_warn: 1, would_throttle: 0 };
@@ -755,10 +759,10 @@ fn shadow_stats_add_batch_deltas() {
     );
     assert_eq!(store.shadow_stats(None, &id, &acme).unwrap(), ShadowStats::default());
 }
+}
 
-#[test]
-fn a_global_policys_shadow_stats_are_kept_per_tenant() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn a_global_policys_shadow_stats_are_kept_per_tenant(store) {
     let (acme, beta) = (tenant("acme"), tenant("beta"));
     let id = PolicyId::new("pol_g").unwrap();
     let one = ShadowStats { evaluations: 1, would_block: 1, ..ShadowStats::default() };
@@ -774,10 +778,10 @@ fn a_global_policys_shadow_stats_are_kept_per_tenant() {
     batch.add_shadow_stats(Some(acme.clone()), beta.clone(), id.clone(), one);
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
 }
+}
 
-#[test]
-fn policy_ids_name_one_policy_in_every_tenant_view() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn policy_ids_name_one_policy_in_every_tenant_view(store) {
     let (acme, globex) = (tenant("acme"), tenant("globex"));
     commit(&store, |b| {
         b.put_policy_version(budget_policy(None, "pol_shared", Mode::Shadow, 1));
@@ -814,6 +818,7 @@ fn policy_ids_name_one_policy_in_every_tenant_view() {
     assert!(store.tenant_policy_id_exists(&PolicyId::new("pol_own").unwrap()).unwrap());
     assert!(!store.tenant_policy_id_exists(&PolicyId::new("pol_shared").unwrap()).unwrap());
 }
+}
 
 #[test]
 fn a_tenant_sees_its_own_policy_where_an_older_store_holds_a_global_one_with_its_id() {
@@ -839,9 +844,8 @@ fn a_tenant_sees_its_own_policy_where_an_older_store_holds_a_global_one_with_its
     assert_eq!(store.list_policies(&globex, None, &PageRequest::first(10)).unwrap().items, [global]);
 }
 
-#[test]
-fn incidents_and_audits_are_read_from_the_window_on() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn incidents_and_audits_are_read_from_the_window_on(store) {
     let acme = tenant("acme");
     let sig = runguard_contract::Signature::normalize(Some("fetch"), Some("/v1/users/1"), &[]);
     let pid = PatternId::new("pat_1").unwrap();
@@ -867,10 +871,10 @@ fn incidents_and_audits_are_read_from_the_window_on() {
     assert_eq!(recent.iter().map(|e| e.at).collect::<Vec<_>>(), [at(7), at(8), at(9)]);
     assert!(store.policy_audit_since(None, &policy.id, at(0)).unwrap().is_empty());
 }
+}
 
-#[test]
-fn simulated_records_cannot_be_regretted_and_live_ones_find_their_decision() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn simulated_records_cannot_be_regretted_and_live_ones_find_their_decision(store) {
     let (world, runs) = records_fixture(&store);
     let simulated = store.get_record(&world.tenant, &RecordId::new("prv_sim").unwrap()).unwrap().unwrap();
     assert!(simulated.is_simulated);
@@ -891,6 +895,7 @@ fn simulated_records_cannot_be_regretted_and_live_ones_find_their_decision() {
     let decision = store.record_decision(&live).unwrap().unwrap();
     assert_eq!((decision.decision_id, decision.run_id), (live.decision_id.clone(), runs[0].run_id.clone()));
 }
+}
 
 fn incident(t: &TenantId, n: u128, when: i64, sig: &runguard_contract::Signature, pattern: &PatternId) -> Incident {
     Incident {
@@ -905,9 +910,8 @@ fn incident(t: &TenantId, n: u128, when: i64, sig: &runguard_contract::Signature
     }
 }
 
-#[test]
-fn incidents_and_patterns_are_tenant_scoped_and_unique() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn incidents_and_patterns_are_tenant_scoped_and_unique(store) {
     let acme = tenant("acme");
     let sig = runguard_contract::Signature::normalize(Some("fetch"), Some("/v1/users/1"), &[]);
     let pid = PatternId::new("pat_1").unwrap();
@@ -958,10 +962,10 @@ fn incidents_and_patterns_are_tenant_scoped_and_unique() {
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::Contract);
     assert_eq!(store.list_patterns(&acme, &PageRequest::first(10)).unwrap().items.len(), 1);
 }
+}
 
-#[test]
-fn a_record_can_be_regretted_once() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn a_record_can_be_regretted_once(store) {
     let (world, _) = records_fixture(&store);
     let record = store.record_at(1).unwrap().unwrap();
     let regret = Regret {
@@ -991,10 +995,10 @@ fn a_record_can_be_regretted_once() {
     batch.put_regret(world.tenant.clone(), Regret { record_id: RecordId::new("prv_none").unwrap(), ..regret });
     assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
 }
+}
 
-#[test]
-fn graduation_keeps_its_history() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn graduation_keeps_its_history(store) {
     let acme = tenant("acme");
     let state = |level: &str, n: i64| GraduationState {
         level: level.into(),
@@ -1013,6 +1017,7 @@ fn graduation_keeps_its_history() {
     let history = store.graduation_history(&acme, &PageRequest::first(10)).unwrap();
     assert_eq!(history.items.iter().map(|s| s.level.as_str()).collect::<Vec<_>>(), ["alpha", "beta", "degraded"]);
     assert_eq!(store.graduation(&tenant("globex")).unwrap(), None);
+}
 }
 
 // ---- recovery and corruption ------------------------------------------------------------------------
@@ -1149,9 +1154,8 @@ fn verify_notices_a_missing_index_entry() {
     );
 }
 
-#[test]
-fn every_entry_of_a_failed_multi_run_batch_is_absent() {
-    let (_dir, store) = fresh();
+on_both_backends! {
+fn every_entry_of_a_failed_multi_run_batch_is_absent(store) {
     let (world, runs) = world_with_runs(&store, 2);
     let mut run = runs[0].clone();
     let entry = world.post(&mut run, 0, 10);
@@ -1171,6 +1175,7 @@ fn every_entry_of_a_failed_multi_run_batch_is_absent() {
         store.shadow_stats(Some(&world.tenant), &world.policy.id, &world.tenant).unwrap(),
         ShadowStats::default()
     );
+}
 }
 
 #[test]
@@ -1193,4 +1198,76 @@ fn snapshot_ids_are_exact_and_bindings_are_per_tenant() {
     store.index_snapshot_bindings().unwrap();
     assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
     assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap());
+}
+
+// ---- PostgreSQL twins of the tests above that reach into sled's trees or directory ------------------
+
+fn fresh_postgres_at() -> Option<(String, Store)> {
+    let db = runguard_testpg::fresh_database()?;
+    let store = Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap();
+    Some((db.url, store))
+}
+
+#[test]
+fn snapshot_ids_are_exact_and_bindings_are_per_tenant_on_postgres() {
+    let Some(store) = fresh_postgres() else { return };
+    let (world, _runs) = world_with_runs(&store, 2);
+    let id = world.snapshot_ref.id.clone();
+    assert!(store.snapshot_by_id(&id).unwrap().is_some());
+    for partial in ["snp_", &id.as_str()[..6], &id.as_str()[..id.as_str().len() - 1]] {
+        let partial = runguard_contract::SnapshotId::new(partial).unwrap();
+        assert!(store.snapshot_by_id(&partial).unwrap().is_none(), "{partial:?} is not an id");
+        assert!(!store.snapshot_bound_to(&world.tenant, &partial).unwrap());
+    }
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+    assert!(!store.snapshot_bound_to(&tenant("globex"), &id).unwrap(), "another tenant has no run on it");
+    // The binding is the run row itself: nothing to index.
+    store.index_snapshot_bindings().unwrap();
+    assert!(store.snapshot_bound_to(&world.tenant, &id).unwrap());
+}
+
+#[test]
+fn a_tenant_sees_its_own_policy_where_an_older_store_holds_a_global_one_with_its_id_on_postgres() {
+    let Some((url, store)) = fresh_postgres_at() else { return };
+    let (acme, globex) = (tenant("acme"), tenant("globex"));
+    let own = budget_policy(Some(&acme), "pol_shared", Mode::Active, 10);
+    commit(&store, |b| {
+        b.put_policy_version(own.clone());
+    });
+    // Written with SQL, as a database from before the check (or an operator) could hold it.
+    let global = budget_policy(None, "pol_shared", Mode::Shadow, 100);
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let body = serde_json::to_value(&global).unwrap();
+    client
+        .execute(
+            "INSERT INTO policies (owner, policy_id, version, mode, body) VALUES ('', 'pol_shared', 1, 'shadow', $1)",
+            &[&body],
+        )
+        .unwrap();
+    client.batch_execute("INSERT INTO policy_heads (owner, policy_id, version) VALUES ('', 'pol_shared', 1)").unwrap();
+    let listed = store.list_policies(&acme, None, &PageRequest::first(10)).unwrap().items;
+    assert_eq!(listed, std::slice::from_ref(&own), "only the tenant's own policy, never both");
+    assert_eq!(store.find_policy(&acme, &own.id, None).unwrap(), Some(own));
+    assert_eq!(store.list_policies(&globex, None, &PageRequest::first(10)).unwrap().items, [global]);
+}
+
+#[test]
+fn reopening_recovers_the_chain_head_and_everything_acknowledged_on_postgres() {
+    let Some((url, store)) = fresh_postgres_at() else { return };
+    let (world, runs) = records_fixture(&store);
+    let head = store.chain_head().unwrap();
+    let commits = store.commit_count();
+    drop(store);
+    let store = Store::open_postgres(&url, &crate::PgOptions::default()).unwrap();
+    assert_eq!(store.chain_head().unwrap(), head);
+    assert_eq!(store.commit_count(), commits);
+    let receipt = commit(&store, |b| {
+        let mut run = runs[0].clone();
+        run.run_id = RunId::new("late").unwrap();
+        b.put_run(run.clone());
+        world.push_block(b, &run, 0, at(999));
+    });
+    assert_eq!(receipt.records[0].seq, head.0 + 1);
+    assert_eq!(receipt.records[0].prev_hash, head.1);
+    assert!(store.verify().unwrap().is_ok());
 }

@@ -18,6 +18,33 @@ fn open(dir: &Path) -> Store {
     Store::open(dir, &options()).unwrap()
 }
 
+fn fresh() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    (dir, store)
+}
+
+fn fresh_postgres() -> Option<Store> {
+    let db = runguard_testpg::fresh_database()?;
+    Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
+}
+
+/// What [`populated`] writes, on an open store of either backend.
+fn populate(store: &Store, runs: usize) -> (World, Vec<StoredRun>) {
+    let world = World::new("acme");
+    let runs: Vec<StoredRun> = (0..runs).map(|i| world.run(&format!("r{i}"))).collect();
+    let mut batch = WriteBatch::new();
+    world.setup(&mut batch);
+    for run in &runs {
+        batch.put_run(run.clone());
+    }
+    store.commit(batch).unwrap();
+    let mut batch = WriteBatch::new();
+    world.push_block(&mut batch, &runs[0], 0, at(5));
+    store.commit(batch).unwrap();
+    (world, runs)
+}
+
 /// A store with one tenant's policy, snapshot and `runs` running runs, and one block (one record).
 fn populated(dir: &Path, runs: usize) -> (World, Vec<StoredRun>) {
     let store = open(dir);
@@ -150,11 +177,9 @@ fn verify_refuses_a_store_in_use() {
     drop(store);
 }
 
-#[test]
-fn a_refused_caller_fails_alone_in_a_group_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let (world, runs) = populated(dir.path(), 3);
-    let store = open(dir.path());
+on_both_backends! {
+fn a_refused_caller_fails_alone_in_a_group_commit(store) {
+    let (world, runs) = populate(&store, 3);
     let other = World::new("globex");
     let globex_run = other.run("g0");
     // Caller 1 (globex) creates its run; caller 2 (acme) repeats an existing record id; caller 3 (acme)
@@ -184,12 +209,11 @@ fn a_refused_caller_fails_alone_in_a_group_commit() {
     assert_eq!(store.ledger(&world.tenant, &runs[0].run_id, &PageRequest::first(10)).unwrap().items.len(), 1);
     assert!(store.verify().unwrap().is_ok());
 }
+}
 
-#[test]
-fn a_store_that_cannot_write_fails_every_caller_with_io() {
-    let dir = tempfile::tempdir().unwrap();
-    let (world, runs) = populated(dir.path(), 3);
-    let store = open(dir.path());
+on_both_backends! {
+fn a_store_that_cannot_write_fails_every_caller_with_io(store) {
+    let (world, runs) = populate(&store, 3);
     store.inject_commit_failure(true);
     let mut a = WriteBatch::new();
     a.put_run(runs[1].clone());
@@ -203,12 +227,11 @@ fn a_store_that_cannot_write_fails_every_caller_with_io() {
     store.probe().unwrap();
     assert!(store.is_healthy());
 }
+}
 
-#[test]
-fn a_group_commit_answers_each_caller_in_order_with_one_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let (world, runs) = populated(dir.path(), 4);
-    let store = open(dir.path());
+on_both_backends! {
+fn a_group_commit_answers_each_caller_in_order_with_one_commit(store) {
+    let (world, runs) = populate(&store, 4);
     let before = store.commit_count();
     let batches: Vec<WriteBatch> = runs[1..]
         .iter()
@@ -226,12 +249,11 @@ fn a_group_commit_answers_each_caller_in_order_with_one_commit() {
     assert_eq!(store.commit_count(), before + 1, "one commit for the whole group");
     assert!(store.verify().unwrap().is_ok());
 }
+}
 
-#[test]
-fn an_empty_group_commits_nothing_and_proves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_world, runs) = populated(dir.path(), 2);
-    let store = open(dir.path());
+on_both_backends! {
+fn an_empty_group_commits_nothing_and_proves_nothing(store) {
+    let (_world, runs) = populate(&store, 2);
     let before = store.commit_count();
     assert!(store.commit_group(Vec::new()).is_empty());
     assert_eq!(store.commit_count(), before);
@@ -246,12 +268,11 @@ fn an_empty_group_commits_nothing_and_proves_nothing() {
     store.probe().unwrap();
     assert!(store.is_healthy());
 }
+}
 
-#[test]
-fn a_flush_failure_fails_every_caller_of_the_group_and_writes_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let (world, runs) = populated(dir.path(), 3);
-    let store = open(dir.path());
+on_both_backends! {
+fn a_flush_failure_fails_every_caller_of_the_group_and_writes_none(store) {
+    let (world, runs) = populate(&store, 3);
     let head = store.chain_head().unwrap();
     store.inject_durability_failure(true);
     let mut a = WriteBatch::new();
@@ -267,6 +288,7 @@ fn a_flush_failure_fails_every_caller_of_the_group_and_writes_none() {
     store.probe().unwrap();
     assert_eq!(store.chain_head().unwrap(), head, "no caller's record survived the failed flush");
     assert!(store.ledger(&world.tenant, &runs[2].run_id, &PageRequest::first(10)).unwrap().items.is_empty());
+}
 }
 
 #[test]

@@ -121,7 +121,7 @@ pub async fn list(state: State, req: HttpRequest) -> Result<HttpResponse, ApiErr
     };
     let tenant = caller.tenant.clone();
     list_page(&state, &caller.tenant, move |store| {
-        let page = store.list_runs_where(&tenant, &page, |run| filter.keeps(run)).map_err(store_error)?;
+        let page = store.list_runs_where(&tenant, &page, &|run| filter.keeps(run)).map_err(store_error)?;
         let items = page.items.into_iter().map(|run| filter.view(run)).collect();
         Ok(runguard_store::Page { items, next_cursor: page.next_cursor })
     })

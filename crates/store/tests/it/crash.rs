@@ -1,6 +1,6 @@
 //! Crash test: a child process group-commits records and prints each acknowledged seq; the parent kills
 //! it with SIGKILL at random points, reopens the store, and checks that every acknowledged record is
-//! there and the chain verifies.
+//! there and the chain verifies. On sled and on PostgreSQL.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -8,19 +8,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use runguard_contract::RunId;
-use runguard_store::{Store, StoreOptions, WriteBatch};
+use runguard_store::{PgOptions, Store, StoreOptions, WriteBatch};
 
 use crate::fixtures::{World, at};
 
 const CHILD_ENV: &str = "RUNGUARD_STORE_CRASH_CHILD_DIR";
+/// Set instead of the directory when the child writes to PostgreSQL.
+const CHILD_URL_ENV: &str = "RUNGUARD_STORE_CRASH_CHILD_URL";
 const KILLS: usize = 4;
 
 /// The child's body; runs only when the parent starts this binary with `--ignored` and the directory.
 #[test]
 #[ignore = "run by `a_killed_writer_loses_no_acknowledged_record` in a child process"]
 fn crash_child_process() {
-    let dir = std::env::var(CHILD_ENV).expect("the parent names the store directory");
-    let store = Store::open(&dir, &StoreOptions::default()).unwrap();
+    let store = match std::env::var(CHILD_URL_ENV) {
+        Ok(url) => Store::open_postgres(&url, &PgOptions::default()).unwrap(),
+        Err(_) => {
+            let dir = std::env::var(CHILD_ENV).expect("the parent names the store directory");
+            Store::open(&dir, &StoreOptions::default()).unwrap()
+        }
+    };
     let world = World::new("acme");
     let mut run = world.run("crash-run");
     if store.get_run(&world.tenant, &run.run_id).unwrap().is_none() {
@@ -56,20 +63,48 @@ fn jitter(seed: &mut u64) -> u64 {
     *seed
 }
 
+/// Where the killed writer's store lives.
+enum Place {
+    Sled(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Place {
+    fn open(&self) -> Store {
+        match self {
+            Place::Sled(dir) => Store::open(dir.path(), &StoreOptions::default()).unwrap(),
+            Place::Postgres(url) => Store::open_postgres(url, &PgOptions::default()).unwrap(),
+        }
+    }
+
+    fn tell(&self, child: &mut Command) {
+        match self {
+            Place::Sled(dir) => child.env(CHILD_ENV, dir.path()),
+            Place::Postgres(url) => child.env(CHILD_URL_ENV, url),
+        };
+    }
+}
+
 #[test]
 fn a_killed_writer_loses_no_acknowledged_record() {
-    let dir = tempfile::tempdir().unwrap();
+    kill_writers(&Place::Sled(tempfile::tempdir().unwrap()));
+}
+
+#[test]
+fn a_killed_writer_loses_no_acknowledged_record_on_postgres() {
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    kill_writers(&Place::Postgres(db.url));
+}
+
+fn kill_writers(place: &Place) {
     let exe = std::env::current_exe().unwrap();
     let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut total_acks = 0usize;
     for kill in 0..KILLS {
-        let mut child = Command::new(&exe)
-            .args(["--ignored", "--exact", "crash::crash_child_process", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(&exe);
+        command.args(["--ignored", "--exact", "crash::crash_child_process", "--nocapture", "--test-threads=1"]);
+        place.tell(&mut command);
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let acks = Arc::new(Mutex::new(Vec::<u64>::new()));
         let reader = {
@@ -96,7 +131,7 @@ fn a_killed_writer_loses_no_acknowledged_record() {
         assert!(!acked.is_empty(), "child {kill} acknowledged nothing");
         total_acks += acked.len();
 
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let store = place.open();
         let (head, _) = store.chain_head().unwrap();
         let max_acked = *acked.iter().max().unwrap();
         assert!(head >= max_acked, "after kill {kill}: head {head} is behind acknowledged seq {max_acked}");

@@ -2,4 +2,5 @@
 
 mod crash;
 mod fixtures;
+mod on_postgres;
 mod state_machine;

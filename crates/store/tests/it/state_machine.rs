@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use runguard_contract::{PreventionRecord, RecordId, verify_chain};
-use runguard_store::{PageRequest, RecordQuery, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch};
+use runguard_store::{PageRequest, PgOptions, RecordQuery, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch};
 
 use crate::fixtures::{World, at};
 
@@ -79,8 +79,44 @@ impl ReferenceStateMachine for Model {
     }
 }
 
+/// Where the store under test lives, so that it can be opened again.
+enum Place {
+    Sled(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Place {
+    fn open(&self) -> Store {
+        match self {
+            Place::Sled(dir) => Store::open(dir.path(), &options()).unwrap(),
+            Place::Postgres(url) => Store::open_postgres(url, &PgOptions::default()).unwrap(),
+        }
+    }
+}
+
+/// The backend a machine runs on.
+trait Backend {
+    /// A fresh place, or `None` when this backend cannot run here (the test then checks nothing).
+    fn place() -> Option<Place>;
+}
+
+struct Sled;
+struct Postgres;
+
+impl Backend for Sled {
+    fn place() -> Option<Place> {
+        Some(Place::Sled(tempfile::tempdir().unwrap()))
+    }
+}
+
+impl Backend for Postgres {
+    fn place() -> Option<Place> {
+        runguard_testpg::fresh_schema().map(|db| Place::Postgres(db.url))
+    }
+}
+
 struct Sut {
-    dir: tempfile::TempDir,
+    place: Place,
     store: Option<Store>,
     world: World,
     runs: Vec<StoredRun>,
@@ -144,15 +180,15 @@ fn seqs(records: &[PreventionRecord]) -> Vec<u64> {
     records.iter().map(|r| r.seq).collect()
 }
 
-struct StoreMachine;
+struct StoreMachine<B>(std::marker::PhantomData<B>);
 
-impl StateMachineTest for StoreMachine {
-    type SystemUnderTest = Sut;
+impl<B: Backend> StateMachineTest for StoreMachine<B> {
+    type SystemUnderTest = Option<Sut>;
     type Reference = Model;
 
-    fn init_test(_: &Model) -> Sut {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &options()).unwrap();
+    fn init_test(_: &Model) -> Option<Sut> {
+        let place = B::place()?;
+        let store = place.open();
         let world = World::new("acme");
         let runs: Vec<StoredRun> = (0..RUNS).map(|i| world.run(&format!("run{i}"))).collect();
         let mut batch = WriteBatch::new();
@@ -161,83 +197,99 @@ impl StateMachineTest for StoreMachine {
             batch.put_run(run.clone());
         }
         store.commit(batch).unwrap();
-        Sut { dir, store: Some(store), world, runs }
+        Some(Sut { place, store: Some(store), world, runs })
     }
 
-    fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
-        match transition {
-            Transition::Append(a) => {
-                let before = &model.records[..model.records.len() - 1];
-                let receipt = sut.store().commit(stage(&sut, before, &[a])).unwrap();
-                assert_eq!(seqs(&receipt.records), [model.records.len() as u64]);
-            }
-            Transition::AppendBatch(all) => {
-                let before = &model.records[..model.records.len() - all.len()];
-                let receipt = sut.store().commit(stage(&sut, before, &all)).unwrap();
-                let first = before.len() as u64 + 1;
-                assert_eq!(seqs(&receipt.records), (first..first + all.len() as u64).collect::<Vec<_>>());
-            }
-            Transition::FailedBatch(all) => {
-                let batch = stage(&sut, &model.records, &all);
-                sut.store().inject_commit_failure(true);
-                let err = sut.store().commit(batch).unwrap_err();
-                sut.store().inject_commit_failure(false);
-                assert_eq!(err.kind(), StoreErrorKind::Injected);
-            }
-            Transition::Reopen => {
-                drop(sut.store.take());
-                sut.store = Some(Store::open(sut.dir.path(), &options()).unwrap());
-            }
-            Transition::ScanRun { run, limit } => {
-                let query = RecordQuery {
-                    run_id: Some(sut.runs[run].run_id.clone()),
-                    ..RecordQuery::tenant(sut.world.tenant.clone())
-                };
-                let got = all_pages(sut.store(), query, limit);
-                assert_eq!(seqs(&got), expected(model, |r| r.run == run && !r.simulated, false));
-            }
-            Transition::Range { since, until, limit } => {
-                let query = RecordQuery {
-                    since: Some(at(since)),
-                    until: Some(at(until)),
-                    ..RecordQuery::tenant(sut.world.tenant.clone())
-                };
-                let got = all_pages(sut.store(), query, limit);
-                let want = expected(model, |r| !r.simulated && r.at_ms >= since && r.at_ms < until, true);
-                assert_eq!(seqs(&got), want);
-            }
-        }
-        sut
+    fn apply(sut: Option<Sut>, model: &Model, transition: Transition) -> Option<Sut> {
+        sut.map(|sut| apply(sut, model, transition))
     }
 
-    fn check_invariants(sut: &Sut, model: &Model) {
-        let store = sut.store();
-        let n = model.records.len() as u64;
-        // Gap-free sequence and the head recovered or advanced to it.
-        assert_eq!(store.chain_head().unwrap().0, n);
-        let all: Vec<PreventionRecord> = store.export_records(1).map(Result::unwrap).collect();
-        assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
-        // Every acknowledged record is there, as written.
-        for (record, want) in all.iter().zip(&model.records) {
-            assert_eq!(record.run_id, sut.runs[want.run].run_id);
-            assert_eq!((record.prevented_at, record.is_simulated), (at(want.at_ms), want.simulated));
-            let found = store.get_record(&sut.world.tenant, &record.id).unwrap();
-            assert_eq!(found.as_ref(), Some(record), "rec_by_id agrees");
+    fn check_invariants(sut: &Option<Sut>, model: &Model) {
+        if let Some(sut) = sut {
+            check_invariants(sut, model);
         }
-        // The chain verifies, by the contract and by the store.
-        verify_chain(&all).unwrap();
-        let report = store.verify().unwrap();
-        assert!(report.is_ok(), "{report:?}");
-        assert_eq!(report.records_checked, n);
-        // Tenant, policy and simulated indexes agree with the records.
-        let tenant_q = RecordQuery::tenant(sut.world.tenant.clone());
-        let live = expected(model, |r| !r.simulated, true);
-        assert_eq!(seqs(&all_pages(store, tenant_q.clone(), 4)), live);
-        let by_policy = RecordQuery { policy_id: Some(sut.world.policy.id.clone()), ..tenant_q.clone() };
-        assert_eq!(seqs(&all_pages(store, by_policy, 5)), live);
-        let simulated = RecordQuery { simulated: true, ..tenant_q };
-        assert_eq!(seqs(&all_pages(store, simulated, 3)), expected(model, |r| r.simulated, true));
     }
+}
+
+fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
+    match transition {
+        Transition::Append(a) => {
+            let before = &model.records[..model.records.len() - 1];
+            let receipt = sut.store().commit(stage(&sut, before, &[a])).unwrap();
+            assert_eq!(seqs(&receipt.records), [model.records.len() as u64]);
+        }
+        Transition::AppendBatch(all) => {
+            let before = &model.records[..model.records.len() - all.len()];
+            let receipt = sut.store().commit(stage(&sut, before, &all)).unwrap();
+            let first = before.len() as u64 + 1;
+            assert_eq!(seqs(&receipt.records), (first..first + all.len() as u64).collect::<Vec<_>>());
+        }
+        Transition::FailedBatch(all) => {
+            let batch = stage(&sut, &model.records, &all);
+            sut.store().inject_commit_failure(true);
+            let err = sut.store().commit(batch).unwrap_err();
+            sut.store().inject_commit_failure(false);
+            assert_eq!(err.kind(), StoreErrorKind::Injected);
+        }
+        Transition::Reopen => {
+            drop(sut.store.take());
+            sut.store = Some(sut.place.open());
+        }
+        Transition::ScanRun { run, limit } => {
+            let query = RecordQuery {
+                run_id: Some(sut.runs[run].run_id.clone()),
+                ..RecordQuery::tenant(sut.world.tenant.clone())
+            };
+            let got = all_pages(sut.store(), query, limit);
+            assert_eq!(seqs(&got), expected(model, |r| r.run == run && !r.simulated, false));
+        }
+        Transition::Range { since, until, limit } => {
+            let query = RecordQuery {
+                since: Some(at(since)),
+                until: Some(at(until)),
+                ..RecordQuery::tenant(sut.world.tenant.clone())
+            };
+            let got = all_pages(sut.store(), query, limit);
+            let want = expected(model, |r| !r.simulated && r.at_ms >= since && r.at_ms < until, true);
+            assert_eq!(seqs(&got), want);
+        }
+    }
+    sut
+}
+
+fn check_invariants(sut: &Sut, model: &Model) {
+    let store = sut.store();
+    let n = model.records.len() as u64;
+    // Gap-free sequence and the head recovered or advanced to it.
+    assert_eq!(store.chain_head().unwrap().0, n);
+    let all: Vec<PreventionRecord> = store.export_records(1).map(Result::unwrap).collect();
+    assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
+    // Every acknowledged record is there, as written.
+    for (record, want) in all.iter().zip(&model.records) {
+        assert_eq!(record.run_id, sut.runs[want.run].run_id);
+        assert_eq!((record.prevented_at, record.is_simulated), (at(want.at_ms), want.simulated));
+        let found = store.get_record(&sut.world.tenant, &record.id).unwrap();
+        assert_eq!(found.as_ref(), Some(record), "rec_by_id agrees");
+    }
+    // The chain verifies, by the contract and by the store.
+    verify_chain(&all).unwrap();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records_checked, n);
+    // Tenant, policy and simulated indexes agree with the records.
+    let tenant_q = RecordQuery::tenant(sut.world.tenant.clone());
+    let live = expected(model, |r| !r.simulated, true);
+    assert_eq!(seqs(&all_pages(store, tenant_q.clone(), 4)), live);
+    let by_policy = RecordQuery { policy_id: Some(sut.world.policy.id.clone()), ..tenant_q.clone() };
+    assert_eq!(seqs(&all_pages(store, by_policy, 5)), live);
+    let simulated = RecordQuery { simulated: true, ..tenant_q };
+    assert_eq!(seqs(&all_pages(store, simulated, 3)), expected(model, |r| r.simulated, true));
+}
+
+/// Cases of the PostgreSQL machine: each case migrates a fresh schema (about a quarter of a second), so a
+/// quarter of `PROPTEST_CASES` (at least 4), and 12 when it is not set.
+fn postgres_cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse::<u32>().ok()).map_or(12, |n| (n / 4).max(4))
 }
 
 prop_state_machine! {
@@ -247,5 +299,26 @@ prop_state_machine! {
     })]
 
     #[test]
-    fn the_record_store_matches_its_model(sequential 1..16 => StoreMachine);
+    fn the_record_store_matches_its_model(sequential 1..16 => StoreMachine<Sled>);
+}
+
+/// The same machine on PostgreSQL, run without `prop_state_machine!`: its `proptest!` lets
+/// `PROPTEST_CASES` override any case count given in code, and this one wants fewer cases than sled's.
+#[test]
+fn the_postgres_record_store_matches_its_model() {
+    let config = Config {
+        cases: postgres_cases(),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        source_file: Some(file!()),
+        test_name: Some("the_postgres_record_store_matches_its_model"),
+        ..Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config.clone());
+    let result = runner.run(&Model::sequential_strategy(1..16), |(initial, transitions, seen)| {
+        StoreMachine::<Postgres>::test_sequential(config.clone(), initial, transitions, seen);
+        Ok(())
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
 }

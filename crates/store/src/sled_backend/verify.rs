@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use runguard_contract::canonical::{SNAPSHOT_DOMAIN, domain_hash};
 use runguard_contract::record::verify_chain_from;
 use runguard_contract::{PreventionRecord, RecordHash, Snapshot, SnapshotHash, SnapshotId};
 
@@ -115,20 +114,12 @@ impl Store {
 pub(super) fn verify_snapshot(hash: &SnapshotHash, value: &[u8]) -> Result<Snapshot, IntegrityError> {
     let undecodable = |reason: String| IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason };
     let bytes = codec::decode_raw("snapshot", value).map_err(|err| undecodable(err.message().to_owned()))?;
-    let actual = SnapshotHash::from_bytes(&domain_hash(SNAPSHOT_DOMAIN, bytes));
-    if &actual != hash {
-        return Err(IntegrityError::SnapshotHashMismatch { expected: hash.clone(), actual });
-    }
-    let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|err| undecodable(err.to_string()))?;
-    if !snapshot.verify(hash) {
-        return Err(undecodable("the decoded snapshot does not re-encode to its hash".to_owned()));
-    }
-    Ok(snapshot)
+    crate::integrity::verify_snapshot_bytes(hash, bytes)
 }
 
 /// Checks a run's ledger against its stored totals: the totals after the last entry are the run's, each
 /// post adds exactly its usage (a throttled call adds nothing), and steps grow by at most one per post.
-pub(super) fn check_ledger_totals(run: &StoredRun, ledger: &[LedgerEntry]) -> Result<(), IntegrityError> {
+pub(crate) fn check_ledger_totals(run: &StoredRun, ledger: &[LedgerEntry]) -> Result<(), IntegrityError> {
     let mismatch = |reason: String| Err(IntegrityError::TotalsMismatch { reason });
     let mut before = runguard_contract::Totals::default();
     for (i, entry) in ledger.iter().enumerate() {

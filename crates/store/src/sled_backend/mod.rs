@@ -78,12 +78,9 @@ trees! {
     SnapshotBindings => "snapshot_bindings",
 }
 
-/// The last record of the chain.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct ChainHead {
-    seq: u64,
-    hash: RecordHash,
-}
+pub(crate) use crate::prepare::ChainHead;
+pub(crate) use reads::snapshot_id_digest;
+pub(crate) use verify::check_ledger_totals;
 
 /// One open sled database with its trees. Replaced as a whole when the store reopens itself after a
 /// write failure (sled keeps an I/O error for the life of a `Db`, so only a new one can write again).

@@ -231,7 +231,7 @@ impl Store {
 
     /// A tenant's runs, by run id.
     pub fn list_runs(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<StoredRun>, StoreError> {
-        self.list_runs_where(tenant, page, |_| true)
+        self.list_runs_where(tenant, page, &|_| true)
     }
 
     /// A tenant's runs that `keep` accepts, by run id. The filter runs over the tenant's runs in key
@@ -242,7 +242,7 @@ impl Store {
         &self,
         tenant: &TenantId,
         page: &PageRequest,
-        keep: impl Fn(&StoredRun) -> bool,
+        keep: &dyn Fn(&StoredRun) -> bool,
     ) -> Result<Page<StoredRun>, StoreError> {
         self.page_prefix(T::Runs, &keys::tenant(tenant), page, |_, v| {
             let run = StoredRun::decode(v)?;
@@ -583,7 +583,7 @@ pub(super) fn collect_page<V>(
 }
 
 /// The 16 hash bytes a snapshot id names, when it is exactly `snp_` and 32 hex digits.
-pub(super) fn snapshot_id_digest(id: &SnapshotId) -> Option<Vec<u8>> {
+pub(crate) fn snapshot_id_digest(id: &SnapshotId) -> Option<Vec<u8>> {
     let hex_digits = id.as_str().strip_prefix(SnapshotId::PREFIX)?;
     if hex_digits.len() != SnapshotHash::HEX_LEN / 2 {
         return None;
