@@ -135,6 +135,7 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
         auth,
         metrics,
         ready: AtomicBool::new(true),
+        openapi: crate::openapi::rendered(),
     });
 
     let app_state = state.clone();

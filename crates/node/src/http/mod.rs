@@ -9,6 +9,7 @@ pub mod ops;
 pub mod policies;
 pub mod query_params;
 pub mod records;
+pub mod route;
 pub mod routes;
 pub mod run_list;
 pub mod runs;
@@ -27,12 +28,12 @@ use runguard_store::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, Stor
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use self::route::Method;
 use crate::actors::learning::Learning;
 use crate::actors::registry::{Registry, RunTable};
 use crate::auth::{Authenticator, Caller, Role};
 use crate::error::ApiError;
 use crate::node_error::NodeError;
-use crate::openapi::Method;
 use crate::shared::Shared;
 
 /// What every handler can reach.
@@ -51,6 +52,9 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// False once shutdown has begun.
     pub ready: AtomicBool,
+    /// The OpenAPI document, rendered from the route table once at start-up (passed in, so that the
+    /// handlers the table names never reach the renderer that reads the table).
+    pub openapi: &'static str,
 }
 
 impl std::fmt::Debug for AppState {

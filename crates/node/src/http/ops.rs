@@ -9,7 +9,6 @@ use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::State;
 use crate::http::views::Health;
-use crate::openapi;
 
 /// `GET /healthz`: the process answers.
 pub async fn healthz() -> HttpResponse {
@@ -33,8 +32,8 @@ pub async fn metrics(state: State) -> HttpResponse {
 }
 
 /// `GET /openapi.json`.
-pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().insert_header(ContentType::json()).body(openapi::rendered())
+pub async fn openapi(state: State) -> HttpResponse {
+    HttpResponse::Ok().insert_header(ContentType::json()).body(state.openapi)
 }
 
 #[derive(Debug, Deserialize)]

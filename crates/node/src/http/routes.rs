@@ -14,23 +14,23 @@ use runguard_contract::{AuditEntry, Decision, Incident, Pattern, Policy, PolicyD
 use schemars::{Schema, SchemaGenerator};
 use serde_json::Value;
 
+use super::route::{Body, Content, Link, Method, Operation, SchemaFn, Success, schema};
 use super::views::{Health, Page, PolicyGraduationView, RunEnded, RunView, ShadowStats, Simulation, SnapshotView};
 use super::{PageQuery, learning, ops, policies, records, run_list, runs};
 use crate::actors::learning::{Confirmation, Graduation, RegretAnswer};
 use crate::actors::run::CreateAnswer;
 use crate::auth::Role;
-use crate::openapi::{Body, Content, Link, Method, Operation, Success, schema};
 
 const READ: &[u16] = &[400, 401, 403, 404, 503];
 const LIST: &[u16] = &[400, 401, 403, 503];
 const WRITE: &[u16] = &[400, 401, 403, 404, 408, 409, 413, 415, 503];
 const RUN_CALL: &[u16] = &[400, 401, 403, 404, 408, 409, 413, 415, 429, 503];
 
-const fn json(status: u16, description: &'static str, schema: crate::openapi::SchemaFn) -> Success {
+const fn json(status: u16, description: &'static str, schema: SchemaFn) -> Success {
     Success { status, description, content: Content::Json(schema) }
 }
 
-const fn body(schema: crate::openapi::SchemaFn) -> Option<Body> {
+const fn body(schema: SchemaFn) -> Option<Body> {
     Some(Body { schema, required: true })
 }
 

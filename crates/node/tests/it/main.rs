@@ -37,6 +37,7 @@ async fn every_documented_route_is_served() {
         auth: Authenticator::new(&[]),
         metrics: None,
         ready: AtomicBool::new(true),
+        openapi: runguard_node::openapi::rendered(),
     });
     let app = web_test::init_service(App::new().app_data(state).configure(http::configure)).await;
     for route in ROUTES.iter().filter(|route| route.documented) {
