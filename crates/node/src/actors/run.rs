@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::actors::learning::{CommitRunEnd, IncidentDraft};
 use crate::commit::Refused;
 use crate::current_snapshots::CurrentSnapshot;
+use crate::metric_families::with_hot;
 use crate::node_error::NodeError;
 use crate::shared::{Shared, now};
 use crate::ticket::Ticket;
@@ -275,11 +276,12 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
 }
 
-fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
+/// The call as its ledger entry keeps it: taken, not copied, since nothing needs it after evaluation.
+fn strip_texts(call: StepCall, keep: bool) -> StepCall {
     if keep {
-        return call.clone();
+        return call;
     }
-    StepCall { input_text: None, output_text: None, ..call.clone() }
+    StepCall { input_text: None, output_text: None, ..call }
 }
 
 /// Adds what an outcome must persist besides the ledger entry: its record and shadow statistics.
@@ -335,24 +337,26 @@ fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Resu
 /// Counts a decision; `evaluated` is the engine time of a step call (run starts and ends are not timed, so
 /// they stay out of the evaluation latency rather than add zeros to it).
 fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
-    metrics::counter!("runguard_decisions_total", "action" => outcome.decision.action.as_str()).increment(1);
-    if let Some(elapsed) = evaluated {
-        metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
-    }
-    if outcome.record.is_some() {
-        metrics::counter!("runguard_prevention_records_total").increment(1);
-    }
-    if outcome.decision.action == Action::Throttle {
-        metrics::counter!("runguard_throttles_total").increment(1);
-    }
-    let would_block = outcome.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
-    if would_block > 0 {
-        metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
-    }
-    for policy in &outcome.fail_opens {
-        tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
-        metrics::counter!("runguard_fail_open_total").increment(1);
-    }
+    with_hot(|hot| {
+        hot.decisions(outcome.decision.action).increment(1);
+        if let Some(elapsed) = evaluated {
+            hot.evaluation.record(elapsed.as_secs_f64());
+        }
+        if outcome.record.is_some() {
+            hot.prevention_records.increment(1);
+        }
+        if outcome.decision.action == Action::Throttle {
+            hot.throttles.increment(1);
+        }
+        let would_block = outcome.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
+        if would_block > 0 {
+            hot.shadow_would_block.increment(would_block as u64);
+        }
+        for policy in &outcome.fail_opens {
+            tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
+            hot.fail_open.increment(1);
+        }
+    });
 }
 
 impl RunActor {
@@ -617,7 +621,7 @@ impl RunActor {
         let next = live.run.after(&answer);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
-        let stored_call = strip_texts(&call, shared.config.ledger_texts);
+        let stored_call = strip_texts(call, shared.config.ledger_texts);
         let entry = LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision.clone(), next.state().totals)
             .with_effects(effects_bytes(&answer.effects));
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
