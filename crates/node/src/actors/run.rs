@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use actix::WeakRecipient;
 use actix::prelude::*;
 use runguard_contract::{
-    Action, Decision, IncidentId, Outcome, RunId, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId,
-    Timestamp, ViolationType,
+    Action, Decision, DecisionId, IncidentId, Outcome, PolicyRef, RunId, RunStatus, Snapshot, SnapshotRef, StepCall,
+    StepError, TenantId, Timestamp, ViolationType,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{
@@ -64,11 +64,28 @@ impl RunRequest for CreateRun {
 
 /// A step call.
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Result<Decision, NodeError>")]
+#[rtype(result = "Result<Decided, NodeError>")]
 pub struct Step(pub Box<StepCall>);
 
 impl RunRequest for Step {
-    type Answer = Decision;
+    type Answer = Decided;
+}
+
+/// A step's answer: its decision's action and JSON. The JSON is encoded before the commit, so that the
+/// decision itself moves into its ledger entry instead of being copied for the answer.
+#[derive(Clone, Debug)]
+pub struct Decided {
+    /// The decision's action.
+    pub action: Action,
+    /// The decision as the step call answers it.
+    pub json: Vec<u8>,
+}
+
+impl Decided {
+    fn of(decision: &Decision) -> Result<Self, NodeError> {
+        let json = serde_json::to_vec(decision).map_err(|_| NodeError::Internal)?;
+        Ok(Self { action: decision.action, json })
+    }
 }
 
 /// End the run.
@@ -334,26 +351,56 @@ fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Resu
     (answer, started.elapsed())
 }
 
+/// What is counted and logged of a decision once it is committed: taken from the outcome before its
+/// decision moves into the ledger entry.
+struct Counted {
+    action: Action,
+    record: bool,
+    would_block: u64,
+    /// Named by the log lines of a block or of a policy that failed open.
+    decision_id: Option<DecisionId>,
+    integrity: bool,
+    fail_opens: Vec<PolicyRef>,
+}
+
+impl Counted {
+    fn of(outcome: &Answer) -> Self {
+        let decision = &outcome.decision;
+        let logged = decision.action == Action::Block || !outcome.fail_opens.is_empty();
+        Self {
+            action: decision.action,
+            record: outcome.record.is_some(),
+            would_block: decision.shadow.iter().filter(|s| s.would_action == Action::Block).count() as u64,
+            decision_id: logged.then(|| decision.decision_id.clone()),
+            integrity: decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity),
+            fail_opens: outcome.fail_opens.clone(),
+        }
+    }
+
+    fn decision_id(&self) -> &str {
+        self.decision_id.as_ref().map_or("", DecisionId::as_str)
+    }
+}
+
 /// Counts a decision; `evaluated` is the engine time of a step call (run starts and ends are not timed, so
 /// they stay out of the evaluation latency rather than add zeros to it).
-fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
+fn record_metrics(counted: &Counted, evaluated: Option<Duration>) {
     with_hot(|hot| {
-        hot.decisions(outcome.decision.action).increment(1);
+        hot.decisions(counted.action).increment(1);
         if let Some(elapsed) = evaluated {
             hot.evaluation.record(elapsed.as_secs_f64());
         }
-        if outcome.record.is_some() {
+        if counted.record {
             hot.prevention_records.increment(1);
         }
-        if outcome.decision.action == Action::Throttle {
+        if counted.action == Action::Throttle {
             hot.throttles.increment(1);
         }
-        let would_block = outcome.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
-        if would_block > 0 {
-            hot.shadow_would_block.increment(would_block as u64);
+        if counted.would_block > 0 {
+            hot.shadow_would_block.increment(counted.would_block);
         }
-        for policy in &outcome.fail_opens {
-            tracing::warn!(policy_id = %policy.id, decision_id = %outcome.decision.decision_id, "policy failed open (on_error: allow)");
+        for policy in &counted.fail_opens {
+            tracing::warn!(policy_id = %policy.id, decision_id = counted.decision_id(), "policy failed open (on_error: allow)");
             hot.fail_open.increment(1);
         }
     });
@@ -390,7 +437,7 @@ impl RunActor {
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
-        record_metrics(&answer, None);
+        record_metrics(&Counted::of(&answer), None);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
         Ok((Live { run, meta }, answer.decision))
     }
@@ -503,7 +550,7 @@ impl Handler<CreateRun> for RunActor {
 }
 
 impl Handler<Step> for RunActor {
-    type Result = Reply<Decision>;
+    type Result = Reply<Decided>;
 
     fn handle(&mut self, Step(call): Step, _: &mut Self::Context) -> Self::Result {
         self.serve(Box::new(move |actor, shared, at| actor.handle_step(*call, shared, at)))
@@ -571,7 +618,7 @@ impl RunActor {
         }))
     }
 
-    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending<Decision> {
+    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending<Decided> {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
@@ -605,9 +652,9 @@ impl RunActor {
         answer: Result<Answer, Refusal>,
         elapsed: Duration,
         shared: Arc<Shared>,
-    ) -> Pending<Decision> {
+    ) -> Pending<Decided> {
         let answer = match answer {
-            Ok(answer) if answer.is_replay() => return ready(Ok(answer.decision)),
+            Ok(answer) if answer.is_replay() => return ready(Decided::of(&answer.decision)),
             Ok(answer) => answer,
             Err(why) => {
                 let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
@@ -618,15 +665,21 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
+        let decided = match Decided::of(&answer.decision) {
+            Ok(decided) => decided,
+            Err(err) => return ready(Err(err)),
+        };
+        let counted = Counted::of(&answer);
         let next = live.run.after(&answer);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
+        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         let stored_call = strip_texts(call, shared.config.ledger_texts);
-        let entry = LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision.clone(), next.state().totals)
-            .with_effects(effects_bytes(&answer.effects));
+        let effects = effects_bytes(&answer.effects);
+        let entry =
+            LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
-        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
             if let Err(refused) = committed {
                 if !refused.settled {
@@ -634,16 +687,15 @@ impl RunActor {
                 }
                 return Err(refused.error);
             }
-            record_metrics(&answer, Some(elapsed));
+            record_metrics(&counted, Some(elapsed));
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
-            let decision = answer.decision;
-            if decision.action == Action::Block {
-                let integrity = decision.violations.iter().any(|v| v.violation_type == ViolationType::Integrity);
-                tracing::warn!(run_id = %decision.run_id, decision_id = %decision.decision_id, integrity, "run stopped by a block");
+            if counted.action == Action::Block {
+                let (run_id, decision_id) = (actor.key.run_id.as_str(), counted.decision_id());
+                tracing::warn!(run_id, decision_id, integrity = counted.integrity, "run stopped by a block");
             }
-            Ok(decision)
+            Ok(decided)
         }))
     }
 
@@ -707,7 +759,7 @@ impl RunActor {
                     return Err(refused.error);
                 }
             };
-            record_metrics(&answer, None);
+            record_metrics(&Counted::of(&answer), None);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
@@ -752,6 +804,21 @@ mod tests {
         let stored = node.store.get_run(&key.tenant, &key.run_id).unwrap().unwrap();
         assert_eq!(stored.status, RunStatus::Succeeded, "the end was committed before it was answered");
         assert_eq!(node.store.full_ledger(&key.tenant, &key.run_id).unwrap().len(), 4);
+    }
+
+    #[actix_rt::test]
+    async fn a_step_answers_the_json_of_the_decision_its_ledger_entry_holds() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "run_1").await;
+        run.send(create()).await.unwrap().unwrap();
+        let decided = run.send(step(0, Phase::Pre)).await.unwrap().unwrap();
+        let key = key("acme", "run_1");
+        let ledger = node.store.full_ledger(&key.tenant, &key.run_id).unwrap();
+        let stored = &ledger.last().unwrap().decision;
+        assert_eq!(decided.json, serde_json::to_vec(stored).unwrap(), "the answer is the committed decision");
+        assert_eq!(decided.action, stored.action);
+        let again = run.send(step(0, Phase::Pre)).await.unwrap().unwrap();
+        assert_eq!(again.json, decided.json, "an identical retry answers the same bytes");
     }
 
     #[actix_rt::test]
