@@ -3,7 +3,7 @@
 //! that exist from the start at zero, so that a dashboard or an alert never sees a family appear only at
 //! its first event.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 
 use metrics::{Counter, Histogram, describe_counter, describe_gauge, describe_histogram};
@@ -113,8 +113,9 @@ type RequestSeries = (&'static str, u16, String);
 /// installed at start (a thread that used them before would keep counting into nothing).
 pub struct Hot {
     decisions: [Counter; 4],
-    /// `runguard_evaluation_seconds`.
-    pub evaluation: Histogram,
+    // Histograms are taken at their first sample: a histogram series shows in a scrape from the moment it
+    // is taken, and a family must not show samples that never happened (no evaluation before a step).
+    evaluation: OnceCell<Histogram>,
     /// `runguard_prevention_records_total`.
     pub prevention_records: Counter,
     /// `runguard_throttles_total`.
@@ -123,10 +124,8 @@ pub struct Hot {
     pub shadow_would_block: Counter,
     /// `runguard_fail_open_total`.
     pub fail_open: Counter,
-    /// `runguard_writer_batch_size`.
-    pub writer_batch_size: Histogram,
-    /// `runguard_writer_commit_seconds`.
-    pub writer_commit_seconds: Histogram,
+    writer_batch_size: OnceCell<Histogram>,
+    writer_commit_seconds: OnceCell<Histogram>,
     /// The request series by method, status and route: bounded by the route table.
     requests: RefCell<HashMap<RequestSeries, (Counter, Histogram)>>,
 }
@@ -147,15 +146,30 @@ impl Hot {
                 decision(Action::Throttle),
                 decision(Action::Block),
             ],
-            evaluation: metrics::histogram!("runguard_evaluation_seconds"),
+            evaluation: OnceCell::new(),
             prevention_records: metrics::counter!("runguard_prevention_records_total"),
             throttles: metrics::counter!("runguard_throttles_total"),
             shadow_would_block: metrics::counter!("runguard_shadow_would_block_total"),
             fail_open: metrics::counter!("runguard_fail_open_total"),
-            writer_batch_size: metrics::histogram!("runguard_writer_batch_size"),
-            writer_commit_seconds: metrics::histogram!("runguard_writer_commit_seconds"),
+            writer_batch_size: OnceCell::new(),
+            writer_commit_seconds: OnceCell::new(),
             requests: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// `runguard_evaluation_seconds`.
+    pub fn evaluation(&self) -> &Histogram {
+        self.evaluation.get_or_init(|| metrics::histogram!("runguard_evaluation_seconds"))
+    }
+
+    /// `runguard_writer_batch_size`.
+    pub fn writer_batch_size(&self) -> &Histogram {
+        self.writer_batch_size.get_or_init(|| metrics::histogram!("runguard_writer_batch_size"))
+    }
+
+    /// `runguard_writer_commit_seconds`.
+    pub fn writer_commit_seconds(&self) -> &Histogram {
+        self.writer_commit_seconds.get_or_init(|| metrics::histogram!("runguard_writer_commit_seconds"))
     }
 
     /// `runguard_decisions_total` of `action`.

@@ -388,7 +388,7 @@ fn record_metrics(counted: &Counted, evaluated: Option<Duration>) {
     with_hot(|hot| {
         hot.decisions(counted.action).increment(1);
         if let Some(elapsed) = evaluated {
-            hot.evaluation.record(elapsed.as_secs_f64());
+            hot.evaluation().record(elapsed.as_secs_f64());
         }
         if counted.record {
             hot.prevention_records.increment(1);

@@ -96,8 +96,8 @@ impl Writer {
         let outcomes = self.store.commit_group(batches);
         let elapsed = started.elapsed();
         with_hot(|hot| {
-            hot.writer_batch_size.record(calls as f64);
-            hot.writer_commit_seconds.record(elapsed.as_secs_f64());
+            hot.writer_batch_size().record(calls as f64);
+            hot.writer_commit_seconds().record(elapsed.as_secs_f64());
         });
         let mut failed = false;
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
