@@ -4,26 +4,38 @@
 
 use std::time::Duration;
 
+use actix::dev::SendError;
 use actix::{Message, Recipient};
 use runguard_store::{CommitReceipt, StoreError, WriteBatch};
+use tokio::sync::oneshot;
 
 use crate::node_error::NodeError;
 use crate::ticket::Ticket;
 
-/// Asks the writer to make `batch` durable.
+/// What the writer answers a commit.
+pub type Committed = Result<CommitReceipt, StoreError>;
+
+/// Asks the writer to make `batch` durable and answer on `reply`.
+///
+/// The answer goes straight to the caller's channel: the writer's handler queues the batch and is done,
+/// rather than leaving a future per caller in its context that actix polls on the writer's thread (all of
+/// them whenever any one is woken) and that answers through a second channel.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<CommitReceipt, StoreError>")]
+#[rtype(result = "()")]
 pub struct Commit {
     /// The writes.
     pub batch: WriteBatch,
     /// Raced for with the caller: the batch is committed only if the writer takes it first.
     pub ticket: Ticket,
+    /// Where the outcome goes; dropped unanswered when the batch is never committed.
+    pub reply: oneshot::Sender<Committed>,
 }
 
 impl Commit {
-    /// Wraps a batch with a fresh ticket.
-    pub fn new(batch: WriteBatch) -> Self {
-        Self { batch, ticket: Ticket::new() }
+    /// Wraps a batch with a fresh ticket; answers the message and where its outcome arrives.
+    pub fn new(batch: WriteBatch) -> (Self, oneshot::Receiver<Committed>) {
+        let (reply, answer) = oneshot::channel();
+        (Self { batch, ticket: Ticket::new(), reply }, answer)
     }
 }
 
@@ -66,28 +78,39 @@ impl CommitHandle {
     /// [`CommitHandle::commit`], telling a failure whose batch surely did not land from one whose
     /// outcome is unknown (the writer stopped after taking it).
     pub async fn commit_settled(&self, batch: WriteBatch) -> Result<CommitReceipt, Refused> {
-        let commit = Commit::new(batch);
+        let (commit, answer) = Commit::new(batch);
         let ticket = commit.ticket.clone();
-        let mut sent = std::pin::pin!(self.writer.send(commit));
-        let answer = match actix_web::rt::time::timeout(self.timeout, &mut sent).await {
+        let mut committed = std::pin::pin!(self.queue_and_wait(commit, answer));
+        let answer = match actix_web::rt::time::timeout(self.timeout, &mut committed).await {
             Ok(answer) => answer,
             Err(_) if ticket.abandon() => {
                 metrics::counter!("runguard_refused_calls_total", "reason" => "commit_timeout").increment(1);
                 let error = NodeError::unavailable("the writer is overloaded; treat the call as a block");
                 return Err(Refused { error, settled: true });
             }
-            Err(_) => sent.await,
+            Err(_) => committed.await,
         };
         match answer {
-            Ok(Ok(receipt)) => Ok(receipt),
+            Some(Ok(receipt)) => Ok(receipt),
             // The store writes nothing of a batch it answers with an error.
-            Ok(Err(err)) => Err(Refused { error: NodeError::Store(err), settled: true }),
-            Err(err) => {
-                tracing::error!(error = %err, "writer unavailable");
+            Some(Err(err)) => Err(Refused { error: NodeError::Store(err), settled: true }),
+            None => {
+                tracing::error!("writer unavailable");
                 let error = NodeError::unavailable("the writer is overloaded or stopped; treat the call as a block");
                 // A batch the writer never took never will be; one it took may have landed.
                 Err(Refused { error, settled: ticket.abandon() })
             }
         }
+    }
+
+    /// Queues `commit` (waiting for room while the writer's mailbox is full) and waits for its outcome;
+    /// `None` when the writer stopped before answering.
+    async fn queue_and_wait(&self, commit: Commit, answer: oneshot::Receiver<Committed>) -> Option<Committed> {
+        match self.writer.try_send(commit) {
+            Ok(()) => {}
+            Err(SendError::Full(commit)) => self.writer.send(commit).await.ok()?,
+            Err(SendError::Closed(_)) => return None,
+        }
+        answer.await.ok()
     }
 }

@@ -2,13 +2,41 @@
 //! decision at DEBUG, a throttle at INFO, a block and every fail-open at WARN. Matched content and texts
 //! are never logged; the violation's reason is (it names thresholds and fields, not content).
 
-use runguard_contract::{Action, TenantId, ViolationType};
+use runguard_contract::{Action, Decision, PolicyRef, TenantId, ViolationType};
 use runguard_engine::Outcome;
+
+/// What a decision's log lines need, taken from an outcome before its decision moves into the ledger
+/// entry, and written by [`Deferred::applied`] once the decision is durable. Copied only when a line will
+/// be written: an allow or warn without fail-opens is a DEBUG line, off unless asked for.
+#[derive(Debug)]
+#[must_use = "a deferred decision line is written by `applied`"]
+pub struct Deferred(Option<Box<(Decision, Vec<PolicyRef>)>>);
+
+impl Deferred {
+    /// The lines `outcome` will need.
+    pub fn of(outcome: &Outcome) -> Self {
+        let quiet = matches!(outcome.decision.action, Action::Allow | Action::Warn)
+            && outcome.fail_opens.is_empty()
+            && !tracing::enabled!(tracing::Level::DEBUG);
+        Self((!quiet).then(|| Box::new((outcome.decision.clone(), outcome.fail_opens.clone()))))
+    }
+
+    /// Writes the lines of the decision, now acknowledged.
+    pub fn applied(self, tenant: &TenantId) {
+        if let Some(taken) = self.0 {
+            let (decision, fail_opens) = *taken;
+            write(tenant, &decision, &fail_opens);
+        }
+    }
+}
 
 /// Logs an acknowledged decision of a run of `tenant` — run start, step or run end — once it is durable
 /// and applied.
 pub fn applied(tenant: &TenantId, outcome: &Outcome) {
-    let decision = &outcome.decision;
+    write(tenant, &outcome.decision, &outcome.fail_opens);
+}
+
+fn write(tenant: &TenantId, decision: &Decision, fail_opens: &[PolicyRef]) {
     let (run_id, decision_id) = (decision.run_id.as_str(), decision.decision_id.as_str());
     let policy_id = decision.deciding_policy.as_ref().map(|p| p.id.as_str());
     let (step, phase) = (decision.step_index, decision.phase.as_str());
@@ -50,7 +78,7 @@ pub fn applied(tenant: &TenantId, outcome: &Outcome) {
             );
         }
     }
-    for policy in &outcome.fail_opens {
+    for policy in fail_opens {
         tracing::warn!(
             tenant = tenant.as_str(),
             run_id,

@@ -3,8 +3,12 @@
 //! that exist from the start at zero, so that a dashboard or an alert never sees a family appear only at
 //! its first event.
 
-use metrics::{describe_counter, describe_gauge, describe_histogram};
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
+
+use metrics::{Counter, Histogram, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use runguard_contract::Action;
 
 /// Engine evaluation: microseconds for budgets, up to tens of milliseconds for CEL over large texts.
 const EVALUATION_BUCKETS: [f64; 12] =
@@ -79,13 +83,114 @@ fn zero() {
 }
 
 /// Counts one answered HTTP request under its route template (never the raw path, whose ids would make
-/// one series per run). On every request: the labels are static where they can be.
+/// one series per run), through this thread's handle for the series.
 pub fn record_request(method: &actix_web::http::Method, route: String, status: u16, elapsed: std::time::Duration) {
     let method = static_method(method);
-    metrics::counter!("runguard_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("runguard_http_request_seconds", "method" => method, "route" => route)
-        .record(elapsed.as_secs_f64());
+    with_hot(|hot| {
+        let mut requests = hot.requests.borrow_mut();
+        let key = (method, status, route);
+        if let Some((count, time)) = requests.get(&key) {
+            count.increment(1);
+            time.record(elapsed.as_secs_f64());
+            return;
+        }
+        let (method, status, route) = key;
+        let count = metrics::counter!("runguard_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.to_string());
+        let time = metrics::histogram!("runguard_http_request_seconds", "method" => method, "route" => route.clone());
+        count.increment(1);
+        time.record(elapsed.as_secs_f64());
+        requests.insert((method, status, route), (count, time));
+    });
+}
+
+/// A request series: method, status and route template.
+type RequestSeries = (&'static str, u16, String);
+
+/// Handles of the series every call touches, taken once per thread. `counter!(name, labels)` finds its
+/// series in the recorder on every use (building the key, hashing it, taking a read lock, and for the
+/// request series allocating its label values); a handle is the series itself. Per thread, so that the
+/// request series need no lock; each thread takes its handles on first use, after the recorder is
+/// installed at start (a thread that used them before would keep counting into nothing).
+pub struct Hot {
+    decisions: [Counter; 4],
+    // Histograms are taken at their first sample: a histogram series shows in a scrape from the moment it
+    // is taken, and a family must not show samples that never happened (no evaluation before a step).
+    evaluation: OnceCell<Histogram>,
+    /// `runguard_prevention_records_total`.
+    pub prevention_records: Counter,
+    /// `runguard_throttles_total`.
+    pub throttles: Counter,
+    /// `runguard_shadow_would_block_total`.
+    pub shadow_would_block: Counter,
+    /// `runguard_fail_open_total`.
+    pub fail_open: Counter,
+    writer_batch_size: OnceCell<Histogram>,
+    writer_commit_seconds: OnceCell<Histogram>,
+    /// The request series by method, status and route: bounded by the route table.
+    requests: RefCell<HashMap<RequestSeries, (Counter, Histogram)>>,
+}
+
+impl std::fmt::Debug for Hot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hot").field("request_series", &self.requests.borrow().len()).finish_non_exhaustive()
+    }
+}
+
+impl Hot {
+    fn register() -> Self {
+        let decision = |action: Action| metrics::counter!("runguard_decisions_total", "action" => action.as_str());
+        Self {
+            decisions: [
+                decision(Action::Allow),
+                decision(Action::Warn),
+                decision(Action::Throttle),
+                decision(Action::Block),
+            ],
+            evaluation: OnceCell::new(),
+            prevention_records: metrics::counter!("runguard_prevention_records_total"),
+            throttles: metrics::counter!("runguard_throttles_total"),
+            shadow_would_block: metrics::counter!("runguard_shadow_would_block_total"),
+            fail_open: metrics::counter!("runguard_fail_open_total"),
+            writer_batch_size: OnceCell::new(),
+            writer_commit_seconds: OnceCell::new(),
+            requests: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// `runguard_evaluation_seconds`.
+    pub fn evaluation(&self) -> &Histogram {
+        self.evaluation.get_or_init(|| metrics::histogram!("runguard_evaluation_seconds"))
+    }
+
+    /// `runguard_writer_batch_size`.
+    pub fn writer_batch_size(&self) -> &Histogram {
+        self.writer_batch_size.get_or_init(|| metrics::histogram!("runguard_writer_batch_size"))
+    }
+
+    /// `runguard_writer_commit_seconds`.
+    pub fn writer_commit_seconds(&self) -> &Histogram {
+        self.writer_commit_seconds.get_or_init(|| metrics::histogram!("runguard_writer_commit_seconds"))
+    }
+
+    /// `runguard_decisions_total` of `action`.
+    pub fn decisions(&self, action: Action) -> &Counter {
+        let [allow, warn, throttle, block] = &self.decisions;
+        match action {
+            Action::Allow => allow,
+            Action::Warn => warn,
+            Action::Throttle => throttle,
+            Action::Block => block,
+        }
+    }
+}
+
+thread_local! {
+    static HOT: Hot = Hot::register();
+}
+
+/// Runs `f` with this thread's handles.
+pub fn with_hot<R>(f: impl FnOnce(&Hot) -> R) -> R {
+    HOT.with(f)
 }
 
 fn static_method(method: &actix_web::http::Method) -> &'static str {
@@ -99,5 +204,61 @@ fn static_method(method: &actix_web::http::Method) -> &'static str {
         Method::PATCH => "PATCH",
         Method::OPTIONS => "OPTIONS",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use actix_web::http::Method;
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::*;
+
+    /// Counts the series looked up in the recorder.
+    #[derive(Default)]
+    struct Lookups(Arc<AtomicUsize>);
+
+    impl Recorder for Lookups {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn a_request_series_is_looked_up_once_per_thread() {
+        // A fresh thread: its handles are taken under this test's recorder.
+        std::thread::spawn(|| {
+            let recorder = Lookups::default();
+            let lookups = Arc::clone(&recorder.0);
+            metrics::with_local_recorder(&recorder, || {
+                let route = || "/v1/runs/{id}/steps".to_owned();
+                record_request(&Method::POST, route(), 200, Duration::from_micros(50));
+                let first = lookups.load(Ordering::Relaxed);
+                for _ in 0..100 {
+                    record_request(&Method::POST, route(), 200, Duration::from_micros(50));
+                }
+                assert_eq!(lookups.load(Ordering::Relaxed), first, "later requests use the handles");
+                record_request(&Method::POST, route(), 409, Duration::from_micros(50));
+                assert_eq!(lookups.load(Ordering::Relaxed), first + 2, "a new status is a new series");
+            });
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use actix::WeakRecipient;
 use actix::prelude::*;
 use runguard_contract::{
-    Action, Decision, IncidentId, Outcome, RunId, RunStatus, Snapshot, SnapshotRef, StepCall, StepError, TenantId,
-    Timestamp,
+    Action, Decision, DecisionId, IncidentId, Outcome, RunId, RunStatus, Snapshot, SnapshotRef, StepCall, StepError,
+    TenantId, Timestamp,
 };
 use runguard_engine::Outcome as Answer;
 use runguard_engine::{CompiledSnapshot, Effects, LedgerItem, Refusal, Run, StoredHead, TenantRates};
@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::actors::learning::{CommitRunEnd, IncidentDraft};
 use crate::commit::Refused;
 use crate::current_snapshots::CurrentSnapshot;
+use crate::metric_families::with_hot;
 use crate::node_error::NodeError;
 use crate::shared::{Shared, now};
 use crate::ticket::Ticket;
@@ -61,11 +62,30 @@ impl RunRequest for CreateRun {
 
 /// A step call.
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Result<Decision, NodeError>")]
+#[rtype(result = "Result<Decided, NodeError>")]
 pub struct Step(pub Box<StepCall>);
 
 impl RunRequest for Step {
-    type Answer = Decision;
+    type Answer = Decided;
+}
+
+/// A step's answer: its decision's action and JSON. The JSON is encoded before the commit, so that the
+/// decision itself moves into its ledger entry instead of being copied for the answer.
+#[derive(Clone, Debug)]
+pub struct Decided {
+    /// The decision's action.
+    pub action: Action,
+    /// The decision's id (for the access log).
+    pub decision_id: DecisionId,
+    /// The decision as the step call answers it.
+    pub json: Vec<u8>,
+}
+
+impl Decided {
+    fn of(decision: &Decision) -> Result<Self, NodeError> {
+        let json = serde_json::to_vec(decision).map_err(|_| NodeError::Internal)?;
+        Ok(Self { action: decision.action, decision_id: decision.decision_id.clone(), json })
+    }
 }
 
 /// End the run.
@@ -276,11 +296,12 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
     Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
 }
 
-fn strip_texts(call: &StepCall, keep: bool) -> StepCall {
+/// The call as its ledger entry keeps it: taken, not copied, since nothing needs it after evaluation.
+fn strip_texts(call: StepCall, keep: bool) -> StepCall {
     if keep {
-        return call.clone();
+        return call;
     }
-    StepCall { input_text: None, output_text: None, ..call.clone() }
+    StepCall { input_text: None, output_text: None, ..call }
 }
 
 /// Adds what an outcome must persist besides the ledger entry: its record and shadow statistics.
@@ -332,26 +353,48 @@ fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Resu
     (answer, started.elapsed())
 }
 
+/// What is counted of a decision once it is committed: taken from the outcome before its decision moves
+/// into the ledger entry.
+struct Counted {
+    action: Action,
+    record: bool,
+    would_block: u64,
+    fail_opens: u64,
+}
+
+impl Counted {
+    fn of(outcome: &Answer) -> Self {
+        let decision = &outcome.decision;
+        Self {
+            action: decision.action,
+            record: outcome.record.is_some(),
+            would_block: decision.shadow.iter().filter(|s| s.would_action == Action::Block).count() as u64,
+            fail_opens: outcome.fail_opens.len() as u64,
+        }
+    }
+}
+
 /// Counts a decision; `evaluated` is the engine time of a step call (run starts and ends are not timed, so
 /// they stay out of the evaluation latency rather than add zeros to it).
-fn record_metrics(outcome: &Answer, evaluated: Option<Duration>) {
-    metrics::counter!("runguard_decisions_total", "action" => outcome.decision.action.as_str()).increment(1);
-    if let Some(elapsed) = evaluated {
-        metrics::histogram!("runguard_evaluation_seconds").record(elapsed.as_secs_f64());
-    }
-    if outcome.record.is_some() {
-        metrics::counter!("runguard_prevention_records_total").increment(1);
-    }
-    if outcome.decision.action == Action::Throttle {
-        metrics::counter!("runguard_throttles_total").increment(1);
-    }
-    let would_block = outcome.decision.shadow.iter().filter(|s| s.would_action == Action::Block).count();
-    if would_block > 0 {
-        metrics::counter!("runguard_shadow_would_block_total").increment(would_block as u64);
-    }
-    if !outcome.fail_opens.is_empty() {
-        metrics::counter!("runguard_fail_open_total").increment(outcome.fail_opens.len() as u64);
-    }
+fn record_metrics(counted: &Counted, evaluated: Option<Duration>) {
+    with_hot(|hot| {
+        hot.decisions(counted.action).increment(1);
+        if let Some(elapsed) = evaluated {
+            hot.evaluation().record(elapsed.as_secs_f64());
+        }
+        if counted.record {
+            hot.prevention_records.increment(1);
+        }
+        if counted.action == Action::Throttle {
+            hot.throttles.increment(1);
+        }
+        if counted.would_block > 0 {
+            hot.shadow_would_block.increment(counted.would_block);
+        }
+        if counted.fail_opens > 0 {
+            hot.fail_open.increment(counted.fail_opens);
+        }
+    });
 }
 
 impl RunActor {
@@ -385,7 +428,7 @@ impl RunActor {
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
-        record_metrics(&answer, None);
+        record_metrics(&Counted::of(&answer), None);
         crate::decision_log::applied(&key.tenant, &answer);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
         Ok((Live { run, meta }, answer.decision))
@@ -499,7 +542,7 @@ impl Handler<CreateRun> for RunActor {
 }
 
 impl Handler<Step> for RunActor {
-    type Result = Reply<Decision>;
+    type Result = Reply<Decided>;
 
     fn handle(&mut self, Step(call): Step, _: &mut Self::Context) -> Self::Result {
         self.serve(Box::new(move |actor, shared, at| actor.handle_step(*call, shared, at)))
@@ -567,7 +610,7 @@ impl RunActor {
         }))
     }
 
-    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending<Decision> {
+    fn handle_step(&mut self, call: StepCall, shared: Arc<Shared>, at: Timestamp) -> Pending<Decided> {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
@@ -601,9 +644,9 @@ impl RunActor {
         answer: Result<Answer, Refusal>,
         elapsed: Duration,
         shared: Arc<Shared>,
-    ) -> Pending<Decision> {
+    ) -> Pending<Decided> {
         let answer = match answer {
-            Ok(answer) if answer.is_replay() => return ready(Ok(answer.decision)),
+            Ok(answer) if answer.is_replay() => return ready(Decided::of(&answer.decision)),
             Ok(answer) => answer,
             Err(why) => {
                 let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
@@ -614,15 +657,22 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
+        let decided = match Decided::of(&answer.decision) {
+            Ok(decided) => decided,
+            Err(err) => return ready(Err(err)),
+        };
+        let counted = Counted::of(&answer);
+        let logged = crate::decision_log::Deferred::of(&answer);
         let next = live.run.after(&answer);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
-        let stored_call = strip_texts(&call, shared.config.ledger_texts);
-        let entry = LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision.clone(), next.state().totals)
-            .with_effects(effects_bytes(&answer.effects));
+        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
+        let stored_call = strip_texts(call, shared.config.ledger_texts);
+        let effects = effects_bytes(&answer.effects);
+        let entry =
+            LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
-        persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
             if let Err(refused) = committed {
                 if !refused.settled {
@@ -630,12 +680,12 @@ impl RunActor {
                 }
                 return Err(refused.error);
             }
-            record_metrics(&answer, Some(elapsed));
-            crate::decision_log::applied(&actor.key.tenant, &answer);
+            record_metrics(&counted, Some(elapsed));
+            logged.applied(&actor.key.tenant);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
             }
-            Ok(answer.decision)
+            Ok(decided)
         }))
     }
 
@@ -699,7 +749,7 @@ impl RunActor {
                     return Err(refused.error);
                 }
             };
-            record_metrics(&answer, None);
+            record_metrics(&Counted::of(&answer), None);
             crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
@@ -745,6 +795,21 @@ mod tests {
         let stored = node.store.get_run(&key.tenant, &key.run_id).unwrap().unwrap();
         assert_eq!(stored.status, RunStatus::Succeeded, "the end was committed before it was answered");
         assert_eq!(node.store.full_ledger(&key.tenant, &key.run_id).unwrap().len(), 4);
+    }
+
+    #[actix_rt::test]
+    async fn a_step_answers_the_json_of_the_decision_its_ledger_entry_holds() {
+        let node = Node::start(|_| {});
+        let run = node.run("acme", "run_1").await;
+        run.send(create()).await.unwrap().unwrap();
+        let decided = run.send(step(0, Phase::Pre)).await.unwrap().unwrap();
+        let key = key("acme", "run_1");
+        let ledger = node.store.full_ledger(&key.tenant, &key.run_id).unwrap();
+        let stored = &ledger.last().unwrap().decision;
+        assert_eq!(decided.json, serde_json::to_vec(stored).unwrap(), "the answer is the committed decision");
+        assert_eq!(decided.action, stored.action);
+        let again = run.send(step(0, Phase::Pre)).await.unwrap().unwrap();
+        assert_eq!(again.json, decided.json, "an identical retry answers the same bytes");
     }
 
     #[actix_rt::test]

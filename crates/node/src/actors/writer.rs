@@ -1,8 +1,8 @@
 //! The writer actor: the only writer of the store, on its own arbiter (thread), group-committing.
 //!
-//! Callers `send` a [`Commit`] and wait; the writer queues it and, once its mailbox is drained (or the
-//! batch is full), commits every queued batch together — one transaction, one flush, one fsync — and then
-//! answers every caller. The store checks each caller's batch against what the earlier ones leave and
+//! Callers send a [`Commit`] and wait on its reply channel; the writer queues it and, once its mailbox is
+//! drained (or the batch is full), commits every queued batch together — one transaction, one flush, one
+//! fsync — and then answers every caller on its channel. The store checks each caller's batch against what the earlier ones leave and
 //! refuses only the callers whose own writes are refused (`docs/store.md`). Blocking sled calls are fine here:
 //! nothing else runs on this thread.
 //!
@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, WriteBatch};
+use runguard_store::{Store, StoreError, StoreErrorKind, WriteBatch};
 use tokio::sync::oneshot;
 
-use crate::commit::Commit;
+use crate::commit::{Commit, Committed};
+use crate::metric_families::with_hot;
 use crate::ticket::Ticket;
 
 /// How often the watermark is rewritten (if commits happened) and an unhealthy store is probed: the lag
@@ -38,7 +39,7 @@ struct Flush;
 struct Pending {
     batch: WriteBatch,
     ticket: Ticket,
-    reply: oneshot::Sender<Result<CommitReceipt, StoreError>>,
+    reply: oneshot::Sender<Committed>,
 }
 
 /// The writer.
@@ -94,8 +95,10 @@ impl Writer {
         let calls = batches.len();
         let outcomes = self.store.commit_group(batches);
         let elapsed = started.elapsed();
-        metrics::histogram!("runguard_writer_batch_size").record(calls as f64);
-        metrics::histogram!("runguard_writer_commit_seconds").record(elapsed.as_secs_f64());
+        with_hot(|hot| {
+            hot.writer_batch_size().record(calls as f64);
+            hot.writer_commit_seconds().record(elapsed.as_secs_f64());
+        });
         let mut failed = false;
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             if let Err(err) = &outcome
@@ -134,25 +137,21 @@ impl Actor for Writer {
 }
 
 impl Handler<Commit> for Writer {
-    type Result = ResponseFuture<Result<CommitReceipt, StoreError>>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Commit, ctx: &mut Self::Context) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
+    fn handle(&mut self, Commit { batch, ticket, reply }: Commit, ctx: &mut Self::Context) {
         if self.draining {
-            let _ = tx.send(Err(StoreError::new(StoreErrorKind::Io, "the writer is shutting down")));
-        } else {
-            if self.pending.is_empty() {
-                // Runs after the mailbox is drained: everything queued by then shares one commit.
-                ctx.notify(Flush);
-            }
-            self.pending.push(Pending { batch: msg.batch, ticket: msg.ticket, reply: tx });
-            if self.pending.len() >= self.max_batch {
-                self.flush();
-            }
+            let _ = reply.send(Err(StoreError::new(StoreErrorKind::Io, "the writer is shutting down")));
+            return;
         }
-        Box::pin(
-            async move { rx.await.unwrap_or_else(|_| Err(StoreError::new(StoreErrorKind::Io, "the writer stopped"))) },
-        )
+        if self.pending.is_empty() {
+            // Runs after the mailbox is drained: everything queued by then shares one commit.
+            ctx.notify(Flush);
+        }
+        self.pending.push(Pending { batch, ticket, reply });
+        if self.pending.len() >= self.max_batch {
+            self.flush();
+        }
     }
 }
 
@@ -184,13 +183,31 @@ impl Handler<Drain> for Writer {
 mod tests {
     use std::sync::Arc;
 
-    use actix::Actor;
+    use std::time::Duration;
+
+    use actix::{Actor, Addr};
     use runguard_contract::{ApprovalPath, AuditEntry, Mode, PolicyId, Snapshot, TenantId, Timestamp};
-    use runguard_store::{Store, StoreErrorKind, StoreOptions, WriteBatch};
+    use runguard_store::{CommitReceipt, Store, StoreError, StoreErrorKind, StoreOptions, WriteBatch};
+
+    use tokio::sync::oneshot;
 
     use super::{Drain, Writer};
-    use crate::commit::Commit;
+    use crate::commit::{Commit, CommitHandle, Committed};
     use crate::ticket::Ticket;
+
+    /// Queues `commit` at once, as `send` does, and answers a future of its outcome (an I/O error when the
+    /// writer is closed or dropped the commit unanswered).
+    fn send(
+        writer: &Addr<Writer>,
+        (commit, answer): (Commit, oneshot::Receiver<Committed>),
+    ) -> impl Future<Output = Result<CommitReceipt, StoreError>> {
+        let queued = writer.try_send(commit);
+        async move {
+            let gone = || StoreError::new(StoreErrorKind::Io, "no answer");
+            queued.map_err(|_| gone())?;
+            answer.await.unwrap_or_else(|_| Err(gone()))
+        }
+    }
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().unwrap();
@@ -228,13 +245,13 @@ mod tests {
         let writer = Writer::new(Arc::clone(&store), 64, 64).start();
         // Sent together, so that the writer commits them as one group.
         let (ok, bad, ok_too) = tokio::join!(
-            writer.send(Commit::new(accepted("globex"))),
-            writer.send(Commit::new(refused("acme"))),
-            writer.send(Commit::new(accepted("initech"))),
+            send(&writer, Commit::new(accepted("globex"))),
+            send(&writer, Commit::new(refused("acme"))),
+            send(&writer, Commit::new(accepted("initech"))),
         );
-        assert!(ok.unwrap().is_ok());
-        assert!(ok_too.unwrap().is_ok());
-        let err = bad.unwrap().unwrap_err();
+        assert!(ok.is_ok());
+        assert!(ok_too.is_ok());
+        let err = bad.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::NotFound);
         assert!(!err.message().contains("globex") && !err.message().contains("initech"), "{err}");
         assert_eq!(store.commit_count(), 1, "the two accepted callers shared one commit");
@@ -245,12 +262,12 @@ mod tests {
         let (_dir, store) = store();
         let writer = Writer::new(Arc::clone(&store), 2, 64).start();
         let (a, b, c) = tokio::join!(
-            writer.send(Commit::new(accepted("acme"))),
-            writer.send(Commit::new(accepted("globex"))),
-            writer.send(Commit::new(accepted("initech"))),
+            send(&writer, Commit::new(accepted("acme"))),
+            send(&writer, Commit::new(accepted("globex"))),
+            send(&writer, Commit::new(accepted("initech"))),
         );
         for answer in [a, b, c] {
-            assert!(answer.unwrap().is_ok());
+            assert!(answer.is_ok());
         }
         assert_eq!(store.commit_count(), 2, "a group of at most two, then one for the third caller");
     }
@@ -260,16 +277,16 @@ mod tests {
         let (_dir, store) = store();
         let writer = Writer::new(Arc::clone(&store), 64, 64).start();
         let (a, b, drained) = tokio::join!(
-            writer.send(Commit::new(accepted("acme"))),
-            writer.send(Commit::new(accepted("globex"))),
+            send(&writer, Commit::new(accepted("acme"))),
+            send(&writer, Commit::new(accepted("globex"))),
             writer.send(Drain),
         );
-        assert!(a.unwrap().is_ok() && b.unwrap().is_ok(), "queued callers are answered, committed");
+        assert!(a.is_ok() && b.is_ok(), "queued callers are answered, committed");
         drained.unwrap();
         assert_eq!(store.commit_count(), 1);
         // Stopped: a later caller is refused, never silently dropped, and nothing more is written.
-        let late = writer.send(Commit::new(accepted("initech"))).await;
-        assert!(late.is_err() || late.unwrap().is_err());
+        let late = send(&writer, Commit::new(accepted("initech"))).await;
+        assert!(late.is_err());
         assert_eq!(store.commit_count(), 1);
     }
 
@@ -279,9 +296,25 @@ mod tests {
         let writer = Writer::new(Arc::clone(&store), 64, 64).start();
         let ticket = Ticket::new();
         assert!(ticket.abandon());
-        let answer = writer.send(Commit { batch: accepted("acme"), ticket }).await;
+        let (mut commit, answer) = Commit::new(accepted("acme"));
+        commit.ticket = ticket;
         // The writer dropped it: the caller (long gone in real life) sees the reply channel closed.
-        assert_eq!(answer.unwrap().unwrap_err().kind(), StoreErrorKind::Io);
+        let answer = send(&writer, (commit, answer)).await;
+        assert_eq!(answer.unwrap_err().kind(), StoreErrorKind::Io);
         assert_eq!(store.commit_count(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn callers_beyond_a_full_mailbox_wait_for_room_and_are_committed() {
+        let (_dir, store) = store();
+        let writer = Writer::new(Arc::clone(&store), 64, 1).start();
+        let handle = CommitHandle::new(writer.recipient(), Duration::from_secs(10));
+        let (a, b, c) = tokio::join!(
+            handle.commit(accepted("acme")),
+            handle.commit(accepted("globex")),
+            handle.commit(accepted("initech")),
+        );
+        assert!(a.is_ok() && b.is_ok() && c.is_ok(), "{a:?} {b:?} {c:?}");
+        assert!(store.commit_count() >= 1);
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::MailboxError;
+use actix_web::http::header::ContentType;
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
 use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
@@ -63,7 +64,11 @@ fn run_id(raw: &str) -> Result<RunId, ApiError> {
 /// by the registry. A run with as many calls in flight as its mailbox holds is answered 429 at once
 /// rather than after the call timeout. A handle that was evicted or replaced between the lookup and the
 /// count is resolved again, so a run never has two actors.
-async fn call_run<M>(state: &State, key: RunKey, msg: M) -> Result<M::Answer, ApiError>
+async fn call_run<M>(
+    state: &State,
+    key: RunKey,
+    mut msg: impl FnMut() -> Result<M, ApiError>,
+) -> Result<M::Answer, ApiError>
 where
     M: RunRequest,
     RunActor: actix::Handler<Ticketed<M>>,
@@ -98,7 +103,7 @@ where
         // The run takes the ticket before it starts the call; a caller that times out first abandons it
         // and answers 503, one that times out after waits for the outcome (`docs/reliability.md`).
         let ticket = Ticket::new();
-        let mut sent = std::pin::pin!(run.addr.send(Ticketed { msg: msg.clone(), ticket: ticket.clone() }));
+        let mut sent = std::pin::pin!(run.addr.send(Ticketed { msg: msg()?, ticket: ticket.clone() }));
         let answer = match tokio::time::timeout(timeout, &mut sent).await {
             Ok(answer) => answer,
             Err(_) if ticket.abandon() => Err(MailboxError::Timeout),
@@ -176,7 +181,7 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
     };
     let key = RunKey { tenant: caller.tenant, run_id };
     let request = CreateRun { labels: body.labels, api_endpoint: body.api_endpoint };
-    let created = call_run(&state, key.clone(), request.clone()).await?;
+    let created = call_run(&state, key.clone(), || Ok(request.clone())).await?;
     if created.created {
         return Ok(HttpResponse::Created().json(created.answer));
     }
@@ -233,11 +238,17 @@ pub async fn step(
     let caller = state.caller(&req, Role::Worker)?;
     let run_id = run_id(&id)?;
     let body = state.body(&req, payload).await?;
-    let call = StepCall::from_json(&body, &state.shared.config.limits.step)?;
+    let limits = &state.shared.config.limits.step;
+    let mut parsed = Some(StepCall::from_json(&body, limits)?);
     let key = RunKey { tenant: caller.tenant, run_id };
-    let decision = call_run(&state, key, Step(Box::new(call))).await?;
-    crate::http::access_log::decided(&req, decision.decision_id.as_str());
-    Ok(HttpResponse::Ok().json(decision))
+    // The parsed call goes to the run as it is; only a retry after a closed mailbox (rare) parses it again.
+    let step = || match parsed.take() {
+        Some(call) => Ok(Step(Box::new(call))),
+        None => Ok(Step(Box::new(StepCall::from_json(&body, limits)?))),
+    };
+    let decided = call_run(&state, key, step).await?;
+    crate::http::access_log::decided(&req, decided.decision_id.as_str());
+    Ok(HttpResponse::Ok().insert_header(ContentType::json()).body(decided.json))
 }
 
 /// `POST /v1/runs/{id}/end`.
@@ -249,7 +260,8 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
         error.validate(&state.shared.config.limits.step)?;
     }
     let key = RunKey { tenant: caller.tenant, run_id };
-    let ended = call_run(&state, key, EndRun { outcome: body.outcome, error: body.error }).await?;
+    let (outcome, error) = (body.outcome, body.error);
+    let ended = call_run(&state, key, || Ok(EndRun { outcome, error: error.clone() })).await?;
     let view = RunEnded { run: RunView::new(*ended.run, None), incident_id: ended.incident_id };
     Ok(HttpResponse::Ok().json(sorted(&view)?))
 }

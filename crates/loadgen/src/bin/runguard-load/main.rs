@@ -6,6 +6,8 @@
 //! - `mem`: resident memory of the node holding many idle live runs.
 //! - `fill`: bulk-writes durable blocks into a store (for `restart`).
 //! - `restart`: time from starting the node over a large store to its first `/readyz` 200.
+//! - `calls`: a fixed number of calls of one kind against a node started elsewhere (for instruction counts
+//!   under a profiler, which a timed run cannot give).
 //!
 //! Everything targets 127.0.0.1 only, is bounded in requests and time, and stops the servers it started.
 
@@ -14,6 +16,7 @@ mod fill;
 mod procs;
 mod scenario;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,21 @@ enum Which {
     TenantRate,
 }
 
+/// One kind of call for `calls`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    /// The block scenario's policies (four budgets and a skill deny list; allow steps stay allowed).
+    Policies,
+    /// `POST /v1/runs` for each run.
+    Create,
+    /// Allow step calls: `steps` × (pre, post) per run.
+    Steps,
+    /// `POST /v1/runs/{id}/end` (succeeded) for each run.
+    End,
+    /// One blocking pre call per run (a durable block with its prevention record).
+    Block,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// HTTP scenarios against the node and the baseline.
@@ -70,6 +88,32 @@ enum Command {
         /// Runs created, then blocked, per block measurement.
         #[arg(long, default_value_t = 30_000)]
         block_runs: u64,
+        /// For the block scenario: start the node over a store already holding this many records (filled
+        /// once under the work dir and copied for each node), to see whether blocks slow as the store grows.
+        #[arg(long, default_value_t = 0)]
+        prefill_records: u64,
+    },
+    /// A fixed number of calls of one kind against a node already listening at `addr`, each run's calls
+    /// in order on one connection; prints what was sent, answered and refused.
+    Calls {
+        /// The node.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// What to send.
+        #[arg(long, value_enum)]
+        phase: Phase,
+        /// Runs the phase covers (named `<tag>-<i>`).
+        #[arg(long, default_value_t = 1_000)]
+        runs: u64,
+        /// Steps per run for `steps` (each a pre and a post call).
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Names the runs, so that later phases find the runs an earlier one created.
+        #[arg(long, default_value = "c")]
+        tag: String,
     },
     /// RSS of the node with many idle live runs.
     Mem {
@@ -122,20 +166,16 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("cannot create the work directory `{}`", args.work_dir.display()))?;
     match args.command {
-        Command::Http { scenario, duration_s, repeats, concurrency, steps, block_runs } => {
+        Command::Http { scenario, duration_s, repeats, concurrency, steps, block_runs, prefill_records } => {
             let duration = Duration::from_secs(duration_s.max(1));
+            let shape = Load { duration, repeats: repeats.max(1), concurrency, steps, block_runs, prefill_records };
             for which in scenario {
-                runtime.block_on(http(
-                    &args.work_dir,
-                    which,
-                    duration,
-                    repeats.max(1),
-                    concurrency,
-                    steps,
-                    block_runs,
-                ))?;
+                runtime.block_on(http(&args.work_dir, which, &shape))?;
             }
             Ok(())
+        }
+        Command::Calls { addr, phase, runs, steps, concurrency, tag } => {
+            runtime.block_on(calls(addr, phase, runs, steps, concurrency.max(1), &tag))
         }
         Command::Mem { runs, repeats, concurrency } => {
             runtime.block_on(mem(&args.work_dir, runs, repeats.max(1), concurrency))
@@ -146,9 +186,80 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn fresh_node(work_dir: &Path, env: &[(&str, String)]) -> anyhow::Result<(Server, tempfile::TempDir)> {
+    fresh_node_over(work_dir, env, None)
+}
+
+/// A node over a fresh store, or over a copy of `prefilled`.
+fn fresh_node_over(
+    work_dir: &Path,
+    env: &[(&str, String)],
+    prefilled: Option<&Path>,
+) -> anyhow::Result<(Server, tempfile::TempDir)> {
     let dir = tempfile::Builder::new().prefix("node-").tempdir_in(work_dir)?;
-    let server = start_node(&dir.path().join("data"), env, &dir.path().join("node.log"))?;
+    let data = dir.path().join("data");
+    if let Some(source) = prefilled {
+        copy_dir(source, &data).with_context(|| format!("cannot copy the store `{}`", source.display()))?;
+    }
+    let server = start_node(&data, env, &dir.path().join("node.log"))?;
     Ok((server, dir))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a `http` run drives.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    duration: Duration,
+    repeats: usize,
+    concurrency: usize,
+    steps: u64,
+    block_runs: u64,
+    prefill_records: u64,
+}
+
+async fn calls(
+    addr: SocketAddr,
+    phase: Phase,
+    runs: u64,
+    steps: u64,
+    concurrency: usize,
+    tag: &str,
+) -> anyhow::Result<()> {
+    let sample = match phase {
+        Phase::Policies => {
+            scenario::setup_policies(addr, &scenario::blocking_rules()).await?;
+            println!("policies: {} created", scenario::blocking_rules().len());
+            return Ok(());
+        }
+        Phase::Create => scenario::create_runs(addr, concurrency, runs, true, tag).await?,
+        Phase::Steps => scenario::steps(addr, concurrency, runs, steps, true, tag).await?,
+        Phase::End => scenario::ends(addr, concurrency, runs, true, tag).await?,
+        Phase::Block => scenario::blocks(addr, concurrency, runs, true, tag).await?,
+    };
+    println!(
+        "{phase:?}: {} requests ({} decisions, {} blocks), {} errors, {:.1} s",
+        sample.requests,
+        sample.decisions,
+        sample.blocks,
+        sample.errors,
+        sample.elapsed.as_secs_f64()
+    );
+    if sample.errors > 0 {
+        anyhow::bail!("{} calls were not answered as expected", sample.errors);
+    }
+    Ok(())
 }
 
 fn line(label: &str, sample: &[Sample], rate: impl Fn(&Sample) -> f64) {
@@ -185,15 +296,8 @@ async fn with_server_cpu(
     Ok(sample)
 }
 
-async fn http(
-    work_dir: &Path,
-    which: Which,
-    duration: Duration,
-    repeats: usize,
-    concurrency: usize,
-    steps: u64,
-    block_runs: u64,
-) -> anyhow::Result<()> {
+async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> {
+    let Load { duration, repeats, concurrency, steps, block_runs, prefill_records } = *load;
     let scenario = match which {
         Which::Allow => {
             Scenario { name: "allow", shape: Shape::Runs { steps }, concurrency, policies: scenario::four_budgets() }
@@ -217,7 +321,15 @@ async fn http(
             policies: scenario::blocking_rules(),
         },
     };
-    let (node, _dir) = fresh_node(work_dir, &[])?;
+    let prefilled = if which == Which::Block && prefill_records > 0 {
+        let filled = work_dir.join(format!("filled-{prefill_records}"));
+        fill::fill(&filled, prefill_records, 1_000)?;
+        println!("block scenario over a store already holding {prefill_records} records");
+        Some(filled)
+    } else {
+        None
+    };
+    let (node, _dir) = fresh_node_over(work_dir, &[], prefilled.as_deref())?;
     scenario::setup_policies(node.addr, &scenario.policies).await?;
     let baseline = start_baseline(2)?;
     match scenario.shape {
@@ -365,12 +477,14 @@ async fn restart(work_dir: &Path, records: u64, repeats: usize) -> anyhow::Resul
     let empty = tempfile::Builder::new().prefix("empty-").tempdir_in(work_dir)?;
     println!("restart: time from spawn to listening and to the first /readyz 200; {repeats} restarts each");
     let (mut big, mut small, mut big_listen) = (Vec::new(), Vec::new(), Vec::new());
+    // `fill` writes the store into `data` itself: the node must open that directory, not one below it.
+    let empty_data = empty.path().join("data");
     for _ in 0..repeats {
         for (dir, ready, listen) in
-            [(data.as_path(), &mut big, &mut big_listen), (empty.path(), &mut small, &mut Vec::new())]
+            [(data.as_path(), &mut big, &mut big_listen), (empty_data.as_path(), &mut small, &mut Vec::new())]
         {
             let since = Instant::now();
-            let node = start_node(&dir.join("data"), &[], &dir.join("node.log"))?;
+            let node = start_node(dir, &[], &empty.path().join("node.log"))?;
             let took = scenario::wait_ready(node.addr, since).await?;
             ready.push(took.as_secs_f64() * 1000.0);
             listen.push(node.started_in.as_secs_f64() * 1000.0);

@@ -363,6 +363,47 @@ pub async fn blocks(addr: SocketAddr, concurrency: usize, runs: u64, check: bool
     .await
 }
 
+/// Sends `steps` × (`pre`, `post`) allow calls to each of the `runs` runs created by [`create_runs`] with the
+/// same tag, each run's calls in order on one connection (runs striped over the connections).
+pub async fn steps(
+    addr: SocketAddr,
+    concurrency: usize,
+    runs: u64,
+    steps: u64,
+    check: bool,
+    tag: &str,
+) -> anyhow::Result<Sample> {
+    let workers = open_workers(addr, concurrency, check, Pace::Closed).await?;
+    let started = Instant::now();
+    let n = workers.len() as u64;
+    let mut tasks = Vec::new();
+    for (w, mut worker) in workers.into_iter().enumerate() {
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w as u64;
+            while i < runs {
+                let path = format!("/v1/runs/{tag}-{i}/steps");
+                for index in 0..steps {
+                    worker.call(&path, pre(index), br#""action":"allow""#, true).await?;
+                    worker.call(&path, post(index), br#""action":"allow""#, true).await?;
+                }
+                i += n;
+            }
+            anyhow::Ok(worker.sample)
+        }));
+    }
+    merged(tasks, started).await
+}
+
+/// Ends each of the `runs` runs created by [`create_runs`] with the same tag (succeeded).
+pub async fn ends(addr: SocketAddr, concurrency: usize, runs: u64, check: bool, tag: &str) -> anyhow::Result<Sample> {
+    let tag = tag.to_owned();
+    striped(addr, concurrency, runs, check, move |i| {
+        (format!("/v1/runs/{tag}-{i}/end"), r#"{"outcome":"succeeded"}"#.to_owned(), b"succeeded".as_slice(), false)
+    })
+    .await
+}
+
 /// Creates the scenario's policies on the node.
 pub async fn setup_policies(addr: SocketAddr, policies: &[Value]) -> anyhow::Result<()> {
     let mut conn = Conn::open(addr).await?;
