@@ -61,8 +61,9 @@ pub use ids::{
 pub use learning::{ApprovalPath, AuditEntry, Incident, Pattern, Regret};
 pub use limits::{PolicyLimits, StepLimits};
 pub use policy::{
-    BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule, Mode, OnError,
-    PatternRule, Policy, PolicyAction, PolicyDocument, RateMetric, RateRule, RateScope, Rule, Scope, SkillRule,
+    BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule,
+    MAX_REPEAT_WINDOW_STEPS, Mode, OnError, PatternRule, Policy, PolicyAction, PolicyDocument, RateMetric, RateRule,
+    RateScope, RepeatOf, RepeatRule, Rule, Scope, SkillRule,
 };
 pub use record::{ChainBreak, PreventionRecord, verify_chain};
 pub use run::{NextCall, Outcome, RunStatus, TerminationReason, Totals};
