@@ -126,3 +126,23 @@ fn a_restart_in_the_middle_of_a_loop_keeps_counting() {
     let violation = loop_block(&decision, "pol_loop");
     assert_eq!(violation["evidence"]["matches"][0]["samples"], json!(["0", "1", "2"]));
 }
+
+#[test]
+fn a_simulated_loop_is_refused_by_a_candidate_repeat_rule() {
+    let node = Node::start();
+    let client = node.client();
+    create_run(&client, "run-recorded");
+    for i in 0..5 {
+        allowed(&client, "run-recorded", &tool_call(i, "same"));
+        allowed(&client, "run-recorded", &done(i));
+    }
+    let body = json!({ "policies": [repeat_policy("pol_loop", "call", 3, 10)], "run_ids": ["run-recorded"] });
+    let sim = client.post("/v1/simulate", &body).expect(200).clone();
+    let result = &sim["results"][0];
+    let candidate = result["candidate"].as_array().expect("candidate decisions");
+    let last = candidate.last().expect("the candidate decided something");
+    assert_eq!((last["step_index"].clone(), last["phase"].clone()), (json!(3), json!("pre")), "{result}");
+    loop_block(last, "pol_loop");
+    assert_eq!(result["records"].as_array().map(Vec::len), Some(1), "{result}");
+    assert_eq!(result["records"][0]["is_simulated"], true);
+}
