@@ -26,6 +26,7 @@ mod policy_docs;
 mod prevention_contract;
 mod readme;
 mod records;
+mod repeat_rules;
 mod restart;
 mod run_list;
 mod runs;

@@ -70,6 +70,8 @@ pub enum ViolationType {
     EvaluationError,
     /// The snapshot failed verification.
     Integrity,
+    /// A repeat rule: the same call or error too often within its window.
+    LoopDetected,
 }
 
 impl ViolationType {
@@ -88,6 +90,7 @@ impl ViolationType {
             ViolationType::CustomRule => "custom_rule",
             ViolationType::EvaluationError => "evaluation_error",
             ViolationType::Integrity => "integrity",
+            ViolationType::LoopDetected => "loop_detected",
         }
     }
 }

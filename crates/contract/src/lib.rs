@@ -4,7 +4,7 @@
 //! contract** as pure predicates. No IO, no clock, no globals: everything here is a value or a function of
 //! values, so the engine, the store and the node all agree on what the types mean.
 //!
-//! - [`PolicyDocument`] and [`Policy`]: the six rule kinds (`docs/policies.md`), validated with errors that name
+//! - [`PolicyDocument`] and [`Policy`]: the seven rule kinds (`docs/policies.md`), validated with errors that name
 //!   the JSON path of the field at fault.
 //! - [`Snapshot`]: the immutable, content-addressed set of policies a run evaluates (SHA-256 over RFC 8785
 //!   canonical JSON with a domain prefix and a format version).
@@ -61,8 +61,9 @@ pub use ids::{
 pub use learning::{ApprovalPath, AuditEntry, Incident, Pattern, Regret};
 pub use limits::{PolicyLimits, StepLimits};
 pub use policy::{
-    BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule, Mode, OnError,
-    PatternRule, Policy, PolicyAction, PolicyDocument, RateMetric, RateRule, RateScope, Rule, Scope, SkillRule,
+    BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule,
+    MAX_REPEAT_WINDOW_STEPS, Mode, OnError, PatternRule, Policy, PolicyAction, PolicyDocument, RateMetric, RateRule,
+    RateScope, RepeatOf, RepeatRule, Rule, Scope, SkillRule,
 };
 pub use record::{ChainBreak, PreventionRecord, verify_chain};
 pub use run::{NextCall, Outcome, RunStatus, TerminationReason, Totals};

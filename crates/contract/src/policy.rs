@@ -1,4 +1,4 @@
-//! Policy documents (`docs/policies.md`): the six rule kinds, modes, actions and binding points.
+//! Policy documents (`docs/policies.md`): the seven rule kinds, modes, actions and binding points.
 
 use serde::{Deserialize, Serialize};
 
@@ -162,6 +162,8 @@ pub enum Rule {
     Pattern(PatternRule),
     /// A CEL expression, true when violated.
     Expr(ExprRule),
+    /// Loop detection: the same call or error repeated within a window of steps.
+    Repeat(RepeatRule),
 }
 
 impl Rule {
@@ -174,6 +176,7 @@ impl Rule {
             Rule::Skill(_) => "skill",
             Rule::Pattern(_) => "pattern",
             Rule::Expr(_) => "expr",
+            Rule::Repeat(_) => "repeat",
         }
     }
 
@@ -184,6 +187,7 @@ impl Rule {
             Rule::Rate(_) => &[BindAt::StepPre],
             Rule::Content(_) | Rule::Skill(_) | Rule::Pattern(_) => &[BindAt::StepPre, BindAt::StepPost],
             Rule::Expr(_) => &[BindAt::RunStart, BindAt::StepPre, BindAt::StepPost, BindAt::RunEnd],
+            Rule::Repeat(r) => r.of.bindings(),
         }
     }
 
@@ -202,6 +206,7 @@ impl Rule {
                 ContentTarget::Both => &[BindAt::StepPre, BindAt::StepPost],
             },
             Rule::Expr(_) => &[BindAt::StepPost],
+            Rule::Repeat(r) => r.of.bindings(),
         }
     }
 }
@@ -433,6 +438,53 @@ pub struct ExprRule {
     pub cel: String,
 }
 
+/// What a repeat rule compares between steps (SPEC §13.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RepeatOf {
+    /// The call key: normalised skill and endpoint, input keys, input text hash; checked at `pre`.
+    Call,
+    /// The error key: normalised skill, error type and code; checked at a `post` with an error.
+    Error,
+}
+
+impl RepeatOf {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RepeatOf::Call => "call",
+            RepeatOf::Error => "error",
+        }
+    }
+
+    /// The one binding point where this key is known: a call's at `pre`, an error's at `post`.
+    pub const fn bindings(self) -> &'static [BindAt] {
+        match self {
+            RepeatOf::Call => &[BindAt::StepPre],
+            RepeatOf::Error => &[BindAt::StepPost],
+        }
+    }
+}
+
+/// The widest window a repeat rule may have, in steps: it bounds what a run keeps.
+pub const MAX_REPEAT_WINDOW_STEPS: u32 = 1000;
+
+/// A repeat rule (loop detection).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RepeatRule {
+    /// Which key is compared.
+    pub of: RepeatOf,
+    /// How many equal keys the window may hold (this step included); at least 1.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
+    pub max: u64,
+    /// How many earlier steps the window covers, 1–1000.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 1000)))]
+    pub window_steps: u32,
+}
+
 /// A stored policy version: the document plus identity, version and times.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -634,10 +686,11 @@ impl Rule {
             "skill" => from_json_value::<SkillRule>(body).map(drop),
             "pattern" => from_json_value::<PatternRule>(body).map(drop),
             "expr" => from_json_value::<ExprRule>(body).map(drop),
+            "repeat" => from_json_value::<RepeatRule>(body).map(drop),
             other => {
                 return Some(ValidationError::new(
                     "rule.kind",
-                    format!("`{other}` is not a rule kind; use budget, rate, content, skill, pattern or expr"),
+                    format!("`{other}` is not a rule kind; use budget, rate, content, skill, pattern, expr or repeat"),
                 ));
             }
         };
@@ -652,6 +705,7 @@ impl Rule {
             Rule::Skill(rule) => rule.validate(limits),
             Rule::Pattern(rule) => rule.validate(limits),
             Rule::Expr(rule) => rule.validate(limits),
+            Rule::Repeat(rule) => rule.validate(),
         }
     }
 }
@@ -682,6 +736,21 @@ impl RateRule {
     fn validate(&self) -> Result<(), ValidationError> {
         if !(1..=86_400).contains(&self.window_s) {
             return Err(ValidationError::new("window_s", format!("is {}; windows are 1–86400 seconds", self.window_s)));
+        }
+        Ok(())
+    }
+}
+
+impl RepeatRule {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.max == 0 {
+            return Err(ValidationError::new("max", "is 0; a repeat rule allows at least one call"));
+        }
+        if !(1..=MAX_REPEAT_WINDOW_STEPS).contains(&self.window_steps) {
+            return Err(ValidationError::new(
+                "window_steps",
+                format!("is {}; windows are 1–{MAX_REPEAT_WINDOW_STEPS} steps", self.window_steps),
+            ));
         }
         Ok(())
     }
@@ -869,6 +938,36 @@ mod tests {
         assert_eq!(parse(r#"{"name":"b","rule":{"max":1}}"#).unwrap_err().field(), "rule.kind");
         let err = parse(r#"{"name":"b","rule":{"kind":"content","detectors":["dna"]}}"#).unwrap_err();
         assert_eq!(err.field(), "rule.detectors[0]");
+    }
+
+    #[test]
+    fn repeat_rules_parse_with_their_binding_and_name_bad_fields() {
+        let doc = parse(r#"{"name":"r","rule":{"kind":"repeat","of":"call","max":3,"window_steps":10}}"#).unwrap();
+        assert_eq!(doc.rule, Rule::Repeat(RepeatRule { of: RepeatOf::Call, max: 3, window_steps: 10 }));
+        assert_eq!(doc.rule.default_bindings(), &[BindAt::StepPre]);
+        let doc = parse(r#"{"name":"r","rule":{"kind":"repeat","of":"error","max":1,"window_steps":1000}}"#).unwrap();
+        assert_eq!(doc.rule.default_bindings(), &[BindAt::StepPost]);
+        let cases = [
+            (r#"{"kind":"repeat","of":"call","max":0,"window_steps":5}"#, "rule.max"),
+            (r#"{"kind":"repeat","of":"call","max":1,"window_steps":0}"#, "rule.window_steps"),
+            (r#"{"kind":"repeat","of":"call","max":1,"window_steps":1001}"#, "rule.window_steps"),
+            (r#"{"kind":"repeat","of":"loop","max":1,"window_steps":5}"#, "rule.of"),
+            (r#"{"kind":"repeat","of":"call","max":1}"#, "rule.window_steps"),
+            (r#"{"kind":"repeat","of":"call","max":1,"window_steps":5,"extra":1}"#, "rule.extra"),
+            (r#"{"kind":"repeat","of":"call","max":-1,"window_steps":5}"#, "rule.max"),
+        ];
+        for (rule, field) in cases {
+            let err = parse(&format!(r#"{{"name":"r","rule":{rule}}}"#)).unwrap_err();
+            assert_eq!(err.field(), field, "{rule}: {err}");
+        }
+        for (bind, of) in [("step_post", "call"), ("run_end", "call"), ("step_pre", "error"), ("run_start", "error")] {
+            let doc = format!(
+                r#"{{"name":"r","bind_at":"{bind}","rule":{{"kind":"repeat","of":"{of}","max":1,"window_steps":5}}}}"#
+            );
+            let err = parse(&doc).unwrap_err();
+            assert_eq!(err.field(), "bind_at", "{doc}");
+            assert!(err.message().contains("repeat rule"), "{err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use crate::ids::{PatternId, PolicyId, RunId, SignatureHash, TenantId};
 use crate::policy::{
     BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule, Mode, OnError, PatternRule,
-    Policy, PolicyAction, PolicyDocument, RateMetric, RateRule, RateScope, Rule, Scope, SkillRule,
+    Policy, PolicyAction, PolicyDocument, RateMetric, RateRule, RateScope, RepeatOf, RepeatRule, Rule, Scope,
+    SkillRule,
 };
 use crate::signature::Signature;
 use crate::step::{Estimate, Phase, StepCall, StepError, Usage};
@@ -149,6 +150,12 @@ pub fn expr_rule() -> impl Strategy<Value = ExprRule> {
     .prop_map(|cel| ExprRule { cel: cel.to_owned() })
 }
 
+/// A repeat rule with small limits and windows, so that random runs reach them.
+pub fn repeat_rule() -> impl Strategy<Value = RepeatRule> {
+    (prop_oneof![Just(RepeatOf::Call), Just(RepeatOf::Error)], 1u64..4, 1u32..6)
+        .prop_map(|(of, max, window_steps)| RepeatRule { of, max, window_steps })
+}
+
 /// Any rule (pattern rules only from `pattern_rule`).
 pub fn rule() -> impl Strategy<Value = Rule> {
     prop_oneof![
@@ -158,6 +165,7 @@ pub fn rule() -> impl Strategy<Value = Rule> {
         1 => skill_rule().prop_map(Rule::Skill),
         1 => pattern_rule().prop_map(Rule::Pattern),
         1 => expr_rule().prop_map(Rule::Expr),
+        1 => repeat_rule().prop_map(Rule::Repeat),
     ]
 }
 

@@ -15,8 +15,11 @@
 //! - `breakdown/*`: pieces of the fifty-policy case, to show what limits it.
 //! - `tenant_rate/{allow,throttle}/{100,100000}`: one tenant-scope rate rule checked against a window
 //!   holding 100 or 100,000 events; the check must cost the same for both.
-//! - `host_step/run_step_after/{four_budgets,fifty_policies_4k}`: [`Run::step`] and [`Run::after`], what
-//!   the node does per `post` call before it persists.
+//! - `host_step/run_step_after/{four_budgets,fifty_policies_4k,four_budgets_two_repeats}`: [`Run::step`]
+//!   and [`Run::after`], what the node does per `post` call before it persists.
+//! - `repeat/{pre,post}`: the four budgets plus two repeat rules (calls over 100 steps, errors over 20)
+//!   answering the `pre` (the call key is hashed and counted) and the `post` of a warmed run: the cost of
+//!   loop detection over `four_budgets`.
 //!
 //! Every input is built, validated and checked once outside the timed closures: each bench asserts the
 //! decision it expects, so a broken setup cannot produce a meaningless fast number.
@@ -86,6 +89,18 @@ fn four_budgets() -> Vec<Policy> {
         budget("b_steps_run", "steps", "run", 200, &[], "block", 100),
         budget("b_tokens_step", "tokens", "step", 16_000, &[], "block", 100),
     ]
+}
+
+/// The four budgets and two repeat rules, loose enough for the warm-up's identical calls.
+fn four_budgets_two_repeats() -> Vec<Policy> {
+    let mut policies = four_budgets();
+    for (id, of, max, window) in [("r_calls", "call", 50, 100), ("r_errors", "error", 3, 20)] {
+        policies.push(policy(json!({
+            "id": id, "name": format!("{of} loops"),
+            "rule": {"kind": "repeat", "of": of, "max": max, "window_steps": window},
+        })));
+    }
+    policies
 }
 
 fn rate(id: &str, metric: &str, max: u64, window_s: u32) -> Policy {
@@ -572,9 +587,11 @@ fn tenant_rates(c: &mut Criterion) {
 fn host_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("host_step");
     let text = output_text(&[]);
-    for (name, policies, output) in
-        [("four_budgets", four_budgets(), None), ("fifty_policies_4k", fifty_policies(), Some(text))]
-    {
+    for (name, policies, output) in [
+        ("four_budgets", four_budgets(), None),
+        ("fifty_policies_4k", fifty_policies(), Some(text)),
+        ("four_budgets_two_repeats", four_budgets_two_repeats(), None),
+    ] {
         let case = Case::post(&policies, output).expect(Action::Allow, 0);
         group.bench_function(BenchmarkId::new("run_step_after", name), |b| {
             b.iter(|| {
@@ -587,6 +604,16 @@ fn host_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// Loop detection over the four budgets: the `pre` hashes and counts the call key, the `post` records.
+fn repeat(c: &mut Criterion) {
+    let mut group = c.benchmark_group("repeat");
+    let pre = Case::pre(&four_budgets_two_repeats()).expect(Action::Allow, 0);
+    group.bench_function("pre", |b| b.iter(|| pre.step()));
+    let post = Case::post(&four_budgets_two_repeats(), None).expect(Action::Allow, 0);
+    group.bench_function("post", |b| b.iter(|| post.step()));
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(50)
 }
@@ -594,6 +621,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates, host_step
+    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates, host_step, repeat
 }
 criterion_main!(benches);

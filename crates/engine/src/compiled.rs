@@ -1,8 +1,8 @@
 //! Compiled snapshots: policies with their regexes and CEL programs built once, shared by `Arc`.
 
 use runguard_contract::{
-    BindAt, BudgetRule, Mode, PatternRule, Policy, PolicyDocument, PolicyLimits, RateRule, RateScope, Rule, Snapshot,
-    SnapshotHash, SnapshotId, SnapshotRef, ValidationError,
+    BindAt, BudgetRule, Mode, PatternRule, Policy, PolicyDocument, PolicyLimits, RateRule, RateScope, RepeatRule, Rule,
+    Snapshot, SnapshotHash, SnapshotId, SnapshotRef, ValidationError,
 };
 
 use crate::cel_rule::CelRule;
@@ -29,6 +29,8 @@ pub(crate) enum Matcher {
     Pattern(PatternRule),
     /// A CEL rule.
     Expr(Box<CelRule>),
+    /// A repeat rule.
+    Repeat(RepeatRule),
 }
 
 /// Compiles one rule. Errors name the field under `rule`.
@@ -55,6 +57,7 @@ fn compile_rule_in(
             Matcher::Skill { allow, skills: list.iter().map(|s| normalize_skill(s)).collect() }
         }
         Rule::Pattern(p) => Matcher::Pattern(p.clone()),
+        Rule::Repeat(r) => Matcher::Repeat(r.clone()),
         Rule::Expr(e) => {
             let env = cel_env.get_or_init(|| std::sync::Arc::new(cel::Env::stdlib()));
             Matcher::Expr(Box::new(CelRule::compile_in(&e.cel, limits, std::sync::Arc::clone(env))?))
@@ -255,6 +258,8 @@ pub struct CompiledSnapshot {
     tampered: bool,
     run_window_ms: i64,
     tenant_window_ms: i64,
+    /// The widest repeat window, in steps (0: no repeat rule, and runs keep no keys).
+    repeat_window: u64,
     screen: Option<ContentScreen>,
 }
 
@@ -290,6 +295,7 @@ impl CompiledSnapshot {
             tampered: true,
             run_window_ms: 0,
             tenant_window_ms: 0,
+            repeat_window: 0,
             screen: None,
         }
     }
@@ -297,6 +303,7 @@ impl CompiledSnapshot {
     fn build(reference: SnapshotRef, snapshot: &Snapshot, limits: &PolicyLimits) -> Self {
         let mut run_window_ms = 0i64;
         let mut tenant_window_ms = 0i64;
+        let mut repeat_window = 0u64;
         let cel_env = std::sync::OnceLock::new();
         let policies = snapshot
             .policies
@@ -310,6 +317,9 @@ impl CompiledSnapshot {
                         RateScope::Tenant => tenant_window_ms = tenant_window_ms.max(window),
                     }
                 }
+                if let Rule::Repeat(repeat) = &policy.rule {
+                    repeat_window = repeat_window.max(u64::from(repeat.window_steps));
+                }
                 CompiledPolicy {
                     policy: policy.clone(),
                     matcher: compile_rule_in(&policy.rule, limits, &cel_env).map_err(|e| e.to_string()),
@@ -317,7 +327,8 @@ impl CompiledSnapshot {
                 }
             })
             .collect();
-        let mut snapshot = Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms, screen: None };
+        let mut snapshot =
+            Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms, repeat_window, screen: None };
         snapshot.build_screen();
         snapshot
     }
@@ -389,6 +400,11 @@ impl CompiledSnapshot {
     /// Whether any policy keeps a tenant-wide rate window (the caller must then pass its `TenantRates`).
     pub fn uses_tenant_rates(&self) -> bool {
         self.tenant_window_ms > 0
+    }
+
+    /// How many earlier steps the widest repeat rule looks at (0 without repeat rules).
+    pub(crate) fn repeat_window(&self) -> u64 {
+        self.repeat_window
     }
 
     pub(crate) fn run_window_ms(&self) -> i64 {

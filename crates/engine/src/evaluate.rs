@@ -4,15 +4,16 @@ use runguard_contract::canonical::DECISION_DOMAIN;
 use runguard_contract::prevention::{PatternRequest, pattern_policy_matches, requires_prevention_record};
 use runguard_contract::{
     Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentTarget, Decision, DecisionId, DecisionPhase, Evidence,
-    IncidentId, Mode, OnError, Outcome, PatternRule, Phase, Policy, PolicyAction, PolicyId, PolicyRef,
-    PreventionRecord, RateMetric, RateRule, RateScope, RecordHash, RecordId, Remaining, Rule, ShadowEntry, Signature,
-    StepCall, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
+    EvidenceMatch, IncidentId, Mode, OnError, Outcome, PatternRule, Phase, Policy, PolicyAction, PolicyId, PolicyRef,
+    PreventionRecord, RateMetric, RateRule, RateScope, RecordHash, RecordId, Remaining, RepeatOf, RepeatRule, Rule,
+    ShadowEntry, Signature, StepCall, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
 };
 
 use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::content::ScanText;
 use crate::rates::{RateEvent, RateEvents};
+use crate::repeat::StepKeys;
 use crate::state::{Effects, RunState, TenantRates, TierKey, call_digest};
 
 /// The call being evaluated.
@@ -73,6 +74,8 @@ pub(crate) struct Evaluation {
     pub(crate) fail_opens: Vec<PolicyRef>,
     /// Shadow policies evaluated by this call (for shadow statistics).
     pub(crate) shadow_evaluated: Vec<PolicyId>,
+    /// The step's repeat keys, for a run whose snapshot has repeat rules (recorded when it commits).
+    pub(crate) repeat: Option<StepKeys>,
 }
 
 /// One violation found by one policy, before it is attributed.
@@ -123,6 +126,8 @@ struct Cx<'a> {
     /// The input and output texts with their screen matches, computed on first use.
     screened: [std::cell::OnceCell<(ScanText<'a>, Option<crate::compiled::Screened>)>; 2],
     snapshot: &'a CompiledSnapshot,
+    /// The step's repeat keys (step calls of a snapshot with repeat rules).
+    repeat: Option<&'a StepKeys>,
 }
 
 impl<'a> Cx<'a> {
@@ -381,6 +386,44 @@ fn check_pattern(policy: &Policy, rule: &PatternRule, cx: &Cx<'_>) -> Vec<Findin
     vec![finding]
 }
 
+fn check_repeat(policy: &Policy, rule: &RepeatRule, cx: &Cx<'_>) -> Vec<Finding> {
+    let Some(keys) = cx.repeat else { return Vec::new() };
+    let window = u64::from(rule.window_steps);
+    let (earlier, what) = match (rule.of, cx.bind) {
+        (RepeatOf::Call, BindAt::StepPre) => (cx.state.repeat.earlier_calls(keys.index, window, &keys.call), "call"),
+        (RepeatOf::Error, BindAt::StepPost) => match &keys.error {
+            Some(error) => (cx.state.repeat.earlier_errors(keys.index, window, error), "error"),
+            None => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    // This step is one of the repeats: `max: 3` allows three equal keys in the window, not a fourth.
+    let count = u64::try_from(earlier.len()).unwrap_or(u64::MAX).saturating_add(1);
+    if count <= rule.max {
+        return Vec::new();
+    }
+    let mut finding = Finding::new(
+        ViolationType::LoopDetected,
+        block_or_warn(policy.action),
+        format!(
+            "the same {what} {count} times in this step and the {} before it, above {}",
+            rule.window_steps, rule.max
+        ),
+    )
+    .limit(rule.max, count);
+    // Evidence names the earlier steps, never a text: the `matches` entry of kind `repeat`.
+    finding.evidence = Some(Evidence {
+        matches: vec![EvidenceMatch {
+            kind: "repeat".to_owned(),
+            name: format!("{what}_key"),
+            count,
+            samples: earlier.iter().map(u64::to_string).collect(),
+        }],
+        ..Evidence::default()
+    });
+    vec![finding]
+}
+
 /// Runs one policy's rule. `Err` means the policy could not be evaluated.
 fn check<'a>(compiled: &'a CompiledPolicy, cx: &Cx<'a>) -> Result<Vec<Finding>, String> {
     let policy = &compiled.policy;
@@ -397,6 +440,7 @@ fn check<'a>(compiled: &'a CompiledPolicy, cx: &Cx<'a>) -> Result<Vec<Finding>, 
         }
         Matcher::Skill { allow, skills } => check_skill(policy, *allow, skills, cx),
         Matcher::Pattern(rule) => check_pattern(policy, rule, cx),
+        Matcher::Repeat(rule) => check_repeat(policy, rule, cx),
         Matcher::Expr(rule) => {
             let state = cx.state;
             let input = || CelInput {
@@ -575,9 +619,21 @@ pub(crate) fn evaluate(
         decision.action = Action::Block;
         decision.violations.extend(integrity_violation(snapshot));
         decision.remaining = Remaining::default();
-        return Evaluation { decision, effects, record: None, deciding_mode, fail_opens, shadow_evaluated };
+        return Evaluation {
+            decision,
+            effects,
+            record: None,
+            deciding_mode,
+            fail_opens,
+            shadow_evaluated,
+            repeat: None,
+        };
     }
 
+    let repeat = match call {
+        Call::Step(step) if snapshot.repeat_window() > 0 => Some(state.repeat.keys_of(step)),
+        _ => None,
+    };
     let cx = Cx {
         state,
         call,
@@ -588,6 +644,7 @@ pub(crate) fn evaluate(
         cel_context: std::cell::OnceCell::new(),
         screened: Default::default(),
         snapshot,
+        repeat: repeat.as_ref(),
     };
     // (violation, precedence) of active policies; every bound policy is evaluated, no short-circuit.
     let mut active: Vec<(Violation, u32, Option<u64>)> = Vec::new();
@@ -625,6 +682,9 @@ pub(crate) fn evaluate(
         }
     }
 
+    // The keys are handed on to be recorded; the checks are done with them.
+    drop(cx);
+
     // Conflict resolution: the most restrictive action; among its violations the lowest precedence,
     // then the smallest policy id (byte order).
     let action = active.iter().map(|(v, _, _)| v.action).max().unwrap_or(Action::Allow);
@@ -658,7 +718,7 @@ pub(crate) fn evaluate(
         decision.prevention_record_id = Some(record_id.clone());
         record = draft_record(snapshot, state, &decision, record_id, &seed, now);
     }
-    Evaluation { decision, effects, record, deciding_mode, fail_opens, shadow_evaluated }
+    Evaluation { decision, effects, record, deciding_mode, fail_opens, shadow_evaluated, repeat }
 }
 
 fn draft_record(

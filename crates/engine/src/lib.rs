@@ -86,6 +86,7 @@ mod evaluate;
 mod failure;
 pub mod learning;
 mod rates;
+mod repeat;
 mod run;
 mod state;
 

@@ -19,6 +19,7 @@ use runguard_contract::{
 use crate::compiled::CompiledSnapshot;
 use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
+use crate::repeat::StepKeys;
 use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
 
 /// What a host configures about every run it hosts. The default limits nothing.
@@ -112,6 +113,7 @@ pub struct Outcome {
 #[derive(Clone, Debug)]
 struct Change {
     totals: Totals,
+    repeat: Option<StepKeys>,
     at: Timestamp,
     observed: Option<Observation>,
     ended: Option<runguard_contract::Outcome>,
@@ -151,7 +153,7 @@ impl Outcome {
             fail_opens: evaluation.fail_opens,
             shadow,
             incident: None,
-            change: Some(Change { totals, at, observed, ended }),
+            change: Some(Change { totals, repeat: evaluation.repeat, at, observed, ended }),
         }
     }
 }
@@ -322,7 +324,8 @@ impl Run {
     pub fn commit(&mut self, outcome: Outcome) {
         let Some(change) = outcome.change else { return };
         self.state.apply(&outcome.decision, &outcome.effects);
-        let Change { at, observed, ended, .. } = change;
+        let Change { at, observed, ended, repeat, .. } = change;
+        self.state.record_repeat(&outcome.decision, repeat, self.snapshot.repeat_window());
         self.settle(at, observed, ended);
     }
 
@@ -333,6 +336,7 @@ impl Run {
         let mut next = self.clone();
         if let Some(change) = &outcome.change {
             next.state.apply(&outcome.decision, &outcome.effects);
+            next.state.record_repeat(&outcome.decision, change.repeat.clone(), self.snapshot.repeat_window());
             next.settle(change.at, change.observed.clone(), change.ended);
         }
         next
@@ -379,10 +383,16 @@ impl Run {
         // A run is always stored with its run-start entry; without one it cannot be trusted.
         let mut entries = 0usize;
         let mut replay_ok = true;
+        let repeat_window = snapshot.as_ref().map_or(0, |s| s.repeat_window());
         for item in ledger {
             entries += 1;
             if let Some(call) = item.step {
                 failure.record(Observation::of(call));
+                // The keys are computed from the stored call as the live run computed them from the sent one.
+                if repeat_window > 0 {
+                    let keys = state.repeat.keys_of(call);
+                    state.record_repeat(item.decision, Some(keys), repeat_window);
+                }
             }
             match item.effects {
                 Some(effects) => state.apply(item.decision, effects),

@@ -11,6 +11,7 @@ use runguard_contract::{
 use serde::{Deserialize, Serialize};
 
 use crate::rates::{RateEvent, RateWindow};
+use crate::repeat::{RepeatHistory, StepKeys};
 
 /// A warn tier of a budget policy that has fired in this run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -140,6 +141,9 @@ pub struct RunState {
     pub(crate) last: Option<Box<LastCall>>,
     /// Set once the run is stopped.
     pub termination: Option<Termination>,
+    /// The keys of the latest steps, for repeat rules (empty without them).
+    #[serde(default, skip_serializing_if = "RepeatHistory::is_empty")]
+    pub(crate) repeat: RepeatHistory,
 }
 
 /// Whether a step call may be evaluated.
@@ -299,6 +303,7 @@ impl RunState {
             rate_events: VecDeque::new(),
             last: None,
             termination: None,
+            repeat: RepeatHistory::default(),
         }
     }
 
@@ -339,6 +344,17 @@ impl RunState {
             totals.steps = totals.steps.saturating_add(1);
         }
         totals
+    }
+
+    /// Records the repeat keys of an applied step call. They are not effects: [`Run::rehydrate`](crate::Run::rehydrate)
+    /// computes them again from the ledger's calls, so the stored effects stay as they were.
+    pub(crate) fn record_repeat(&mut self, decision: &Decision, keys: Option<StepKeys>, window: u64) {
+        // A throttled call is not accepted (as in `apply`): the step's first call is still to come.
+        if let Some(keys) = keys
+            && decision.action != Action::Throttle
+        {
+            self.repeat.record(keys, window);
+        }
     }
 
     /// Applies an evaluated call: a pure fold, so replaying a ledger of (decision, effects) rebuilds the

@@ -147,5 +147,46 @@ mod tests {
         assert_ne!(Some(&records[0].id), live.decision.prevention_record_id.as_ref());
         let bad = vec![json!({"name": "x", "rule": {"kind": "expr", "cel": "run.tokens >"}})];
         assert_eq!(candidates(bad, &tenant, &PolicyLimits::default(), at).unwrap_err().field(), "policies[0].rule.cel");
+        let bad = vec![json!({"name": "x", "rule": {"kind": "repeat", "of": "call", "max": 0, "window_steps": 5}})];
+        assert_eq!(candidates(bad, &tenant, &PolicyLimits::default(), at).unwrap_err().field(), "policies[0].rule.max");
+    }
+
+    #[test]
+    fn a_recorded_loop_is_refused_by_a_candidate_repeat_rule() {
+        let tenant = TenantId::new("acme").unwrap();
+        let run_id = RunId::new("r-loop").unwrap();
+        let at = Timestamp::from_unix_millis(1_000);
+        let live_snapshot =
+            Arc::new(CompiledSnapshot::compile(&Snapshot::capture(&tenant, []), &PolicyLimits::default()).unwrap());
+        let (mut run, start) = Run::start(live_snapshot, tenant.clone(), run_id.clone(), BTreeMap::new(), at);
+        run.commit(start);
+        let mut calls = Vec::new();
+        for index in 0..5 {
+            let pre = StepCall {
+                skill: Some("search".into()),
+                input_text: Some("the same query".into()),
+                ..StepCall::new(index, Phase::Pre)
+            };
+            for call in [pre, StepCall::new(index, Phase::Post)] {
+                let live = run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at).unwrap();
+                calls.push(RecordedEntry { call: RecordedCall::Step(call), decision: live.decision.clone() });
+                run.commit(live);
+            }
+        }
+        let recorded = RecordedRun { tenant_id: tenant.clone(), run_id, labels: BTreeMap::new(), calls };
+        let docs =
+            vec![json!({"name": "loops", "rule": {"kind": "repeat", "of": "call", "max": 3, "window_steps": 10}})];
+        let policies = candidates(docs, &tenant, &PolicyLimits::default(), at).unwrap();
+        let candidate = Arc::new(
+            CompiledSnapshot::compile(&Snapshot::capture(&tenant, &policies), &PolicyLimits::default()).unwrap(),
+        );
+        let (result, records) = simulate(&candidate, &recorded);
+        let candidate_decisions = result["candidate"].as_array().unwrap();
+        let last = candidate_decisions.last().unwrap();
+        assert_eq!((last["step_index"].as_u64(), last["phase"].as_str()), (Some(3), Some("pre")));
+        assert_eq!(last["action"], "block");
+        assert_eq!(last["violations"][0]["violation_type"], "loop_detected");
+        assert_eq!(records.len(), 1, "the fourth identical call would have been refused, with a record");
+        assert_eq!(result["differences"], 4, "the blocked pre, and the calls after it that the candidate refuses");
     }
 }

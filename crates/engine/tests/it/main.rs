@@ -8,6 +8,7 @@ mod expr_and_errors;
 mod order;
 mod properties;
 mod rates;
+mod repeat;
 mod run_lifecycle;
 mod run_model;
 mod support;
