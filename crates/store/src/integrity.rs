@@ -72,6 +72,18 @@ pub struct LoadedRun {
 }
 
 impl LoadedRun {
+    /// A loaded run whose ledger read stopped at `undecodable` (if it did); a ledger read whole is checked
+    /// against the stored totals.
+    pub(crate) fn checked(
+        run: StoredRun,
+        snapshot: Result<Snapshot, IntegrityError>,
+        ledger: Vec<LedgerEntry>,
+        undecodable: Option<IntegrityError>,
+    ) -> Self {
+        let problem = undecodable.or_else(|| crate::sled_backend::check_ledger_totals(&run, &ledger).err());
+        Self { run, snapshot, ledger, totals_consistent: problem.is_none(), ledger_problem: problem }
+    }
+
     /// Whether every check passed; when false the node marks the run `integrity_failure`.
     pub fn is_intact(&self) -> bool {
         self.snapshot.is_ok() && self.totals_consistent

@@ -75,6 +75,7 @@ mod backend;
 mod batch;
 pub mod codec;
 mod error;
+mod group;
 mod integrity;
 mod keys;
 mod model;

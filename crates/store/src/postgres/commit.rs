@@ -9,8 +9,6 @@
 //! `synchronous_commit = on` the commit returns once it is durable, so the callers are acknowledged then.
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use postgres::types::ToSql;
 use postgres::{IsolationLevel, Transaction};
@@ -20,61 +18,28 @@ use runguard_contract::{
 };
 
 use super::{PgStore, Statements, WriterState, enum_str, from_json, i64_of, i64_saturating, pg_error, to_json, u64_of};
-use crate::batch::{CommitReceipt, WriteBatch, WriteOp};
+use crate::batch::{CommitReceipt, WriteBatch};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::keys::{self, owner as owner_str};
 use crate::model::ShadowStats;
 use crate::prepare::{ChainHead, Prepare, ReadView, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
-type Outcome = Result<CommitReceipt, StoreError>;
+use crate::group::{self, Outcome};
 
 impl PgStore {
     pub(crate) fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
-        if batch.is_empty() {
-            return Ok(CommitReceipt::default());
-        }
-        self.commit_group(vec![batch]).pop().unwrap_or_else(|| Ok(CommitReceipt::default()))
+        group::single(batch, |batches| self.commit_group(batches))
     }
 
     pub(crate) fn commit_group(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
-        if batches.is_empty() {
-            return Vec::new();
-        }
-        let mut outcomes: Vec<Option<Outcome>> = batches.iter().map(|_| None).collect();
-        let writes_policies =
-            batches.iter().any(|b| b.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_))));
-        let mut writer = self.writer();
-        let delay = self.commit_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        let result = self.attempt(&mut writer, &batches, &mut outcomes);
-        match &result {
-            Ok(()) => self.healthy.store(true, Ordering::SeqCst),
-            Err(err) if matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Injected) => {
-                if err.kind() == StoreErrorKind::Io {
-                    // The connection may be gone or mid-transaction: start afresh next time.
-                    writer.reset();
-                }
-                self.healthy.store(false, Ordering::SeqCst);
-            }
-            Err(_) => {}
-        }
-        drop(writer);
-        if writes_policies {
-            self.policy_generation.fetch_add(1, Ordering::AcqRel);
-        }
-        outcomes
-            .into_iter()
-            .map(|outcome| match (outcome, &result) {
-                (Some(outcome), Ok(())) => outcome,
-                // A refusal stands whatever happened to the others.
-                (Some(Err(refused)), Err(_)) => Err(refused),
-                (Some(Ok(_)) | None, Err(err)) => Err(err.clone()),
-                (None, Ok(())) => Ok(CommitReceipt::default()),
-            })
-            .collect()
+        self.signals.group(
+            &batches,
+            || self.writer(),
+            |writer, outcomes| self.attempt(writer, &batches, outcomes),
+            // The connection may be gone or mid-transaction: start afresh next time.
+            |writer| writer.reset(),
+        )
     }
 
     fn attempt(
@@ -83,8 +48,8 @@ impl PgStore {
         batches: &[WriteBatch],
         outcomes: &mut [Option<Outcome>],
     ) -> Result<(), StoreError> {
-        let fail = self.inject_failure.load(Ordering::SeqCst);
-        let fail_durability = self.inject_durability_failure.load(Ordering::SeqCst);
+        let fail = self.signals.commit_failure_injected();
+        let fail_durability = self.signals.durability_failure_injected();
         let (client, statements, bindings) = self.connect_writer(writer)?;
         // Read committed, whatever the server's default: once the chain head row is locked, each statement
         // sees every commit made before the lock was granted (a snapshot taken earlier would not).

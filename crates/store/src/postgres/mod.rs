@@ -12,7 +12,6 @@ mod schema;
 mod verify;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use serde::de::DeserializeOwned;
 pub use schema::PG_SCHEMA_VERSION;
 
 use crate::error::{StoreError, StoreErrorKind};
+use crate::group::CommitSignals;
 use crate::run_cache::RunCache;
 
 /// How to reach and use a PostgreSQL store.
@@ -112,11 +112,8 @@ pub(crate) struct PgStore {
     config: postgres::Config,
     pool: Pool<Manager>,
     writer: Mutex<WriterState>,
-    healthy: AtomicBool,
-    inject_failure: AtomicBool,
-    inject_durability_failure: AtomicBool,
-    commit_delay_ms: AtomicU64,
-    policy_generation: AtomicU64,
+    /// Test switches, readiness and the policy generation.
+    pub(super) signals: CommitSignals,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -155,11 +152,7 @@ impl PgStore {
                 bindings: RunCache::default(),
                 commits,
             }),
-            healthy: AtomicBool::new(true),
-            inject_failure: AtomicBool::new(false),
-            inject_durability_failure: AtomicBool::new(false),
-            commit_delay_ms: AtomicU64::new(0),
-            policy_generation: AtomicU64::new(0),
+            signals: CommitSignals::default(),
         })
     }
 
@@ -203,23 +196,23 @@ impl PgStore {
     }
 
     pub(crate) fn inject_commit_failure(&self, fail: bool) {
-        self.inject_failure.store(fail, Ordering::SeqCst);
+        self.signals.inject_commit_failure(fail);
     }
 
     pub(crate) fn inject_durability_failure(&self, fail: bool) {
-        self.inject_durability_failure.store(fail, Ordering::SeqCst);
+        self.signals.inject_durability_failure(fail);
     }
 
     pub(crate) fn inject_commit_delay(&self, delay: Duration) {
-        self.commit_delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.signals.inject_commit_delay(delay);
     }
 
     pub(crate) fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.signals.is_healthy()
     }
 
     pub(crate) fn policy_generation(&self) -> u64 {
-        self.policy_generation.load(Ordering::Acquire)
+        self.signals.policy_generation()
     }
 
     pub(crate) fn commit_count(&self) -> u64 {
@@ -243,13 +236,13 @@ impl PgStore {
         if result.as_ref().is_err_and(|err| err.kind() == StoreErrorKind::Io) {
             writer.reset();
         }
-        self.healthy.store(result.is_ok(), Ordering::SeqCst);
+        self.signals.set_healthy(result.is_ok());
         result
     }
 
     fn probe_locked(&self, writer: &mut WriterState) -> Result<(), StoreError> {
-        if self.inject_failure.load(Ordering::SeqCst) {
-            return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
+        if self.signals.commit_failure_injected() {
+            return Err(CommitSignals::injected());
         }
         let (client, _, _) = self.connect_writer(writer)?;
         let row = client

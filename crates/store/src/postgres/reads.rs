@@ -16,7 +16,6 @@ use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot};
 use crate::keys::{self, owner as owner_str};
 use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery};
-use crate::sled_backend::check_ledger_totals;
 
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
 
@@ -487,16 +486,7 @@ impl PgStore {
                 }
             }
         }
-        if problem.is_none() {
-            problem = check_ledger_totals(&stored, &ledger).err();
-        }
-        Ok(Some(LoadedRun {
-            run: stored,
-            snapshot,
-            ledger,
-            totals_consistent: problem.is_none(),
-            ledger_problem: problem,
-        }))
+        Ok(Some(LoadedRun::checked(stored, snapshot, ledger, problem)))
     }
 
     // ---- records ----------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 //! a flush that failed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use runguard_contract::{
     IncidentId, PatternId, PolicyId, PreventionRecord, RecordId, RunId, SignatureHash, SnapshotHash, TenantId,
@@ -13,9 +11,10 @@ use sled::{Transactional, Tree};
 
 use super::reads::snapshot_id_digest;
 use super::{ChainHead, Engine, Failure, META_COMMITS, Store, T, TREE_NAMES, Undo, WriterState};
-use crate::batch::{CommitReceipt, WriteBatch, WriteOp};
+use crate::batch::{CommitReceipt, WriteBatch};
 use crate::codec::{self, Stored};
 use crate::error::{StoreError, StoreErrorKind};
+use crate::group::{self, Outcome};
 use crate::keys;
 use crate::model::{ShadowStats, StoredRun};
 use crate::prepare::{Prepare, Prepared, ReadView, Staged};
@@ -49,18 +48,12 @@ impl Engine {
 
 type TxError = ConflictableTransactionError<StoreError>;
 
-/// What one caller's batch of a group commit got.
-type Outcome = Result<CommitReceipt, StoreError>;
-
 impl Store {
     /// Makes every write of `batch` durable together: checks them, assigns record sequence numbers and
     /// ledger positions, applies everything in one multi-tree transaction, then flushes and fsyncs. On any
     /// error nothing of the batch is written.
     pub fn commit(&self, batch: WriteBatch) -> Result<CommitReceipt, StoreError> {
-        if batch.is_empty() {
-            return Ok(CommitReceipt::default());
-        }
-        self.commit_group(vec![batch]).pop().unwrap_or_else(|| Ok(CommitReceipt::default()))
+        group::single(batch, |batches| self.commit_group(batches))
     }
 
     /// Group commit: several callers' batches in one transaction, one flush and one fsync, failing only
@@ -69,50 +62,12 @@ impl Store {
     /// write fails every caller with the same (I/O) error. Answers one result per batch, in order; an
     /// empty group touches nothing (see `docs/store.md`, "Group commit").
     pub fn commit_group(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
-        if batches.is_empty() {
-            // Not even the writer lock: an attempt that writes nothing must not report the store healthy.
-            return Vec::new();
-        }
-        let mut outcomes: Vec<Option<Outcome>> = batches.iter().map(|_| None).collect();
-        let writes_policies =
-            batches.iter().any(|b| b.ops().iter().any(|op| matches!(op, WriteOp::PutPolicyVersion(_))));
-        let mut writer = self.writer();
-        let result = self.commit_locked(&mut writer, &batches, &mut outcomes);
-        drop(writer);
-        if writes_policies {
-            self.policy_generation.fetch_add(1, Ordering::AcqRel);
-        }
-        outcomes
-            .into_iter()
-            .map(|outcome| match (outcome, &result) {
-                (Some(outcome), _) => outcome,
-                (None, Err(err)) => Err(err.clone()),
-                (None, Ok(())) => Ok(CommitReceipt::default()),
-            })
-            .collect()
-    }
-
-    /// Fills `outcomes` for refused batches and, on success, for committed ones; an `Err` answers every
-    /// batch left without an outcome.
-    pub(super) fn commit_locked(
-        &self,
-        writer: &mut WriterState,
-        batches: &[WriteBatch],
-        outcomes: &mut [Option<Outcome>],
-    ) -> Result<(), StoreError> {
-        let delay = self.commit_delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        let attempt = self.attempt_locked(writer, batches, outcomes);
-        match &attempt {
-            Ok(()) => self.healthy.store(true, Ordering::SeqCst),
-            Err(err) if matches!(err.kind(), StoreErrorKind::Io | StoreErrorKind::Injected) => {
-                self.healthy.store(false, Ordering::SeqCst);
-            }
-            Err(_) => {}
-        }
-        attempt
+        self.signals.group(
+            &batches,
+            || self.writer(),
+            |writer, outcomes| self.attempt_locked(writer, &batches, outcomes),
+            |_| {},
+        )
     }
 
     pub(super) fn attempt_locked(
@@ -138,7 +93,7 @@ impl Store {
             }
         };
         let (included, prepared) = prepared;
-        let fail = self.inject_failure.load(Ordering::SeqCst);
+        let fail = self.signals.commit_failure_injected();
         if fail && prepared.writes.is_empty() {
             return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
         }

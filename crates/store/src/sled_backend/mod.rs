@@ -11,7 +11,6 @@ mod verify;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use runguard_contract::RecordHash;
 use sled::{IVec, Tree};
 
 use crate::error::{StoreError, StoreErrorKind};
+use crate::group::CommitSignals;
 use crate::run_cache::RunCache;
 
 /// The schema this build reads and writes, kept in the `meta` tree.
@@ -143,12 +143,8 @@ pub struct Store {
     /// show writes that were refused.
     engine: RwLock<Option<Arc<Engine>>>,
     writer: Mutex<WriterState>,
-    /// Whether the latest commit attempt (or readiness probe) could write.
-    healthy: AtomicBool,
-    inject_failure: AtomicBool,
-    inject_durability_failure: AtomicBool,
-    commit_delay_ms: AtomicU64,
-    policy_generation: AtomicU64,
+    /// Test switches, readiness and the policy generation.
+    signals: CommitSignals,
     /// What the acknowledgement check found (only with [`Acknowledged::Report`]).
     lost: Option<String>,
 }
@@ -185,31 +181,31 @@ impl Store {
     /// Makes every commit fail inside its transaction (after some writes were staged) until turned off:
     /// the fault-injection point of reliability tests. A failed commit writes nothing.
     pub fn inject_commit_failure(&self, fail: bool) {
-        self.inject_failure.store(fail, Ordering::SeqCst);
+        self.signals.inject_commit_failure(fail);
     }
 
     /// Makes every flush fail after the commit's transaction applied, until turned off: the test stand-in
     /// for a full or read-only disk (which a test running as root cannot arrange with permissions).
     pub fn inject_durability_failure(&self, fail: bool) {
-        self.inject_durability_failure.store(fail, Ordering::SeqCst);
+        self.signals.inject_durability_failure(fail);
     }
 
     /// Makes every commit wait this long (under the writer lock) before its transaction: a test hook for
     /// commits that outlive their callers' timeout. Zero turns it off.
     pub fn inject_commit_delay(&self, delay: Duration) {
-        self.commit_delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.signals.inject_commit_delay(delay);
     }
 
     /// Whether the latest commit attempt (or [`Store::probe`]) could write: readiness.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.signals.is_healthy()
     }
 
     /// A number that changes whenever a commit that writes policy versions was attempted (it is bumped
     /// after the attempt, whether it committed or not). A cache of anything derived from the policies —
     /// a tenant's current snapshot — reads it before reading the policies and is stale once it differs.
     pub fn policy_generation(&self) -> u64 {
-        self.policy_generation.load(Ordering::Acquire)
+        self.signals.policy_generation()
     }
 
     /// The sequence number and hash of the last record, as recovered and advanced by commits.

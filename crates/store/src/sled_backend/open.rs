@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use runguard_contract::{PreventionRecord, RecordHash};
@@ -14,6 +13,7 @@ use super::{
 };
 use crate::codec::Stored;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::group::CommitSignals;
 use crate::keys;
 use crate::run_cache::RunCache;
 use crate::watermark::{self, Watermark};
@@ -117,11 +117,7 @@ impl Store {
                 failure: None,
                 runs: RunCache::default(),
             }),
-            healthy: AtomicBool::new(true),
-            inject_failure: AtomicBool::new(false),
-            inject_durability_failure: AtomicBool::new(false),
-            commit_delay_ms: AtomicU64::new(0),
-            policy_generation: AtomicU64::new(0),
+            signals: CommitSignals::default(),
             lost,
         };
         if check == Acknowledged::Enforce {
@@ -150,17 +146,17 @@ impl Store {
     pub fn probe(&self) -> Result<(), StoreError> {
         let mut writer = self.writer();
         let result = self.recover_locked(&mut writer).and_then(|engine| {
-            if self.inject_failure.load(Ordering::SeqCst) {
-                return Err(StoreError::new(StoreErrorKind::Injected, "commit failure injected by a test"));
+            if self.signals.commit_failure_injected() {
+                return Err(CommitSignals::injected());
             }
             self.durable(&engine)
         });
-        self.healthy.store(result.is_ok(), Ordering::SeqCst);
+        self.signals.set_healthy(result.is_ok());
         result
     }
 
     pub(super) fn durable(&self, engine: &Engine) -> Result<(), StoreError> {
-        if self.inject_durability_failure.load(Ordering::SeqCst) {
+        if self.signals.durability_failure_injected() {
             return Err(StoreError::new(StoreErrorKind::Injected, "flush failure injected by a test"));
         }
         engine.make_durable()

@@ -8,7 +8,7 @@ use runguard_contract::{
 };
 use sled::IVec;
 
-use super::verify::{check_ledger_totals, verify_snapshot};
+use super::verify::verify_snapshot;
 use super::{Store, T};
 use crate::codec::Stored;
 use crate::error::StoreError;
@@ -304,16 +304,7 @@ impl Store {
                 }
             }
         }
-        if problem.is_none() {
-            problem = check_ledger_totals(&stored, &ledger).err();
-        }
-        Ok(Some(LoadedRun {
-            run: stored,
-            snapshot,
-            ledger,
-            totals_consistent: problem.is_none(),
-            ledger_problem: problem,
-        }))
+        Ok(Some(LoadedRun::checked(stored, snapshot, ledger, problem)))
     }
 
     // ---- records ----------------------------------------------------------------------------------
