@@ -28,7 +28,9 @@ pub(crate) struct StepKeys {
     pub(crate) error: Option<KeyHash>,
 }
 
-fn field(hasher: &mut Sha256, tag: u8, bytes: Option<&[u8]>) {
+/// Hashes one optional field: a tag, whether it is present, and its length before its bytes, so that
+/// distinct values cannot collide by shifting bytes between fields.
+pub(crate) fn field(hasher: &mut Sha256, tag: u8, bytes: Option<&[u8]>) {
     match bytes {
         None => hasher.update([tag, 0]),
         Some(bytes) => {

@@ -195,17 +195,8 @@ pub enum Refusal {
 /// its length, so distinct calls cannot collide by shifting bytes between fields; no serialisation is
 /// needed (it would cost more than evaluating a typical snapshot).
 pub(crate) fn call_digest(call: &StepCall) -> String {
+    use crate::repeat::field;
     use sha2::{Digest, Sha256};
-    fn field(hasher: &mut Sha256, tag: u8, bytes: Option<&[u8]>) {
-        match bytes {
-            None => hasher.update([tag, 0]),
-            Some(bytes) => {
-                hasher.update([tag, 1]);
-                hasher.update(u64::try_from(bytes.len()).unwrap_or(u64::MAX).to_be_bytes());
-                hasher.update(bytes);
-            }
-        }
-    }
     fn number(hasher: &mut Sha256, tag: u8, value: Option<u64>) {
         field(hasher, tag, value.map(u64::to_be_bytes).as_ref().map(|b| b.as_slice()));
     }

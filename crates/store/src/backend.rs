@@ -36,6 +36,19 @@ macro_rules! seam {
         }
 
         impl Store {
+    /// The policy `id` as `tenant` sees it: its own, else a global one.
+    pub fn find_policy(
+        &self,
+        tenant: &TenantId,
+        id: &PolicyId,
+        version: Option<u32>,
+    ) -> Result<Option<Policy>, StoreError> {
+        match self.get_policy(Some(tenant), id, version)? {
+            Some(policy) => Ok(Some(policy)),
+            None => self.get_policy(None, id, version),
+        }
+    }
+
             $( $(#[$doc])* pub fn $name(&self $(, $arg: $ty)*) -> $ret { self.backend.$name($($arg),*) } )*
         }
 
@@ -149,8 +162,6 @@ seam! {
     fn verify(&self) -> Result<VerifyReport, StoreError>;
     /// A policy of `owner` (`None`: global): the current version, or `version`.
     fn get_policy(&self, owner: Option<&TenantId>, id: &PolicyId, version: Option<u32>) -> Result<Option<Policy>, StoreError>;
-    /// The policy `id` as `tenant` sees it: its own, else a global one.
-    fn find_policy(&self, tenant: &TenantId, id: &PolicyId, version: Option<u32>) -> Result<Option<Policy>, StoreError>;
     /// Every version of a policy, oldest first.
     fn policy_versions(&self, owner: Option<&TenantId>, id: &PolicyId) -> Result<Vec<Policy>, StoreError>;
     /// The current versions of the policies `tenant` sees: global ones first, then its own, each by id;

@@ -158,18 +158,6 @@ impl PgStore {
         }
     }
 
-    pub(crate) fn find_policy(
-        &self,
-        tenant: &TenantId,
-        id: &PolicyId,
-        version: Option<u32>,
-    ) -> Result<Option<Policy>, StoreError> {
-        match self.get_policy(Some(tenant), id, version)? {
-            Some(policy) => Ok(Some(policy)),
-            None => self.get_policy(None, id, version),
-        }
-    }
-
     pub(crate) fn policy_versions(&self, owner: Option<&TenantId>, id: &PolicyId) -> Result<Vec<Policy>, StoreError> {
         self.all(
             "policy versions",

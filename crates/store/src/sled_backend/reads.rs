@@ -37,19 +37,6 @@ impl Store {
         self.get_decoded(T::Policies, &keys::policy_version(owner, id, version))
     }
 
-    /// The policy `id` as `tenant` sees it: its own, else a global one.
-    pub fn find_policy(
-        &self,
-        tenant: &TenantId,
-        id: &PolicyId,
-        version: Option<u32>,
-    ) -> Result<Option<Policy>, StoreError> {
-        match self.get_policy(Some(tenant), id, version)? {
-            Some(policy) => Ok(Some(policy)),
-            None => self.get_policy(None, id, version),
-        }
-    }
-
     /// Every version of a policy, oldest first.
     pub fn policy_versions(&self, owner: Option<&TenantId>, id: &PolicyId) -> Result<Vec<Policy>, StoreError> {
         self.tree(T::Policies)?
