@@ -173,6 +173,9 @@ fn verify(data: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn damage_between_runs_is_refused_or_harmless_never_a_silent_loss() {
+    if crate::harness::sled_only("damage_between_runs_is_refused_or_harmless_never_a_silent_loss") {
+        return;
+    }
     let mut node = Node::start();
     populate(&node.client());
     let before = acknowledged(&node.client());

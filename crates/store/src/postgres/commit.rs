@@ -38,6 +38,10 @@ impl PgStore {
     }
 
     pub(crate) fn commit_group(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
+        super::off_runtime(|| self.commit_group_off_runtime(batches))
+    }
+
+    fn commit_group_off_runtime(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
         if batches.is_empty() {
             return Vec::new();
         }

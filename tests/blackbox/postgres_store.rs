@@ -1,0 +1,113 @@
+//! The node on PostgreSQL (SPEC §14.1), on every pass: the `store` configuration and its errors, the
+//! password kept out of every message, `serve` migrating an older schema and refusing a newer one, and
+//! `runguard migrate`. Each test gets a fresh database of the test process's private server and is
+//! skipped, with a message, when PostgreSQL is not installed (the PostgreSQL pass fails instead).
+
+use std::ffi::OsStr;
+
+use crate::fixtures::{budget, create_policy, create_run, post, step};
+use crate::harness::{Node, fresh_postgres, run_cli};
+
+/// `runguard serve` with this config file on a free port, expected to exit before listening: its exit
+/// code and standard error.
+fn serve_fails(toml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("runguard.toml");
+    std::fs::write(&file, toml).expect("write the config");
+    let out = run_cli(&[
+        OsStr::new("serve"),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+        OsStr::new("--config"),
+        file.as_os_str(),
+    ]);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn migrate(url: &str) -> (Option<i32>, String, String) {
+    let out = run_cli(&[OsStr::new("migrate"), OsStr::new("--postgres-url"), OsStr::new(url)]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_postgres_store_needs_a_url_that_parses_and_never_shows_its_password() {
+    let (code, stderr) = serve_fails("store = \"postgres\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("`postgres_url`"), "{stderr}");
+
+    let (code, stderr) = serve_fails("store = \"postgres\"\npostgres_url = \"postgres://rg:hunter2@db:notaport/rg\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("postgres_url") && stderr.contains("***"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password is shown: {stderr}");
+
+    let (code, stderr) = serve_fails("store = \"mysql\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
+
+    // A database that cannot be reached: exit 1, the URL shown without its password.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let (code, stderr) =
+        serve_fails(&format!("store = \"postgres\"\npostgres_url = \"postgres://rg:hunter2@127.0.0.1:{port}/rg\"\n"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("postgres://rg:***@127.0.0.1:{port}/rg")), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password is shown: {stderr}");
+}
+
+#[test]
+fn a_node_on_postgres_keeps_runs_and_records_across_restarts() {
+    let Some(db) = fresh_postgres() else { return };
+    let mut node = Node::start_on_postgres(&db.url, None);
+    let client = node.client();
+    client.get("/readyz").expect(200);
+    create_policy(&client, &budget("pol_budget", "tokens", 10));
+    create_run(&client, "run-1");
+    let blocked = step(&client, "run-1", &post(0, 11)).clone();
+    assert_eq!(blocked["action"], "block");
+    let record = blocked["prevention_record_id"].as_str().expect("a record").to_owned();
+
+    node.kill();
+    node.restart();
+    let client = node.client();
+    assert_eq!(client.get("/v1/runs/run-1").expect(200)["status"], "stopped");
+    client.get(&format!("/v1/prevention-records/{record}")).expect(200);
+    let verified = node.cli(&["verify"]);
+    let out = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(0), "{out}");
+    assert!(out.contains("records checked: 1"), "{out}");
+    let exported = node.cli(&["export"]);
+    assert_eq!(String::from_utf8_lossy(&exported.stdout).lines().count(), 1);
+}
+
+#[test]
+fn migrate_brings_a_database_to_the_current_schema_once() {
+    let Some(db) = fresh_postgres() else { return };
+    let (code, stdout, stderr) = migrate(&db.url);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("migrated from version 0"), "{stdout}");
+    let (code, stdout, stderr) = migrate(&db.url);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("up to date"), "{stdout}");
+
+    // Neither a URL nor a config: a usage error.
+    let out = run_cli(&[OsStr::new("migrate")]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn serve_refuses_a_schema_newer_than_it_knows() {
+    let Some(db) = fresh_postgres() else { return };
+    let (code, _, stderr) = migrate(&db.url);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut client = postgres::Client::connect(&db.url, postgres::NoTls).expect("connect to the test database");
+    client.batch_execute("INSERT INTO runguard_schema (version) VALUES (999)").expect("a newer schema version");
+
+    let (code, stderr) = serve_fails(&format!("store = \"postgres\"\npostgres_url = \"{}\"\n", db.url));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("schema version 999") && stderr.contains("newer runguard"), "{stderr}");
+    let (code, _, stderr) = migrate(&db.url);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("schema version 999"), "{stderr}");
+}
