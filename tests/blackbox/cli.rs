@@ -147,6 +147,7 @@ fn a_port_in_use_is_a_clear_error() {
 fn into_closed_pipe(args: &[&OsStr]) -> (Option<i32>, String) {
     use std::process::{Command, Stdio};
     let mut child = Command::new(crate::harness::runguard_bin())
+        .env_remove("RUNGUARD_TEST_STORE")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -196,6 +197,7 @@ fn serve_with_closed_output_streams_runs_and_stops_cleanly() {
     let data = tempfile::tempdir().expect("temp dir");
     // `runguard serve 2>&1 | head` once `head` has exited: both streams lead nowhere.
     let mut child = Command::new(crate::harness::runguard_bin())
+        .env_remove("RUNGUARD_TEST_STORE")
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data.path())
         .stdin(Stdio::null())

@@ -4,9 +4,11 @@
 //! skipped, with a message, when PostgreSQL is not installed (the PostgreSQL pass fails instead).
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::fixtures::{budget, create_policy, create_run, post, step};
-use crate::harness::{Node, fresh_postgres, run_cli};
+use crate::harness::{Client, Node, fresh_postgres, run_cli};
 
 /// `runguard serve` with this config file on a free port, expected to exit before listening: its exit
 /// code and standard error.
@@ -110,4 +112,102 @@ fn serve_refuses_a_schema_newer_than_it_knows() {
     let (code, _, stderr) = migrate(&db.url);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("schema version 999"), "{stderr}");
+}
+
+/// Steps `run` from index 0 until `stop`, each call retried until it is answered 200; answers the
+/// acknowledged decision ids in order and every other status seen.
+fn drive(client: &Client, run: &str, stop: &AtomicBool) -> (Vec<String>, Vec<u16>) {
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    let mut index = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let body = post(index, 1).to_string().into_bytes();
+        match client.send("POST", &format!("/v1/runs/{run}/steps"), Some(body)) {
+            Ok(resp) if resp.status == 200 => {
+                acked.push(resp.body["decision_id"].as_str().expect("a decision id").to_owned());
+                index += 1;
+            }
+            Ok(resp) => {
+                refused.push(resp.status);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    (acked, refused)
+}
+
+/// Waits up to 30 s for `/readyz` to answer `status`.
+fn wait_ready(client: &Client, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get("/readyz").status != status {
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stopping_postgres_under_load_answers_503_and_recovers_without_losing_anything() {
+    let Some(cluster) = runguard_testpg::Cluster::start() else { return };
+    let db = cluster.fresh_database();
+    let mut node = Node::start_on_postgres(&db.url, None);
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 1_000_000));
+    let runs = ["run-a", "run-b", "run-c"];
+    for run in runs {
+        create_run(&client, run);
+    }
+    let stop = AtomicBool::new(false);
+    let driven: Vec<(Vec<String>, Vec<u16>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = runs.iter().map(|run| scope.spawn(|| drive(&client, run, &stop))).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // A crash of the database mid-load: connections cut, no checkpoint.
+        cluster.stop_immediately();
+        wait_ready(&client, 503);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(client.get("/readyz").status, 503, "not ready while the database is down");
+        cluster.restart();
+        wait_ready(&client, 200);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        workers.into_iter().map(|w| w.join().expect("a worker")).collect()
+    });
+    for ((acked, refused), run) in driven.iter().zip(runs) {
+        assert!(refused.iter().all(|status| *status == 503), "{run}: statuses other than 503: {refused:?}");
+        let stored: Vec<String> = client.get(&format!("/v1/runs/{run}/decisions?limit=1000")).expect(200)["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter(|d| d["phase"] != "run_start")
+            .map(|d| d["decision_id"].as_str().expect("a decision id").to_owned())
+            .collect();
+        assert_eq!(&stored, acked, "{run}: the stored decisions are exactly the acknowledged ones");
+    }
+    assert!(driven.iter().any(|(_, refused)| !refused.is_empty()), "no call met the outage");
+    assert!(driven.iter().all(|(acked, _)| !acked.is_empty()), "a run never progressed");
+    node.kill();
+    let verified = node.cli(&["verify"]);
+    assert_eq!(verified.status.code(), Some(0), "{}", String::from_utf8_lossy(&verified.stdout));
+}
+
+#[test]
+fn verify_names_a_record_edited_with_sql() {
+    let Some(db) = fresh_postgres() else { return };
+    let mut node = Node::start_on_postgres(&db.url, None);
+    let client = node.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 5));
+    for run in ["run-1", "run-2"] {
+        create_run(&client, run);
+        step(&client, run, &post(0, 6));
+    }
+    node.terminate();
+    assert_eq!(node.cli(&["verify"]).status.code(), Some(0));
+
+    let mut sql = postgres::Client::connect(&db.url, postgres::NoTls).expect("connect to the test database");
+    sql.batch_execute("UPDATE records SET body = jsonb_set(body, '{step_index}', '41') WHERE seq = 2")
+        .expect("edit a record");
+    let verified = node.cli(&["verify"]);
+    let out = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{out}");
+    assert!(out.contains("records checked: 1") && out.contains("first broken record"), "{out}");
+    assert!(out.contains('2'), "the broken record is named: {out}");
 }
