@@ -36,6 +36,11 @@ enum Command {
     /// Idempotent. Exit 0 done, 1 the database cannot be migrated (unreachable, or a newer schema), 2 a
     /// usage error.
     Migrate(migrate::MigrateArgs),
+    /// Copy a stopped node's sled store into an empty PostgreSQL database (`--from sled:DIR --to
+    /// postgres:URL`): policies with every version and audit entry, runs with their ledgers, the record
+    /// chain with the same sequence numbers and hashes, and the learning loop; then verify the copy. Exit 0
+    /// only when the copy verifies and ends on the source's chain head.
+    MigrateStore(migrate::MigrateStoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +148,7 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Apply(args)) => apply::apply(&args),
         Command::Policy(PolicyCommand::Schema) => policy_schema(),
         Command::Migrate(args) => migrate::migrate(args),
+        Command::MigrateStore(args) => migrate::migrate_store(&args),
     }
 }
 
