@@ -200,6 +200,11 @@ impl Node {
         Self::launch_on(toml, true, Some(url.to_owned()))
     }
 
+    /// A node on sled (whatever the pass), with this TOML configuration if any.
+    pub fn start_on_sled(toml: Option<&str>) -> Node {
+        Self::launch_on(toml, true, None)
+    }
+
     fn launch_as(toml: Option<&str>, checked: bool) -> Node {
         let postgres = on_postgres().then(|| fresh_postgres().map(|db| db.url)).flatten();
         Self::launch_on(toml, checked, postgres)

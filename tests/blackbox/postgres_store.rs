@@ -7,6 +7,8 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use crate::fixtures::{budget, create_policy, create_run, post, step};
 use crate::harness::{Client, Node, fresh_postgres, run_cli};
 
@@ -145,11 +147,14 @@ fn wait_ready(client: &Client, status: u16) {
     }
 }
 
+/// A run's acknowledged decision ids and its stored ones.
+type Decisions = (Vec<String>, Vec<String>);
+
 /// Drives three runs while the test's own PostgreSQL is crashed (`pg_ctl -m immediate stop`) and
 /// restarted: checks that every refusal was a 503 and `/readyz` answered 503 while it was down and 200 by
 /// itself after; answers, per run, the acknowledged decision ids and the stored ones, and `verify`'s
 /// exit code.
-fn outage_under_load() -> Option<(Vec<(Vec<String>, Vec<String>)>, Option<i32>)> {
+fn outage_under_load() -> Option<(Vec<Decisions>, Option<i32>)> {
     let cluster = runguard_testpg::Cluster::start()?;
     let db = cluster.fresh_database();
     let mut node = Node::start_on_postgres(&db.url, None);
@@ -239,4 +244,74 @@ fn verify_names_a_record_edited_with_sql() {
     assert_eq!(verified.status.code(), Some(1), "{out}");
     assert!(out.contains("records checked: 1") && out.contains("first broken record"), "{out}");
     assert!(out.contains('2'), "the broken record is named: {out}");
+}
+
+#[test]
+fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
+    let Some(db) = fresh_postgres() else { return };
+    // A sled node, whatever the pass.
+    let mut sled = Node::start_on_sled(None);
+    let client = sled.client();
+    create_policy(&client, &budget("pol_budget", "tokens", 10));
+    let mut update = budget("pol_budget", "tokens", 5);
+    update["expected_version"] = json!(1);
+    client.put("/v1/policies/pol_budget", &update).expect(200);
+    create_run(&client, "run-1");
+    step(&client, "run-1", &post(0, 3));
+    create_run(&client, "run-2");
+    let blocked = step(&client, "run-2", &post(0, 6));
+    let record = blocked["prevention_record_id"].as_str().expect("a block with a record").to_owned();
+    client
+        .post(&format!("/v1/prevention-records/{record}/regret"), &json!({ "severity": 3, "note": "fine" }))
+        .expect(201);
+    let answers = |client: &Client| {
+        [
+            format!("/v1/prevention-records/{record}"),
+            "/v1/runs/run-1".to_owned(),
+            "/v1/runs/run-2/decisions".to_owned(),
+            "/v1/policies/pol_budget".to_owned(),
+            "/v1/policies/pol_budget?version=1".to_owned(),
+            "/v1/policies/pol_budget/audit".to_owned(),
+        ]
+        .map(|path| client.get(&path).expect(200).clone())
+    };
+    let before = answers(&client);
+    assert!(sled.terminate().success());
+    let sled_verify = String::from_utf8_lossy(&sled.cli(&["verify"]).stdout).into_owned();
+
+    let from = format!("sled:{}", sled.data_dir().display());
+    let to = format!("postgres:{}", db.url);
+    let out = run_cli(&[
+        OsStr::new("migrate-store"),
+        OsStr::new("--from"),
+        OsStr::new(&from),
+        OsStr::new("--to"),
+        OsStr::new(&to),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second copy into the now full database is refused.
+    let again = run_cli(&[
+        OsStr::new("migrate-store"),
+        OsStr::new("--from"),
+        OsStr::new(&from),
+        OsStr::new("--to"),
+        OsStr::new(&to),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+
+    let pg = Node::start_on_postgres(&db.url, None);
+    let client = pg.client();
+    assert_eq!(answers(&client), before);
+    let pg_verify = String::from_utf8_lossy(&pg.cli(&["verify"]).stdout).into_owned();
+    assert_eq!(pg_verify, sled_verify, "the same snapshots and records verify on both");
+    // The run stopped by the block stays stopped; the other continues from its totals.
+    client.post("/v1/runs/run-2/steps", &post(1, 1)).expect_error(409, "");
+    assert_eq!(step(&client, "run-1", &post(1, 3))["action"], "block");
 }
