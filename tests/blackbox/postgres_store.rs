@@ -264,7 +264,15 @@ fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
     client
         .post(&format!("/v1/prevention-records/{record}/regret"), &json!({ "severity": 3, "note": "fine" }))
         .expect(201);
-    let answers = |client: &Client| {
+    // A failed run: an incident and its pattern (the learning loop's data).
+    create_run(&client, "run-3");
+    let failing = json!({ "index": 0, "phase": "post", "usage": { "tokens": 1 }, "skill": "fetch",
+                          "api_endpoint": "GET /orders", "input_keys": ["id"],
+                          "error": { "type": "Timeout", "code": "e_upstream", "status": 504 } });
+    step(&client, "run-3", &failing);
+    let ended = client.post("/v1/runs/run-3/end", &json!({ "outcome": "failed" })).expect(200).clone();
+    let incident = ended["incident_id"].as_str().expect("an incident").to_owned();
+    let paths = |incident: &str| {
         [
             format!("/v1/prevention-records/{record}"),
             "/v1/runs/run-1".to_owned(),
@@ -272,8 +280,18 @@ fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
             "/v1/policies/pol_budget".to_owned(),
             "/v1/policies/pol_budget?version=1".to_owned(),
             "/v1/policies/pol_budget/audit".to_owned(),
+            format!("/v1/incidents/{incident}"),
+            "/v1/patterns".to_owned(),
+            "/v1/graduation".to_owned(),
         ]
-        .map(|path| client.get(&path).expect(200).clone())
+    };
+    // Graduation is evaluated when asked: its `evaluated_at` is the time of the question.
+    let answers = |client: &Client| {
+        paths(&incident).map(|path| {
+            let mut answer = client.get(&path).expect(200).clone();
+            answer.as_object_mut().map(|answer| answer.remove("evaluated_at"));
+            answer
+        })
     };
     let before = answers(&client);
     assert!(sled.terminate().success());
@@ -308,7 +326,9 @@ fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
 
     let pg = Node::start_on_postgres(&db.url, None);
     let client = pg.client();
-    assert_eq!(answers(&client), before);
+    for ((after, before), path) in answers(&client).iter().zip(&before).zip(paths(&incident)) {
+        assert_eq!(after, before, "{path} differs after the move");
+    }
     let pg_verify = String::from_utf8_lossy(&pg.cli(&["verify"]).stdout).into_owned();
     assert_eq!(pg_verify, sled_verify, "the same snapshots and records verify on both");
     // The run stopped by the block stays stopped; the other continues from its totals.
