@@ -97,8 +97,7 @@ fn export_prints_one_json_line_per_record_and_verify_passes() {
     let listed = client.get("/v1/prevention-records").expect(200)["items"].clone();
     node.terminate();
 
-    let data = node.data_dir();
-    let output = run_cli(&[OsStr::new("export"), OsStr::new("--data"), data.as_os_str()]);
+    let output = node.cli(&["export"]);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).expect("utf-8");
     let lines: Vec<Value> =
@@ -107,10 +106,10 @@ fn export_prints_one_json_line_per_record_and_verify_passes() {
     assert_eq!(lines.iter().map(|r| r["id"].clone()).collect::<Vec<_>>(), ids);
     assert_eq!(Value::Array(lines), listed, "export and the API agree");
 
-    let verified = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    let verified = node.cli(&["verify"]);
     assert_eq!(verified.status.code(), Some(0), "{}", String::from_utf8_lossy(&verified.stdout));
 
-    let nowhere = data.join("does-not-exist");
+    let nowhere = node.data_dir().join("does-not-exist");
     let missing = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), nowhere.as_os_str()]);
     assert_eq!(missing.status.code(), Some(2));
 }
@@ -120,8 +119,7 @@ fn export_of_an_empty_store_is_empty() {
     let mut node = Node::start();
     node.client().get("/healthz").expect(200);
     node.terminate();
-    let data = node.data_dir();
-    let output = run_cli(&[OsStr::new("export"), OsStr::new("--data"), data.as_os_str()]);
+    let output = node.cli(&["export"]);
     assert_eq!(output.status.code(), Some(0));
     assert!(output.stdout.is_empty());
 }
@@ -149,6 +147,7 @@ fn a_port_in_use_is_a_clear_error() {
 fn into_closed_pipe(args: &[&OsStr]) -> (Option<i32>, String) {
     use std::process::{Command, Stdio};
     let mut child = Command::new(crate::harness::runguard_bin())
+        .env_remove("RUNGUARD_TEST_STORE")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -168,11 +167,11 @@ fn writing_into_a_closed_pipe_exits_quietly() {
     create_run(&client, "run-1");
     step(&client, "run-1", &post(0, 6));
     node.terminate();
-    let data = node.data_dir();
+    let store = node.store_args();
 
     for args in [vec!["export"], vec!["export", "--runs"]] {
         let mut argv: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-        argv.extend([OsStr::new("--data"), data.as_os_str()]);
+        argv.extend(store.iter().map(std::ffi::OsString::as_os_str));
         let (code, stderr) = into_closed_pipe(&argv);
         assert_eq!(code, Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
@@ -180,7 +179,7 @@ fn writing_into_a_closed_pipe_exits_quietly() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let runs = dir.path().join("runs.ndjson");
-    let exported = run_cli(&[OsStr::new("export"), OsStr::new("--runs"), OsStr::new("--data"), data.as_os_str()]);
+    let exported = node.cli(&["export", "--runs"]);
     std::fs::write(&runs, &exported.stdout).expect("write runs");
     let policy = dir.path().join("policy.json");
     std::fs::write(&policy, budget("pol_candidate", "tokens", 1).to_string()).expect("write policy");
@@ -198,6 +197,7 @@ fn serve_with_closed_output_streams_runs_and_stops_cleanly() {
     let data = tempfile::tempdir().expect("temp dir");
     // `runguard serve 2>&1 | head` once `head` has exited: both streams lead nowhere.
     let mut child = Command::new(crate::harness::runguard_bin())
+        .env_remove("RUNGUARD_TEST_STORE")
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data.path())
         .stdin(Stdio::null())

@@ -2,12 +2,11 @@
 //! their record, and the record chain still verifies.
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
 
 use serde_json::json;
 
 use crate::fixtures::{budget, create_policy, create_run, post};
-use crate::harness::{Node, run_cli};
+use crate::harness::Node;
 
 #[test]
 fn racing_identical_calls_are_evaluated_once() {
@@ -58,7 +57,6 @@ fn concurrent_blocks_each_get_a_record_in_one_chain() {
     let listed: BTreeSet<_> = listed.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(listed, records.into_iter().collect::<BTreeSet<_>>());
     node.terminate();
-    let data = node.data_dir();
-    let verified = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    let verified = node.cli(&["verify"]);
     assert_eq!(verified.status.code(), Some(0), "{}", String::from_utf8_lossy(&verified.stdout));
 }

@@ -128,6 +128,7 @@ fn damage(data: &Path, how: Damage) {
 fn try_serve(data: &Path, logs: &Path) -> Result<(), (Option<i32>, String)> {
     let log = std::fs::File::create(logs).expect("log file");
     let mut child = Command::new(runguard_bin())
+        .env_remove("RUNGUARD_TEST_STORE")
         .args([OsStr::new("serve"), OsStr::new("--listen"), OsStr::new("127.0.0.1:0"), OsStr::new("--data")])
         .arg(data)
         .env_remove("RUNGUARD_CONFIG")
@@ -173,6 +174,9 @@ fn verify(data: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn damage_between_runs_is_refused_or_harmless_never_a_silent_loss() {
+    if crate::harness::sled_only("damage_between_runs_is_refused_or_harmless_never_a_silent_loss") {
+        return;
+    }
     let mut node = Node::start();
     populate(&node.client());
     let before = acknowledged(&node.client());

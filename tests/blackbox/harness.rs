@@ -6,6 +6,10 @@
 //! every status (never an error for non-2xx) as a [`Resp`], after checking it against the node's own
 //! OpenAPI document (see [`contract`]): a status the document does not declare for the operation, a body
 //! that does not match the schema declared for that status, or a missing `Retry-After` fails the test.
+//!
+//! The backend switch: with `RUNGUARD_TEST_STORE=postgres` every node keeps its data in a fresh database
+//! of a private PostgreSQL server started once per test process (`runguard-testpg`) instead of sled;
+//! tests that are about sled's files call [`sled_only`] and are skipped, with a message, on that pass.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -85,6 +89,39 @@ fn clear_runguard_env(command: &mut Command) {
     }
 }
 
+/// Whether this test process runs its nodes on PostgreSQL (`RUNGUARD_TEST_STORE=postgres`) rather than
+/// on sled (the default, or `RUNGUARD_TEST_STORE=sled`).
+pub fn on_postgres() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("RUNGUARD_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sled" | "") | Err(_) => false,
+        Ok(other) => panic!("RUNGUARD_TEST_STORE must be `sled` or `postgres`, not `{other}`"),
+    })
+}
+
+/// For a test about sled's files (its data directory, watermark, corruption): true, with a visible
+/// message, when the suite runs on PostgreSQL, where the test has nothing to check.
+#[must_use]
+pub fn sled_only(test: &str) -> bool {
+    if on_postgres() {
+        // Straight to the process's standard error: the test harness captures `eprintln!` of passing
+        // tests, and a skip must show in the run's output.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "skipping `{test}` on postgres: it is about the sled data directory");
+    }
+    on_postgres()
+}
+
+/// A fresh database on the test process's private PostgreSQL server (for the PostgreSQL pass, and for
+/// tests that run on PostgreSQL whatever the pass): `None`, with a message, when PostgreSQL is not
+/// installed, which fails the PostgreSQL pass and skips the others.
+pub fn fresh_postgres() -> Option<runguard_testpg::Database> {
+    let db = runguard_testpg::fresh_database();
+    assert!(db.is_some() || !on_postgres(), "RUNGUARD_TEST_STORE=postgres, but PostgreSQL is not installed");
+    db
+}
+
 /// A bearer token as configured in `[[tokens]]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Token {
@@ -142,6 +179,8 @@ pub struct Node {
     agent: ureq::Agent,
     /// Whether its clients check answers against the document (all but the node that serves it).
     checked: bool,
+    /// The PostgreSQL URL of its store, when it keeps its data there rather than in sled.
+    postgres: Option<String>,
 }
 
 impl Node {
@@ -159,7 +198,22 @@ impl Node {
         Self::launch_as(toml, true)
     }
 
+    /// A node on PostgreSQL at `url` (whatever the pass), with this TOML configuration if any.
+    pub fn start_on_postgres(url: &str, toml: Option<&str>) -> Node {
+        Self::launch_on(toml, true, Some(url.to_owned()))
+    }
+
+    /// A node on sled (whatever the pass), with this TOML configuration if any.
+    pub fn start_on_sled(toml: Option<&str>) -> Node {
+        Self::launch_on(toml, true, None)
+    }
+
     fn launch_as(toml: Option<&str>, checked: bool) -> Node {
+        let postgres = on_postgres().then(|| fresh_postgres().map(|db| db.url)).flatten();
+        Self::launch_on(toml, checked, postgres)
+    }
+
+    fn launch_on(toml: Option<&str>, checked: bool, postgres: Option<String>) -> Node {
         let dir = tempfile::Builder::new().prefix("runguard-bbt-").tempdir().expect("a temporary directory");
         let config = toml.map(|text| {
             let path = dir.path().join("runguard.toml");
@@ -171,7 +225,7 @@ impl Node {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .build()
             .into();
-        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent, checked };
+        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent, checked, postgres };
         node.spawn();
         node
     }
@@ -179,6 +233,23 @@ impl Node {
     /// The sled data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The arguments that name this node's store to `verify` and `export`: `--data DIR` on sled,
+    /// `--postgres-url URL` on PostgreSQL.
+    pub fn store_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.postgres {
+            Some(url) => vec!["--postgres-url".into(), url.into()],
+            None => vec!["--data".into(), self.data_dir().into()],
+        }
+    }
+
+    /// Runs `runguard ARGS… <this node's store>` to completion (`verify`, `export`).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut argv: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        argv.extend(self.store_args());
+        let argv: Vec<&std::ffi::OsStr> = argv.iter().map(std::ffi::OsString::as_os_str).collect();
+        run_cli(&argv)
     }
 
     /// The node's log so far (stderr of every start).
@@ -199,6 +270,9 @@ impl Node {
             command.arg("--config").arg(config);
         }
         clear_runguard_env(&mut command);
+        if let Some(url) = &self.postgres {
+            command.env("RUNGUARD_STORE", "postgres").env("RUNGUARD_POSTGRES_URL", url);
+        }
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
         let mut child = command.spawn().expect("spawn runguard serve");
         let stdout = child.stdout.take().expect("piped stdout");

@@ -23,6 +23,7 @@ mod overload;
 mod policies;
 mod policy_apply;
 mod policy_docs;
+mod postgres_store;
 mod prevention_contract;
 mod readme;
 mod records;

@@ -21,7 +21,7 @@ struct Ran {
 fn runguard(args: &[&OsStr], stdin: Option<&str>) -> Ran {
     let mut command = Command::new(runguard_bin());
     command.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    for key in ["RUNGUARD_TOKEN", "RUNGUARD_SERVER", "RUNGUARD_CONFIG"] {
+    for key in ["RUNGUARD_TOKEN", "RUNGUARD_SERVER", "RUNGUARD_CONFIG", "RUNGUARD_TEST_STORE"] {
         command.env_remove(key);
     }
     command.stdout(Stdio::piped()).stderr(Stdio::piped());

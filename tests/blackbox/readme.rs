@@ -2,10 +2,9 @@
 //! out of README.md (so that the test fails when the README drifts from the node) and sent in order, and
 //! what the README says they answer is checked.
 
-use std::ffi::OsStr;
 use std::path::Path;
 
-use crate::harness::{Node, Resp, run_cli};
+use crate::harness::{Node, Resp};
 
 /// One `curl` command: method, path (after `localhost:7070`) and body.
 #[derive(Debug)]
@@ -146,8 +145,7 @@ fn walkthrough() {
     let args = verify.iter().skip_while(|w| *w != "--").skip(1).map(String::as_str).collect::<Vec<_>>();
     assert_eq!(args, ["verify", "--data", "./runguard-data"]);
     assert!(node.terminate().success());
-    let data = node.data_dir();
-    let output = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    let output = node.cli(&["verify"]);
     let out = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{out}");
     assert!(out.lines().any(|l| l == "ok") && out.contains("records checked: 1"), "{out}");

@@ -1,12 +1,10 @@
 //! Durability across restarts: after a graceful stop (SIGTERM) or a crash (SIGKILL) the node resumes every
 //! run from the store with its totals, status and budgets, keeps every record, and the store verifies.
 
-use std::ffi::OsStr;
-
 use serde_json::{Value, json};
 
 use crate::fixtures::{budget, create_policy, create_run, post, pre, step};
-use crate::harness::{Node, run_cli};
+use crate::harness::Node;
 
 #[derive(Clone, Copy, Debug)]
 enum Stop {
@@ -25,8 +23,7 @@ fn stop(node: &mut Node, how: Stop) {
 }
 
 fn verify(node: &Node) -> std::process::Output {
-    let data = node.data_dir();
-    run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()])
+    node.cli(&["verify"])
 }
 
 fn record_ids(node: &Node) -> Vec<Value> {
@@ -133,6 +130,9 @@ fn the_acknowledged_state_check_never_refuses_a_sound_store() {
     // The watermark lags the latest commits by up to a second (SPEC §12.9): a crash right after a burst
     // of acknowledgements, and a crash after the watermark caught up, both restart and serve everything;
     // `verify` agrees, and leaves the data directory as it was.
+    if crate::harness::sled_only("the_acknowledged_state_check_never_refuses_a_sound_store") {
+        return;
+    }
     let mut node = Node::start();
     let client = node.client();
     create_policy(&client, &budget("pol_budget", "tokens", 100));

@@ -282,13 +282,7 @@ fn configured_limits_answer_clear_errors() {
 /// The runs a stopped node's data directory exports (`runguard export --runs`), one JSON value each.
 fn exported_runs(node: &mut Node) -> Vec<Value> {
     node.terminate();
-    let data = node.data_dir();
-    let output = crate::harness::run_cli(&[
-        std::ffi::OsStr::new("export"),
-        std::ffi::OsStr::new("--runs"),
-        std::ffi::OsStr::new("--data"),
-        data.as_os_str(),
-    ]);
+    let output = node.cli(&["export", "--runs"]);
     assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
 }

@@ -13,14 +13,13 @@
 //! replays a seed (printed at the start). `just soak` runs the long version in release mode.
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::fixtures::{budget, create_policy};
-use crate::harness::{Client, Node, run_cli};
+use crate::harness::{Client, Node};
 
 /// Tokens a run may use before its budget blocks it (a run takes about ten steps).
 const BUDGET: u64 = 300;
@@ -220,8 +219,7 @@ fn check_run(client: &Client, run: &mut RunModel, totals: &mut Totals) {
 }
 
 fn verify(node: &Node) {
-    let data = node.data_dir();
-    let out = run_cli(&[OsStr::new("verify"), OsStr::new("--data"), data.as_os_str()]);
+    let out = node.cli(&["verify"]);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -1,8 +1,10 @@
 //! The project's task runner (the `cargo xtask` convention: a plain binary in the workspace, run through
 //! the alias in `.cargo/config.toml`, so tasks need nothing but cargo).
 //!
-//! `cargo xtask test` is the test command of README.md: `cargo test --workspace`, then the Python SDK's
-//! tests. The Python side needs only `python3` (override with `PYTHON`): a virtual environment is created
+//! `cargo xtask test` is the test command of README.md: `cargo test --workspace` (the black-box suite on
+//! sled), the black-box suite again on PostgreSQL (`RUNGUARD_TEST_STORE=postgres`: each node gets a fresh
+//! database of a private server the suite starts from the installed PostgreSQL binaries), then the Python
+//! SDK's tests. `cargo xtask blackbox sled|postgres` runs the black-box suite on one backend. The Python side needs only `python3` (override with `PYTHON`): a virtual environment is created
 //! under the target directory and the SDK is installed into it with its test extras, at the versions
 //! pinned in `clients/python/constraints.txt`. pytest then builds and starts the real `runguard` binary.
 //! `cargo xtask test-python` runs only the Python part. `cargo xtask layering` checks that the node's and
@@ -17,11 +19,15 @@ mod layering;
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
-        "test" => rust_tests().and_then(|()| python_tests()),
+        "test" => rust_tests().and_then(|()| blackbox("postgres")).and_then(|()| python_tests()),
+        "blackbox" => match std::env::args().nth(2).as_deref() {
+            Some(store @ ("sled" | "postgres")) => blackbox(store),
+            _ => Err("usage: cargo xtask blackbox sled|postgres".to_owned()),
+        },
         "test-python" => python_tests(),
         "layering" => layering::check(&workspace()),
         _ => {
-            eprintln!("usage: cargo xtask test | test-python | layering");
+            eprintln!("usage: cargo xtask test | blackbox sled|postgres | test-python | layering");
             return ExitCode::from(2);
         }
     };
@@ -60,6 +66,13 @@ fn run(command: &mut Command) -> Result<(), String> {
 
 fn rust_tests() -> Result<(), String> {
     run(Command::new(cargo()).args(["test", "--workspace"]))
+}
+
+/// The black-box suite with every node on `store` (`sled` or `postgres`).
+fn blackbox(store: &str) -> Result<(), String> {
+    run(Command::new(cargo())
+        .args(["test", "-p", "runguard-tests", "--test", "blackbox"])
+        .env("RUNGUARD_TEST_STORE", store))
 }
 
 fn python_tests() -> Result<(), String> {

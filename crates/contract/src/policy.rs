@@ -438,7 +438,7 @@ pub struct ExprRule {
     pub cel: String,
 }
 
-/// What a repeat rule compares between steps (SPEC §13.1).
+/// What a repeat rule compares between steps (`docs/policies.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]

@@ -37,7 +37,7 @@ pub fn regret_score(regrets: &[Regret], activated_at: Option<Timestamp>, now: Ti
     (score, counted.len())
 }
 
-/// Whether a blocking decision was a fault rather than a prevention (SPEC §12.2): its deciding violation
+/// Whether a blocking decision was a fault rather than a prevention (`docs/learning-loop.md`): its deciding violation
 /// is an `evaluation_error` or an `integrity` failure. A record of such a block (an older store may hold
 /// one) never counts for graduation, prevention rates or regret.
 pub fn is_fault(decision: &Decision) -> bool {
@@ -51,7 +51,7 @@ pub fn should_demote(score: f64, count: usize) -> bool {
     score >= DEMOTION_SCORE || count >= DEMOTION_REGRETS
 }
 
-/// A policy's graduation status (SPEC §6).
+/// A policy's graduation status (`docs/learning-loop.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyStatus {
@@ -74,7 +74,7 @@ pub struct PolicyGraduation {
     pub status: PolicyStatus,
     /// At least one counted record since the latest activation.
     pub gate_passed: bool,
-    /// Records counted (SPEC §4 (6)).
+    /// Records counted (`docs/learning-loop.md`).
     pub counted_records: u64,
     /// The latest activation.
     pub activated_at: Option<Timestamp>,
@@ -153,7 +153,7 @@ pub struct TenantEvidence<'a> {
     pub demotions: &'a [Timestamp],
 }
 
-/// The gates of SPEC §6 over the 30 days before `now`.
+/// The graduation gates (`docs/learning-loop.md`) over the 30 days before `now`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TenantGates {
     /// Gate 1: at least one counted prevention and a prevention rate ≥ 0.5.

@@ -1,4 +1,4 @@
-//! Loop detection (SPEC §13.1): the call and error keys of a run's latest steps, and the repeat check.
+//! Loop detection (`docs/evaluation.md`, "Repeat rules"): the call and error keys of a run's latest steps, and the repeat check.
 //!
 //! A run keeps only the keys of the steps its widest repeat rule can still look at (a ring of at most
 //! `window + 1` steps) and only as 32-byte digests, never texts. The keys are computed from the step

@@ -298,7 +298,7 @@ impl RunState {
         }
     }
 
-    /// Decides whether `call` may be evaluated now (SPEC §2.5).
+    /// Decides whether `call` may be evaluated now (`docs/evaluation.md`).
     pub(crate) fn admit(&self, call: &StepCall) -> Admission {
         let last_same_call = self.last.as_ref().filter(|last| {
             last.index == Some(call.index)

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use runguard_contract::PolicyLimits;
 use runguard_store::{Store, StoreOptions};
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Overrides, StoreKind};
 
 /// runguard: a policy prevention node for LLM agent runs.
 #[derive(Debug, Parser)]
@@ -32,6 +32,15 @@ enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Bring a PostgreSQL store's schema to this build's version and say which version it is at.
+    /// Idempotent. Exit 0 done, 1 the database cannot be migrated (unreachable, or a newer schema), 2 a
+    /// usage error.
+    Migrate(migrate::MigrateArgs),
+    /// Copy a stopped node's sled store into an empty PostgreSQL database (`--from sled:DIR --to
+    /// postgres:URL`): policies with every version and audit entry, runs with their ledgers, the record
+    /// chain with the same sequence numbers and hashes, and the learning loop; then verify the copy. Exit 0
+    /// only when the copy verifies and ends on the source's chain head.
+    MigrateStore(migrate::MigrateStoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -49,12 +58,21 @@ struct ServeArgs {
 
 #[derive(Debug, Args)]
 struct DataArgs {
-    /// TOML configuration file (for `data_dir`).
+    /// TOML configuration file (for `data_dir`, or `store` and `postgres_url`).
     #[arg(long, env = "RUNGUARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Data directory.
-    #[arg(long)]
+    /// Data directory (a sled store).
+    #[arg(long, conflicts_with = "postgres_url")]
     data: Option<PathBuf>,
+    /// A PostgreSQL store's URL (implies `store = "postgres"`).
+    #[arg(long)]
+    postgres_url: Option<String>,
+}
+
+impl DataArgs {
+    fn overrides(self) -> Overrides {
+        Overrides { listen: None, data_dir: self.data, postgres_url: self.postgres_url }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +132,7 @@ macro_rules! complain {
 
 mod apply;
 mod lint;
+mod migrate;
 
 pub use lint::{lint_document, problems};
 
@@ -128,6 +147,8 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Lint { files }) => lint(&files),
         Command::Policy(PolicyCommand::Apply(args)) => apply::apply(&args),
         Command::Policy(PolicyCommand::Schema) => policy_schema(),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::MigrateStore(args) => migrate::migrate_store(&args),
     }
 }
 
@@ -139,7 +160,7 @@ fn load_config(file: Option<&Path>, overrides: &Overrides) -> Result<Config, Exi
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let overrides = Overrides { listen: args.listen, data_dir: args.data };
+    let overrides = Overrides { listen: args.listen, data_dir: args.data, postgres_url: None };
     let config = match load_config(args.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(code) => return code,
@@ -156,68 +177,79 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
-    let overrides = Overrides { listen: None, data_dir: args.data };
-    let config = match load_config(args.config.as_deref(), &overrides) {
+    let config = match load_config(args.config.clone().as_deref(), &args.overrides()) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if !config.data_dir.is_dir() {
+    if config.store == StoreKind::Sled && !config.data_dir.is_dir() {
         complain!("runguard: data directory `{}` does not exist", config.data_dir.display());
         return ExitCode::from(USAGE);
     }
-    match Store::open(
-        &config.data_dir,
-        &StoreOptions { cache_capacity_bytes: config.store_cache_bytes, ..StoreOptions::default() },
-    ) {
+    match crate::server::open_store(&config) {
         Ok(store) => action(&store),
         Err(err) => {
-            complain!("runguard: cannot open the store in `{}`: {err}", config.data_dir.display());
+            complain!("runguard: {err:#}");
             ExitCode::from(USAGE)
         }
     }
 }
 
-/// `verify` works on a copy of the data directory (see `Store::verify_dir`), so it never changes it; a
-/// store too damaged to open, or behind what it had acknowledged, is a finding (exit 1).
+/// `verify` works on a copy of a sled data directory (see `Store::verify_dir`), so it never changes it;
+/// on PostgreSQL it reads the live database. A store too damaged to open, or behind what it had
+/// acknowledged, is a finding (exit 1).
 fn verify(args: DataArgs) -> ExitCode {
-    let overrides = Overrides { listen: None, data_dir: args.data };
-    let config = match load_config(args.config.as_deref(), &overrides) {
+    let config = match load_config(args.config.clone().as_deref(), &args.overrides()) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if !config.data_dir.is_dir() {
-        eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
-        return ExitCode::from(USAGE);
-    }
-    let options = StoreOptions { cache_capacity_bytes: config.store_cache_bytes, fsync: false };
-    match Store::verify_dir(&config.data_dir, &options) {
-        Ok(report) => {
-            println!("snapshots checked: {}", report.snapshots_checked);
-            println!("records checked: {}", report.records_checked);
-            if let Some(lost) = &report.lost {
-                println!("lost: {lost}");
+    let report = match (config.store, &config.postgres_url) {
+        (StoreKind::Postgres, Some(url)) => match Store::open_postgres(url.expose(), &config.pg_options()) {
+            Ok(store) => store.verify(),
+            Err(err) => {
+                eprintln!("runguard: cannot open the postgres store at `{url}`: {err}");
+                return ExitCode::from(if err.kind() == runguard_store::StoreErrorKind::Io { USAGE } else { FINDING });
             }
-            if let Some(broken) = &report.snapshot_break {
-                println!("first broken snapshot: {broken}");
+        },
+        _ => {
+            if !config.data_dir.is_dir() {
+                eprintln!("runguard: data directory `{}` does not exist", config.data_dir.display());
+                return ExitCode::from(USAGE);
             }
-            if let Some(broken) = &report.record_break {
-                println!("first broken record: {broken}");
-            }
-            if report.is_ok() {
-                println!("ok");
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(FINDING)
-            }
+            let options = StoreOptions { cache_capacity_bytes: config.store_cache_bytes, fsync: false };
+            Store::verify_dir(&config.data_dir, &options)
         }
+    };
+    match report {
+        Ok(report) => print_report(&report),
         Err(err) if err.kind() == runguard_store::StoreErrorKind::Io => {
-            eprintln!("runguard: cannot verify the store in `{}`: {err}", config.data_dir.display());
+            eprintln!("runguard: cannot verify the store: {err}");
             ExitCode::from(USAGE)
         }
         Err(err) => {
             eprintln!("runguard: verification could not run: {err}");
             ExitCode::from(FINDING)
         }
+    }
+}
+
+/// Prints what `verify` found; exit 0 when nothing, 1 otherwise.
+fn print_report(report: &runguard_store::VerifyReport) -> ExitCode {
+    println!("snapshots checked: {}", report.snapshots_checked);
+    println!("records checked: {}", report.records_checked);
+    if let Some(lost) = &report.lost {
+        println!("lost: {lost}");
+    }
+    if let Some(broken) = &report.snapshot_break {
+        println!("first broken snapshot: {broken}");
+    }
+    if let Some(broken) = &report.record_break {
+        println!("first broken record: {broken}");
+    }
+    if report.is_ok() {
+        println!("ok");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FINDING)
     }
 }
 

@@ -92,8 +92,13 @@ impl CommitHandle {
         };
         match answer {
             Some(Ok(receipt)) => Ok(receipt),
-            // The store writes nothing of a batch it answers with an error.
-            Some(Err(err)) => Err(Refused { error: NodeError::Store(err), settled: true }),
+            // A refusal or an injected failure writes nothing. An I/O error may not say what happened:
+            // a database that went away during COMMIT may have committed it, so the caller must read the
+            // store again before it answers the run's next call.
+            Some(Err(err)) => {
+                let settled = err.kind() != runguard_store::StoreErrorKind::Io;
+                Err(Refused { error: NodeError::Store(err), settled })
+            }
             None => {
                 tracing::error!("writer unavailable");
                 let error = NodeError::unavailable("the writer is overloaded or stopped; treat the call as a block");

@@ -56,6 +56,57 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which store backend the node keeps its data in (`docs/operations.md`, "Running on PostgreSQL").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// Embedded sled under `data_dir`.
+    #[default]
+    Sled,
+    /// A PostgreSQL database at `postgres_url`.
+    Postgres,
+}
+
+impl StoreKind {
+    /// The config name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sled => "sled",
+            StoreKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// A PostgreSQL URL, which may hold a password: its `Debug` and `Display` forms mask the password, so
+/// that a logged or printed configuration never shows it. Only [`PostgresUrl::expose`] gives the URL.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", runguard_store::redact_postgres_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&runguard_store::redact_postgres_url(&self.0))
+    }
+}
+
 /// Every limit of the node, with safe defaults (`docs/operations.md`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -178,6 +229,13 @@ pub struct Config {
     pub listen: String,
     /// Where sled keeps its files.
     pub data_dir: PathBuf,
+    /// The store backend: `sled` (the default, under `data_dir`) or `postgres` (at `postgres_url`).
+    pub store: StoreKind,
+    /// The PostgreSQL database of `store = "postgres"` (also `RUNGUARD_POSTGRES_URL`), e.g.
+    /// `postgres://runguard:PASSWORD@db.internal:5432/runguard`. Its password is never logged or shown.
+    pub postgres_url: Option<PostgresUrl>,
+    /// Connections the PostgreSQL read pool keeps at most (the writer has one more of its own).
+    pub postgres_pool_size: u32,
     /// Bearer tokens; none means development mode (loopback only, tenant `default`, admin, no auth).
     pub tokens: Vec<TokenConfig>,
     /// Log format.
@@ -215,6 +273,9 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:7070".to_owned(),
             data_dir: PathBuf::from("./runguard-data"),
+            store: StoreKind::Sled,
+            postgres_url: None,
+            postgres_pool_size: runguard_store::PgOptions::default().pool_size,
             tokens: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
@@ -251,6 +312,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--data`.
     pub data_dir: Option<PathBuf>,
+    /// `--postgres-url` (implies `store = "postgres"`).
+    pub postgres_url: Option<String>,
 }
 
 impl Config {
@@ -277,6 +340,11 @@ impl Config {
         }
         if let Some(data) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("data_dir", data));
+        }
+        if let Some(url) = &overrides.postgres_url {
+            figment = figment
+                .merge(Serialized::default("store", StoreKind::Postgres))
+                .merge(Serialized::default("postgres_url", url));
         }
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(Box::new(e)))?;
         // CEL costs are bounded for the step inputs the node accepts (`docs/evaluation.md`).
@@ -351,7 +419,31 @@ impl Config {
             return invalid("`confirmations_required` and `proposal_min_occurrences` must be at least 1".into());
         }
         self.http.validate()?;
-        Ok(())
+        self.validate_store()
+    }
+
+    /// A PostgreSQL store needs a URL that parses; the message shows it with its password masked.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        if self.store == StoreKind::Sled {
+            return Ok(());
+        }
+        let Some(url) = &self.postgres_url else {
+            return Err(ConfigError::Invalid(
+                "`store` = `postgres` needs `postgres_url` (or RUNGUARD_POSTGRES_URL), e.g. \
+                 `postgres://runguard@localhost:5432/runguard`"
+                    .into(),
+            ));
+        };
+        if self.postgres_pool_size == 0 {
+            return Err(ConfigError::Invalid("`postgres_pool_size` must be at least 1".into()));
+        }
+        runguard_store::check_postgres_url(url.expose())
+            .map_err(|err| ConfigError::Invalid(format!("`postgres_url`: {}", err.message())))
+    }
+
+    /// The PostgreSQL connection options of this configuration.
+    pub fn pg_options(&self) -> runguard_store::PgOptions {
+        runguard_store::PgOptions { pool_size: self.postgres_pool_size, ..runguard_store::PgOptions::default() }
     }
 }
 
@@ -387,7 +479,8 @@ sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         )
         .unwrap();
         let config =
-            Config::load(Some(&file), &Overrides { listen: Some("127.0.0.1:9001".into()), data_dir: None }).unwrap();
+            Config::load(Some(&file), &Overrides { listen: Some("127.0.0.1:9001".into()), ..Overrides::default() })
+                .unwrap();
         assert_eq!(config.listen, "127.0.0.1:9001");
         assert_eq!(config.run_ttl_s, 60);
         assert_eq!(config.limits.body_bytes, 2048);
@@ -419,5 +512,30 @@ sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         assert!(Config::load(Some(&file), &Overrides::default()).is_err());
         std::fs::write(&file, "[[tokens]]\nname='a'\ntenant='t'\nrole='admin'\nsha256='00'\n").unwrap();
         assert!(Config::load(Some(&file), &Overrides::default()).unwrap_err().to_string().contains("sha256"));
+    }
+
+    #[test]
+    fn a_postgres_store_needs_a_url_and_never_shows_its_password() {
+        let missing = Config { store: StoreKind::Postgres, ..Config::default() };
+        assert!(missing.validate().unwrap_err().to_string().contains("`postgres_url`"));
+        let url = PostgresUrl::new("postgres://rg:hunter2@db:5432/runguard");
+        let config = Config { store: StoreKind::Postgres, postgres_url: Some(url.clone()), ..Config::default() };
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(url.to_string(), "postgres://rg:***@db:5432/runguard");
+        assert_eq!(url.expose(), "postgres://rg:hunter2@db:5432/runguard");
+        let bad = Config { postgres_url: Some(PostgresUrl::new("postgres://rg:hunter2@db:port/x")), ..config };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("postgres_url") && !err.contains("hunter2"), "{err}");
+        // sled ignores the URL.
+        assert!(Config { store: StoreKind::Sled, ..bad }.validate().is_ok());
+    }
+
+    #[test]
+    fn the_postgres_url_flag_chooses_the_postgres_store() {
+        let overrides = Overrides { postgres_url: Some("postgres://rg@db/x".into()), ..Overrides::default() };
+        let config = Config::load(None, &overrides).unwrap();
+        assert_eq!(config.store, StoreKind::Postgres);
+        assert_eq!(config.postgres_url.unwrap().expose(), "postgres://rg@db/x");
     }
 }

@@ -7,7 +7,7 @@
 //! ```no_run
 //! use runguard_node::config::{Config, Overrides};
 //!
-//! let config = Config::load(None, &Overrides { listen: Some("127.0.0.1:7070".into()), data_dir: None }).unwrap();
+//! let config = Config::load(None, &Overrides { listen: Some("127.0.0.1:7070".into()), ..Overrides::default() }).unwrap();
 //! runguard_node::server::serve(config).unwrap();
 //! ```
 

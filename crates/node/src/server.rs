@@ -21,7 +21,7 @@ use crate::actors::learning::Learning;
 use crate::actors::registry::{Registry, RunTable};
 use crate::actors::writer::{Drain, Writer};
 use crate::auth::Authenticator;
-use crate::config::{Config, HttpEdge};
+use crate::config::{Config, HttpEdge, StoreKind};
 use crate::http::metered::AnswerBudget;
 use crate::http::{self, AppState};
 use crate::shared::Shared;
@@ -36,7 +36,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     // Bound before anything starts, so that a port in use is a plain error with nothing to unwind.
     let addr = config.listen_addr()?;
     let listener = listen(addr).with_context(|| format!("cannot listen on `{addr}`"))?;
-    actix_rt::System::new().block_on(run(config, listener))
+    // Opened outside the async runtime: the PostgreSQL client is sync and drives a runtime of its own,
+    // which cannot start inside another.
+    let store = Arc::new(open_store(&config)?);
+    store.index_snapshot_bindings().context("cannot index the snapshot bindings of stored runs")?;
+    let (next_seq, _) = store.chain_head().context("cannot read the record chain head")?;
+    tracing::info!(store = store.backend_name(), records = next_seq.saturating_sub(1), "store open");
+    actix_rt::System::new().block_on(run(config, listener, store))
 }
 
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -87,7 +93,22 @@ async fn shutdown_signal() -> &'static str {
     futures_util::future::select_all(waits).await.0
 }
 
-async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
+/// Opens the configured backend: sled under `data_dir`, or PostgreSQL at `postgres_url` (migrating an
+/// older schema; a newer one is refused). Messages show the URL with its password masked.
+pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+    match (config.store, &config.postgres_url) {
+        (StoreKind::Postgres, Some(url)) => Store::open_postgres(url.expose(), &config.pg_options())
+            .with_context(|| format!("cannot open the postgres store at `{url}`")),
+        (StoreKind::Postgres, None) => anyhow::bail!("`store` = `postgres` needs `postgres_url`"),
+        (StoreKind::Sled, _) => Store::open(
+            &config.data_dir,
+            &StoreOptions { cache_capacity_bytes: config.store_cache_bytes, ..StoreOptions::default() },
+        )
+        .with_context(|| format!("cannot open the store in `{}`", config.data_dir.display())),
+    }
+}
+
+async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("the listening socket has no address")?;
     if config.dev_mode() {
         tracing::warn!(
@@ -95,16 +116,6 @@ async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
             "no [[tokens]] configured: AUTHENTICATION IS OFF (development mode: loopback only, tenant `default`, admin role)"
         );
     }
-    let store = Arc::new(
-        Store::open(
-            &config.data_dir,
-            &StoreOptions { cache_capacity_bytes: config.store_cache_bytes, ..StoreOptions::default() },
-        )
-        .with_context(|| format!("cannot open the store in `{}`", config.data_dir.display()))?,
-    );
-    store.index_snapshot_bindings().context("cannot index the snapshot bindings of stored runs")?;
-    let (next_seq, _) = store.chain_head().context("cannot read the record chain head")?;
-    tracing::info!(data_dir = %config.data_dir.display(), records = next_seq.saturating_sub(1), "store open");
     let metrics = match metric_families::install() {
         Ok(handle) => Some(handle),
         Err(err) => {

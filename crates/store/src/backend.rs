@@ -172,6 +172,9 @@ seam! {
     /// A policy's shadow statistics as `tenant` sees them (zero when none were recorded): a tenant policy's
     /// own, a global policy's from `tenant`'s runs only.
     fn shadow_stats(&self, owner: Option<&TenantId>, id: &PolicyId, tenant: &TenantId) -> Result<ShadowStats, StoreError>;
+    /// Every tenant that owns a policy, by id (global policies are listed through any tenant): the
+    /// starting point of `runguard migrate-store`, which copies every tenant's policies.
+    fn policy_owners(&self) -> Result<Vec<TenantId>, StoreError>;
     /// Whether any tenant has a policy with this id (a global policy may not take it, `docs/learning-loop.md`, policy ids).
     fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError>;
     /// A policy's audit entries made at or after `since`, oldest first.

@@ -92,7 +92,9 @@ pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteO
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
-pub use postgres::{PG_SCHEMA_VERSION, PgOptions, migrate};
+pub use postgres::{
+    PG_SCHEMA_VERSION, PgOptions, check_url as check_postgres_url, migrate, redact as redact_postgres_url,
+};
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
 pub use sled_backend::{SCHEMA_VERSION, StoreOptions};
 pub use watermark::WATERMARK_FILE;

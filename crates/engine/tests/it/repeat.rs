@@ -1,4 +1,4 @@
-//! Repeat rules (loop detection, SPEC §13.1) through the `Run` facade: the counting and its window, the
+//! Repeat rules (loop detection, `docs/evaluation.md`) through the `Run` facade: the counting and its window, the
 //! evidence, and rehydration from the ledger; a property test against a model that keeps every key.
 
 use std::sync::Arc;

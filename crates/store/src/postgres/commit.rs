@@ -33,13 +33,15 @@ impl PgStore {
     }
 
     pub(crate) fn commit_group(&self, batches: Vec<WriteBatch>) -> Vec<Result<CommitReceipt, StoreError>> {
-        self.signals.group(
-            &batches,
-            || self.writer(),
-            |writer, outcomes| self.attempt(writer, &batches, outcomes),
-            // The connection may be gone or mid-transaction: start afresh next time.
-            |writer| writer.reset(),
-        )
+        super::off_runtime(|| {
+            self.signals.group(
+                &batches,
+                || self.writer(),
+                |writer, outcomes| self.attempt(writer, &batches, outcomes),
+                // The connection may be gone or mid-transaction: start afresh next time.
+                |writer| writer.reset(),
+            )
+        })
     }
 
     fn attempt(

@@ -168,18 +168,20 @@ impl PgStore {
     /// Runs a read on a pooled connection. Pooled connections outlive a database restart as dead
     /// sockets; a read that finds its connection so is run again on another (the pool drops closed ones),
     /// at most once per connection the pool can hold.
-    fn read<T>(
+    fn read<T: Send>(
         &self,
-        mut read: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>,
+        mut read: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error> + Send,
     ) -> Result<T, ReadError> {
-        let mut tries = self.pool.max_size();
-        loop {
-            let mut conn = self.pooled().map_err(ReadError::Store)?;
-            match read(&mut conn) {
-                Err(_) if conn.is_closed() && tries > 0 => tries -= 1,
-                other => return other.map_err(ReadError::Db),
+        off_runtime(|| {
+            let mut tries = self.pool.max_size();
+            loop {
+                let mut conn = self.pooled().map_err(ReadError::Store)?;
+                match read(&mut conn) {
+                    Err(_) if conn.is_closed() && tries > 0 => tries -= 1,
+                    other => return other.map_err(ReadError::Db),
+                }
             }
-        }
+        })
     }
 
     /// A pooled connection known to be alive (for a long walk such as `verify`).
@@ -231,6 +233,10 @@ impl PgStore {
 
     /// Checks that the database takes writes: connected, and not a read-only standby.
     pub(crate) fn probe(&self) -> Result<(), StoreError> {
+        off_runtime(|| self.probe_off_runtime())
+    }
+
+    fn probe_off_runtime(&self) -> Result<(), StoreError> {
         let mut writer = self.writer();
         let result = self.probe_locked(&mut writer);
         if result.as_ref().is_err_and(|err| err.kind() == StoreErrorKind::Io) {
@@ -278,6 +284,26 @@ impl PgStore {
     }
 }
 
+/// Checks that `url` is a PostgreSQL URL (or key=value string) the client can use, without connecting:
+/// configuration validation. The error shows the URL with its password masked.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    parse_url(url, &PgOptions::default()).map(drop)
+}
+
+/// Runs `work` where the sync client may block. The client drives a runtime of its own, which cannot
+/// start on a thread that drives an async runtime (the node's actix arbiters: its writer, its learning
+/// loop); there `work` runs on a scoped thread of its own, which costs a thread start per call. Elsewhere
+/// (plain threads, `spawn_blocking` threads) it runs in place.
+pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    std::thread::scope(|scope| match scope.spawn(work).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 fn parse_url(url: &str, options: &PgOptions) -> Result<postgres::Config, StoreError> {
     let mut config: postgres::Config = url.parse().map_err(|_| {
         StoreError::new(StoreErrorKind::InvalidArgument, format!("`{}` is not a PostgreSQL URL", redact(url)))
@@ -288,7 +314,7 @@ fn parse_url(url: &str, options: &PgOptions) -> Result<postgres::Config, StoreEr
 }
 
 /// The URL with its password replaced by `***`, for messages and logs.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return "the configured database".to_owned() };
     let (authority, tail) = match rest.find(['/', '?']) {
         Some(at) => rest.split_at(at),

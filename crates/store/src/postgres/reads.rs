@@ -240,6 +240,20 @@ impl PgStore {
         shadow_row(rows.first())
     }
 
+    pub(crate) fn policy_owners(&self) -> Result<Vec<TenantId>, StoreError> {
+        let rows = self.rows(
+            "policy owners",
+            "SELECT DISTINCT owner FROM policy_heads WHERE owner <> '' ORDER BY owner",
+            &[],
+        )?;
+        rows.iter()
+            .map(|row| {
+                let owner: String = column(row, "owner")?;
+                TenantId::new(owner).map_err(|err| StoreError::corrupt(format!("a stored policy owner: {err}")))
+            })
+            .collect()
+    }
+
     pub(crate) fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError> {
         let rows = self.rows(
             "policy heads",

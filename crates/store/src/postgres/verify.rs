@@ -17,6 +17,10 @@ const CHUNK: i64 = 1000;
 
 impl PgStore {
     pub(crate) fn verify(&self) -> Result<VerifyReport, StoreError> {
+        super::off_runtime(|| self.verify_off_runtime())
+    }
+
+    fn verify_off_runtime(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let mut conn = self.live()?;
         let mut after = String::new();

@@ -123,6 +123,24 @@ impl Store {
     /// Whether any tenant has a policy with this id (a global policy may not take it).
     ///
     /// Reads every policy head: creating a global policy is rare and done by an admin.
+    pub fn policy_owners(&self) -> Result<Vec<TenantId>, StoreError> {
+        let mut owners: Vec<TenantId> = Vec::new();
+        for key in self.tree(T::PolicyHeads)?.iter().keys() {
+            let key = key?;
+            // `owner\0 id\0`; a global policy's owner segment is empty.
+            let owner = key.split(|b| *b == 0).next().unwrap_or_default();
+            if owner.is_empty() || owners.last().is_some_and(|last| last.as_str().as_bytes() == owner) {
+                continue;
+            }
+            let owner = std::str::from_utf8(owner)
+                .ok()
+                .and_then(|owner| TenantId::new(owner).ok())
+                .ok_or_else(|| StoreError::corrupt("a policy head key names no valid tenant"))?;
+            owners.push(owner);
+        }
+        Ok(owners)
+    }
+
     pub fn tenant_policy_id_exists(&self, id: &PolicyId) -> Result<bool, StoreError> {
         tenant_heads_hold(self.tree(T::PolicyHeads)?.iter().keys(), id)
     }
