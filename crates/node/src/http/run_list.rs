@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::auth::Role;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
-use crate::http::views::RunView;
+use crate::http::views::{RunView, shown_status};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::shared::now;
 
@@ -56,11 +56,7 @@ struct RunFilter {
 
 impl RunFilter {
     fn status(&self, run: &StoredRun) -> RunStatus {
-        if run.status == RunStatus::Running && self.expires.ttl_elapsed(run.created_at, self.now) {
-            RunStatus::Expired
-        } else {
-            run.status
-        }
+        shown_status(run, &self.expires, self.now)
     }
 
     fn keeps(&self, run: &StoredRun) -> bool {

@@ -7,7 +7,7 @@ use actix::MailboxError;
 use actix_web::http::header::ContentType;
 use actix_web::web::{Path, Payload};
 use actix_web::{HttpRequest, HttpResponse};
-use runguard_contract::{Outcome, RunId, RunStatus, StepCall, StepError, ValidationError};
+use runguard_contract::{Outcome, RunId, StepCall, StepError, ValidationError};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
@@ -18,7 +18,7 @@ use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::http::errors::store_error;
-use crate::http::views::{RunEnded, RunView, sorted};
+use crate::http::views::{RunEnded, RunView, shown_status, sorted};
 use crate::http::{PageQuery, State, list_page, query};
 use crate::node_error::NodeError;
 use crate::shared::now;
@@ -219,11 +219,7 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     let lookup = run_id.clone();
     let run = state.shared.read(move |store| store.get_run(&tenant, &lookup)).await?;
     let mut run = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
-    let limits = state.shared.config.run_limits();
-    if run.status == RunStatus::Running && limits.ttl_elapsed(run.created_at, now()) {
-        // Shown as it will be persisted on the run's next call.
-        run.status = RunStatus::Expired;
-    }
+    run.status = shown_status(&run, &state.shared.config.run_limits(), now());
     let steps_seen = run.next.index;
     Ok(HttpResponse::Ok().json(sorted(&RunView::new(run, Some(steps_seen)))?))
 }

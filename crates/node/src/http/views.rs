@@ -101,6 +101,16 @@ pub struct RunView {
     pub violation_policy_id: Option<PolicyId>,
 }
 
+/// A stored run's status as the run views show it: a running run past its TTL is `expired`, as it will be
+/// persisted on its next call.
+pub fn shown_status(run: &StoredRun, limits: &runguard_engine::RunLimits, now: Timestamp) -> RunStatus {
+    if run.status == RunStatus::Running && limits.ttl_elapsed(run.created_at, now) {
+        RunStatus::Expired
+    } else {
+        run.status
+    }
+}
+
 impl RunView {
     /// The stored run, with `steps_seen` when the answer carries it.
     pub fn new(run: StoredRun, steps_seen: Option<u64>) -> Self {

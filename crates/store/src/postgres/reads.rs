@@ -369,19 +369,7 @@ impl PgStore {
     }
 
     pub(crate) fn list_runs(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<StoredRun>, StoreError> {
-        let limit = page.checked_limit()?;
-        let after = cursor_rest(page, &keys::tenant(tenant))?.map(|rest| cursor_id(page, &rest)).transpose()?;
-        let rows = self.rows(
-            "runs",
-            "SELECT run_id, body FROM runs WHERE tenant_id = $1 AND ($2::text IS NULL OR run_id > $2)
-             ORDER BY run_id LIMIT $3",
-            &[&tenant.as_str(), &after, &limit_param(limit)],
-        )?;
-        page_of(rows, limit, |row| {
-            let run: StoredRun = body(row, "run")?;
-            let key = keys::run(tenant, &run.run_id);
-            Ok((run, key))
-        })
+        self.list_runs_where(tenant, page, &|_| true)
     }
 
     pub(crate) fn running_runs(&self) -> Items<'_, StoredRun> {

@@ -80,7 +80,6 @@ trees! {
 
 pub(crate) use crate::prepare::ChainHead;
 pub(crate) use reads::snapshot_id_digest;
-pub(crate) use verify::check_ledger_totals;
 
 /// One open sled database with its trees. Replaced as a whole when the store reopens itself after a
 /// write failure (sled keeps an I/O error for the life of a `Db`, so only a new one can write again).

@@ -11,7 +11,6 @@ use crate::codec::{self, Stored};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::integrity::{IntegrityError, RecordBreak, SnapshotBreak, VerifyReport};
 use crate::keys;
-use crate::model::{LedgerCall, LedgerEntry, StoredRun};
 
 impl Store {
     /// Verifies the store in `dir` without changing it: the directory is copied (under sled's lock, so
@@ -115,44 +114,4 @@ pub(super) fn verify_snapshot(hash: &SnapshotHash, value: &[u8]) -> Result<Snaps
     let undecodable = |reason: String| IntegrityError::SnapshotUndecodable { hash: hash.clone(), reason };
     let bytes = codec::decode_raw("snapshot", value).map_err(|err| undecodable(err.message().to_owned()))?;
     crate::integrity::verify_snapshot_bytes(hash, bytes)
-}
-
-/// Checks a run's ledger against its stored totals: the totals after the last entry are the run's, each
-/// post adds exactly its usage (a throttled call adds nothing), and steps grow by at most one per post.
-pub(crate) fn check_ledger_totals(run: &StoredRun, ledger: &[LedgerEntry]) -> Result<(), IntegrityError> {
-    let mismatch = |reason: String| Err(IntegrityError::TotalsMismatch { reason });
-    let mut before = runguard_contract::Totals::default();
-    for (i, entry) in ledger.iter().enumerate() {
-        let expected_position = u64::try_from(i).unwrap_or(u64::MAX);
-        if entry.position != expected_position {
-            return mismatch(format!("entry {i} carries position {}", entry.position));
-        }
-        let after = entry.totals_after;
-        let throttled = entry.decision.action == runguard_contract::Action::Throttle;
-        let (usage, is_post) = match &entry.call {
-            LedgerCall::Step(call) if call.phase == runguard_contract::Phase::Post => {
-                (call.usage.unwrap_or_default(), true)
-            }
-            _ => (runguard_contract::Usage::default(), false),
-        };
-        let (add_tokens, add_cost, add_ms) =
-            if is_post && !throttled { (usage.tokens, usage.cost_micros, usage.duration_ms) } else { (0, 0, 0) };
-        let steps_delta = after.steps.checked_sub(before.steps);
-        let consistent = after.tokens == before.tokens.saturating_add(add_tokens)
-            && after.cost_micros == before.cost_micros.saturating_add(add_cost)
-            && after.duration_ms == before.duration_ms.saturating_add(add_ms)
-            && match steps_delta {
-                Some(0) => true,
-                Some(1) => is_post && !throttled,
-                _ => false,
-            };
-        if !consistent {
-            return mismatch(format!("entry {i} moves totals from {before:?} to {after:?}"));
-        }
-        before = after;
-    }
-    if before != run.totals {
-        return mismatch(format!("the ledger sums to {before:?}, the run stores {:?}", run.totals));
-    }
-    Ok(())
 }
