@@ -13,6 +13,12 @@ use actix_web::{HttpMessage, HttpRequest};
 use crate::auth::Caller;
 
 /// Who a request was authenticated as, kept on the request for its access-log line.
+/// Whether access lines are written at all: when they are off (`RUST_LOG=…,access=off`) a request pays
+/// nothing for them.
+fn enabled() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
 #[derive(Clone, Debug)]
 struct Identified {
     tenant: String,
@@ -21,6 +27,9 @@ struct Identified {
 
 /// Notes the caller of `req` for its access-log line (called wherever a request is authenticated).
 pub fn identify(req: &HttpRequest, caller: &Caller) {
+    if !enabled() {
+        return;
+    }
     req.extensions_mut().insert(Identified { tenant: caller.tenant.to_string(), token: caller.name.clone() });
 }
 
@@ -30,6 +39,9 @@ struct Decided(String);
 
 /// Notes the decision `req` answered (step calls), so its access-log line can be joined to the decision's.
 pub fn decided(req: &HttpRequest, decision_id: &str) {
+    if !enabled() {
+        return;
+    }
     req.extensions_mut().insert(Decided(decision_id.to_owned()));
 }
 
@@ -38,6 +50,9 @@ pub async fn log(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if !enabled() {
+        return next.call(req).await;
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let answer = next.call(req).await?;
@@ -47,8 +62,8 @@ pub async fn log(
         Some(route) if route.starts_with("/v1/runs/{id}") => request.match_info().get("id"),
         _ => None,
     };
-    let who = request.extensions().get::<Identified>().cloned();
-    let decided = request.extensions().get::<Decided>().cloned();
+    let who = request.extensions_mut().remove::<Identified>();
+    let decided = request.extensions_mut().remove::<Decided>();
     tracing::info!(
         target: "access",
         method = method.as_str(),
