@@ -253,11 +253,26 @@ impl Node {
     }
 
     /// The node's log so far (stderr of every start).
+    ///
+    /// The node writes its log lines from a thread of its own, a moment after the event: this waits until
+    /// the logs have stopped growing for a while (at most two seconds) before reading them.
     pub fn logs(&self) -> String {
-        (1..=self.starts)
-            .map(|n| std::fs::read_to_string(self.dir.path().join(format!("stderr-{n}.log"))).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
+        let read = || {
+            (1..=self.starts)
+                .map(|n| std::fs::read_to_string(self.dir.path().join(format!("stderr-{n}.log"))).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut logs = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = read();
+            if now.len() == logs.len() || Instant::now() >= deadline {
+                return now;
+            }
+            logs = now;
+        }
     }
 
     fn spawn(&mut self) {
