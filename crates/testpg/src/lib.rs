@@ -123,6 +123,12 @@ impl Cluster {
     /// Starts a server of the caller's own, stopped (immediately) when dropped; `None` (with a message on
     /// stderr) when the PostgreSQL binaries are not installed.
     pub fn start() -> Option<Cluster> {
+        Self::start_in(&std::env::temp_dir())
+    }
+
+    /// As [`Cluster::start`], with the server's directory created under `parent` (a benchmark keeps it on
+    /// the disk under test).
+    pub fn start_in(parent: &Path) -> Option<Cluster> {
         let Some(bin) = bin_dir() else {
             eprintln!(
                 "skipping the PostgreSQL tests: no PostgreSQL server binaries found (install the `postgresql` \
@@ -130,7 +136,8 @@ impl Cluster {
             );
             return None;
         };
-        let temp = tempfile::Builder::new().prefix("runguard-pg-").tempdir().expect("a temporary directory");
+        let temp =
+            tempfile::Builder::new().prefix("runguard-pg-").tempdir_in(parent).expect("a temporary directory");
         let dir = temp.path().to_path_buf();
         let as_postgres = is_root();
         if as_postgres {
@@ -224,6 +231,12 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+
+    /// The process id of the server's postmaster (the parent of every backend), from `postmaster.pid`.
+    pub fn server_pid(&self) -> Option<u32> {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
     }
 
     /// The loopback port the server listens on.

@@ -51,6 +51,25 @@ enum Which {
     TenantRate,
 }
 
+/// The store a node under load keeps its data in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Embedded sled under the work dir (the default).
+    Sled,
+    /// A private PostgreSQL server started under the work dir (fsync on, `synchronous_commit = on`), a
+    /// fresh database per node.
+    Postgres,
+}
+
+impl Backend {
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Sled => "node",
+            Backend::Postgres => "node (pg)",
+        }
+    }
+}
+
 /// One kind of call for `calls`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Phase {
@@ -92,6 +111,10 @@ enum Command {
         /// once under the work dir and copied for each node), to see whether blocks slow as the store grows.
         #[arg(long, default_value_t = 0)]
         prefill_records: u64,
+        /// Stores to measure the node on, each beside the same baseline (comma-separated); `postgres`
+        /// starts a private PostgreSQL server from the installed binaries.
+        #[arg(long, value_delimiter = ',', default_value = "sled")]
+        store: Vec<Backend>,
     },
     /// A fixed number of calls of one kind against a node already listening at `addr`, each run's calls
     /// in order on one connection; prints what was sent, answered and refused.
@@ -166,11 +189,22 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("cannot create the work directory `{}`", args.work_dir.display()))?;
     match args.command {
-        Command::Http { scenario, duration_s, repeats, concurrency, steps, block_runs, prefill_records } => {
+        Command::Http { scenario, duration_s, repeats, concurrency, steps, block_runs, prefill_records, store } => {
             let duration = Duration::from_secs(duration_s.max(1));
             let shape = Load { duration, repeats: repeats.max(1), concurrency, steps, block_runs, prefill_records };
+            let postgres = if store.contains(&Backend::Postgres) {
+                let work_dir = std::path::absolute(&args.work_dir)?;
+                Some(runguard_testpg::Cluster::start_in(&work_dir).context(
+                    "`--store postgres` needs the PostgreSQL server binaries (the Debian `postgresql` package)",
+                )?)
+            } else {
+                None
+            };
             for which in scenario {
-                runtime.block_on(http(&args.work_dir, which, &shape))?;
+                for backend in &store {
+                    let on = NodeStore { backend: *backend, postgres: postgres.as_ref() };
+                    runtime.block_on(http(&args.work_dir, which, &shape, on))?;
+                }
             }
             Ok(())
         }
@@ -216,6 +250,36 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a `http` run's node keeps its data.
+#[derive(Clone, Copy, Debug)]
+struct NodeStore<'a> {
+    backend: Backend,
+    /// The private PostgreSQL server, when one of the stores measured is `postgres`.
+    postgres: Option<&'a runguard_testpg::Cluster>,
+}
+
+impl NodeStore<'_> {
+    /// A node over a fresh store: a fresh sled directory (or a copy of `prefilled`), or a fresh database.
+    fn start(&self, work_dir: &Path, prefilled: Option<&Path>) -> anyhow::Result<(Server, tempfile::TempDir)> {
+        match (self.backend, self.postgres) {
+            (Backend::Sled, _) => fresh_node_over(work_dir, &[], prefilled),
+            (Backend::Postgres, Some(cluster)) => {
+                if prefilled.is_some() {
+                    anyhow::bail!("`--prefill-records` fills a sled store; it is not available with `--store postgres`");
+                }
+                // The PostgreSQL client blocks on a runtime of its own, which may not start inside this one.
+                let database = std::thread::scope(|scope| scope.spawn(|| cluster.fresh_database()).join())
+                    .map_err(|_| anyhow::anyhow!("cannot create a database on the private PostgreSQL server"))?;
+                let env = [("RUNGUARD_STORE", "postgres".to_owned()), ("RUNGUARD_POSTGRES_URL", database.url)];
+                let (mut node, dir) = fresh_node(work_dir, &env)?;
+                node.store_pid = cluster.server_pid();
+                Ok((node, dir))
+            }
+            (Backend::Postgres, None) => anyhow::bail!("no PostgreSQL server was started"),
+        }
+    }
 }
 
 /// What a `http` run drives.
@@ -265,7 +329,11 @@ async fn calls(
 fn line(label: &str, sample: &[Sample], rate: impl Fn(&Sample) -> f64) {
     let rates: Vec<f64> = sample.iter().map(&rate).collect();
     let cpu: Vec<f64> = sample.iter().filter_map(Sample::cpu_us_per_request).collect();
-    let cpu = if cpu.is_empty() { String::new() } else { format!("  server cpu {:>6.1} us/req", median(cpu)) };
+    let mut cpu = if cpu.is_empty() { String::new() } else { format!("  server cpu {:>6.1} us/req", median(cpu)) };
+    let store_cpu: Vec<f64> = sample.iter().filter_map(Sample::store_cpu_us_per_request).collect();
+    if !store_cpu.is_empty() {
+        cpu.push_str(&format!("  postgres cpu {:>6.1} us/req", median(store_cpu)));
+    }
     println!(
         "  {label:<9} median {:>9.0}/s  (runs: {})  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}{cpu}",
         median(rates.clone()),
@@ -290,13 +358,14 @@ async fn with_server_cpu(
     server: &Server,
     measurement: impl std::future::Future<Output = anyhow::Result<Sample>>,
 ) -> anyhow::Result<Sample> {
-    let before = server.cpu_time();
+    let before = (server.cpu_time(), server.store_cpu_time());
     let mut sample = measurement.await?;
-    sample.server_cpu = before.zip(server.cpu_time()).map(|(b, a)| a.saturating_sub(b));
+    sample.server_cpu = before.0.zip(server.cpu_time()).map(|(b, a)| a.saturating_sub(b));
+    sample.store_cpu = before.1.zip(server.store_cpu_time()).map(|(b, a)| a.saturating_sub(b));
     Ok(sample)
 }
 
-async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> {
+async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) -> anyhow::Result<()> {
     let Load { duration, repeats, concurrency, steps, block_runs, prefill_records } = *load;
     let scenario = match which {
         Which::Allow => {
@@ -329,14 +398,16 @@ async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> 
     } else {
         None
     };
-    let (node, _dir) = fresh_node_over(work_dir, &[], prefilled.as_deref())?;
+    let (node, _dir) = store.start(work_dir, prefilled.as_deref())?;
+    let label = store.backend.label();
     scenario::setup_policies(node.addr, &scenario.policies).await?;
     let baseline = start_baseline(2)?;
     match scenario.shape {
         Shape::Runs { steps } => {
             println!(
-                "scenario {}: {} connections, runs of create + {steps} x (pre, post) + end, {repeats} x {} s per server",
+                "scenario {} on {:?}: {} connections, runs of create + {steps} x (pre, post) + end, {repeats} x {} s per server",
                 scenario.name,
+                store.backend,
                 scenario.concurrency,
                 duration.as_secs()
             );
@@ -361,7 +432,7 @@ async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> 
             }
             println!("  closed loop, requests per second (every node request is a durable commit):");
             line("baseline", &base, Sample::rate);
-            line("node", &ours, Sample::rate);
+            line(label, &ours, Sample::rate);
             println!(
                 "  ratio node/baseline: median {:.3}  (runs: {})  node decisions/s median {:.0}",
                 median(ratios.clone()),
@@ -384,7 +455,7 @@ async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> 
                 println!(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
                 );
-                line("node", &half, Sample::rate);
+                line(label, &half, Sample::rate);
                 percentiles("half load (medians over repeats)", &half, Sample::ms);
                 percentiles("half load, step calls only", &half, Sample::decision_ms);
                 percentiles("half load, run creations and ends", &half, Sample::other_ms);
@@ -392,7 +463,8 @@ async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> 
         }
         Shape::Blocks { runs } => {
             println!(
-                "scenario block: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
+                "scenario block on {:?}: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
+                store.backend,
                 scenario.concurrency
             );
             let (mut base, mut ours, mut ratios, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -406,7 +478,7 @@ async fn http(work_dir: &Path, which: Which, load: &Load) -> anyhow::Result<()> 
             }
             println!("  durable blocks per second (each with its prevention record):");
             line("baseline", &base, Sample::block_rate);
-            line("node", &ours, Sample::block_rate);
+            line(label, &ours, Sample::block_rate);
             println!(
                 "  ratio node/baseline: median {:.3}  (runs: {})  node run creations/s median {:.0}",
                 median(ratios.clone()),

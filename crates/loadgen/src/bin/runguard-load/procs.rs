@@ -14,6 +14,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// From spawning the process to its "listening" line.
     pub started_in: Duration,
+    /// The postmaster of the PostgreSQL server a node stores its data in (`None` on sled).
+    pub store_pid: Option<u32>,
 }
 
 impl Drop for Server {
@@ -32,6 +34,11 @@ impl Server {
     /// CPU time the process has used so far.
     pub fn cpu_time(&self) -> Option<Duration> {
         cpu_time(self.child.id())
+    }
+
+    /// CPU time the node's PostgreSQL server has used so far (`None` on sled).
+    pub fn store_cpu_time(&self) -> Option<Duration> {
+        postgres_cpu_time(self.store_pid?)
     }
 
     /// Stops the process with SIGTERM (graceful) and waits for it, falling back to SIGKILL.
@@ -54,14 +61,49 @@ impl Server {
 /// spent during a measurement by the requests it answered gives a cost per request that, unlike a
 /// throughput, barely moves when other work shares the machine.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = stat_ticks(pid)?;
+    // /proc reports clock ticks of USER_HZ, which is 100 on Linux.
+    Some(Duration::from_millis((stat.user + stat.system) * 10))
+}
+
+/// CPU time a PostgreSQL server has used so far: its postmaster's own and reaped children's time plus
+/// the time of every live backend (the children of `postmaster`). A backend that exits during a
+/// measurement moves its time into the postmaster's reaped-children figure, so nothing is lost.
+pub fn postgres_cpu_time(postmaster: u32) -> Option<Duration> {
+    let own = stat_ticks(postmaster)?;
+    let reaped = own.children;
+    let mut ticks = own.user + own.system + reaped;
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if let Some(child) = stat_ticks(pid).filter(|stat| stat.parent == postmaster) {
+            ticks += child.user + child.system;
+        }
+    }
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The fields of `/proc/<pid>/stat` the CPU figures need, in clock ticks.
+struct StatTicks {
+    parent: u32,
+    user: u64,
+    system: u64,
+    /// Reaped children's user plus system time.
+    children: u64,
+}
+
+fn stat_ticks(pid: u32) -> Option<StatTicks> {
     // The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = stat.get(stat.rfind(')')? + 1..)?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // /proc reports clock ticks of USER_HZ, which is 100 on Linux.
-    Some(Duration::from_millis(ticks * 10))
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // After the name: state, ppid (4th field of the line), …, utime (14th), stime, cutime, cstime.
+    Some(StatTicks {
+        parent: u32::try_from(field(1)?).ok()?,
+        user: field(11)?,
+        system: field(12)?,
+        children: field(13)? + field(14)?,
+    })
 }
 
 /// `VmRSS` of `pid` in bytes.
@@ -101,7 +143,7 @@ fn spawn(mut command: Command, marker: &str) -> anyhow::Result<Server> {
             let started_in = started.elapsed();
             // Keep draining stdout so the server never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines.by_ref() {});
-            return Ok(Server { child, addr, started_in });
+            return Ok(Server { child, addr, started_in, store_pid: None });
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct Sample {
     pub elapsed: Duration,
     /// CPU time the server used during the measurement, when it was read.
     pub server_cpu: Option<Duration>,
+    /// CPU time the node's PostgreSQL server (postmaster and backends) used during the measurement, for a
+    /// node on PostgreSQL.
+    pub store_cpu: Option<Duration>,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
     /// Latency of the step calls alone (decisions), in microseconds.
@@ -116,6 +119,7 @@ impl Sample {
             errors: 0,
             elapsed: Duration::ZERO,
             server_cpu: None,
+            store_cpu: None,
             latency: latency_histogram(),
             decision_latency: latency_histogram(),
             other_latency: latency_histogram(),
@@ -145,6 +149,12 @@ impl Sample {
     /// Server CPU microseconds per request, when the server's CPU time was read.
     pub fn cpu_us_per_request(&self) -> Option<f64> {
         let cpu = self.server_cpu?;
+        (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+
+    /// PostgreSQL CPU microseconds per request, when the node runs on PostgreSQL.
+    pub fn store_cpu_us_per_request(&self) -> Option<f64> {
+        let cpu = self.store_cpu?;
         (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
     }
 
