@@ -136,8 +136,7 @@ impl Cluster {
             );
             return None;
         };
-        let temp =
-            tempfile::Builder::new().prefix("runguard-pg-").tempdir_in(parent).expect("a temporary directory");
+        let temp = tempfile::Builder::new().prefix("runguard-pg-").tempdir_in(parent).expect("a temporary directory");
         let dir = temp.path().to_path_buf();
         let as_postgres = is_root();
         if as_postgres {

@@ -267,7 +267,9 @@ impl NodeStore<'_> {
             (Backend::Sled, _) => fresh_node_over(work_dir, &[], prefilled),
             (Backend::Postgres, Some(cluster)) => {
                 if prefilled.is_some() {
-                    anyhow::bail!("`--prefill-records` fills a sled store; it is not available with `--store postgres`");
+                    anyhow::bail!(
+                        "`--prefill-records` fills a sled store; it is not available with `--store postgres`"
+                    );
                 }
                 // The PostgreSQL client blocks on a runtime of its own, which may not start inside this one.
                 let database = std::thread::scope(|scope| scope.spawn(|| cluster.fresh_database()).join())
@@ -464,8 +466,7 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
         Shape::Blocks { runs } => {
             println!(
                 "scenario block on {:?}: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
-                store.backend,
-                scenario.concurrency
+                store.backend, scenario.concurrency
             );
             let (mut base, mut ours, mut ratios, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..repeats {
