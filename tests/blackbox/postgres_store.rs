@@ -116,6 +116,36 @@ fn serve_refuses_a_schema_newer_than_it_knows() {
     assert!(stderr.contains("schema version 999"), "{stderr}");
 }
 
+/// The read-only commands never create or migrate a schema: a mistyped URL is not answered with an empty
+/// store that verifies clean.
+#[test]
+fn verify_and_export_refuse_a_database_without_a_store_and_leave_it_untouched() {
+    let Some(db) = fresh_postgres() else { return };
+    for command in ["verify", "export"] {
+        let out = run_cli(&[OsStr::new(command), OsStr::new("--postgres-url"), OsStr::new(&db.url)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("no runguard store"), "{command}: {stderr}");
+    }
+    let mut sql = postgres::Client::connect(&db.url, postgres::NoTls).expect("connect to the test database");
+    let tables: i64 = sql
+        .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'", &[])
+        .expect("count tables")
+        .get(0);
+    assert_eq!(tables, 0, "a read-only command created tables");
+
+    // An older schema is not migrated by a read-only command either.
+    let (code, _, stderr) = migrate(&db.url);
+    assert_eq!(code, Some(0), "{stderr}");
+    sql.batch_execute("DELETE FROM runguard_schema").expect("forget the schema version");
+    let out = run_cli(&[OsStr::new("verify"), OsStr::new("--postgres-url"), OsStr::new(&db.url)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("older than this build") && stderr.contains("runguard migrate"), "{stderr}");
+    let versions: i64 = sql.query_one("SELECT count(*) FROM runguard_schema", &[]).expect("count").get(0);
+    assert_eq!(versions, 0, "verify migrated the schema");
+}
+
 /// Steps `run` from index 0 until `stop`, each call retried until it is answered 200; answers the
 /// acknowledged decision ids in order and every other status seen.
 fn drive(client: &Client, run: &str, stop: &AtomicBool) -> (Vec<String>, Vec<u16>) {

@@ -185,7 +185,7 @@ fn with_store(args: DataArgs, action: fn(&Store) -> ExitCode) -> ExitCode {
         complain!("runguard: data directory `{}` does not exist", config.data_dir.display());
         return ExitCode::from(USAGE);
     }
-    match crate::server::open_store(&config) {
+    match crate::server::open_store_with(&config, &config.pg_options_read_only()) {
         Ok(store) => action(&store),
         Err(err) => {
             complain!("runguard: {err:#}");
@@ -203,11 +203,17 @@ fn verify(args: DataArgs) -> ExitCode {
         Err(code) => return code,
     };
     let report = match (config.store, &config.postgres_url) {
-        (StoreKind::Postgres, Some(url)) => match Store::open_postgres(url.expose(), &config.pg_options()) {
+        (StoreKind::Postgres, Some(url)) => match Store::open_postgres(url.expose(), &config.pg_options_read_only()) {
             Ok(store) => store.verify(),
             Err(err) => {
                 eprintln!("runguard: cannot open the postgres store at `{url}`: {err}");
-                return ExitCode::from(if err.kind() == runguard_store::StoreErrorKind::Io { USAGE } else { FINDING });
+                let usage = matches!(
+                    err.kind(),
+                    runguard_store::StoreErrorKind::Io
+                        | runguard_store::StoreErrorKind::NotFound
+                        | runguard_store::StoreErrorKind::Schema
+                );
+                return ExitCode::from(if usage { USAGE } else { FINDING });
             }
         },
         _ => {

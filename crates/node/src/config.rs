@@ -445,6 +445,12 @@ impl Config {
     pub fn pg_options(&self) -> runguard_store::PgOptions {
         runguard_store::PgOptions { pool_size: self.postgres_pool_size, ..runguard_store::PgOptions::default() }
     }
+
+    /// The PostgreSQL options of the read-only commands (`verify`, `export`, `simulate`): they never
+    /// create or migrate the schema.
+    pub fn pg_options_read_only(&self) -> runguard_store::PgOptions {
+        runguard_store::PgOptions { migrate: false, ..self.pg_options() }
+    }
 }
 
 #[cfg(test)]

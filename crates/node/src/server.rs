@@ -96,9 +96,15 @@ async fn shutdown_signal() -> &'static str {
 /// Opens the configured backend: sled under `data_dir`, or PostgreSQL at `postgres_url` (migrating an
 /// older schema; a newer one is refused). Messages show the URL with its password masked.
 pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+    open_store_with(config, &config.pg_options())
+}
+
+/// As [`open_store`], with these PostgreSQL options (the read-only commands never migrate).
+pub fn open_store_with(config: &Config, pg: &runguard_store::PgOptions) -> anyhow::Result<Store> {
     match (config.store, &config.postgres_url) {
-        (StoreKind::Postgres, Some(url)) => Store::open_postgres(url.expose(), &config.pg_options())
-            .with_context(|| format!("cannot open the postgres store at `{url}`")),
+        (StoreKind::Postgres, Some(url)) => {
+            Store::open_postgres(url.expose(), pg).with_context(|| format!("cannot open the postgres store at `{url}`"))
+        }
         (StoreKind::Postgres, None) => anyhow::bail!("`store` = `postgres` needs `postgres_url`"),
         (StoreKind::Sled, _) => Store::open(
             &config.data_dir,

@@ -34,11 +34,16 @@ pub struct PgOptions {
     pub pool_size: u32,
     /// How long opening a connection, or waiting for a free pooled one, may take.
     pub connect_timeout: Duration,
+    /// Whether opening creates or migrates the schema (`serve`). When false (the read-only commands:
+    /// `verify`, `export`, `simulate`), a database without the runguard schema is refused as `NotFound`
+    /// and an older schema as `Schema`, so that a mistyped URL is never answered with an empty, clean
+    /// store.
+    pub migrate: bool,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        Self { pool_size: 8, connect_timeout: Duration::from_secs(3) }
+        Self { pool_size: 8, connect_timeout: Duration::from_secs(3), migrate: true }
     }
 }
 
@@ -128,7 +133,11 @@ impl PgStore {
         let shown = redact(url);
         let config = parse_url(url, options)?;
         let mut client = config.connect(NoTls).map_err(|err| pg_error(format!("cannot connect to {shown}"), err))?;
-        schema::migrate_client(&mut client)?;
+        if options.migrate {
+            schema::migrate_client(&mut client)?;
+        } else {
+            schema::require_current(&mut client, &shown)?;
+        }
         let row = client
             .query_one("SELECT commits FROM runguard_chain", &[])
             .map_err(|err| pg_error("cannot read the chain head", err))?;

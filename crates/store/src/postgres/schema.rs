@@ -48,6 +48,32 @@ pub(crate) fn migrate_client(client: &mut postgres::Client) -> Result<u32, Store
     Ok(before)
 }
 
+/// Checks, without changing anything, that the database holds this build's schema version: a database
+/// without the runguard schema is `NotFound`, an older or newer schema is `Schema`.
+pub(crate) fn require_current(client: &mut postgres::Client, shown: &str) -> Result<(), StoreError> {
+    let row = client
+        .query_one("SELECT to_regclass('runguard_schema') IS NOT NULL", &[])
+        .map_err(|err| pg_error("cannot read the schema version", err))?;
+    let exists: bool = row.try_get(0).map_err(|err| pg_error("cannot read the schema version", err))?;
+    if !exists {
+        return Err(StoreError::not_found(format!(
+            "the database at {shown} holds no runguard store (no runguard schema): check the URL, or run \
+             `runguard migrate` to create one"
+        )));
+    }
+    match current_version(client)? {
+        version if version > PG_SCHEMA_VERSION => Err(newer(version)),
+        version if version < PG_SCHEMA_VERSION => Err(StoreError::new(
+            StoreErrorKind::Schema,
+            format!(
+                "the database has store schema version {version}, older than this build's \
+                 {PG_SCHEMA_VERSION}: run `runguard migrate` first (this command does not change the database)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The schema version the database holds (0: none yet).
 pub(crate) fn current_version(client: &mut impl GenericClient) -> Result<u32, StoreError> {
     let row = client
