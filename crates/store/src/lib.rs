@@ -70,6 +70,8 @@ macro_rules! on_both_backends {
 mod tests;
 #[cfg(test)]
 mod tests_durability;
+#[cfg(test)]
+mod tests_fencing;
 
 mod backend;
 mod batch;

@@ -22,7 +22,7 @@ use crate::batch::{CommitReceipt, WriteBatch};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::keys::{self, owner as owner_str};
 use crate::model::ShadowStats;
-use crate::prepare::{ChainHead, Prepare, ReadView, Staged};
+use crate::prepare::{ChainHead, Prepare, ReadView, RunHead, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
 use crate::group::{self, Outcome};
@@ -401,6 +401,24 @@ impl ReadView for PgView<'_, '_> {
     fn run_listed_live(&self, _: &TenantId, _: &RunId) -> Option<bool> {
         // There is no listing to keep: the run's `status` column is the listing.
         None
+    }
+
+    /// Read committed, after the chain head lock: every commit of every node made before this one.
+    fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError> {
+        let row = self.opt(
+            "a run",
+            "SELECT r.status, (SELECT max(l.position) FROM ledger l WHERE l.tenant_id = r.tenant_id AND l.run_id = r.run_id)
+             FROM runs r WHERE r.tenant_id = $1 AND r.run_id = $2",
+            &[&tenant.as_str(), &run.as_str()],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let status: String = get(&row, 0, "a run")?;
+        let last: Option<i64> = get(&row, 1, "a run")?;
+        let ledger_len = match last {
+            None => 0,
+            Some(last) => u64_of(last)?.saturating_add(1),
+        };
+        Ok(Some(RunHead { ledger_len, running: status == runguard_contract::RunStatus::Running.as_str() }))
     }
 
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError> {
