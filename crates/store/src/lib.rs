@@ -69,9 +69,9 @@ macro_rules! on_both_backends {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_durability;
+mod tests_cluster;
 #[cfg(test)]
-mod tests_fencing;
+mod tests_durability;
 
 mod backend;
 mod batch;

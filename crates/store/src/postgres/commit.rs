@@ -69,6 +69,7 @@ impl PgStore {
         let hash = RecordHash::new(head_hash).map_err(|_| StoreError::corrupt("the chain head holds an invalid hash"));
         let mut head = hash.map(|hash| ChainHead { seq: u64_of(head_seq).unwrap_or(0), hash });
         let mut committed = 0usize;
+        let mut policies_written = false;
         let mut learned = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
             let mut savepoint = tx.savepoint("caller").map_err(|err| pg_error("cannot open a savepoint", err))?;
@@ -105,6 +106,7 @@ impl PgStore {
                 }
                 Ok(()) => {
                     savepoint.commit().map_err(|err| pg_error("cannot release a savepoint", err))?;
+                    policies_written |= prepared.writes.iter().any(|(_, w)| matches!(w, Staged::PolicyVersion(_)));
                     if let Some(new_head) = prepared.head {
                         head = Ok(new_head);
                     }
@@ -122,6 +124,11 @@ impl PgStore {
             return Ok(());
         }
         let commits = commits.saturating_add(1);
+        if policies_written {
+            // In the commit's transaction: a node that reads the new generation also reads the policies.
+            tx.execute("UPDATE runguard_chain SET policy_generation = policy_generation + 1", &[])
+                .map_err(|err| pg_error("cannot advance the policy generation", err))?;
+        }
         if let Ok(head) = &head {
             let seq = i64_of(head.seq)?;
             tx.execute(

@@ -12,6 +12,7 @@ mod schema;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ pub(crate) struct PgStore {
     writer: Mutex<WriterState>,
     /// Test switches, readiness and the policy generation.
     pub(super) signals: CommitSignals,
+    /// The database's policy generation as last read.
+    shared_policy_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -153,6 +156,7 @@ impl PgStore {
                 commits,
             }),
             signals: CommitSignals::default(),
+            shared_policy_generation: AtomicU64::new(0),
         })
     }
 
@@ -213,8 +217,23 @@ impl PgStore {
         self.signals.is_healthy()
     }
 
+    /// This node's attempts (as on sled) plus the database's count of policy commits by every node
+    /// (`docs/architecture.md`, "Cluster: fencing and consistency"): both only grow, so their sum changes
+    /// whenever either does. A read that fails counts as a change, so that nothing cached is trusted.
     pub(crate) fn policy_generation(&self) -> u64 {
-        self.signals.policy_generation()
+        let shared = self.read(|client| {
+            client
+                .query_one("SELECT policy_generation FROM runguard_chain", &[])
+                .and_then(|row| row.try_get::<_, i64>(0))
+        });
+        match shared {
+            // The largest value any read found: concurrent readers never move it back.
+            Ok(shared) => {
+                self.shared_policy_generation.fetch_max(u64::try_from(shared).unwrap_or(0), Ordering::AcqRel);
+            }
+            Err(_) => self.signals.bump_policy_generation(),
+        }
+        self.signals.policy_generation().wrapping_add(self.shared_policy_generation.load(Ordering::Acquire))
     }
 
     pub(crate) fn commit_count(&self) -> u64 {

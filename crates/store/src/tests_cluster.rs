@@ -1,5 +1,6 @@
-//! Unit tests of the fencing condition of run writes (`docs/store.md`, "Fencing"): on both backends, and
-//! on PostgreSQL with two stores on one database standing for two nodes.
+//! Unit tests of what several nodes on one store rely on: the fencing condition of run writes
+//! (`docs/store.md`, "Fencing") on both backends, and on PostgreSQL, with two stores on one database
+//! standing for two nodes, fencing across them and the shared policy generation.
 
 use runguard_contract::{RunId, RunStatus};
 
@@ -127,4 +128,24 @@ fn two_nodes_on_one_database_never_both_win_a_position() {
     }
     assert_eq!(ledger_len(&nodes[1], &world, &run.run_id), 6);
     assert!(nodes[1].verify().unwrap().is_ok());
+}
+
+/// A policy version committed through one store changes the policy generation the other reads: the
+/// other node's cached snapshots are then stale.
+#[test]
+fn a_policy_written_by_one_node_changes_the_generation_the_other_reads() {
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    let a = Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap();
+    let b = Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap();
+    let before = b.policy_generation();
+    assert_eq!(b.policy_generation(), before, "nothing changed");
+    let world = World::new("acme");
+    let mut setup = WriteBatch::new();
+    world.setup(&mut setup);
+    a.commit(setup).unwrap();
+    let after = b.policy_generation();
+    assert_ne!(after, before, "a policy written on another node is seen at once");
+    // A commit without policies leaves it.
+    a.commit(create(&world, &world.run("r0"))).unwrap();
+    assert_eq!(b.policy_generation(), after);
 }
