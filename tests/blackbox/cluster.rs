@@ -178,3 +178,34 @@ fn a_run_expires_once_with_two_nodes_sweeping() {
     assert_eq!(ca.post("/v1/runs/run-ttl/steps", &pre(1)).status, 409);
     verify_clean(&a);
 }
+
+#[test]
+fn failed_runs_ended_at_once_on_two_nodes_all_count_in_their_pattern() {
+    let Some((a, b)) = two_nodes("failed_runs_ended_at_once_on_two_nodes_all_count_in_their_pattern", "") else {
+        return;
+    };
+    let nodes = [a.client(), b.client()];
+    let failing = serde_json::json!({ "index": 0, "phase": "post", "skill": "fetch", "api_endpoint": "/v1/users/7",
+        "usage": { "tokens": 5 }, "error": { "type": "Timeout", "code": "e_upstream", "status": 504 } });
+    const RUNS: usize = 8;
+    for i in 0..RUNS {
+        let client = &nodes[i % 2];
+        create_run(client, &format!("run-fail-{i}"));
+        client.post(&format!("/v1/runs/run-fail-{i}/steps"), &failing).expect(200);
+    }
+    // Every end reads the pattern and writes it back counted once more, on both nodes at once.
+    std::thread::scope(|scope| {
+        for i in 0..RUNS {
+            let client = nodes[i % 2].clone();
+            scope.spawn(move || {
+                let end = serde_json::json!({ "outcome": "failed" });
+                let ended = client.post(&format!("/v1/runs/run-fail-{i}/end"), &end).expect(200).clone();
+                assert!(ended["incident_id"].is_string(), "{ended}");
+            });
+        }
+    });
+    let patterns = nodes[1].get("/v1/patterns").expect(200).clone();
+    assert_eq!(patterns["items"].as_array().expect("items").len(), 1, "{patterns}");
+    assert_eq!(patterns["items"][0]["occurrences"], RUNS, "no count was lost: {patterns}");
+    assert_eq!(nodes[0].get("/v1/incidents?limit=100").expect(200)["items"].as_array().expect("items").len(), RUNS);
+}

@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 pub use schema::PG_SCHEMA_VERSION;
 
+use crate::cluster_lock::{ClusterLock, lock_error};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::group::CommitSignals;
 use crate::run_cache::RunCache;
@@ -234,6 +235,21 @@ impl PgStore {
             Err(_) => self.signals.bump_policy_generation(),
         }
         self.signals.policy_generation().wrapping_add(self.shared_policy_generation.load(Ordering::Acquire))
+    }
+
+    /// Session advisory locks on a connection of their own (`cluster_lock.rs`), keyed by a 64-bit hash
+    /// of each name; `lock_timeout` bounds the wait.
+    pub(crate) fn cluster_lock(&self, names: &[String], wait: Duration) -> Result<ClusterLock, StoreError> {
+        off_runtime(|| {
+            let mut client =
+                self.config.connect(NoTls).map_err(|err| pg_error(format!("cannot connect to {}", self.shown), err))?;
+            let millis = wait.as_millis().clamp(1, i32::MAX as u128);
+            client.batch_execute(&format!("SET lock_timeout = {millis}")).map_err(lock_error)?;
+            for name in names {
+                client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[name]).map_err(lock_error)?;
+            }
+            Ok(ClusterLock::held_by(client))
+        })
     }
 
     pub(crate) fn commit_count(&self) -> u64 {
