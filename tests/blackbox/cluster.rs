@@ -209,3 +209,27 @@ fn failed_runs_ended_at_once_on_two_nodes_all_count_in_their_pattern() {
     assert_eq!(patterns["items"][0]["occurrences"], RUNS, "no count was lost: {patterns}");
     assert_eq!(nodes[0].get("/v1/incidents?limit=100").expect(200)["items"].as_array().expect("items").len(), RUNS);
 }
+
+#[test]
+fn a_node_names_itself_in_every_log_line_and_in_its_metrics() {
+    // On both passes: a node's identity does not depend on its store.
+    let node = Node::start_with_config("node_id = \"node-a\"\nlog_format = \"json\"\n");
+    let metrics = node.client().get("/metrics").text;
+    assert!(metrics.contains("runguard_node_info{node_id=\"node-a\"} 1"), "{metrics}");
+    create_run(&node.client(), "run-named");
+    let logs = node.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!lines.is_empty(), "{logs}");
+    for line in lines {
+        let parsed: Value = serde_json::from_str(line).expect("a JSON log line");
+        assert_eq!(parsed["node_id"], "node-a", "{line}");
+    }
+    // Without one, a node derives a name of its own, and two on one host differ.
+    let (x, y) = (Node::start(), Node::start());
+    let name = |node: &Node| {
+        let metrics = node.client().get("/metrics").text;
+        let line = metrics.lines().find(|l| l.starts_with("runguard_node_info{")).map(str::to_owned);
+        line.unwrap_or_else(|| panic!("no node info: {metrics}"))
+    };
+    assert_ne!(name(&x), name(&y));
+}
