@@ -678,7 +678,8 @@ impl RunActor {
             Ok(answer) => answer,
             // Refused by a copy of the run that may be stale: read it back once and decide again.
             Err(why) if !matches!(why, Refusal::StepLimit { .. }) && self.may_be_stale(&shared) => {
-                return self.recover("refused", Box::new(move |actor, shared, at| actor.handle_step(call, shared, at)));
+                return self
+                    .recheck_refusal(why, Box::new(move |actor, shared, at| actor.handle_step(call, shared, at)));
             }
             Err(why) => {
                 let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
@@ -828,6 +829,24 @@ impl RunActor {
     /// only when other nodes write the store, and only before this call read the run back.
     fn may_be_stale(&self, shared: &Shared) -> bool {
         self.fenced == 0 && shared.store.backend_name() == "postgres"
+    }
+
+    /// A refusal by a copy that may be stale: answered as it is when the store's ledger is as long as the
+    /// copy's (one indexed read of the last entry), else the run is read back and the call decided again.
+    /// The check keeps a client that keeps sending out-of-order calls from making the node reload a long
+    /// run's whole ledger on every one.
+    fn recheck_refusal<T: 'static>(&mut self, why: Refusal, op: Op<T>) -> Pending<T> {
+        let known = self.live.as_ref().map(|live| live.ledger_len);
+        let (shared, key) = (Arc::clone(&self.deps.shared), Arc::clone(&self.key));
+        let stored = async move { shared.read(move |store| store.last_ledger_entry(&key.tenant, &key.run_id)).await };
+        Box::pin(stored.into_actor(self).then(move |stored, actor, _| match stored {
+            Ok(Some(last)) if Some(last.position.saturating_add(1)) == known => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "order").increment(1);
+                ready(Err(NodeError::Refused(why)))
+            }
+            Err(err) => ready(Err(err)),
+            Ok(_) => actor.recover("refused", op),
+        }))
     }
 
     /// After a lost fencing check: drops this node's copy of the run, reads the run back and does `op` on
