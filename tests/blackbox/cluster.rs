@@ -98,7 +98,9 @@ fn a_runs_calls_alternating_between_two_nodes_are_answered_as_on_one() {
 fn calls_racing_on_two_nodes_never_get_two_decisions() {
     let Some((a, b)) = two_nodes("calls_racing_on_two_nodes_never_get_two_decisions", "") else { return };
     let nodes = [a.client(), b.client()];
-    create_policy(&nodes[0], &budget("pol_budget", "tokens", 1_000_000));
+    // 10 tokens are allowed, 20 blocked: a block writes a prevention record, which must exist only when
+    // the block is the one decision stored.
+    create_policy(&nodes[0], &budget("pol_budget", "tokens", 15));
     for round in 0..20u64 {
         let run = format!("run-race-{round}");
         create_run(&nodes[(round % 2) as usize], &run);
@@ -135,6 +137,9 @@ fn calls_racing_on_two_nodes_never_get_two_decisions() {
         let winner = answers.iter().find(|(_, status, _)| *status == 200).map(|(i, _, _)| *i).expect("a winner");
         let tokens = nodes[1].get(&format!("/v1/runs/{run}")).expect(200)["totals"]["tokens"].as_u64();
         assert_eq!(tokens, Some(if winner == 3 { 20 } else { 10 }), "round {round}");
+        let records = nodes[0].get(&format!("/v1/prevention-records?run_id={run}")).expect(200).clone();
+        let records = records["items"].as_array().expect("items").len();
+        assert_eq!(records, usize::from(winner == 3), "round {round}: a record only for a stored block");
     }
     verify_clean(&b);
 }
