@@ -165,7 +165,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let _log_thread = crate::telemetry::init(config.log_format, &config.log_level);
+    let _log_thread = crate::telemetry::init(config.log_format, &config.log_level, &config.node_id);
     match crate::server::serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -264,6 +264,11 @@ pub struct Config {
     pub limits: Limits,
     /// Connection and timing limits of the HTTP edge.
     pub http: HttpEdge,
+    /// This node's name in its logs (`node_id` field) and metrics (`runguard_node_info`): letters, digits
+    /// and `.-_:`, at most 64. Left empty (the default), it is the host name and the listen port
+    /// (`host:7070`), or the host name and eight random hex digits when the port is chosen by the system
+    /// (`--listen …:0`); see `docs/operations.md`.
+    pub node_id: String,
     /// For tests and drills only: serve `POST /v1/faults/store` (admin), which makes store commits fail.
     pub fault_injection: bool,
 }
@@ -289,9 +294,15 @@ impl Default for Config {
             proposal_min_occurrences: 3,
             limits: Limits::default(),
             http: HttpEdge::default(),
+            node_id: String::new(),
             fault_injection: false,
         }
     }
+}
+
+/// Whether `c` may appear in a node id (it goes into log lines and metric labels unescaped).
+fn node_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')
 }
 
 /// A configuration that cannot be used.
@@ -350,7 +361,22 @@ impl Config {
         // CEL costs are bounded for the step inputs the node accepts (`docs/evaluation.md`).
         config.limits.policy.cel_inputs = config.limits.step.clone();
         config.validate()?;
+        if config.node_id.is_empty() {
+            config.node_id = config.derived_node_id();
+        }
         Ok(config)
+    }
+
+    /// The node id when none is configured: host name and listen port, or host name and a random suffix
+    /// when the port is the system's choice (two such nodes on one host must not share a name).
+    fn derived_node_id(&self) -> String {
+        let host: String =
+            whoami::hostname().unwrap_or_default().chars().filter(|c| node_id_char(*c)).take(40).collect();
+        let host = if host.is_empty() { "runguard".to_owned() } else { host };
+        match self.listen_addr().map(|addr| addr.port()) {
+            Ok(port) if port != 0 => format!("{host}:{port}"),
+            _ => format!("{host}-{:08x}", uuid::Uuid::now_v7().as_u128() as u32),
+        }
     }
 
     /// Whether no tokens are configured (development mode).
@@ -417,6 +443,12 @@ impl Config {
         }
         if self.confirmations_required == 0 || self.proposal_min_occurrences == 0 {
             return invalid("`confirmations_required` and `proposal_min_occurrences` must be at least 1".into());
+        }
+        if self.node_id.len() > 64 || !self.node_id.chars().all(node_id_char) {
+            return invalid(format!(
+                "`node_id` = `{}` must be at most 64 letters, digits, `.`, `-`, `_` or `:`",
+                self.node_id
+            ));
         }
         self.http.validate()?;
         self.validate_store()

@@ -130,6 +130,7 @@ async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow
             None
         }
     };
+    crate::telemetry::announce(&config.node_id);
 
     let (writer, writer_arbiter) =
         Writer::new(Arc::clone(&store), config.limits.writer_batch, config.limits.writer_queue).start_dedicated();

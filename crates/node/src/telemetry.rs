@@ -1,8 +1,13 @@
 //! Structured logs with `tracing`: text or JSON lines on standard error, written by a thread of their
-//! own so that a request never waits for a `write` of its access-log line.
+//! own so that a request never waits for a `write` of its access-log line. Every line carries the node's
+//! id (`node_id`), so that the logs of a cluster's nodes can be merged and still told apart.
+
+use std::io::Write;
+use std::sync::Arc;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
 
@@ -18,7 +23,7 @@ const BUFFERED_LINES: usize = 16_384;
 /// Installs the global subscriber once; `RUST_LOG` overrides the configured level. Keep the guard until
 /// the process ends: dropping it writes out the lines still buffered.
 #[must_use = "dropping the guard stops the log thread"]
-pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
+pub fn init(format: LogFormat, level: &str, node_id: &str) -> WorkerGuard {
     let from_env = std::env::var("RUST_LOG").ok().filter(|filter| !filter.trim().is_empty());
     let names_actix_http = from_env.as_deref().is_some_and(|filter| filter.contains("actix_http"));
     let filter = from_env.and_then(|filter| EnvFilter::try_new(filter).ok()).unwrap_or_else(|| EnvFilter::new(level));
@@ -31,6 +36,7 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
     // Colour codes only for a terminal: in a file or a log collector they are noise.
     let (writer, guard) =
         NonBlockingBuilder::default().lossy(false).buffered_lines_limit(BUFFERED_LINES).finish(std::io::stderr());
+    let writer = Tagged::new(writer, format, node_id);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -42,4 +48,90 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
         LogFormat::Text => builder.try_init(),
     };
     guard
+}
+
+/// Tells the node's metrics who it is: `runguard_node_info{node_id="…"} 1` (call once the recorder is
+/// installed), describes the cluster's metrics, and logs the id.
+pub fn announce(node_id: &str) {
+    metrics::describe_gauge!("runguard_node_info", "This node's identity (`node_id`), always 1.");
+    metrics::describe_counter!(
+        "runguard_cluster_reloads_total",
+        "Runs read back because another node may have changed them, by reason (fenced, refused)."
+    );
+    metrics::gauge!("runguard_node_info", "node_id" => node_id.to_owned()).set(1.0);
+    tracing::info!(node_id, "node identity");
+}
+
+/// A log writer that puts the node id into every line: the first field of a JSON object, or a
+/// `node_id=…` prefix of a text line. The formatter hands each line over in one write, so the tag is
+/// added once per line, without a span entered on every thread.
+struct Tagged<W> {
+    inner: W,
+    tag: Arc<[u8]>,
+    json: bool,
+}
+
+impl<W> Tagged<W> {
+    fn new(inner: W, format: LogFormat, node_id: &str) -> Self {
+        let json = matches!(format, LogFormat::Json);
+        // The id is checked at load (letters, digits, `.-_:`): nothing in it needs escaping.
+        let tag = if json { format!("\"node_id\":\"{node_id}\",") } else { format!("node_id={node_id} ") };
+        Self { inner, tag: tag.into_bytes().into(), json }
+    }
+}
+
+impl<'a, W: MakeWriter<'a>> MakeWriter<'a> for Tagged<W> {
+    type Writer = TaggedLine<W::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        TaggedLine { inner: self.inner.make_writer(), tag: Arc::clone(&self.tag), json: self.json }
+    }
+}
+
+/// One line's writer.
+struct TaggedLine<W> {
+    inner: W,
+    tag: Arc<[u8]>,
+    json: bool,
+}
+
+impl<W: Write> Write for TaggedLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut line = Vec::with_capacity(buf.len() + self.tag.len());
+        match buf.split_first() {
+            Some((b'{', rest)) if self.json => {
+                line.push(b'{');
+                line.extend_from_slice(&self.tag);
+                line.extend_from_slice(rest);
+            }
+            _ if self.json => line.extend_from_slice(buf),
+            _ => {
+                line.extend_from_slice(&self.tag);
+                line.extend_from_slice(buf);
+            }
+        }
+        self.inner.write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_line_carries_the_node_id() {
+        let mut out = Vec::new();
+        let mut json = TaggedLine { inner: &mut out, tag: Arc::from(&b"\"node_id\":\"n1\","[..]), json: true };
+        json.write_all(b"{\"level\":\"INFO\"}\n").unwrap();
+        assert_eq!(out, b"{\"node_id\":\"n1\",\"level\":\"INFO\"}\n");
+        let mut out = Vec::new();
+        let mut text = TaggedLine { inner: &mut out, tag: Arc::from(&b"node_id=n1 "[..]), json: false };
+        text.write_all(b"INFO started\n").unwrap();
+        assert_eq!(out, b"node_id=n1 INFO started\n");
+    }
 }

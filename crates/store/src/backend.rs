@@ -15,6 +15,7 @@ use runguard_contract::{
 };
 
 use crate::batch::{CommitReceipt, WriteBatch};
+use crate::cluster_lock::ClusterLock;
 use crate::error::StoreError;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot, VerifyReport};
 use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
@@ -140,6 +141,9 @@ seam! {
     /// after the attempt, whether it committed or not). A cache of anything derived from the policies —
     /// a tenant's current snapshot — reads it before reading the policies and is stale once it differs.
     fn policy_generation(&self) -> u64;
+    /// Takes the locks `names` (in the order given) for every node of the store, waiting at most
+    /// `wait` for them; held until the answer is dropped (see [`ClusterLock`]).
+    fn cluster_lock(&self, names: &[String], wait: Duration) -> Result<ClusterLock, StoreError>;
     /// The sequence number and hash of the last record.
     fn chain_head(&self) -> Result<(u64, RecordHash), StoreError>;
     /// Commits made durable so far.

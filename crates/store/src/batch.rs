@@ -53,6 +53,21 @@ pub enum WriteOp {
     PutSnapshot(Box<Snapshot>),
     /// Creates or updates a run. Its snapshot must be stored or in the batch; its binding never changes.
     PutRun(Box<StoredRun>),
+    /// The fencing condition of a run's writes (`docs/store.md`, "Fencing"): at this point of the commit
+    /// the run's ledger holds exactly `ledger_len` entries and the run is running — or, with `ledger_len`
+    /// 0, the run does not exist yet. Checked inside the commit transaction, after every commit before
+    /// it, on any node; a mismatch fails this caller alone with [`StoreErrorKind::Fenced`]. A writer
+    /// puts it first in a batch that writes the run.
+    ///
+    /// [`StoreErrorKind::Fenced`]: crate::StoreErrorKind::Fenced
+    FenceRun {
+        /// The run's tenant.
+        tenant_id: TenantId,
+        /// The run.
+        run_id: RunId,
+        /// How many ledger entries the writer's copy of the run holds.
+        ledger_len: u64,
+    },
     /// Appends an acknowledged call to a run's ledger (the run must exist). The store sets `position`.
     AppendLedger {
         /// The run's tenant.
@@ -154,6 +169,11 @@ impl WriteBatch {
     /// Adds a run upsert.
     pub fn put_run(&mut self, run: StoredRun) -> &mut Self {
         self.push(WriteOp::PutRun(Box::new(run)))
+    }
+
+    /// Adds the fencing condition of a run's writes (see [`WriteOp::FenceRun`]).
+    pub fn fence_run(&mut self, tenant_id: TenantId, run_id: RunId, ledger_len: u64) -> &mut Self {
+        self.push(WriteOp::FenceRun { tenant_id, run_id, ledger_len })
     }
 
     /// Adds a ledger append.

@@ -14,6 +14,9 @@ pub enum StoreErrorKind {
     Contract,
     /// An optimistic-concurrency or uniqueness check failed; nothing was written.
     Conflict,
+    /// A run's fencing condition failed: another writer (another node) changed the run since the writer
+    /// read it; nothing of the caller's batch was written.
+    Fenced,
     /// A referenced object does not exist.
     NotFound,
     /// The database was written by an unknown schema version.
@@ -32,6 +35,7 @@ impl StoreErrorKind {
             StoreErrorKind::Corrupt => "corrupt",
             StoreErrorKind::Contract => "contract",
             StoreErrorKind::Conflict => "conflict",
+            StoreErrorKind::Fenced => "fenced",
             StoreErrorKind::NotFound => "not found",
             StoreErrorKind::Schema => "schema",
             StoreErrorKind::Injected => "injected",
@@ -101,6 +105,10 @@ impl StoreError {
 
     pub(crate) fn conflict(message: impl Into<String>) -> Self {
         Self::new(StoreErrorKind::Conflict, message)
+    }
+
+    pub(crate) fn fenced(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Fenced, message)
     }
 
     pub(crate) fn not_found(message: impl Into<String>) -> Self {

@@ -74,6 +74,11 @@ impl CommitSignals {
         self.policy_generation.load(Ordering::Acquire)
     }
 
+    /// Makes the policy generation change without a commit (a backend that could not read its own part).
+    pub(crate) fn bump_policy_generation(&self) {
+        self.policy_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Runs one group commit: `lock` takes the backend's writer, `attempt` fills `outcomes` for the
     /// batches it refused and, on success, for the ones it committed (an `Err` answers every batch left
     /// without an outcome), and `after_io` runs under the writer when the store could not write.

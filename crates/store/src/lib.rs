@@ -69,10 +69,13 @@ macro_rules! on_both_backends {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_cluster;
+#[cfg(test)]
 mod tests_durability;
 
 mod backend;
 mod batch;
+mod cluster_lock;
 pub mod codec;
 mod error;
 mod group;
@@ -89,6 +92,7 @@ mod watermark;
 
 pub use backend::Store;
 pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
+pub use cluster_lock::ClusterLock;
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
 pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};

@@ -44,6 +44,8 @@ pub(crate) trait ReadView {
     fn run_binding(&self, tenant: &TenantId, run: &RunId) -> Result<Option<SnapshotHash>, StoreError>;
     /// Whether the run is known to be listed as live (`None`: unknown, or the backend keeps no listing).
     fn run_listed_live(&self, tenant: &TenantId, run: &RunId) -> Option<bool>;
+    /// What a run's fencing condition compares: `None` when the run does not exist.
+    fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError>;
     /// The position the next ledger entry of a run takes.
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError>;
     /// Whether a record with this id exists, in any tenant.
@@ -76,6 +78,15 @@ pub(crate) trait ReadView {
     fn regret_exists(&self, record: &RecordId) -> Result<bool, StoreError>;
     /// The number the next graduation state of a tenant takes in its history.
     fn next_graduation(&self, tenant: &TenantId) -> Result<u64, StoreError>;
+}
+
+/// A stored run as its fencing condition sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RunHead {
+    /// How many entries its ledger holds (the position the next one takes).
+    pub(crate) ledger_len: u64,
+    /// Whether its status is `running`.
+    pub(crate) running: bool,
 }
 
 /// One checked write, in the order the batches staged them. A later write of the same row replaces an
@@ -187,6 +198,8 @@ pub(crate) struct Prepare<'a> {
     graduation_next: HashMap<TenantId, u64>,
     runs: HashMap<RunKey, SnapshotHash>,
     live: HashMap<RunKey, bool>,
+    /// Whether each run the commit fenced or wrote is running (`None`: it does not exist).
+    running: HashMap<RunKey, Option<bool>>,
     snapshots: HashSet<SnapshotHash>,
     record_ids: HashMap<RecordId, (TenantId, PolicyId)>,
     shadow: BTreeMap<(Option<TenantId>, PolicyId, TenantId), ShadowStats>,
@@ -211,6 +224,7 @@ impl<'a> Prepare<'a> {
             graduation_next: HashMap::new(),
             runs: HashMap::new(),
             live: HashMap::new(),
+            running: HashMap::new(),
             snapshots: HashSet::new(),
             record_ids: HashMap::new(),
             shadow: BTreeMap::new(),
@@ -271,6 +285,7 @@ impl<'a> Prepare<'a> {
             WriteOp::AppendAudit { tenant, entry } => self.append_audit(tenant.as_ref(), entry),
             WriteOp::PutSnapshot(_) => Ok(()),
             WriteOp::PutRun(run) => self.put_run(run),
+            WriteOp::FenceRun { tenant_id, run_id, ledger_len } => self.fence_run(tenant_id, run_id, *ledger_len),
             WriteOp::AppendLedger { tenant_id, run_id, entry } => self.append_ledger(tenant_id, run_id, entry),
             WriteOp::AppendRecord(append) => self.append_record(append),
             WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta } => {
@@ -417,10 +432,40 @@ impl<'a> Prepare<'a> {
         // Every step rewrites its run; its live listing changes only when it stops running.
         let change = (listed != Some(live)).then_some(live);
         if change.is_some() {
-            self.live.insert(key, live);
+            self.live.insert(key.clone(), live);
         }
+        self.running.insert(key, Some(live));
         self.write(Staged::Run { run: Box::new(run.clone()), listed: change });
         Ok(())
+    }
+
+    /// The fencing condition (`docs/store.md`, "Fencing"): the run as this commit leaves it so far — the
+    /// store's state after every earlier commit, plus the earlier writes of this group — must be the run
+    /// the writer read. One comparison against what the append and the upsert read anyway.
+    fn fence_run(&mut self, tenant: &TenantId, run: &RunId, expected: u64) -> Result<(), StoreError> {
+        let key = (tenant.clone(), run.clone());
+        let (len, running) = match (self.ledger_next.get(&key), self.running.get(&key)) {
+            (Some(len), Some(running)) => (*len, *running),
+            (len, running) => {
+                let head = self.view.run_head(tenant, run)?;
+                let len = len.copied().unwrap_or_else(|| head.map_or(0, |h| h.ledger_len));
+                let running = running.copied().unwrap_or_else(|| head.map(|h| h.running));
+                self.ledger_next.insert(key.clone(), len);
+                self.running.insert(key, running);
+                (len, running)
+            }
+        };
+        let holds = len == expected && (running == Some(true) || (running.is_none() && expected == 0));
+        if holds {
+            return Ok(());
+        }
+        Err(StoreError::fenced(match running {
+            None => format!("run `{run}` does not exist; the writer expected {expected} ledger entries"),
+            Some(running) => format!(
+                "run `{run}` holds {len} ledger entries and is {}; the writer expected {expected} and running",
+                if running { "running" } else { "not running" }
+            ),
+        }))
     }
 
     fn append_ledger(&mut self, tenant: &TenantId, run: &RunId, entry: &LedgerEntry) -> Result<(), StoreError> {

@@ -13,7 +13,9 @@ use runguard_contract::{
     Timestamp,
 };
 use runguard_engine::learning::{self, Level, TenantEvidence};
-use runguard_store::{GraduationGates, GraduationState, RecordQuery, Store, StoreError, WriteBatch, all_pages};
+use runguard_store::{
+    ClusterLock, GraduationGates, GraduationState, RecordQuery, Store, StoreError, WriteBatch, all_pages,
+};
 use serde::Serialize;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -289,6 +291,7 @@ impl Learning {
         heavy: Option<TenantId>,
         plan: impl FnOnce(&Shared) -> Result<(WriteBatch, T), NodeError> + Send + 'static,
     ) -> Answer<T> {
+        let names: Vec<String> = keys.iter().map(cluster_lock_name).collect();
         let locks: Vec<Arc<AsyncMutex<()>>> = keys.into_iter().map(|key| self.lock(key)).collect();
         // Each waiting request holds a clone of its lock; the map holds one more.
         if locks.iter().any(|lock| Arc::strong_count(lock) > WAITING_PER_TENANT + 1) {
@@ -306,19 +309,21 @@ impl Learning {
                 for lock in locks {
                     held.push(lock.lock_owned().await);
                 }
+                let cluster = cluster_locks(&shared, names).await?;
                 let planned = match &heavy {
                     Some(tenant) => shared.heavy(tenant, plan).await?,
                     None => shared.blocking(plan).await?,
                 };
-                Ok::<_, NodeError>((held, planned))
+                Ok::<_, NodeError>((held, cluster, planned))
             })
             .await;
-            let (held, (batch, value)) = planned.map_err(|_| {
+            let (held, cluster, (batch, value)) = planned.map_err(|_| {
                 NodeError::unavailable("the learning loop is busy for this tenant; nothing was changed, retry")
             })??;
             if !batch.is_empty() {
                 shared.commit(batch).await?;
             }
+            drop(cluster);
             drop(held);
             Ok(value)
         })
@@ -326,6 +331,26 @@ impl Learning {
 }
 
 type Answer<T> = ResponseFuture<Result<T, NodeError>>;
+
+/// The name of a learning lock across the nodes of a store: one per tenant, and one for global policies.
+fn cluster_lock_name(key: &LockKey) -> String {
+    match key {
+        Some(tenant) => format!("runguard/learning/tenant/{tenant}"),
+        None => "runguard/learning/global".to_owned(),
+    }
+}
+
+/// Takes the learning locks `names` for every node sharing the store (`docs/architecture.md`, "Cluster:
+/// fencing and consistency"), held until the commit is done: on PostgreSQL another node's request reads
+/// only after this one's commit. One node owns a sled store, so there it is only the in-process lock.
+async fn cluster_locks(shared: &Arc<Shared>, names: Vec<String>) -> Result<Option<ClusterLock>, NodeError> {
+    if shared.store.backend_name() != "postgres" {
+        return Ok(None);
+    }
+    let wait = shared.call_timeout();
+    let lock = shared.blocking(move |shared| Ok::<_, NodeError>(shared.store.cluster_lock(&names, wait)?)).await?;
+    Ok(Some(lock))
+}
 
 fn generated<T>(make: impl Fn([u8; 32]) -> T, domain: &str, parts: &[&str]) -> T {
     make(domain_hash(domain, parts.join("\n").as_bytes()))

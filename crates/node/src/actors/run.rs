@@ -186,6 +186,9 @@ pub struct RunDeps {
 struct Live {
     run: Run,
     meta: RunMeta,
+    /// How many ledger entries the stored run holds as this copy knows it: the fencing condition of its
+    /// next write (`docs/store.md`, "Fencing").
+    ledger_len: u64,
 }
 
 /// What a live run keeps of its stored form besides the engine's run, which holds the rest (ids, labels,
@@ -228,6 +231,8 @@ pub struct RunActor {
     generation: u64,
     deps: Arc<RunDeps>,
     live: Option<Live>,
+    /// Lost fencing checks of the call being served.
+    fenced: u32,
 }
 
 impl std::fmt::Debug for RunActor {
@@ -239,7 +244,7 @@ impl std::fmt::Debug for RunActor {
 impl RunActor {
     /// A run actor for `key`, not yet loaded.
     pub fn new(key: Arc<RunKey>, generation: u64, deps: Arc<RunDeps>) -> Self {
-        Self { key, generation, deps, live: None }
+        Self { key, generation, deps, live: None, fenced: 0 }
     }
 }
 
@@ -293,7 +298,8 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
         tracing::error!(run_id = %stored.run_id, "run failed its integrity checks on load; every call will block");
         *verdict.run
     });
-    Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
+    let ledger_len = loaded.ledger.len() as u64;
+    Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint }, ledger_len }
 }
 
 /// The call as its ledger entry keeps it: taken, not copied, since nothing needs it after evaluation.
@@ -419,6 +425,7 @@ impl RunActor {
         if let Some(snapshot) = &current.unstored {
             batch.put_snapshot(Snapshot::clone(snapshot));
         }
+        batch.fence_run(key.tenant.clone(), key.run_id.clone(), 0);
         batch.put_run(meta.stored(&run));
         let entry = LedgerEntry::new(LedgerCall::RunStart, answer.decision.clone(), run.state().totals)
             .with_effects(effects_bytes(&answer.effects));
@@ -431,7 +438,7 @@ impl RunActor {
         record_metrics(&Counted::of(&answer), None);
         crate::decision_log::applied(&key.tenant, &answer);
         tracing::info!(run_id = %key.run_id, tenant = %key.tenant, decision_id = %answer.decision.decision_id, "run created");
-        Ok((Live { run, meta }, answer.decision))
+        Ok((Live { run, meta, ledger_len: 1 }, answer.decision))
     }
 
     /// The snapshot a run of `tenant` created now is bound to: the cached one while the policies are
@@ -439,7 +446,12 @@ impl RunActor {
     /// CEL) all block: off the actor's thread.
     async fn current_snapshot(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CurrentSnapshot, NodeError> {
         // Read before the policies: a policy change committed after this read makes the entry stale.
-        let generation = shared.store.policy_generation();
+        let generation = if shared.store.backend_name() == "postgres" {
+            // A read of the database's generation, shared by every node: off the actor's thread.
+            shared.blocking(|shared| Ok::<_, NodeError>(shared.store.policy_generation())).await?
+        } else {
+            shared.store.policy_generation()
+        };
         if let Some(current) = shared.current_snapshots.get(tenant, generation) {
             return Ok(current);
         }
@@ -474,6 +486,7 @@ impl RunActor {
             return None;
         }
         let mut batch = WriteBatch::new();
+        batch.fence_run(self.key.tenant.clone(), self.key.run_id.clone(), live.ledger_len);
         batch.put_run(live.meta.stored(&live.run));
         Some(batch)
     }
@@ -491,6 +504,7 @@ fn ready<T: 'static>(answer: Result<T, NodeError>) -> Pending<T> {
 impl RunActor {
     /// Loads the run if this actor has not yet, then runs `op` on it, strictly one call at a time.
     fn serve<T: 'static>(&mut self, op: Op<T>) -> Reply<T> {
+        self.fenced = 0;
         let shared = Arc::clone(&self.deps.shared);
         let key = self.key.clone();
         let loaded = self.live.is_some();
@@ -520,12 +534,17 @@ impl RunActor {
             let committing = Arc::clone(&shared);
             return Box::pin(async move { committing.commit(batch).await }.into_actor(self).then(
                 move |committed, actor, _| match committed {
+                    // Another node expired, ended or stepped the run first: what it did stands.
+                    Err(err) if fenced(&err) => actor.recover("fenced", op),
                     Err(err) => {
                         // The expiry was applied in memory before its commit failed.
                         actor.forget();
                         ready(Err(err))
                     }
-                    Ok(_) => op(actor, shared, now()),
+                    Ok(_) => {
+                        tracing::info!(run_id = %actor.key.run_id, tenant = %actor.key.tenant, "run expired");
+                        op(actor, shared, now())
+                    }
                 },
             ));
         }
@@ -602,11 +621,20 @@ impl RunActor {
             }));
         }
         let key = self.key.clone();
-        Box::pin(RunActor::create(shared, key, request).into_actor(self).map(|created, actor, _| {
-            let (live, decision) = created?;
+        let again = request.clone();
+        Box::pin(RunActor::create(shared, key, request).into_actor(self).then(move |created, actor, _| {
+            let (live, decision) = match created {
+                Ok(created) => created,
+                // Another node created the run first: answer its creation as a repeated one.
+                Err(err) if fenced(&err) => {
+                    return actor
+                        .recover("fenced", Box::new(move |actor, shared, _| actor.handle_create(again, shared)));
+                }
+                Err(err) => return ready(Err(err)),
+            };
             let answer = Box::new(Self::answer(&live, decision));
             actor.live = Some(live);
-            Ok(Created { created: true, answer })
+            ready(Ok(Created { created: true, answer }))
         }))
     }
 
@@ -648,6 +676,11 @@ impl RunActor {
         let answer = match answer {
             Ok(answer) if answer.is_replay() => return ready(Decided::of(&answer.decision)),
             Ok(answer) => answer,
+            // Refused by a copy of the run that may be stale: read it back once and decide again.
+            Err(why) if !matches!(why, Refusal::StepLimit { .. }) && self.may_be_stale(&shared) => {
+                return self
+                    .recheck_refusal(why, Box::new(move |actor, shared, at| actor.handle_step(call, shared, at)));
+            }
             Err(why) => {
                 let reason = if matches!(why, Refusal::StepLimit { .. }) { "step_limit" } else { "order" };
                 metrics::counter!("runguard_refused_calls_total", "reason" => reason).increment(1);
@@ -666,26 +699,33 @@ impl RunActor {
         let next = live.run.after(&answer);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
+        batch.fence_run(tenant.clone(), run_id.clone(), live.ledger_len);
         persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
+        let again = retry_copy(&shared, &call);
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =
             LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
-        Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
+        Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).then(move |committed, actor, _| {
             if let Err(refused) = committed {
-                if !refused.settled {
+                if let Some(call) = again.filter(|_| fenced(&refused.error)) {
+                    return actor
+                        .recover("fenced", Box::new(move |actor, shared, at| actor.handle_step(call, shared, at)));
+                }
+                if !refused.settled || fenced(&refused.error) {
                     actor.forget();
                 }
-                return Err(refused.error);
+                return ready(Err(refused.error));
             }
             record_metrics(&counted, Some(elapsed));
             logged.applied(&actor.key.tenant);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
+                live.ledger_len += 1;
             }
-            Ok(decided)
+            ready(Ok(decided))
         }))
     }
 
@@ -707,6 +747,8 @@ impl RunActor {
         let run = live.meta.stored(&next);
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
+        batch.fence_run(tenant.clone(), run_id.clone(), live.ledger_len);
+        let again = EndRun { outcome, error: error.clone() };
         let entry =
             LedgerEntry::new(LedgerCall::RunEnd { outcome, error }, answer.decision.clone(), next.state().totals)
                 .with_effects(effects_bytes(&answer.effects));
@@ -739,22 +781,93 @@ impl RunActor {
                 None => shared.commit_settled(batch).await.map(|_| None),
             }
         };
-        Box::pin(committed.into_actor(self).map(move |committed, actor, _| {
+        Box::pin(committed.into_actor(self).then(move |committed, actor, _| {
             let incident_id = match committed {
                 Ok(incident_id) => incident_id,
+                Err(refused) if fenced(&refused.error) => {
+                    let EndRun { outcome, error } = again;
+                    return actor.recover(
+                        "fenced",
+                        Box::new(move |actor, shared, at| actor.handle_end(outcome, error, shared, at)),
+                    );
+                }
                 Err(refused) => {
                     if !refused.settled {
                         actor.forget();
                     }
-                    return Err(refused.error);
+                    return ready(Err(refused.error));
                 }
             };
             record_metrics(&Counted::of(&answer), None);
             crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
+                live.ledger_len += 1;
             }
-            Ok(Ended { incident_id, run: Box::new(run) })
+            ready(Ok(Ended { incident_id, run: Box::new(run) }))
+        }))
+    }
+}
+
+/// How often one call may lose its fencing check and start again before it is refused: each loss means
+/// another node wrote the run meanwhile, so a call that keeps losing is racing a busy writer elsewhere.
+const FENCE_RETRIES: u32 = 4;
+
+/// Whether a commit lost its fencing check (`docs/architecture.md`, "Cluster: fencing and consistency").
+fn fenced(err: &NodeError) -> bool {
+    matches!(err, NodeError::Store(err) if err.kind() == runguard_store::StoreErrorKind::Fenced)
+}
+
+/// A copy of a step call to evaluate again should its commit lose the fencing check. Only a store other
+/// nodes write can fence a node (sled has one writer, this node), so only then is the call copied.
+fn retry_copy(shared: &Shared, call: &StepCall) -> Option<StepCall> {
+    (shared.store.backend_name() == "postgres").then(|| call.clone())
+}
+
+impl RunActor {
+    /// Whether a refusal by this node's copy of the run may come from a copy another node made stale:
+    /// only when other nodes write the store, and only before this call read the run back.
+    fn may_be_stale(&self, shared: &Shared) -> bool {
+        self.fenced == 0 && shared.store.backend_name() == "postgres"
+    }
+
+    /// A refusal by a copy that may be stale: answered as it is when the store's ledger is as long as the
+    /// copy's (one indexed read of the last entry), else the run is read back and the call decided again.
+    /// The check keeps a client that keeps sending out-of-order calls from making the node reload a long
+    /// run's whole ledger on every one.
+    fn recheck_refusal<T: 'static>(&mut self, why: Refusal, op: Op<T>) -> Pending<T> {
+        let known = self.live.as_ref().map(|live| live.ledger_len);
+        let (shared, key) = (Arc::clone(&self.deps.shared), Arc::clone(&self.key));
+        let stored = async move { shared.read(move |store| store.last_ledger_entry(&key.tenant, &key.run_id)).await };
+        Box::pin(stored.into_actor(self).then(move |stored, actor, _| match stored {
+            Ok(Some(last)) if Some(last.position.saturating_add(1)) == known => {
+                metrics::counter!("runguard_refused_calls_total", "reason" => "order").increment(1);
+                ready(Err(NodeError::Refused(why)))
+            }
+            Err(err) => ready(Err(err)),
+            Ok(_) => actor.recover("refused", op),
+        }))
+    }
+
+    /// After a lost fencing check: drops this node's copy of the run, reads the run back and does `op` on
+    /// what it now is — evaluated if the call is still the next one, the stored decision if an identical
+    /// call was decided elsewhere (the engine's replay), the run's status if it stopped or ended, else
+    /// the refusal one node would answer.
+    fn recover<T: 'static>(&mut self, reason: &'static str, op: Op<T>) -> Pending<T> {
+        self.forget();
+        self.fenced += 1;
+        metrics::counter!("runguard_cluster_reloads_total", "reason" => reason).increment(1);
+        tracing::info!(run_id = %self.key.run_id, tenant = %self.key.tenant, reason, attempt = self.fenced, "reloading a run another node may have changed");
+        if self.fenced > FENCE_RETRIES {
+            return ready(Err(NodeError::unavailable("the run is being changed on another node; retry the call")));
+        }
+        let load = RunActor::load(Arc::clone(&self.deps.shared), Arc::clone(&self.key));
+        Box::pin(load.into_actor(self).then(move |loaded, actor, _| match loaded {
+            Err(err) => ready(Err(err)),
+            Ok(live) => {
+                actor.live = live;
+                actor.dispatch(op)
+            }
         }))
     }
 }

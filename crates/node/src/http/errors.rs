@@ -35,7 +35,8 @@ pub fn store_error(err: StoreError) -> ApiError {
                 1,
             )
         }
-        StoreErrorKind::Conflict => ApiError::conflict("conflict", err.message().to_owned()),
+        // A run another node kept changing while this one retried (`docs/architecture.md`, "Cluster").
+        StoreErrorKind::Conflict | StoreErrorKind::Fenced => ApiError::conflict("conflict", err.message().to_owned()),
         StoreErrorKind::NotFound => ApiError::conflict("not_found", err.message().to_owned()),
         StoreErrorKind::InvalidArgument => ApiError::bad_request("cursor", err.message().to_owned()),
         StoreErrorKind::Contract | StoreErrorKind::Corrupt | StoreErrorKind::Schema => {

@@ -22,7 +22,7 @@ use crate::batch::{CommitReceipt, WriteBatch};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::keys::{self, owner as owner_str};
 use crate::model::ShadowStats;
-use crate::prepare::{ChainHead, Prepare, ReadView, Staged};
+use crate::prepare::{ChainHead, Prepare, ReadView, RunHead, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
 use crate::group::{self, Outcome};
@@ -69,6 +69,7 @@ impl PgStore {
         let hash = RecordHash::new(head_hash).map_err(|_| StoreError::corrupt("the chain head holds an invalid hash"));
         let mut head = hash.map(|hash| ChainHead { seq: u64_of(head_seq).unwrap_or(0), hash });
         let mut committed = 0usize;
+        let mut policies_written = false;
         let mut learned = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
             let mut savepoint = tx.savepoint("caller").map_err(|err| pg_error("cannot open a savepoint", err))?;
@@ -105,6 +106,7 @@ impl PgStore {
                 }
                 Ok(()) => {
                     savepoint.commit().map_err(|err| pg_error("cannot release a savepoint", err))?;
+                    policies_written |= prepared.writes.iter().any(|(_, w)| matches!(w, Staged::PolicyVersion(_)));
                     if let Some(new_head) = prepared.head {
                         head = Ok(new_head);
                     }
@@ -122,6 +124,11 @@ impl PgStore {
             return Ok(());
         }
         let commits = commits.saturating_add(1);
+        if policies_written {
+            // In the commit's transaction: a node that reads the new generation also reads the policies.
+            tx.execute("UPDATE runguard_chain SET policy_generation = policy_generation + 1", &[])
+                .map_err(|err| pg_error("cannot advance the policy generation", err))?;
+        }
         if let Ok(head) = &head {
             let seq = i64_of(head.seq)?;
             tx.execute(
@@ -401,6 +408,24 @@ impl ReadView for PgView<'_, '_> {
     fn run_listed_live(&self, _: &TenantId, _: &RunId) -> Option<bool> {
         // There is no listing to keep: the run's `status` column is the listing.
         None
+    }
+
+    /// Read committed, after the chain head lock: every commit of every node made before this one.
+    fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError> {
+        let row = self.opt(
+            "a run",
+            "SELECT r.status, (SELECT max(l.position) FROM ledger l WHERE l.tenant_id = r.tenant_id AND l.run_id = r.run_id)
+             FROM runs r WHERE r.tenant_id = $1 AND r.run_id = $2",
+            &[&tenant.as_str(), &run.as_str()],
+        )?;
+        let Some(row) = row else { return Ok(None) };
+        let status: String = get(&row, 0, "a run")?;
+        let last: Option<i64> = get(&row, 1, "a run")?;
+        let ledger_len = match last {
+            None => 0,
+            Some(last) => u64_of(last)?.saturating_add(1),
+        };
+        Ok(Some(RunHead { ledger_len, running: status == runguard_contract::RunStatus::Running.as_str() }))
     }
 
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError> {

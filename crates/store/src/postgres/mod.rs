@@ -12,6 +12,7 @@ mod schema;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use serde::de::DeserializeOwned;
 
 pub use schema::PG_SCHEMA_VERSION;
 
+use crate::cluster_lock::{ClusterLock, lock_error};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::group::CommitSignals;
 use crate::run_cache::RunCache;
@@ -119,6 +121,8 @@ pub(crate) struct PgStore {
     writer: Mutex<WriterState>,
     /// Test switches, readiness and the policy generation.
     pub(super) signals: CommitSignals,
+    /// The database's policy generation as last read.
+    shared_policy_generation: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -162,6 +166,7 @@ impl PgStore {
                 commits,
             }),
             signals: CommitSignals::default(),
+            shared_policy_generation: AtomicU64::new(0),
         })
     }
 
@@ -222,8 +227,38 @@ impl PgStore {
         self.signals.is_healthy()
     }
 
+    /// This node's attempts (as on sled) plus the database's count of policy commits by every node
+    /// (`docs/architecture.md`, "Cluster: fencing and consistency"): both only grow, so their sum changes
+    /// whenever either does. A read that fails counts as a change, so that nothing cached is trusted.
     pub(crate) fn policy_generation(&self) -> u64 {
-        self.signals.policy_generation()
+        let shared = self.read(|client| {
+            client
+                .query_one("SELECT policy_generation FROM runguard_chain", &[])
+                .and_then(|row| row.try_get::<_, i64>(0))
+        });
+        match shared {
+            // The largest value any read found: concurrent readers never move it back.
+            Ok(shared) => {
+                self.shared_policy_generation.fetch_max(u64::try_from(shared).unwrap_or(0), Ordering::AcqRel);
+            }
+            Err(_) => self.signals.bump_policy_generation(),
+        }
+        self.signals.policy_generation().wrapping_add(self.shared_policy_generation.load(Ordering::Acquire))
+    }
+
+    /// Session advisory locks on a connection of their own (`cluster_lock.rs`), keyed by a 64-bit hash
+    /// of each name; `lock_timeout` bounds the wait.
+    pub(crate) fn cluster_lock(&self, names: &[String], wait: Duration) -> Result<ClusterLock, StoreError> {
+        off_runtime(|| {
+            let mut client =
+                self.config.connect(NoTls).map_err(|err| pg_error(format!("cannot connect to {}", self.shown), err))?;
+            let millis = wait.as_millis().clamp(1, i32::MAX as u128);
+            client.batch_execute(&format!("SET lock_timeout = {millis}")).map_err(lock_error)?;
+            for name in names {
+                client.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[name]).map_err(lock_error)?;
+            }
+            Ok(ClusterLock::held_by(client))
+        })
     }
 
     pub(crate) fn commit_count(&self) -> u64 {

@@ -17,7 +17,7 @@ use crate::error::{StoreError, StoreErrorKind};
 use crate::group::{self, Outcome};
 use crate::keys;
 use crate::model::{ShadowStats, StoredRun};
-use crate::prepare::{Prepare, Prepared, ReadView, Staged};
+use crate::prepare::{Prepare, Prepared, ReadView, RunHead, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
 impl Engine {
@@ -327,6 +327,27 @@ impl ReadView for SledView<'_> {
 
     fn run_listed_live(&self, tenant: &TenantId, run: &RunId) -> Option<bool> {
         self.cache.get(&keys::run(tenant, run)).and_then(|c| c.live)
+    }
+
+    /// From the writer's cache when it knows the run (every run this writer wrote since it opened):
+    /// the fencing condition then costs no read. A single writer owns a sled store, so the cache is the
+    /// store's state.
+    fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError> {
+        let key = keys::run(tenant, run);
+        let cached = self.cache.get(&key);
+        let exists = match cached.and_then(|c| c.snapshot.as_ref()) {
+            Some(_) => true,
+            None => self.store.tree(T::Runs)?.contains_key(&key)?,
+        };
+        if !exists {
+            return Ok(None);
+        }
+        let ledger_len = self.next_ledger_position(tenant, run)?;
+        let running = match cached.and_then(|c| c.live) {
+            Some(live) => live,
+            None => self.store.tree(T::RunsLive)?.contains_key(&key)?,
+        };
+        Ok(Some(RunHead { ledger_len, running }))
     }
 
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError> {

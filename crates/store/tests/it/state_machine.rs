@@ -3,13 +3,17 @@
 //! Transitions append records one at a time or in batches, fail a batch on purpose, reopen the database,
 //! and query by run and by time window. After every transition: sequence numbers are gap-free, every
 //! index agrees with the primary records, the chain verifies, and everything acknowledged is readable
-//! (across reopens too).
+//! (across reopens too). Fenced ledger appends, some from a stale copy of their run, land exactly when
+//! their fencing condition holds: each run's ledger holds what the model says.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 use runguard_contract::{PreventionRecord, RecordId, verify_chain};
-use runguard_store::{PageRequest, PgOptions, RecordQuery, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch};
+use runguard_store::{
+    LedgerCall, LedgerEntry, PageRequest, PgOptions, RecordQuery, Store, StoreErrorKind, StoreOptions, StoredRun,
+    WriteBatch,
+};
 
 use crate::fixtures::{World, at};
 
@@ -26,6 +30,17 @@ struct ModelRecord {
 #[derive(Clone, Debug, Default)]
 struct Model {
     records: Vec<ModelRecord>,
+    /// Each run's ledger length.
+    ledgers: [u64; RUNS],
+    /// Whether each run was stopped (by a block).
+    stopped: [bool; RUNS],
+}
+
+impl Model {
+    /// Whether a fenced append lands: a writer with a current copy of a running run.
+    fn fence_holds(&self, run: usize, stale: bool) -> bool {
+        !stale && !self.stopped[run]
+    }
 }
 
 /// (run, time offset, simulated)
@@ -37,8 +52,20 @@ enum Transition {
     AppendBatch(Vec<Append>),
     FailedBatch(Vec<Append>),
     Reopen,
-    ScanRun { run: usize, limit: usize },
-    Range { since: i64, until: i64, limit: usize },
+    /// A ledger append fenced on the run's ledger length, or (stale) on one entry fewer.
+    Fenced {
+        run: usize,
+        stale: bool,
+    },
+    ScanRun {
+        run: usize,
+        limit: usize,
+    },
+    Range {
+        since: i64,
+        until: i64,
+        limit: usize,
+    },
 }
 
 fn append() -> impl Strategy<Value = Append> {
@@ -59,6 +86,7 @@ impl ReferenceStateMachine for Model {
             3 => proptest::collection::vec(append(), 1..6).prop_map(Transition::AppendBatch),
             1 => proptest::collection::vec(append(), 1..3).prop_map(Transition::FailedBatch),
             1 => Just(Transition::Reopen),
+            2 => (0..RUNS, proptest::bool::weighted(0.3)).prop_map(|(run, stale)| Transition::Fenced { run, stale }),
             1 => (0..RUNS, 1usize..4).prop_map(|(run, limit)| Transition::ScanRun { run, limit }),
             1 => (0i64..40, 0i64..45, 1usize..4).prop_map(|(since, until, limit)| Transition::Range { since, until, limit }),
         ]
@@ -68,10 +96,19 @@ impl ReferenceStateMachine for Model {
     fn apply(mut state: Model, transition: &Transition) -> Model {
         let mut push = |(run, at_ms, simulated): &Append| {
             state.records.push(ModelRecord { run: *run, at_ms: *at_ms, simulated: *simulated });
+            if !simulated {
+                state.ledgers[*run] += 1;
+                state.stopped[*run] = true;
+            }
         };
         match transition {
             Transition::Append(a) => push(a),
             Transition::AppendBatch(all) => all.iter().for_each(push),
+            Transition::Fenced { run, stale } => {
+                if state.fence_holds(*run, *stale) {
+                    state.ledgers[*run] += 1;
+                }
+            }
             Transition::FailedBatch(_) | Transition::Reopen | Transition::ScanRun { .. } | Transition::Range { .. } => {
             }
         }
@@ -231,6 +268,34 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
             sut.store().inject_commit_failure(false);
             assert_eq!(err.kind(), StoreErrorKind::Injected);
         }
+        Transition::Fenced { run, stale } => {
+            let stored = &sut.runs[run];
+            let len = model.ledgers[run];
+            let holds = model.fence_holds(run, stale);
+            // The model is the state after the transition: a landed append is already counted.
+            let expected = match (holds, stale) {
+                (true, _) => len - 1,
+                (false, false) => len,
+                // A copy that missed the latest entry, or (at 0) one that saw an entry that never landed.
+                (false, true) => len.checked_sub(1).unwrap_or(1),
+            };
+            let mut batch = WriteBatch::new();
+            batch.fence_run(stored.tenant_id.clone(), stored.run_id.clone(), expected).append_ledger(
+                stored.tenant_id.clone(),
+                stored.run_id.clone(),
+                LedgerEntry::new(LedgerCall::RunStart, sut.world.allow(&stored.run_id, expected), stored.totals),
+            );
+            match sut.store().commit(batch) {
+                Ok(receipt) => {
+                    assert!(holds, "a stale or stopped run's fenced write landed");
+                    assert_eq!(receipt.ledger_positions, [expected]);
+                }
+                Err(err) => {
+                    assert!(!holds, "a current write was fenced: {err}");
+                    assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
+                }
+            }
+        }
         Transition::Reopen => {
             drop(sut.store.take());
             sut.store = Some(sut.place.open());
@@ -276,6 +341,11 @@ fn check_invariants(sut: &Sut, model: &Model) {
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.records_checked, n);
+    // Every run's ledger holds exactly what landed.
+    for (run, len) in sut.runs.iter().zip(model.ledgers) {
+        let loaded = store.load_run(&run.tenant_id, &run.run_id).unwrap().unwrap();
+        assert_eq!(loaded.ledger.len() as u64, len, "the ledger of `{}`", run.run_id);
+    }
     // Tenant, policy and simulated indexes agree with the records.
     let tenant_q = RecordQuery::tenant(sut.world.tenant.clone());
     let live = expected(model, |r| !r.simulated, true);
