@@ -200,9 +200,33 @@ fn unknown_runs_answer_404_without_holding_live_run_slots() {
     assert!(metrics.lines().any(|line| line == "runguard_live_runs 8"), "{metrics}");
 }
 
-/// The node's open file descriptors (Linux).
+/// The node's open HTTP connections (Linux): its sockets whose local port is the node's listening port.
+/// Only these count, so that a store's own connections (a PostgreSQL pool that grows under load) do not.
 fn open_fds(node: &Node) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", node.pid().expect("the node runs"))).map_or(0, Iterator::count)
+    let pid = node.pid().expect("the node runs");
+    let port: u16 = node.base().rsplit(':').next().and_then(|p| p.parse().ok()).expect("the node's port");
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(Result::ok)
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().into_owned();
+                    link.strip_prefix("socket:[").and_then(|rest| rest.strip_suffix(']')).map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port_hex = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_is_node = fields.get(1).is_some_and(|local| local.ends_with(&port_hex));
+            local_is_node && fields.get(9).is_some_and(|inode| sockets.contains(*inode))
+        })
+        .count()
 }
 
 #[test]
