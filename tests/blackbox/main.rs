@@ -9,6 +9,7 @@ mod harness;
 mod auth;
 mod bad_input;
 mod cli;
+mod cluster_chaos;
 mod cluster_failover;
 mod concurrency;
 mod corruption;
