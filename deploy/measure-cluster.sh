@@ -48,6 +48,7 @@ node_pids() { cat "$state"/node{1,2,3}/pid; }
 nginx_pids() { local m; m=$(cat "$state/nginx/nginx.pid"); echo "$m" $(pgrep -P "$m" || true); }
 pg_pids() { local m; m=$(head -n 1 "$state/pg/data/postmaster.pid"); echo "$m" $(pgrep -P "$m" || true); }
 commits() { psql_ "SELECT xact_commit FROM pg_stat_database WHERE datname = 'runguard'"; }
+db_bytes() { psql_ "CHECKPOINT" >/dev/null; psql_ "SELECT pg_database_size('runguard')"; }
 
 "$cluster" clean >/dev/null 2>&1 || true
 "$cluster" start >/dev/null
@@ -64,6 +65,7 @@ before_nodes=$(cpu_ms "${nodes[@]}")
 before_nginx=$(cpu_ms $(nginx_pids))
 before_pg=$(cpu_ms $(pg_pids))
 before_commits=$(commits)
+before_bytes=$(db_bytes)
 started=$(date +%s%N)
 
 tag="m$(date +%s)"
@@ -76,6 +78,7 @@ after_nodes=$(cpu_ms "${nodes[@]}")
 after_nginx=$(cpu_ms $(nginx_pids))
 after_pg=$(cpu_ms $(pg_pids))
 after_commits=$(commits)
+after_bytes=$(db_bytes)
 requests=$((runs * (2 * steps + 2)))
 decisions=$requests
 
@@ -85,5 +88,6 @@ echo "requests (= decisions: creation, 2 per step, end): $requests in $((elapsed
 echo "node CPU:       $(per $((after_nodes - before_nodes))) us/request (all three nodes)"
 echo "nginx CPU:      $(per $((after_nginx - before_nginx))) us/request"
 echo "PostgreSQL CPU: $(per $((after_pg - before_pg))) us/request"
+echo "database:       $(( (after_bytes - before_bytes) / requests )) bytes/request on disk (tables and indexes, after a checkpoint)"
 echo "commits:        $(awk -v c=$((after_commits - before_commits)) -v n="$decisions" 'BEGIN { printf "%.3f", c / n }') per request ($((after_commits - before_commits)) in all)"
 "$cluster" stop >/dev/null
