@@ -103,3 +103,10 @@ api-fuzz MAX="25":
     venv/bin/schemathesis run "$base/openapi.json" --url "$base" --checks all \
         --header "Authorization: Bearer $secret" --max-examples "{{MAX}}" --seed 1 \
         --report junit --report-dir report
+
+# Cluster chaos: three nodes on one PostgreSQL behind nginx (deploy/nginx/runguard.conf), random SIGKILL
+# and restart of a node under load for SECS seconds (default 180), then every acknowledged decision checked
+# and `runguard verify` (docs/reliability.md). Needs postgresql and nginx-light. Replay a kill schedule with
+# RUNGUARD_CLUSTER_CHAOS_SEED=<printed seed>.
+cluster-soak SECS="180":
+    RUNGUARD_TEST_STORE=postgres RUNGUARD_CLUSTER_CHAOS_SECS={{SECS}} cargo test -p runguard-tests --test blackbox cluster_chaos -- --ignored --nocapture

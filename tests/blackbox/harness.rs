@@ -181,6 +181,8 @@ pub struct Node {
     checked: bool,
     /// The PostgreSQL URL of its store, when it keeps its data there rather than in sled.
     postgres: Option<String>,
+    /// Whether the next start listens on the port of the last one (a node behind a load balancer).
+    keep_port: bool,
 }
 
 impl Node {
@@ -225,7 +227,8 @@ impl Node {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .build()
             .into();
-        let mut node = Node { dir, config, child: None, port: 0, starts: 0, agent, checked, postgres };
+        let mut node =
+            Node { dir, config, child: None, port: 0, starts: 0, agent, checked, postgres, keep_port: false };
         node.spawn();
         node
     }
@@ -280,7 +283,8 @@ impl Node {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.path().join(format!("stderr-{}.log", self.starts))).expect("log file");
         let mut command = Command::new(runguard_bin());
-        command.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data").arg(self.data_dir());
+        let listen = format!("127.0.0.1:{}", if self.keep_port { self.port } else { 0 });
+        command.arg("serve").arg("--listen").arg(listen).arg("--data").arg(self.data_dir());
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
@@ -378,6 +382,12 @@ impl Node {
     pub fn restart(&mut self) {
         self.spawn();
     }
+
+    /// As [`Node::restart`], on the same port (where a load balancer expects the node).
+    pub fn restart_on_same_port(&mut self) {
+        self.keep_port = true;
+        self.spawn();
+    }
 }
 
 impl Drop for Node {
@@ -445,6 +455,11 @@ impl Client {
     /// The same client sending `X-Tenant: tenant`.
     pub fn for_tenant(&self, tenant: &str) -> Client {
         Client { tenant: Some(tenant.to_owned()), ..self.clone() }
+    }
+
+    /// The same client sending to another base URL (a load balancer in front of nodes).
+    pub fn at(&self, base: &str) -> Client {
+        Client { base: base.to_owned(), ..self.clone() }
     }
 
     /// The same client with a raw bearer token.

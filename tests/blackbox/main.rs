@@ -1,6 +1,7 @@
 //! Black-box tests of the `runguard` binary: every test starts real nodes on loopback ports with
 //! temporary data directories and drives them over HTTP or the command line only.
 
+mod cluster_harness;
 mod contract;
 mod fixtures;
 mod harness;
@@ -9,6 +10,8 @@ mod auth;
 mod bad_input;
 mod cli;
 mod cluster;
+mod cluster_chaos;
+mod cluster_failover;
 mod concurrency;
 mod corruption;
 mod faults;

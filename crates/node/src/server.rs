@@ -28,6 +28,8 @@ use crate::shared::Shared;
 
 /// Clients beyond `http.max_connections` wait here until a connection closes.
 const LISTEN_BACKLOG: i32 = 1024;
+/// The response header naming the node that answered: its listen address.
+pub const NODE_HEADER: &str = "x-runguard-node";
 /// How long in-flight calls may take to finish once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -163,6 +165,8 @@ async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow
         ms => KeepAlive::Timeout(Duration::from_millis(ms)),
     };
     let budget = AnswerBudget::new(edge.answer_budget_bytes);
+    // Which node answered, for operators and tests behind a load balancer (`deploy/README.md`).
+    let identity = addr.to_string();
     let server = HttpServer::new(move || {
         let budget = Arc::clone(&budget);
         App::new()
@@ -183,6 +187,7 @@ async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow
                 }
             })
             .wrap(actix_web::middleware::from_fn(http::access_log::log))
+            .wrap(actix_web::middleware::DefaultHeaders::new().add((NODE_HEADER, identity.clone())))
             .configure(http::configure)
     })
     .workers(workers)
