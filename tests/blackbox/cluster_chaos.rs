@@ -23,9 +23,6 @@ const BUDGET: u64 = 1000;
 const TOKENS: u64 = 150;
 const STEPS: u64 = 8;
 const CLIENTS: usize = 3;
-/// Whether a second stored decision for one (run, index, phase) fails the test: true once the cluster
-/// fences stale run copies in the database (SPEC §14.2); until then such duplicates are only counted.
-const REQUIRE_ONE_DECISION_PER_STEP: bool = false;
 /// How long one call may keep failing (a node dying, nginx moving off it) before the test gives up.
 const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -156,8 +153,6 @@ fn seed() -> u64 {
 }
 
 #[test]
-#[ignore = "needs the database fencing of stale run copies (issue 18): without it a call re-sent to a node \
-            holding a stale copy of the run can be stored twice, and the run then fails its integrity check"]
 fn acknowledged_decisions_survive_random_node_kills_behind_nginx() {
     let test = "acknowledged_decisions_survive_random_node_kills_behind_nginx";
     let Some(mut cluster) = Cluster::start(test, 3, |first| {
@@ -248,11 +243,9 @@ fn acknowledged_decisions_survive_random_node_kills_behind_nginx() {
         }
     }
     // A call re-sent to a node whose copy of the run is behind the database (the first node committed it
-    // and died before answering) is stored a second time, identically, until the cluster fences stale
-    // copies in the database (issue 18's fencing). Counted here; required to be zero once fencing is in.
-    if REQUIRE_ONE_DECISION_PER_STEP {
-        assert_eq!(duplicates, 0, "a (run, index, phase) holds more than one stored decision");
-    }
+    // and died before answering) loses its fencing check there and is answered with the stored decision:
+    // never a second one (`docs/architecture.md`, "Cluster: fencing and consistency").
+    assert_eq!(duplicates, 0, "a (run, index, phase) holds more than one stored decision");
     let out = cluster.verify();
     assert!(
         out.status.success(),

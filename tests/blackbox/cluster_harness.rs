@@ -4,7 +4,7 @@
 //! Clusters run only in the PostgreSQL pass (`RUNGUARD_TEST_STORE=postgres`) and only where an `nginx`
 //! binary is installed (Debian's `nginx-light`; `.ci/run` installs it); elsewhere [`Cluster::start`]
 //! prints a skip line and answers `None`. Nodes keep their ports across a restart, as behind a real load
-//! balancer, and answer with an `x-runguard-node` header naming their listen address, which tells a test
+//! balancer, and answer with an `x-runguard-node` header naming their `node_id` (`node-<i>`), which tells a test
 //! which node served a call.
 
 use std::io::Write as _;
@@ -165,10 +165,11 @@ impl Cluster {
             return None;
         };
         let url = fresh_postgres()?.url;
-        let first = Node::start_on_postgres(&url, None);
+        let named = |i: usize| Node::start_on_postgres(&url, Some(&format!("node_id = \"node-{i}\"\n")));
+        let first = named(0);
         setup(&first.client());
         let mut nodes = vec![first];
-        nodes.extend((1..size).map(|_| Node::start_on_postgres(&url, None)));
+        nodes.extend((1..size).map(named));
         let addresses: Vec<String> =
             nodes.iter().map(|node| node.base().trim_start_matches("http://").to_owned()).collect();
         let mut nginx = Nginx::configure(&bin, &addresses);
@@ -185,9 +186,9 @@ impl Cluster {
     #[track_caller]
     pub fn served_by(&self, resp: &Resp) -> usize {
         let name = resp.header(NODE_HEADER).unwrap_or_else(|| panic!("no {NODE_HEADER} header: {}", resp.text));
-        self.nodes
-            .iter()
-            .position(|node| node.base().ends_with(&name))
+        name.strip_prefix("node-")
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| *i < self.nodes.len())
             .unwrap_or_else(|| panic!("{NODE_HEADER} `{name}` names no node of the cluster"))
     }
 

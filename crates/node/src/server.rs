@@ -28,7 +28,7 @@ use crate::shared::Shared;
 
 /// Clients beyond `http.max_connections` wait here until a connection closes.
 const LISTEN_BACKLOG: i32 = 1024;
-/// The response header naming the node that answered: its listen address.
+/// The response header naming the node that answered: its `node_id`.
 pub const NODE_HEADER: &str = "x-runguard-node";
 /// How long in-flight calls may take to finish once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -117,6 +117,7 @@ pub fn open_store_with(config: &Config, pg: &runguard_store::PgOptions) -> anyho
 }
 
 async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow::Result<()> {
+    let node_id = config.node_id.clone();
     let addr = listener.local_addr().context("the listening socket has no address")?;
     if config.dev_mode() {
         tracing::warn!(
@@ -166,7 +167,7 @@ async fn run(config: Config, listener: TcpListener, store: Arc<Store>) -> anyhow
     };
     let budget = AnswerBudget::new(edge.answer_budget_bytes);
     // Which node answered, for operators and tests behind a load balancer (`deploy/README.md`).
-    let identity = addr.to_string();
+    let identity = node_id.clone();
     let server = HttpServer::new(move || {
         let budget = Arc::clone(&budget);
         App::new()
