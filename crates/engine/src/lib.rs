@@ -85,6 +85,7 @@ mod error;
 mod evaluate;
 mod failure;
 pub mod learning;
+mod periods;
 mod rates;
 mod repeat;
 mod run;
@@ -92,6 +93,7 @@ mod state;
 
 pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
 pub use error::Error;
+pub use periods::{PeriodDelta, PeriodKey, PeriodTotals, period_keys, period_start, uses_tenant_periods};
 pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
 pub use state::{Effects, Refusal, RunState, TenantRates, Termination};
 
