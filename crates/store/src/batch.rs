@@ -2,6 +2,7 @@
 
 use runguard_contract::{
     AuditEntry, Decision, Incident, Pattern, Policy, PolicyId, PreventionRecord, Regret, RunId, Snapshot, TenantId,
+    Timestamp,
 };
 
 use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
@@ -75,6 +76,22 @@ pub enum WriteOp {
         policy_id: PolicyId,
         /// What to add.
         delta: ShadowStats,
+    },
+    /// Adds `delta` to a tenant's usage of a tenant-period budget policy within the period starting at
+    /// `period_start` (`docs/architecture.md`, "Shared tenant state"). With `at_most`, the increment is
+    /// conditional: when the stored total plus `delta` would exceed it the batch is refused with a
+    /// conflict for which [`StoreError::is_tenant_limit`](crate::StoreError::is_tenant_limit) holds.
+    AddTenantUsage {
+        /// The tenant whose runs used it (a global policy keeps one total per tenant).
+        tenant: TenantId,
+        /// The budget policy.
+        policy_id: PolicyId,
+        /// The start of the period.
+        period_start: Timestamp,
+        /// What to add.
+        delta: u64,
+        /// The inclusive bound the new total must stay within, if any.
+        at_most: Option<u64>,
     },
     /// A new incident (ids are unique; a second write of one is a `Conflict`).
     PutIncident(Box<Incident>),
@@ -189,6 +206,18 @@ impl WriteBatch {
         delta: ShadowStats,
     ) -> &mut Self {
         self.push(WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta })
+    }
+
+    /// Adds a (conditional) increment of a tenant's usage of a tenant-period budget.
+    pub fn add_tenant_usage(
+        &mut self,
+        tenant: TenantId,
+        policy_id: PolicyId,
+        period_start: Timestamp,
+        delta: u64,
+        at_most: Option<u64>,
+    ) -> &mut Self {
+        self.push(WriteOp::AddTenantUsage { tenant, policy_id, period_start, delta, at_most })
     }
 
     /// Adds an incident.

@@ -12,7 +12,7 @@ use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash}
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
     AuditEntry, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RecordHash, RecordId,
-    Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId,
+    Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
 };
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
@@ -57,6 +57,9 @@ pub(crate) trait ReadView {
         policy: &PolicyId,
         run_tenant: &TenantId,
     ) -> Result<ShadowStats, StoreError>;
+    /// A tenant's usage of a tenant-period budget within the period starting at `period_start` (0 when
+    /// none was recorded).
+    fn tenant_usage(&self, tenant: &TenantId, policy: &PolicyId, period_start: Timestamp) -> Result<u64, StoreError>;
     /// Whether an incident exists.
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError>;
     /// The (signature hash, error type) a stored pattern groups.
@@ -136,6 +139,17 @@ pub(crate) enum Staged {
         /// The new total.
         total: ShadowStats,
     },
+    /// A tenant's usage of a tenant-period budget after the batch's increments (the total, not the delta).
+    TenantUsage {
+        /// The tenant.
+        tenant: TenantId,
+        /// The budget policy.
+        policy: PolicyId,
+        /// The start of the period.
+        period_start: Timestamp,
+        /// The new total.
+        used: u64,
+    },
     /// A new incident.
     Incident(Box<Incident>),
     /// A pattern, new or updated.
@@ -190,6 +204,7 @@ pub(crate) struct Prepare<'a> {
     snapshots: HashSet<SnapshotHash>,
     record_ids: HashMap<RecordId, (TenantId, PolicyId)>,
     shadow: BTreeMap<(Option<TenantId>, PolicyId, TenantId), ShadowStats>,
+    tenant_usage: BTreeMap<(TenantId, PolicyId, Timestamp), u64>,
     incidents: HashSet<(TenantId, IncidentId)>,
     patterns: HashMap<(TenantId, PatternId), (SignatureHash, String)>,
     pattern_sigs: HashMap<(TenantId, SignatureHash, String), PatternId>,
@@ -214,6 +229,7 @@ impl<'a> Prepare<'a> {
             snapshots: HashSet::new(),
             record_ids: HashMap::new(),
             shadow: BTreeMap::new(),
+            tenant_usage: BTreeMap::new(),
             incidents: HashSet::new(),
             patterns: HashMap::new(),
             pattern_sigs: HashMap::new(),
@@ -275,6 +291,9 @@ impl<'a> Prepare<'a> {
             WriteOp::AppendRecord(append) => self.append_record(append),
             WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta } => {
                 self.add_shadow(tenant.as_ref(), run_tenant, policy_id, *delta)
+            }
+            WriteOp::AddTenantUsage { tenant, policy_id, period_start, delta, at_most } => {
+                self.add_tenant_usage(tenant, policy_id, *period_start, *delta, *at_most)
             }
             WriteOp::PutIncident(incident) => self.put_incident(incident),
             WriteOp::PutPattern(pattern) => self.put_pattern(pattern),
@@ -518,6 +537,35 @@ impl<'a> Prepare<'a> {
             policy: policy.clone(),
             total,
         });
+        Ok(())
+    }
+
+    /// The conditional increment is checked here, against the total the view reads inside the backend's
+    /// write transaction (serialised with every other writer of the store, on PostgreSQL by the chain
+    /// head lock), so that a bound holds across every node sharing the store.
+    fn add_tenant_usage(
+        &mut self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: Timestamp,
+        delta: u64,
+        at_most: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let key = (tenant.clone(), policy.clone(), period_start);
+        let current = match self.tenant_usage.get(&key) {
+            Some(used) => *used,
+            None => self.view.tenant_usage(tenant, policy, period_start)?,
+        };
+        let used = current.saturating_add(delta);
+        if let Some(bound) = at_most
+            && used > bound
+        {
+            return Err(StoreError::tenant_limit(format!(
+                "tenant `{tenant}` has used {current} of policy `{policy}` this period; adding {delta} would exceed {bound}"
+            )));
+        }
+        self.tenant_usage.insert(key, used);
+        self.write(Staged::TenantUsage { tenant: tenant.clone(), policy: policy.clone(), period_start, used });
         Ok(())
     }
 

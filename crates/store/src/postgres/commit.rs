@@ -258,6 +258,13 @@ fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged)
                 &i64_saturating(total.would_throttle),
             ],
         ),
+        Staged::TenantUsage { tenant, policy, period_start, used } => exec(
+            tx,
+            "a tenant usage total",
+            "INSERT INTO tenant_usage (tenant_id, policy_id, period_start_ms, used) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, policy_id, period_start_ms) DO UPDATE SET used = EXCLUDED.used",
+            &[&tenant.as_str(), &policy.as_str(), &period_start.unix_millis(), &i64_of(*used)?],
+        ),
         Staged::Incident(incident) => exec(
             tx,
             "an incident",
@@ -438,6 +445,20 @@ impl ReadView for PgView<'_, '_> {
             )?
             .as_ref(),
         )
+    }
+
+    fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        let row = self.opt(
+            "a tenant usage total",
+            super::reads::TENANT_USAGE_SQL,
+            &[&tenant.as_str(), &policy.as_str(), &period_start.unix_millis()],
+        )?;
+        row.map_or(Ok(0), |row| u64_of(get::<i64>(&row, 0, "a tenant usage total")?))
     }
 
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError> {

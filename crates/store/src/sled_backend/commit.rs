@@ -248,6 +248,13 @@ fn sled_writes(prepared: Prepared, commits: u64) -> Result<SledPrepared, (usize,
                 let key = keys::shadow_stats(owner.as_ref(), &policy, &run_tenant);
                 put(T::ShadowStatsTree, key, Some(total.encode().map_err(fail)?));
             }
+            Staged::TenantUsage { tenant, policy, period_start, used } => {
+                put(
+                    T::TenantUsage,
+                    keys::tenant_usage(&tenant, &policy, period_start),
+                    Some(used.encode().map_err(fail)?),
+                );
+            }
             Staged::Incident(incident) => {
                 let key = keys::tenant_item(&incident.tenant_id, incident.id.as_str());
                 put(T::Incidents, key, Some(incident.encode().map_err(fail)?));
@@ -353,6 +360,15 @@ impl ReadView for SledView<'_> {
     ) -> Result<ShadowStats, StoreError> {
         let key = keys::shadow_stats(owner, policy, run_tenant);
         Ok(self.store.get_decoded::<ShadowStats>(T::ShadowStatsTree, &key)?.unwrap_or_default())
+    }
+
+    fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        self.store.tenant_usage(tenant, policy, period_start)
     }
 
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError> {

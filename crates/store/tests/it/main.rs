@@ -4,3 +4,4 @@ mod crash;
 mod fixtures;
 mod on_postgres;
 mod state_machine;
+mod tenant_usage;
