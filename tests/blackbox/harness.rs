@@ -378,6 +378,13 @@ impl Node {
     pub fn restart(&mut self) {
         self.spawn();
     }
+
+    /// Replaces the node's config file, read at its next (re)start.
+    pub fn set_config(&mut self, toml: &str) {
+        let path = self.dir.path().join("runguard.toml");
+        std::fs::write(&path, toml).expect("write the config file");
+        self.config = Some(path);
+    }
 }
 
 impl Drop for Node {
