@@ -202,3 +202,41 @@ fn two_nodes_on_one_database_admit_exactly_the_day_budget() {
     run_with(&nodes[1].client(), "run-late", json!({}));
     assert_eq!(step(&nodes[1].client(), "run-late", &pre)["action"], "block", "a pre check reads the shared total");
 }
+
+#[test]
+fn three_nodes_on_one_database_admit_exactly_a_tenant_rate_limit() {
+    if !on_postgres() {
+        eprintln!("skipped: three nodes on one database need the PostgreSQL pass (RUNGUARD_TEST_STORE=postgres)");
+        return;
+    }
+    let Some(db) = crate::harness::fresh_postgres() else { return };
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start_on_postgres(&db.url, None)).collect();
+    create_policy(
+        &nodes[0].client(),
+        &json!({
+            "id": "pol_rate", "name": "30 steps per window per tenant",
+            "rule": { "kind": "rate", "metric": "steps", "max": 30, "window_s": 600, "scope": "tenant" },
+        }),
+    );
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let client = nodes[t % 3].client();
+            std::thread::spawn(move || {
+                let mut admitted = 0;
+                for i in 0..10 {
+                    let run = format!("run-{t}-{i}");
+                    run_with(&client, &run, json!({}));
+                    let decision = step(&client, &run, &json!({ "index": 0, "phase": "pre" }));
+                    match decision["action"].as_str() {
+                        Some("allow") => admitted += 1,
+                        Some("throttle") => assert!(decision["retry_after_ms"].as_u64().unwrap() > 0, "{decision}"),
+                        _ => panic!("unexpected decision {decision}"),
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let admitted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(admitted, 30, "the three nodes together admit exactly the tenant's limit in the window");
+}

@@ -79,6 +79,8 @@ pub(crate) struct Evaluation {
     pub(crate) repeat: Option<StepKeys>,
     /// What the call adds to the tenant's period totals.
     pub(crate) periods: Vec<PeriodDelta>,
+    /// What the call adds to the tenant's shared rate windows.
+    pub(crate) rates: Option<crate::shared_rates::RateDelta>,
 }
 
 /// One violation found by one policy, before it is attributed.
@@ -651,6 +653,7 @@ pub(crate) fn evaluate(
             shadow_evaluated,
             repeat: None,
             periods: Vec::new(),
+            rates: None,
         };
     }
 
@@ -744,7 +747,18 @@ pub(crate) fn evaluate(
         record = draft_record(snapshot, state, &decision, record_id, &seed, now);
     }
     let deltas = crate::periods::deltas(snapshot, &state.labels, call.step(), decision.action, periods, now);
-    Evaluation { decision, effects, record, deciding_mode, fail_opens, shadow_evaluated, repeat, periods: deltas }
+    let rates = crate::shared_rates::delta(snapshot, &effects, call.step(), decision.action, now);
+    Evaluation {
+        decision,
+        effects,
+        record,
+        deciding_mode,
+        fail_opens,
+        shadow_evaluated,
+        repeat,
+        periods: deltas,
+        rates,
+    }
 }
 
 fn draft_record(

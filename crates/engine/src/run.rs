@@ -109,6 +109,9 @@ pub struct Outcome {
     /// What the call adds to its tenant's period totals, for the host to commit with it as conditional
     /// increments ([`PeriodDelta`]).
     pub period_deltas: Vec<PeriodDelta>,
+    /// What the call adds to its tenant's rate windows, for a host that shares them through a store
+    /// ([`RateDelta`](crate::RateDelta)); a host that keeps them in memory ignores it.
+    pub tenant_rate_delta: Option<crate::shared_rates::RateDelta>,
     change: Option<Change>,
 }
 
@@ -151,6 +154,7 @@ impl Outcome {
         let shadow = shadow_deltas(snapshot, &evaluation);
         Self {
             period_deltas: evaluation.periods,
+            tenant_rate_delta: evaluation.rates,
             decision: evaluation.decision,
             record: evaluation.record,
             effects: evaluation.effects,
@@ -311,6 +315,7 @@ impl Run {
                     shadow: Vec::new(),
                     incident: None,
                     period_deltas: Vec::new(),
+                    tenant_rate_delta: None,
                     change: None,
                 });
             }

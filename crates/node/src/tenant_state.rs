@@ -1,5 +1,6 @@
 //! Shared tenant state (`docs/architecture.md`, "Shared tenant state"): the tenant-period totals a run's
-//! call is evaluated against, and the conditional increments its decision commits.
+//! call is evaluated against, and the conditional increments its decision commits; on PostgreSQL the
+//! tenant-scope rate windows too, read from and recorded in the store in the same way.
 //!
 //! The store is the truth. Every call of a run whose snapshot has a tenant-period budget reads the
 //! tenant's current totals from it (on sled an in-memory tree read; on PostgreSQL one indexed row per
@@ -10,8 +11,11 @@
 //! the fresh totals dictate.
 
 use runguard_contract::{BudgetPer, Policy, Rule, TenantId, Timestamp};
-use runguard_engine::{CompiledSnapshot, PeriodDelta, PeriodKey, PeriodTotals, period_keys, period_start};
-use runguard_store::{Store, StoreError, WriteBatch};
+use runguard_engine::{
+    CompiledSnapshot, PeriodDelta, PeriodKey, PeriodTotals, RateDelta, RateUse, TenantRates, period_keys, period_start,
+    tenant_rate_horizon_ms, tenant_rates_from,
+};
+use runguard_store::{RateBound, Store, StoreError, TenantRateEvent, TenantRateUse, WriteBatch, WriteOp};
 
 /// How many times a call whose bounded increment was refused is evaluated again before the node gives
 /// up and answers 503 (each retry reads fresher totals; only a tenant whose calls race on several nodes
@@ -41,6 +45,45 @@ pub fn add_deltas(batch: &mut WriteBatch, tenant: &TenantId, deltas: &[PeriodDel
         let PeriodKey { policy_id, period_start, .. } = key;
         batch.add_tenant_usage(tenant.clone(), policy_id.clone(), *period_start, *delta, *at_most);
     }
+}
+
+/// Whether this node shares its tenants' rate windows through the store (PostgreSQL: other nodes decide
+/// for the same tenants) rather than keeping them in memory (sled: it is the only one).
+pub fn shares_rate_windows(store: &Store) -> bool {
+    store.backend_name() == "postgres"
+}
+
+/// The tenant's rate windows for `snapshot` at `now`, rebuilt from the events the store holds.
+pub fn read_rates(
+    store: &Store,
+    tenant: &TenantId,
+    snapshot: &CompiledSnapshot,
+    now: Timestamp,
+) -> Result<TenantRates, StoreError> {
+    let after = now.plus_millis(tenant_rate_horizon_ms(snapshot).saturating_neg());
+    let events = store.tenant_rate_events(tenant, after)?;
+    Ok(tenant_rates_from(events.into_iter().map(|e| RateUse {
+        at: e.at,
+        steps: e.steps,
+        tokens: e.tokens,
+        cost_micros: e.cost_micros,
+    })))
+}
+
+/// Adds a call's event in its tenant's shared rate windows to its batch, when this node shares them.
+pub fn add_rate_delta(batch: &mut WriteBatch, store: &Store, tenant: &TenantId, delta: Option<&RateDelta>) {
+    let Some(delta) = delta.filter(|_| shares_rate_windows(store)) else { return };
+    let e = delta.event;
+    batch.push(WriteOp::AddTenantRateEvent(Box::new(TenantRateEvent {
+        tenant: tenant.clone(),
+        event: TenantRateUse { at: e.at, steps: e.steps, tokens: e.tokens, cost_micros: e.cost_micros },
+        horizon: delta.horizon,
+        bounds: delta
+            .checks
+            .iter()
+            .map(|c| RateBound { since: c.since, metric: c.metric, request: c.request, max: c.max })
+            .collect(),
+    })));
 }
 
 /// A tenant-period budget's usage by one tenant, as `GET /v1/policies/{id}/usage` answers it.

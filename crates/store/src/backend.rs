@@ -176,6 +176,9 @@ seam! {
     /// (0 when none was recorded): the durable total that [`WriteOp::AddTenantUsage`](crate::WriteOp::AddTenantUsage)
     /// increments.
     fn tenant_usage(&self, tenant: &TenantId, policy: &PolicyId, period_start: Timestamp) -> Result<u64, StoreError>;
+    /// A tenant's shared rate events after `after`, in the order they were recorded (PostgreSQL; a sled
+    /// store holds none: its node keeps its tenants' windows in memory).
+    fn tenant_rate_events(&self, tenant: &TenantId, after: Timestamp) -> Result<Vec<crate::TenantRateUse>, StoreError>;
     /// Every tenant that owns a policy, by id (global policies are listed through any tenant): the
     /// starting point of `runguard migrate-store`, which copies every tenant's policies.
     fn policy_owners(&self) -> Result<Vec<TenantId>, StoreError>;

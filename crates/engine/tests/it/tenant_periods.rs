@@ -173,7 +173,8 @@ proptest! {
             let blocks = before + tokens > max;
             prop_assert_eq!(outcome.decision.action == Action::Block, blocks);
             for v in outcome.decision.violations.iter().filter(|v| v.violation_type == ViolationType::BudgetWarning) {
-                let count = fired.entry((key.period_start, v.threshold.clone().unwrap_or_default())).or_default();
+                let tier = v.reason.split("reached the ").nth(1).unwrap_or_default().to_owned();
+                let count = fired.entry((key.period_start, tier)).or_default();
                 *count += 1;
                 prop_assert!(*count == 1, "a tier fired twice in one day");
             }
@@ -193,4 +194,36 @@ fn a_snapshot_without_tenant_budgets_reads_no_totals() {
     let compiled: CompiledSnapshot = snapshot(&[]);
     assert!(!runguard_engine::uses_tenant_periods(&compiled));
     assert!(period_keys(&compiled, &BTreeMap::new(), at(0)).is_empty());
+}
+
+/// Shared tenant rate windows: a host rebuilds the windows from the recorded events and records the
+/// admitted call's event only while its checks hold.
+#[test]
+fn tenant_rate_windows_rebuilt_from_shared_events_throttle_and_carry_their_checks() {
+    let rate = policy(
+        r#"{"id":"pol_rate","name":"rate","rule":{"kind":"rate","metric":"steps","max":2,"window_s":10,"scope":"tenant"}}"#,
+    );
+    let snapshot = Arc::new(snapshot(&[rate]));
+    assert_eq!(runguard_engine::tenant_rate_horizon_ms(&snapshot), 10_000);
+    let run = start(Arc::clone(&snapshot), "run-a", BTreeMap::new());
+    let now = at(20_000);
+    let one = |ms| runguard_engine::RateUse { at: at(ms), steps: 1, tokens: 0, cost_micros: 0 };
+    let mut rates = runguard_engine::tenant_rates_from([one(9_000), one(15_000)]);
+    let call = pre(0);
+    let admitted =
+        run.step_with_periods(&call, &RunLimits::default(), &mut rates, &PeriodTotals::default(), now).unwrap();
+    assert_eq!(admitted.decision.action, Action::Allow, "the event at 9s left the 10s window");
+    let delta = admitted.tenant_rate_delta.expect("an admitted call records its event");
+    assert_eq!(delta.event.steps, 1);
+    assert_eq!(delta.horizon, at(10_000));
+    assert_eq!(delta.checks.len(), 1);
+    let check = delta.checks[0];
+    assert_eq!((check.since, check.request, check.max), (at(10_000), 1, 2));
+
+    let mut full = runguard_engine::tenant_rates_from([one(15_000), one(16_000)]);
+    let throttled =
+        run.step_with_periods(&call, &RunLimits::default(), &mut full, &PeriodTotals::default(), now).unwrap();
+    assert_eq!(throttled.decision.action, Action::Throttle);
+    assert_eq!(throttled.decision.retry_after_ms, Some(5_000));
+    assert!(throttled.tenant_rate_delta.is_none(), "a throttled call records nothing");
 }

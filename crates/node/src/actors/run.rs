@@ -622,7 +622,10 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
-        if runguard_engine::uses_tenant_periods(live.run.snapshot()) {
+        let snapshot = live.run.snapshot();
+        if runguard_engine::uses_tenant_periods(snapshot)
+            || (snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store))
+        {
             return self.step_in_periods(call, shared, at, crate::tenant_state::REEVALUATIONS);
         }
         if scans_large_texts(live.run.snapshot(), &call) {
@@ -648,10 +651,11 @@ impl RunActor {
         self.persist_step(call, answer, elapsed, shared)
     }
 
-    /// A step of a run whose snapshot has tenant-period budgets (`crate::tenant_state`): the tenant's
-    /// totals are read from the store and the call evaluated against them off the actor's thread; when
-    /// the commit finds a bounded increment no longer fits (the totals moved meanwhile, on this node or
-    /// another), the call is evaluated again on fresh totals, at most `retries` more times.
+    /// A step of a run whose snapshot has tenant-period budgets, or tenant-scope rate rules on a node
+    /// that shares them through PostgreSQL (`crate::tenant_state`): the tenant's totals and windows are
+    /// read from the store and the call evaluated against them off the actor's thread; when the commit
+    /// finds a bounded increment no longer fits (the tenant's state moved meanwhile, on this node or
+    /// another), the call is evaluated again on fresh state, at most `retries` more times.
     fn step_in_periods(
         &mut self,
         call: StepCall,
@@ -677,6 +681,15 @@ impl RunActor {
                         at,
                     )
                     .map_err(NodeError::Store)?;
+                    let snapshot = run.snapshot();
+                    if snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store) {
+                        let mut rates = crate::tenant_state::read_rates(&shared.store, &state.tenant_id, snapshot, at)
+                            .map_err(NodeError::Store)?;
+                        let started = Instant::now();
+                        let limits = shared.config.run_limits();
+                        let answer = run.step_with_periods(&call, &limits, &mut rates, &totals, at);
+                        return Ok((answer, started.elapsed(), call));
+                    }
                     let (answer, elapsed) = step_run(shared, &run, &call, &totals, at);
                     Ok::<_, NodeError>((answer, elapsed, call))
                 })
@@ -733,6 +746,7 @@ impl RunActor {
         let mut batch = WriteBatch::new();
         persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         crate::tenant_state::add_deltas(&mut batch, tenant, &answer.period_deltas);
+        crate::tenant_state::add_rate_delta(&mut batch, &shared.store, tenant, answer.tenant_rate_delta.as_ref());
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =

@@ -246,6 +246,29 @@ impl PgStore {
         rows.first().map_or(Ok(0), |row| u64_of(column(row, "used")?))
     }
 
+    pub(crate) fn tenant_rate_events(
+        &self,
+        tenant: &TenantId,
+        after: runguard_contract::Timestamp,
+    ) -> Result<Vec<crate::TenantRateUse>, StoreError> {
+        let rows = self.rows(
+            "tenant rate events",
+            "SELECT at_ms, steps, tokens, cost_micros FROM tenant_rate_events
+             WHERE tenant_id = $1 AND at_ms > $2 ORDER BY id",
+            &[&tenant.as_str(), &after.unix_millis()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::TenantRateUse {
+                    at: runguard_contract::Timestamp::from_unix_millis(column(row, "at_ms")?),
+                    steps: u64_of(column(row, "steps")?)?,
+                    tokens: u64_of(column(row, "tokens")?)?,
+                    cost_micros: u64_of(column(row, "cost_micros")?)?,
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn shadow_stats(
         &self,
         owner: Option<&TenantId>,

@@ -255,6 +255,10 @@ fn sled_writes(prepared: Prepared, commits: u64) -> Result<SledPrepared, (usize,
                     Some(used.encode().map_err(fail)?),
                 );
             }
+            // Refused by the view before it is staged: a sled node keeps its tenants' rate windows in memory.
+            Staged::TenantRate(_) => {
+                return Err(fail(StoreError::contract("shared tenant rate windows need the postgres store")));
+            }
             Staged::Incident(incident) => {
                 let key = keys::tenant_item(&incident.tenant_id, incident.id.as_str());
                 put(T::Incidents, key, Some(incident.encode().map_err(fail)?));
@@ -369,6 +373,15 @@ impl ReadView for SledView<'_> {
         period_start: runguard_contract::Timestamp,
     ) -> Result<u64, StoreError> {
         self.store.tenant_usage(tenant, policy, period_start)
+    }
+
+    fn tenant_rate_used(
+        &self,
+        _: &TenantId,
+        _: runguard_contract::Timestamp,
+        _: runguard_contract::RateMetric,
+    ) -> Result<u64, StoreError> {
+        Err(StoreError::contract("a sled node keeps its tenants' rate windows in memory, not in the store"))
     }
 
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError> {

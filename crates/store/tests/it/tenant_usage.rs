@@ -76,3 +76,40 @@ fn postgres_totals_stay_within_their_bound_under_two_writers() {
     assert_eq!(admitted, 25, "exactly the bound is admitted across both writers");
     assert_eq!(nodes[1].tenant_usage(&gamma, &policy(), day()).unwrap(), 25);
 }
+
+fn rate_event(tenant: &TenantId, at_ms: i64, max: u64) -> WriteBatch {
+    use runguard_store::{RateBound, TenantRateEvent, TenantRateUse, WriteOp};
+    let at = day().plus_millis(at_ms);
+    let mut batch = WriteBatch::new();
+    batch.push(WriteOp::AddTenantRateEvent(Box::new(TenantRateEvent {
+        tenant: tenant.clone(),
+        event: TenantRateUse { at, steps: 1, tokens: 0, cost_micros: 0 },
+        horizon: at.plus_millis(-10_000),
+        bounds: vec![RateBound {
+            since: at.plus_millis(-10_000),
+            metric: runguard_contract::RateMetric::Steps,
+            request: 1,
+            max,
+        }],
+    })));
+    batch
+}
+
+#[test]
+fn postgres_records_tenant_rate_events_within_their_bounds_and_sled_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(sled.commit(rate_event(&tenant("acme"), 0, 5)).unwrap_err().kind(), StoreErrorKind::Contract);
+
+    let Some(db) = runguard_testpg::fresh_database() else { return };
+    let options = PgOptions { connect_timeout: Duration::from_secs(2), ..PgOptions::default() };
+    let store = Store::open_postgres(&db.url, &options).unwrap();
+    let acme = tenant("acme");
+    store.commit(rate_event(&acme, 0, 2)).unwrap();
+    store.commit(rate_event(&acme, 1_000, 2)).unwrap();
+    let err = store.commit(rate_event(&acme, 2_000, 2)).unwrap_err();
+    assert!(err.is_tenant_limit(), "{err}");
+    store.commit(rate_event(&acme, 10_500, 2)).unwrap();
+    let events = store.tenant_rate_events(&acme, day()).unwrap();
+    assert_eq!(events.iter().map(|e| e.at.unix_millis() - day().unix_millis()).collect::<Vec<_>>(), [1_000, 10_500]);
+}
