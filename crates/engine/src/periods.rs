@@ -232,7 +232,7 @@ pub(crate) fn deltas(
     totals: &PeriodTotals,
     now: Timestamp,
 ) -> Vec<PeriodDelta> {
-    if action == Action::Throttle || step.is_none_or(|s| s.phase != Phase::Post) {
+    if !snapshot.tenant_periods() || action == Action::Throttle || step.is_none_or(|s| s.phase != Phase::Post) {
         return Vec::new();
     }
     let mut deltas = Vec::new();
@@ -259,6 +259,9 @@ pub(crate) fn lower_remaining(
     totals: &PeriodTotals,
     now: Timestamp,
 ) {
+    if !snapshot.tenant_periods() {
+        return;
+    }
     for compiled in snapshot.policies() {
         let policy = &compiled.policy;
         let Some((rule, key)) = tenant_budget(policy, now) else { continue };
@@ -279,9 +282,7 @@ pub(crate) fn lower_remaining(
 
 /// Whether any policy of the snapshot is a tenant-period budget (the host then reads the totals).
 pub fn uses_tenant_periods(snapshot: &CompiledSnapshot) -> bool {
-    snapshot.policies().iter().any(|compiled| {
-        matches!(&compiled.policy.rule, Rule::Budget(rule) if rule.per == BudgetPer::Tenant && rule.period.is_some())
-    })
+    snapshot.tenant_periods()
 }
 
 #[cfg(test)]
