@@ -227,3 +227,28 @@ fn tenant_rate_windows_rebuilt_from_shared_events_throttle_and_carry_their_check
     assert_eq!(throttled.decision.retry_after_ms, Some(5_000));
     assert!(throttled.tenant_rate_delta.is_none(), "a throttled call records nothing");
 }
+
+/// A block that outranks a tenant throttle records its event as the in-memory windows do, without a
+/// condition (its call was not admitted by the rate rule).
+#[test]
+fn a_block_outranking_a_tenant_throttle_records_its_event_unconditionally() {
+    let rate = policy(
+        r#"{"id":"pol_rate","name":"rate","rule":{"kind":"rate","metric":"steps","max":1,"window_s":10,"scope":"tenant"}}"#,
+    );
+    let deny = policy(r#"{"id":"pol_deny","name":"deny","rule":{"kind":"skill","deny":["shell"]}}"#);
+    let snapshot = Arc::new(snapshot(&[rate, deny]));
+    let run = start(Arc::clone(&snapshot), "run-a", BTreeMap::new());
+    let now = at(20_000);
+    let mut full = runguard_engine::tenant_rates_from([runguard_engine::RateUse {
+        at: at(19_000),
+        steps: 1,
+        tokens: 0,
+        cost_micros: 0,
+    }]);
+    let call = StepCall { skill: Some("shell".into()), ..pre(0) };
+    let blocked =
+        run.step_with_periods(&call, &RunLimits::default(), &mut full, &PeriodTotals::default(), now).unwrap();
+    assert_eq!(blocked.decision.action, Action::Block);
+    let delta = blocked.tenant_rate_delta.expect("a blocked call is recorded");
+    assert!(delta.checks.is_empty(), "{delta:?}");
+}
