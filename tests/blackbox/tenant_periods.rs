@@ -240,3 +240,20 @@ fn three_nodes_on_one_database_admit_exactly_a_tenant_rate_limit() {
     let admitted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert_eq!(admitted, 30, "the three nodes together admit exactly the tenant's limit in the window");
 }
+
+#[test]
+fn migrate_store_carries_the_current_day_total_to_postgres() {
+    use std::ffi::OsStr;
+    let Some(db) = crate::harness::fresh_postgres() else { return };
+    let mut sled = Node::start_on_sled(None);
+    create_policy(&sled.client(), &day_budget("pol_day", 100, json!({})));
+    assert_eq!(spend(&sled.client(), "run-1", 60), "allow");
+    assert!(sled.terminate().success());
+    let (from, to) = (format!("sled:{}", sled.data_dir().display()), format!("postgres:{}", db.url));
+    let args = ["migrate-store", "--from", &from, "--to", &to];
+    let out = crate::harness::run_cli(&args.map(OsStr::new));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let pg = Node::start_on_postgres(&db.url, None);
+    assert_eq!(usage(&pg.client(), "pol_day")["used"], 60, "moving the store kept the day's total");
+    assert_eq!(spend(&pg.client(), "run-2", 41), "block");
+}
