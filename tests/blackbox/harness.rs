@@ -388,6 +388,13 @@ impl Node {
         self.keep_port = true;
         self.spawn();
     }
+
+    /// Replaces the node's config file, read at its next (re)start.
+    pub fn set_config(&mut self, toml: &str) {
+        let path = self.dir.path().join("runguard.toml");
+        std::fs::write(&path, toml).expect("write the config file");
+        self.config = Some(path);
+    }
 }
 
 impl Drop for Node {

@@ -38,4 +38,5 @@ mod runs;
 mod security;
 mod semantics;
 mod soak;
+mod tenant_periods;
 mod wording;

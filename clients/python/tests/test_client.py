@@ -201,3 +201,34 @@ async def test_async_client_covers_the_same_calls(aclient: runguard.AsyncClient)
     assert (await aclient.get_snapshot(created.snapshot.id)).verified
     assert (await aclient.end_run("run-async")).run.status == "succeeded"
     assert (await aclient.health()).status == "ok" and await aclient.ready()
+
+
+def day_budget(max_tokens: int, policy_id: str = "pol_day") -> dict[str, object]:
+    return {
+        "id": policy_id,
+        "name": "tenant tokens a day",
+        "rule": {"kind": "budget", "metric": "tokens", "per": "tenant", "period": "day", "max": max_tokens},
+    }
+
+
+def test_policy_usage_sums_the_tenants_runs_this_day(client: runguard.Client) -> None:
+    client.create_policy(day_budget(100))
+    for tokens in (30, 40):
+        run = client.start_run()
+        client.send_step(run.run_id, {"index": 0, "phase": "post", "usage": {"tokens": tokens}})
+    usage = client.policy_usage("pol_day")
+    assert (usage.period, usage.used, usage.max) == ("day", 70, 100)
+    assert usage.period_start.endswith("T00:00:00Z") or "T00:00:00" in usage.period_start
+    client.create_policy(budget(10))
+    with pytest.raises(runguard.ConflictError):
+        client.policy_usage("pol_budget")
+    with pytest.raises(runguard.NotFoundError):
+        client.policy_usage("pol_missing")
+
+
+@pytest.mark.anyio
+async def test_async_policy_usage(aclient: runguard.AsyncClient) -> None:
+    await aclient.create_policy(day_budget(50))
+    await aclient.create_run("run-day")
+    await aclient.send_step("run-day", {"index": 0, "phase": "post", "usage": {"tokens": 5}})
+    assert (await aclient.policy_usage("pol_day")).used == 5

@@ -41,6 +41,7 @@ OPERATIONS: dict[tuple[str, str, str], type[BaseModel] | None] = {
     ("get", "/v1/policies/{id}/versions", "200"): page_of(m.Policy),
     ("get", "/v1/policies/{id}/shadow-stats", "200"): m.ShadowStats,
     ("get", "/v1/policies/{id}/graduation", "200"): m.PolicyGraduation,
+    ("get", "/v1/policies/{id}/usage", "200"): m.PolicyUsage,
     ("post", "/v1/runs", "201"): m.RunCreated,
     ("get", "/v1/runs", "200"): page_of(m.Run),
     ("post", "/v1/runs", "200"): m.RunCreated,  # the same creation sent again
@@ -194,6 +195,14 @@ def drive_every_endpoint(client: runguard.Client) -> None:
     assert versions == list(range(1, client.get_policy("pol_shadow").version + 1))
     client.policy_shadow_stats("pol_shadow")
     client.policy_graduation("pol_budget")
+    client.create_policy(
+        {
+            "id": "pol_day",
+            "name": "tenant tokens a day",
+            "rule": {"kind": "budget", "metric": "tokens", "per": "tenant", "period": "day", "max": 1_000_000},
+        }
+    )
+    client.policy_usage("pol_day")
     client.set_policy_mode("pol_shadow", "shadow")
     with pytest.raises(runguard.Blocked):
         with client.run(labels={"k": "v"}, api_endpoint="/x") as run:

@@ -61,7 +61,7 @@ pub use ids::{
 pub use learning::{ApprovalPath, AuditEntry, Incident, Pattern, Regret};
 pub use limits::{PolicyLimits, StepLimits};
 pub use policy::{
-    BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule,
+    BindAt, BudgetMetric, BudgetPer, BudgetPeriod, BudgetRule, ContentRule, ContentTarget, Detector, ExprRule,
     MAX_REPEAT_WINDOW_STEPS, Mode, OnError, PatternRule, Policy, PolicyAction, PolicyDocument, RateMetric, RateRule,
     RateScope, RepeatOf, RepeatRule, Rule, Scope, SkillRule,
 };

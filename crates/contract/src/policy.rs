@@ -238,7 +238,7 @@ impl BudgetMetric {
     }
 }
 
-/// Whether a budget caps the run's total or each step.
+/// Whether a budget caps the run's total, each step, or the tenant's total over a calendar period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
@@ -247,6 +247,29 @@ pub enum BudgetPer {
     Run,
     /// Each step on its own.
     Step,
+    /// The sum over every counting run of the tenant within the current `period` (UTC calendar).
+    Tenant,
+}
+
+/// The UTC calendar period of a tenant budget (`per: "tenant"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetPeriod {
+    /// A UTC calendar day, from midnight.
+    Day,
+    /// A UTC calendar month, from midnight of its first day.
+    Month,
+}
+
+impl BudgetPeriod {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
 }
 
 /// A budget rule.
@@ -256,14 +279,29 @@ pub enum BudgetPer {
 pub struct BudgetRule {
     /// What is counted.
     pub metric: BudgetMetric,
-    /// Per run or per step.
+    /// Per run, per step or per tenant and period.
     pub per: BudgetPer,
     /// Inclusive maximum; 0 allows nothing.
     pub max: u64,
-    /// Warn tiers in percent of `max` (1–99, per-run budgets only).
+    /// Warn tiers in percent of `max` (1–99; per-run and per-tenant budgets only).
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(inner(range(min = 1, max = 99))))]
     pub warn_at: Vec<u32>,
+    /// The calendar period of a `per: "tenant"` budget (required there, refused elsewhere). Absent from
+    /// the canonical form when unset, so that the hashes of existing snapshots do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<BudgetPeriod>,
+    /// Of a `per: "tenant"` budget: only runs whose labels contain every one of these pairs count.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl BudgetRule {
+    /// Whether a run with `labels` counts toward this budget: every pair of the rule's `labels` is among
+    /// the run's (a rule without labels counts every run).
+    pub fn counts_labels(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.labels.iter().all(|(key, value)| labels.get(key) == Some(value))
+    }
 }
 
 /// What a rate rule counts.
@@ -713,8 +751,9 @@ impl Rule {
 impl BudgetRule {
     fn validate(&self) -> Result<(), ValidationError> {
         if !self.warn_at.is_empty() && self.per == BudgetPer::Step {
-            return Err(ValidationError::new("warn_at", "warn tiers apply to per-run budgets only"));
+            return Err(ValidationError::new("warn_at", "warn tiers apply to per-run and per-tenant budgets only"));
         }
+        self.validate_tenant_period()?;
         let mut seen = Vec::with_capacity(self.warn_at.len());
         for (i, tier) in self.warn_at.iter().enumerate() {
             if !(1..=99).contains(tier) {
@@ -727,6 +766,48 @@ impl BudgetRule {
                 return Err(ValidationError::new(format!("warn_at[{i}]"), format!("repeats the tier {tier}")));
             }
             seen.push(*tier);
+        }
+        Ok(())
+    }
+}
+
+/// The most label pairs a tenant budget may filter on.
+pub const MAX_BUDGET_LABELS: usize = 16;
+
+impl BudgetRule {
+    /// `period` and `labels` belong to `per: "tenant"` budgets, which count tokens, cost or steps only.
+    fn validate_tenant_period(&self) -> Result<(), ValidationError> {
+        if self.per != BudgetPer::Tenant {
+            if self.period.is_some() {
+                return Err(ValidationError::new("period", "applies to `per: \"tenant\"` budgets only"));
+            }
+            if !self.labels.is_empty() {
+                return Err(ValidationError::new("labels", "applies to `per: \"tenant\"` budgets only"));
+            }
+            return Ok(());
+        }
+        if self.period.is_none() {
+            return Err(ValidationError::new("period", "is required with `per: \"tenant\"`; use `day` or `month`"));
+        }
+        if self.metric == BudgetMetric::DurationMs {
+            return Err(ValidationError::new(
+                "metric",
+                "`duration_ms` cannot be summed per tenant; use tokens, cost_micros or steps",
+            ));
+        }
+        if self.labels.len() > MAX_BUDGET_LABELS {
+            return Err(ValidationError::new(
+                "labels",
+                format!("has {} pairs, the limit is {MAX_BUDGET_LABELS}", self.labels.len()),
+            ));
+        }
+        for (key, value) in &self.labels {
+            if key.is_empty() || key.len() > 256 {
+                return Err(ValidationError::new("labels", format!("key `{key}` must be 1–256 bytes long")));
+            }
+            if value.len() > 256 {
+                return Err(ValidationError::new(format!("labels.{key}"), "is longer than 256 bytes"));
+            }
         }
         Ok(())
     }
@@ -968,6 +1049,43 @@ mod tests {
             assert_eq!(err.field(), "bind_at", "{doc}");
             assert!(err.message().contains("repeat rule"), "{err}");
         }
+    }
+
+    #[test]
+    fn tenant_budgets_need_a_period_and_name_their_bad_fields() {
+        let doc = parse(
+            r#"{"name":"d","rule":{"kind":"budget","metric":"cost_micros","per":"tenant","period":"day","max":5,
+                "warn_at":[50],"labels":{"team":"search"}}}"#,
+        )
+        .unwrap();
+        let Rule::Budget(rule) = &doc.rule else { panic!("a budget") };
+        assert_eq!((rule.per, rule.period), (BudgetPer::Tenant, Some(BudgetPeriod::Day)));
+        assert!(rule.counts_labels(&[("team".into(), "search".into()), ("x".into(), "y".into())].into()));
+        assert!(!rule.counts_labels(&[("team".into(), "ads".into())].into()));
+        assert!(!rule.counts_labels(&std::collections::BTreeMap::new()));
+        let cases = [
+            (r#"{"kind":"budget","metric":"tokens","per":"tenant","max":5}"#, "rule.period"),
+            (r#"{"kind":"budget","metric":"tokens","per":"tenant","period":"week","max":5}"#, "rule.period"),
+            (r#"{"kind":"budget","metric":"tokens","per":"run","period":"day","max":5}"#, "rule.period"),
+            (r#"{"kind":"budget","metric":"tokens","per":"run","labels":{"a":"b"},"max":5}"#, "rule.labels"),
+            (r#"{"kind":"budget","metric":"duration_ms","per":"tenant","period":"day","max":5}"#, "rule.metric"),
+            (
+                r#"{"kind":"budget","metric":"tokens","per":"tenant","period":"day","labels":{"a":1},"max":5}"#,
+                "rule.labels.a",
+            ),
+            (
+                r#"{"kind":"budget","metric":"tokens","per":"tenant","period":"day","labels":{"":"b"},"max":5}"#,
+                "rule.labels",
+            ),
+        ];
+        for (rule, field) in cases {
+            let err = parse(&format!(r#"{{"name":"t","rule":{rule}}}"#)).unwrap_err();
+            assert_eq!(err.field(), field, "{rule}: {err}");
+        }
+        // A run budget's canonical form is unchanged by the new optional fields.
+        let doc = parse(r#"{"name":"b","rule":{"kind":"budget","metric":"tokens","per":"run","max":10}}"#).unwrap();
+        let json = serde_json::to_string(&doc.rule).unwrap();
+        assert!(!json.contains("period") && !json.contains("labels"), "{json}");
     }
 
     #[test]

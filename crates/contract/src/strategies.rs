@@ -71,6 +71,8 @@ pub fn budget_rule() -> impl Strategy<Value = BudgetRule> {
             per: if per_run { BudgetPer::Run } else { BudgetPer::Step },
             max,
             warn_at: if per_run { warn_at } else { Vec::new() },
+            period: None,
+            labels: Default::default(),
         })
 }
 

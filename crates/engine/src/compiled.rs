@@ -260,6 +260,8 @@ pub struct CompiledSnapshot {
     tenant_window_ms: i64,
     /// The widest repeat window, in steps (0: no repeat rule, and runs keep no keys).
     repeat_window: u64,
+    /// Whether a policy is a tenant-period budget (calls then read and change the tenant's totals).
+    tenant_periods: bool,
     screen: Option<ContentScreen>,
 }
 
@@ -296,6 +298,7 @@ impl CompiledSnapshot {
             run_window_ms: 0,
             tenant_window_ms: 0,
             repeat_window: 0,
+            tenant_periods: false,
             screen: None,
         }
     }
@@ -305,7 +308,7 @@ impl CompiledSnapshot {
         let mut tenant_window_ms = 0i64;
         let mut repeat_window = 0u64;
         let cel_env = std::sync::OnceLock::new();
-        let policies = snapshot
+        let policies: Vec<CompiledPolicy> = snapshot
             .policies
             .iter()
             .filter(|p| matches!(p.mode, Mode::Active | Mode::Shadow))
@@ -327,8 +330,19 @@ impl CompiledSnapshot {
                 }
             })
             .collect();
-        let mut snapshot =
-            Self { reference, policies, tampered: false, run_window_ms, tenant_window_ms, repeat_window, screen: None };
+        let tenant_periods = policies.iter().any(|p: &CompiledPolicy| {
+            matches!(&p.policy.rule, Rule::Budget(rule) if rule.per == runguard_contract::BudgetPer::Tenant && rule.period.is_some())
+        });
+        let mut snapshot = Self {
+            reference,
+            policies,
+            tampered: false,
+            run_window_ms,
+            tenant_window_ms,
+            repeat_window,
+            tenant_periods,
+            screen: None,
+        };
         snapshot.build_screen();
         snapshot
     }
@@ -400,6 +414,10 @@ impl CompiledSnapshot {
     /// Whether any policy keeps a tenant-wide rate window (the caller must then pass its `TenantRates`).
     pub fn uses_tenant_rates(&self) -> bool {
         self.tenant_window_ms > 0
+    }
+
+    pub(crate) fn tenant_periods(&self) -> bool {
+        self.tenant_periods
     }
 
     /// How many earlier steps the widest repeat rule looks at (0 without repeat rules).

@@ -12,6 +12,7 @@ use runguard_contract::{
 use crate::cel_rule::{CelContext, CelInput};
 use crate::compiled::{CompiledPolicy, CompiledSnapshot, Matcher, normalize_skill};
 use crate::content::ScanText;
+use crate::periods::{PeriodDelta, PeriodTotals};
 use crate::rates::{RateEvent, RateEvents};
 use crate::repeat::StepKeys;
 use crate::state::{Effects, RunState, TenantRates, TierKey, call_digest};
@@ -76,6 +77,10 @@ pub(crate) struct Evaluation {
     pub(crate) shadow_evaluated: Vec<PolicyId>,
     /// The step's repeat keys, for a run whose snapshot has repeat rules (recorded when it commits).
     pub(crate) repeat: Option<StepKeys>,
+    /// What the call adds to the tenant's period totals.
+    pub(crate) periods: Vec<PeriodDelta>,
+    /// What the call adds to the tenant's shared rate windows.
+    pub(crate) rates: Option<crate::shared_rates::RateDelta>,
 }
 
 /// One violation found by one policy, before it is attributed.
@@ -120,6 +125,8 @@ struct Cx<'a> {
     /// Totals after this call's usage (at `post`), else the current totals.
     totals: Totals,
     tenant_rates: &'a TenantRates,
+    /// The tenant's period totals, for tenant-period budgets.
+    periods: &'a PeriodTotals,
     now: Timestamp,
     /// The CEL variables, converted for the first CEL rule and shared by the others of its environment.
     cel_context: std::cell::OnceCell<(CelContext<'a>, &'a crate::cel_rule::CelRule)>,
@@ -244,6 +251,15 @@ fn check_budget(policy: &Policy, rule: &BudgetRule, cx: &Cx<'_>) -> Vec<Finding>
             }
         }
         (BudgetPer::Step, BindAt::RunEnd) | (_, BindAt::RunStart) => {}
+        (BudgetPer::Tenant, _) => {
+            let step = cx.call.step();
+            for finding in crate::periods::check(policy, &cx.state.labels, step, cx.bind, cx.periods, cx.now) {
+                // A tenant's tier fires once per period by crossing it, so the run keeps no record of it.
+                let (kind, action) =
+                    if finding.warning { (ViolationType::BudgetWarning, Action::Warn) } else { (kind, action) };
+                found.push(Finding::new(kind, action, finding.reason).limit(finding.threshold, finding.actual));
+            }
+        }
     }
     found
 }
@@ -508,8 +524,16 @@ fn decision_seed(state: &RunState) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
+fn remaining(
+    snapshot: &CompiledSnapshot,
+    totals: &Totals,
+    state: &RunState,
+    step: Option<&StepCall>,
+    periods: &PeriodTotals,
+    now: Timestamp,
+) -> Remaining {
     let mut left = Remaining::default();
+    crate::periods::lower_remaining(&mut left, snapshot, &state.labels, step, periods, now);
     for compiled in snapshot.policies() {
         let policy = &compiled.policy;
         let Rule::Budget(rule) = &policy.rule else { continue };
@@ -590,6 +614,7 @@ pub(crate) fn evaluate(
     state: &RunState,
     call: Call<'_>,
     tenant_rates: &TenantRates,
+    periods: &PeriodTotals,
     now: Timestamp,
 ) -> Evaluation {
     let bind = call.bind_at();
@@ -605,7 +630,7 @@ pub(crate) fn evaluate(
         deciding_policy: None,
         violations: Vec::new(),
         shadow: Vec::new(),
-        remaining: remaining(snapshot, &totals),
+        remaining: remaining(snapshot, &totals, state, call.step(), periods, now),
         retry_after_ms: None,
         snapshot_hash: snapshot.hash().clone(),
         prevention_record_id: None,
@@ -627,6 +652,8 @@ pub(crate) fn evaluate(
             fail_opens,
             shadow_evaluated,
             repeat: None,
+            periods: Vec::new(),
+            rates: None,
         };
     }
 
@@ -640,6 +667,7 @@ pub(crate) fn evaluate(
         bind,
         totals,
         tenant_rates,
+        periods,
         now,
         cel_context: std::cell::OnceCell::new(),
         screened: Default::default(),
@@ -718,7 +746,19 @@ pub(crate) fn evaluate(
         decision.prevention_record_id = Some(record_id.clone());
         record = draft_record(snapshot, state, &decision, record_id, &seed, now);
     }
-    Evaluation { decision, effects, record, deciding_mode, fail_opens, shadow_evaluated, repeat }
+    let deltas = crate::periods::deltas(snapshot, &state.labels, call.step(), decision.action, periods, now);
+    let rates = crate::shared_rates::delta(snapshot, &effects, call.step(), decision.action, now);
+    Evaluation {
+        decision,
+        effects,
+        record,
+        deciding_mode,
+        fail_opens,
+        shadow_evaluated,
+        repeat,
+        periods: deltas,
+        rates,
+    }
 }
 
 fn draft_record(

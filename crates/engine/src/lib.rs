@@ -85,14 +85,18 @@ mod error;
 mod evaluate;
 mod failure;
 pub mod learning;
+mod periods;
 mod rates;
 mod repeat;
 mod run;
+mod shared_rates;
 mod state;
 
 pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
 pub use error::Error;
+pub use periods::{PeriodDelta, PeriodKey, PeriodTotals, period_keys, period_start, uses_tenant_periods};
 pub use run::{IncidentBasis, IntegrityVerdict, LedgerItem, Outcome, Run, RunLimits, ShadowDelta, StoredHead};
+pub use shared_rates::{RateCheck, RateDelta, RateUse, tenant_rate_horizon_ms, tenant_rates_from};
 pub use state::{Effects, Refusal, RunState, TenantRates, Termination};
 
 /// The engine's internals stay out of reach of a host; each of these fails to compile.

@@ -19,6 +19,7 @@ use runguard_contract::{
 use crate::compiled::CompiledSnapshot;
 use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
+use crate::periods::{PeriodDelta, PeriodTotals};
 use crate::repeat::StepKeys;
 use crate::state::{Admission, Effects, Refusal, RunState, TenantRates};
 
@@ -105,6 +106,12 @@ pub struct Outcome {
     pub shadow: Vec<ShadowDelta>,
     /// The incident this call creates (only a failed end of a running run has one).
     pub incident: Option<IncidentBasis>,
+    /// What the call adds to its tenant's period totals, for the host to commit with it as conditional
+    /// increments ([`PeriodDelta`]).
+    pub period_deltas: Vec<PeriodDelta>,
+    /// What the call adds to its tenant's rate windows, for a host that shares them through a store
+    /// ([`RateDelta`](crate::RateDelta)); a host that keeps them in memory ignores it.
+    pub tenant_rate_delta: Option<crate::shared_rates::RateDelta>,
     change: Option<Change>,
 }
 
@@ -146,6 +153,8 @@ impl Outcome {
         };
         let shadow = shadow_deltas(snapshot, &evaluation);
         Self {
+            period_deltas: evaluation.periods,
+            tenant_rate_delta: evaluation.rates,
             decision: evaluation.decision,
             record: evaluation.record,
             effects: evaluation.effects,
@@ -256,18 +265,42 @@ impl Run {
 
     /// The outcome of the run-start call on this run's current state.
     pub(crate) fn start_call(&self, now: Timestamp) -> Outcome {
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunStart, &TenantRates::default(), now);
+        let evaluation = evaluate(
+            &self.snapshot,
+            &self.state,
+            Call::RunStart,
+            &TenantRates::default(),
+            &PeriodTotals::default(),
+            now,
+        );
         Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, None)
     }
 
     /// Answers a step call at `now`. The tenant's rate windows are read and, when the call counts against
     /// them, counted at once (a host holds the tenant's lock around this call): a call whose persistence
     /// then fails over-counts, which errs on the closed side.
+    ///
+    /// Tenant-period budgets count from zero here: a host that keeps tenant totals calls
+    /// [`step_with_periods`](Self::step_with_periods).
     pub fn step(
         &self,
         call: &StepCall,
         limits: &RunLimits,
         tenant_rates: &mut TenantRates,
+        now: Timestamp,
+    ) -> Result<Outcome, Refusal> {
+        self.step_with_periods(call, limits, tenant_rates, &PeriodTotals::default(), now)
+    }
+
+    /// [`step`](Self::step) with the tenant's current period totals (for the keys
+    /// [`period_keys`](crate::period_keys) names): the outcome's `period_deltas` are what the host commits
+    /// with the call.
+    pub fn step_with_periods(
+        &self,
+        call: &StepCall,
+        limits: &RunLimits,
+        tenant_rates: &mut TenantRates,
+        periods: &PeriodTotals,
         now: Timestamp,
     ) -> Result<Outcome, Refusal> {
         match self.state.admit(call) {
@@ -281,6 +314,8 @@ impl Run {
                     fail_opens: Vec::new(),
                     shadow: Vec::new(),
                     incident: None,
+                    period_deltas: Vec::new(),
+                    tenant_rate_delta: None,
                     change: None,
                 });
             }
@@ -289,7 +324,7 @@ impl Run {
         if call.index >= limits.steps_per_run {
             return Err(Refusal::StepLimit { max: limits.steps_per_run });
         }
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
+        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, periods, now);
         tenant_rates.apply(&evaluation.effects);
         let observed = self.failure.observation(call);
         Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))
@@ -307,7 +342,14 @@ impl Run {
         if !self.state.status.is_running() {
             return None;
         }
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::RunEnd { outcome }, &TenantRates::default(), now);
+        let evaluation = evaluate(
+            &self.snapshot,
+            &self.state,
+            Call::RunEnd { outcome },
+            &TenantRates::default(),
+            &PeriodTotals::default(),
+            now,
+        );
         let mut answer = Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, None, Some(outcome));
         // Only a running run that ends failed, and is not stopped by a block, creates an incident.
         if runguard_contract::prevention::may_create_incident(self.state.status, outcome)

@@ -79,6 +79,11 @@ impl TenantRates {
         }
     }
 
+    /// Records an event read back from a shared store (`crate::shared_rates`).
+    pub(crate) fn record(&mut self, event: RateEvent) {
+        self.window.push(event);
+    }
+
     /// The events still inside some window, in the order they were recorded; consecutive events of the
     /// same millisecond come merged into one.
     pub(crate) fn events(&self) -> impl Iterator<Item = RateEvent> + '_ {

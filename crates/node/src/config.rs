@@ -271,6 +271,9 @@ pub struct Config {
     pub node_id: String,
     /// For tests and drills only: serve `POST /v1/faults/store` (admin), which makes store commits fail.
     pub fault_injection: bool,
+    /// For tests only: milliseconds added to the node's clock, so that a black-box test can move to the
+    /// next UTC day (tenant-period budgets). Honoured only by debug builds; a release build ignores it.
+    pub test_clock_offset_ms: i64,
 }
 
 impl Default for Config {
@@ -296,6 +299,7 @@ impl Default for Config {
             http: HttpEdge::default(),
             node_id: String::new(),
             fault_injection: false,
+            test_clock_offset_ms: 0,
         }
     }
 }

@@ -30,4 +30,5 @@ pub mod shared;
 pub mod simulation;
 pub mod telemetry;
 pub mod tenant_lanes;
+pub mod tenant_state;
 pub mod ticket;

@@ -58,6 +58,10 @@ fn describe() {
     describe_counter!("runguard_writer_abandoned_total", "Commits dropped because their caller had given up.");
     describe_gauge!("runguard_live_runs", "Run actors in memory.");
     describe_counter!("runguard_refused_calls_total", "Calls refused before evaluation, by reason.");
+    describe_counter!(
+        "runguard_tenant_total_reevaluations_total",
+        "Step calls evaluated again because the tenant's shared totals moved before their commit."
+    );
     describe_counter!("runguard_http_requests_total", "HTTP requests answered, by method, route and status.");
     describe_histogram!("runguard_http_request_seconds", "HTTP request time, by method and route, in seconds.");
 }

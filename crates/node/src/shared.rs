@@ -45,7 +45,28 @@ pub fn now() -> Timestamp {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
-    Timestamp::from_unix_millis(millis)
+    Timestamp::from_unix_millis(millis).plus_millis(test_clock::offset())
+}
+
+/// `test_clock_offset_ms`: a shift of the node's clock that only debug builds honour, so that tests of
+/// calendar periods need not wait for midnight; a release build always reads the wall clock.
+pub mod test_clock {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    static OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+    /// Sets the shift (the node's config sets it once at start).
+    pub fn set(offset_ms: i64) {
+        if cfg!(debug_assertions) {
+            OFFSET_MS.store(offset_ms, Ordering::Relaxed);
+        } else if offset_ms != 0 {
+            tracing::warn!(offset_ms, "test_clock_offset_ms is honoured by debug builds only; ignored");
+        }
+    }
+
+    pub(crate) fn offset() -> i64 {
+        OFFSET_MS.load(Ordering::Relaxed)
+    }
 }
 
 impl Shared {
@@ -55,6 +76,7 @@ impl Shared {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let background = crate::background::BackgroundPool::start(cores);
         let writer = CommitHandle::new(writer, Duration::from_millis(config.limits.call_timeout_ms));
+        test_clock::set(config.test_clock_offset_ms);
         Self {
             store,
             writer,

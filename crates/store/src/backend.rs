@@ -176,6 +176,13 @@ seam! {
     /// A policy's shadow statistics as `tenant` sees them (zero when none were recorded): a tenant policy's
     /// own, a global policy's from `tenant`'s runs only.
     fn shadow_stats(&self, owner: Option<&TenantId>, id: &PolicyId, tenant: &TenantId) -> Result<ShadowStats, StoreError>;
+    /// A tenant's usage of a tenant-period budget policy within the period starting at `period_start`
+    /// (0 when none was recorded): the durable total that [`WriteOp::AddTenantUsage`](crate::WriteOp::AddTenantUsage)
+    /// increments.
+    fn tenant_usage(&self, tenant: &TenantId, policy: &PolicyId, period_start: Timestamp) -> Result<u64, StoreError>;
+    /// A tenant's shared rate events after `after`, in the order they were recorded (PostgreSQL; a sled
+    /// store holds none: its node keeps its tenants' windows in memory).
+    fn tenant_rate_events(&self, tenant: &TenantId, after: Timestamp) -> Result<Vec<crate::TenantRateUse>, StoreError>;
     /// Every tenant that owns a policy, by id (global policies are listed through any tenant): the
     /// starting point of `runguard migrate-store`, which copies every tenant's policies.
     fn policy_owners(&self) -> Result<Vec<TenantId>, StoreError>;

@@ -2,6 +2,7 @@
 
 use runguard_contract::{
     AuditEntry, Decision, Incident, Pattern, Policy, PolicyId, PreventionRecord, Regret, RunId, Snapshot, TenantId,
+    Timestamp,
 };
 
 use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
@@ -33,6 +34,47 @@ pub struct RecordAppend {
     pub record: PreventionRecord,
     /// Why it may exist.
     pub authority: RecordAuthority,
+}
+
+/// One call's consumption in a tenant-scope rate window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantRateUse {
+    /// When.
+    pub at: Timestamp,
+    /// Steps admitted.
+    pub steps: u64,
+    /// Tokens reported.
+    pub tokens: u64,
+    /// Micro-USD reported.
+    pub cost_micros: u64,
+}
+
+/// A rule the recording of a [`TenantRateEvent`] is conditional on: the tenant's recorded use of
+/// `metric` after `since`, plus `request`, must stay within `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateBound {
+    /// Events after this instant count.
+    pub since: Timestamp,
+    /// What is summed.
+    pub metric: runguard_contract::RateMetric,
+    /// What the call asks for.
+    pub request: u64,
+    /// The inclusive maximum.
+    pub max: u64,
+}
+
+/// A call's event in its tenant's shared rate windows (`docs/architecture.md`, "Shared tenant state").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantRateEvent {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The event.
+    pub event: TenantRateUse,
+    /// The tenant's events at or before this instant are outside every window and may be dropped.
+    pub horizon: Timestamp,
+    /// What the recording is conditional on; a bound that does not hold refuses the batch with a conflict
+    /// for which [`StoreError::is_tenant_limit`](crate::StoreError::is_tenant_limit) holds.
+    pub bounds: Vec<RateBound>,
 }
 
 /// One write of a batch.
@@ -91,6 +133,25 @@ pub enum WriteOp {
         /// What to add.
         delta: ShadowStats,
     },
+    /// Adds `delta` to a tenant's usage of a tenant-period budget policy within the period starting at
+    /// `period_start` (`docs/architecture.md`, "Shared tenant state"). With `at_most`, the increment is
+    /// conditional: when the stored total plus `delta` would exceed it the batch is refused with a
+    /// conflict for which [`StoreError::is_tenant_limit`](crate::StoreError::is_tenant_limit) holds.
+    AddTenantUsage {
+        /// The tenant whose runs used it (a global policy keeps one total per tenant).
+        tenant: TenantId,
+        /// The budget policy.
+        policy_id: PolicyId,
+        /// The start of the period.
+        period_start: Timestamp,
+        /// What to add.
+        delta: u64,
+        /// The inclusive bound the new total must stay within, if any.
+        at_most: Option<u64>,
+    },
+    /// Records a call's event in its tenant's shared rate windows, conditionally (PostgreSQL only: a sled
+    /// node keeps its tenants' windows in memory).
+    AddTenantRateEvent(Box<TenantRateEvent>),
     /// A new incident (ids are unique; a second write of one is a `Conflict`).
     PutIncident(Box<Incident>),
     /// Creates or updates a pattern; one pattern per (tenant, signature hash, error type).
@@ -209,6 +270,18 @@ impl WriteBatch {
         delta: ShadowStats,
     ) -> &mut Self {
         self.push(WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta })
+    }
+
+    /// Adds a (conditional) increment of a tenant's usage of a tenant-period budget.
+    pub fn add_tenant_usage(
+        &mut self,
+        tenant: TenantId,
+        policy_id: PolicyId,
+        period_start: Timestamp,
+        delta: u64,
+        at_most: Option<u64>,
+    ) -> &mut Self {
+        self.push(WriteOp::AddTenantUsage { tenant, policy_id, period_start, delta, at_most })
     }
 
     /// Adds an incident.

@@ -111,6 +111,19 @@ impl StoreError {
         Self::new(StoreErrorKind::Fenced, message)
     }
 
+    /// A conditional tenant-usage increment ([`WriteOp::AddTenantUsage`](crate::WriteOp::AddTenantUsage))
+    /// refused because the stored total would exceed its bound: a conflict the caller answers by reading
+    /// the total again and deciding once more ([`StoreError::is_tenant_limit`]).
+    pub(crate) fn tenant_limit(message: impl Into<String>) -> Self {
+        Self::with_source(StoreErrorKind::Conflict, message, TenantLimitReached)
+    }
+
+    /// Whether this is a refused conditional tenant-usage increment: the caller's view of the tenant's
+    /// total was stale, nothing of its batch was written.
+    pub fn is_tenant_limit(&self) -> bool {
+        self.source.as_ref().is_some_and(|source| source.is::<TenantLimitReached>())
+    }
+
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StoreErrorKind::NotFound, message)
     }
@@ -119,6 +132,11 @@ impl StoreError {
         Self::new(StoreErrorKind::InvalidArgument, message)
     }
 }
+
+/// The marker of [`StoreError::tenant_limit`].
+#[derive(Debug, thiserror::Error)]
+#[error("the stored tenant total would exceed the bound the decision was made within")]
+struct TenantLimitReached;
 
 impl From<sled::Error> for StoreError {
     fn from(err: sled::Error) -> Self {

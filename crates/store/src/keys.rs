@@ -96,6 +96,16 @@ pub(crate) fn shadow_stats(owner: Option<&TenantId>, id: &PolicyId, run_tenant: 
     }
 }
 
+/// `tenant_usage`: `tenant\0 policy\0 period start` (periods before 1970 share the key of 1970).
+pub(crate) fn tenant_usage(
+    tenant: &TenantId,
+    policy: &PolicyId,
+    period_start: runguard_contract::Timestamp,
+) -> Vec<u8> {
+    let start = u64::try_from(period_start.unix_millis()).unwrap_or(0);
+    Key::new().seg(tenant.as_str()).seg(policy.as_str()).u64(start).into_vec()
+}
+
 /// `audit`: `owner\0 id\0 n`.
 pub(crate) fn audit(tenant: Option<&TenantId>, id: &PolicyId, n: u64) -> Vec<u8> {
     Key::new().seg(owner(tenant)).seg(id.as_str()).u64(n).into_vec()

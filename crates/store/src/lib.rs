@@ -91,7 +91,9 @@ mod sled_backend;
 mod watermark;
 
 pub use backend::Store;
-pub use batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
+pub use batch::{
+    CommitReceipt, RateBound, RecordAppend, RecordAuthority, TenantRateEvent, TenantRateUse, WriteBatch, WriteOp,
+};
 pub use cluster_lock::ClusterLock;
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};

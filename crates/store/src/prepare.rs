@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
-    AuditEntry, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RecordHash, RecordId,
-    Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId,
+    AuditEntry, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RateMetric, RecordHash,
+    RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
 };
 
-use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, WriteBatch, WriteOp};
+use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, TenantRateEvent, WriteBatch, WriteOp};
 use crate::error::StoreError;
 use crate::keys;
 use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
@@ -59,6 +59,12 @@ pub(crate) trait ReadView {
         policy: &PolicyId,
         run_tenant: &TenantId,
     ) -> Result<ShadowStats, StoreError>;
+    /// A tenant's usage of a tenant-period budget within the period starting at `period_start` (0 when
+    /// none was recorded).
+    fn tenant_usage(&self, tenant: &TenantId, policy: &PolicyId, period_start: Timestamp) -> Result<u64, StoreError>;
+    /// The sum of `metric` over a tenant's shared rate events after `since` (a backend without shared
+    /// rate windows refuses).
+    fn tenant_rate_used(&self, tenant: &TenantId, since: Timestamp, metric: RateMetric) -> Result<u64, StoreError>;
     /// Whether an incident exists.
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError>;
     /// The (signature hash, error type) a stored pattern groups.
@@ -147,6 +153,19 @@ pub(crate) enum Staged {
         /// The new total.
         total: ShadowStats,
     },
+    /// A tenant's usage of a tenant-period budget after the batch's increments (the total, not the delta).
+    TenantUsage {
+        /// The tenant.
+        tenant: TenantId,
+        /// The budget policy.
+        policy: PolicyId,
+        /// The start of the period.
+        period_start: Timestamp,
+        /// The new total.
+        used: u64,
+    },
+    /// A call's event in its tenant's shared rate windows, its bounds checked.
+    TenantRate(Box<TenantRateEvent>),
     /// A new incident.
     Incident(Box<Incident>),
     /// A pattern, new or updated.
@@ -203,6 +222,8 @@ pub(crate) struct Prepare<'a> {
     snapshots: HashSet<SnapshotHash>,
     record_ids: HashMap<RecordId, (TenantId, PolicyId)>,
     shadow: BTreeMap<(Option<TenantId>, PolicyId, TenantId), ShadowStats>,
+    tenant_usage: BTreeMap<(TenantId, PolicyId, Timestamp), u64>,
+    rate_events: Vec<TenantRateEvent>,
     incidents: HashSet<(TenantId, IncidentId)>,
     patterns: HashMap<(TenantId, PatternId), (SignatureHash, String)>,
     pattern_sigs: HashMap<(TenantId, SignatureHash, String), PatternId>,
@@ -228,6 +249,8 @@ impl<'a> Prepare<'a> {
             snapshots: HashSet::new(),
             record_ids: HashMap::new(),
             shadow: BTreeMap::new(),
+            tenant_usage: BTreeMap::new(),
+            rate_events: Vec::new(),
             incidents: HashSet::new(),
             patterns: HashMap::new(),
             pattern_sigs: HashMap::new(),
@@ -291,6 +314,10 @@ impl<'a> Prepare<'a> {
             WriteOp::AddShadowStats { tenant, run_tenant, policy_id, delta } => {
                 self.add_shadow(tenant.as_ref(), run_tenant, policy_id, *delta)
             }
+            WriteOp::AddTenantUsage { tenant, policy_id, period_start, delta, at_most } => {
+                self.add_tenant_usage(tenant, policy_id, *period_start, *delta, *at_most)
+            }
+            WriteOp::AddTenantRateEvent(event) => self.add_tenant_rate_event(event),
             WriteOp::PutIncident(incident) => self.put_incident(incident),
             WriteOp::PutPattern(pattern) => self.put_pattern(pattern),
             WriteOp::PutRegret { tenant_id, regret } => self.put_regret(tenant_id, regret),
@@ -563,6 +590,65 @@ impl<'a> Prepare<'a> {
             policy: policy.clone(),
             total,
         });
+        Ok(())
+    }
+
+    /// The conditional increment is checked here, against the total the view reads inside the backend's
+    /// write transaction (serialised with every other writer of the store, on PostgreSQL by the chain
+    /// head lock), so that a bound holds across every node sharing the store.
+    fn add_tenant_usage(
+        &mut self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: Timestamp,
+        delta: u64,
+        at_most: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let key = (tenant.clone(), policy.clone(), period_start);
+        let current = match self.tenant_usage.get(&key) {
+            Some(used) => *used,
+            None => self.view.tenant_usage(tenant, policy, period_start)?,
+        };
+        let used = current.saturating_add(delta);
+        if let Some(bound) = at_most
+            && used > bound
+        {
+            return Err(StoreError::tenant_limit(format!(
+                "tenant `{tenant}` has used {current} of policy `{policy}` this period; adding {delta} would exceed {bound}"
+            )));
+        }
+        self.tenant_usage.insert(key, used);
+        self.write(Staged::TenantUsage { tenant: tenant.clone(), policy: policy.clone(), period_start, used });
+        Ok(())
+    }
+
+    /// Checked like a tenant total: against the events the view reads inside the write transaction (on
+    /// PostgreSQL serialised with every node's commits), plus the ones this preparation staged.
+    fn add_tenant_rate_event(&mut self, event: &TenantRateEvent) -> Result<(), StoreError> {
+        for bound in &event.bounds {
+            let staged: u64 = self
+                .rate_events
+                .iter()
+                .filter(|e| e.tenant == event.tenant && e.event.at > bound.since)
+                .map(|e| match bound.metric {
+                    RateMetric::Steps => e.event.steps,
+                    RateMetric::Tokens => e.event.tokens,
+                    RateMetric::CostMicros => e.event.cost_micros,
+                })
+                .fold(0u64, u64::saturating_add);
+            let used = self.view.tenant_rate_used(&event.tenant, bound.since, bound.metric)?.saturating_add(staged);
+            if used.saturating_add(bound.request) > bound.max {
+                return Err(StoreError::tenant_limit(format!(
+                    "tenant `{}` used {used} {} in its window; {} more would exceed {}",
+                    event.tenant,
+                    bound.metric.as_str(),
+                    bound.request,
+                    bound.max
+                )));
+            }
+        }
+        self.rate_events.push(event.clone());
+        self.write(Staged::TenantRate(Box::new(event.clone())));
         Ok(())
     }
 

@@ -253,6 +253,10 @@ class AsyncClient:
     async def policy_graduation(self, policy_id: str) -> m.PolicyGraduation:
         return await self._call(_ops.policy_graduation(policy_id))
 
+    async def policy_usage(self, policy_id: str) -> m.PolicyUsage:
+        """The caller's tenant's usage of a tenant-period budget (`per: "tenant"`) in the current period."""
+        return await self._call(_ops.policy_usage(policy_id))
+
     # prevention records and the learning loop
 
     def list_prevention_records(

@@ -250,6 +250,10 @@ class Client:
     def policy_graduation(self, policy_id: str) -> m.PolicyGraduation:
         return self._call(_ops.policy_graduation(policy_id))
 
+    def policy_usage(self, policy_id: str) -> m.PolicyUsage:
+        """The caller's tenant's usage of a tenant-period budget (`per: "tenant"`) in the current period."""
+        return self._call(_ops.policy_usage(policy_id))
+
     # prevention records and the learning loop
 
     def list_prevention_records(

@@ -97,6 +97,10 @@ def policy_graduation(policy_id: str) -> Op[m.PolicyGraduation]:
     return Op("GET", f"/v1/policies/{path_segment(policy_id)}/graduation", _model(m.PolicyGraduation))
 
 
+def policy_usage(policy_id: str) -> Op[m.PolicyUsage]:
+    return Op("GET", f"/v1/policies/{path_segment(policy_id)}/usage", _model(m.PolicyUsage))
+
+
 # runs
 def create_run(
     run_id: str, labels: Mapping[str, str] | None, api_endpoint: str | None, parent_run_id: str | None

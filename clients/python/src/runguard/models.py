@@ -200,6 +200,15 @@ class PolicyGraduation(Model):
     activated_at: str | None
 
 
+class PolicyUsage(Model):
+    """A tenant-period budget's usage by the caller's tenant in the current UTC period."""
+
+    period: str
+    period_start: str
+    used: int
+    max: int
+
+
 class Snapshot(Model):
     id: str
     hash: str
@@ -376,6 +385,7 @@ __all__ = [
     "Phase",
     "Policy",
     "PolicyGraduation",
+    "PolicyUsage",
     "PolicyRef",
     "PreventionGate",
     "PreventionRecord",

@@ -200,11 +200,11 @@ proptest! {
                         estimate: Some(Estimate { tokens: Some(estimate), cost_micros: Some(estimate) }),
                         ..pre(0)
                     };
-                    let tenant = evaluate(&tenant_snapshot, &run(), Call::Step(&call), &rates, now);
+                    let tenant = evaluate(&tenant_snapshot, &run(), Call::Step(&call), &rates, &Default::default(), now);
                     prop_assert_eq!(outcome(&tenant.decision), expected.clone(), "tenant scope");
                     let mut state = run();
                     state.rate_events = model.events.iter().copied().collect::<VecDeque<_>>();
-                    let run_scope = evaluate(&run_snapshot, &state, Call::Step(&call), &TenantRates::default(), now);
+                    let run_scope = evaluate(&run_snapshot, &state, Call::Step(&call), &TenantRates::default(), &Default::default(), now);
                     prop_assert_eq!(outcome(&run_scope.decision), expected, "run scope");
                 }
             }

@@ -89,8 +89,14 @@ fn a_tampered_snapshot_blocks_every_call_with_integrity_and_no_record() {
     let snap = Snapshot::capture(&tenant(), [&budget]);
     let hash = snap.hash().unwrap();
     let mut tampered = snap.clone();
-    tampered.policies[0].rule =
-        Rule::Budget(BudgetRule { metric: BudgetMetric::Tokens, per: BudgetPer::Run, max: 1_000_000, warn_at: vec![] });
+    tampered.policies[0].rule = Rule::Budget(BudgetRule {
+        metric: BudgetMetric::Tokens,
+        per: BudgetPer::Run,
+        max: 1_000_000,
+        warn_at: vec![],
+        period: None,
+        labels: Default::default(),
+    });
     let compiled = CompiledSnapshot::load(&tampered, &hash, &PolicyLimits::default());
     assert!(compiled.is_tampered());
     // The run-start call is the first to meet the snapshot, and blocks.

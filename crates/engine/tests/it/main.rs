@@ -12,3 +12,4 @@ mod repeat;
 mod run_lifecycle;
 mod run_model;
 mod support;
+mod tenant_periods;

@@ -13,7 +13,7 @@ use runguard_contract::{
     TenantId, Timestamp,
 };
 use runguard_engine::Outcome as Answer;
-use runguard_engine::{CompiledSnapshot, Effects, LedgerItem, Refusal, Run, StoredHead, TenantRates};
+use runguard_engine::{CompiledSnapshot, Effects, LedgerItem, PeriodTotals, Refusal, Run, StoredHead, TenantRates};
 use runguard_store::{
     LedgerCall, LedgerEntry, LoadedRun, RecordAppend, RecordAuthority, ShadowStats, StoredRun, WriteBatch, WriteOp,
 };
@@ -347,14 +347,22 @@ fn scans_large_texts(snapshot: &CompiledSnapshot, call: &StepCall) -> bool {
     text_bytes > HEAVY_TEXT_BYTES && snapshot.scans_texts()
 }
 
-/// Answers a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules.
-fn step_run(shared: &Shared, run: &Run, call: &StepCall, at: Timestamp) -> (Result<Answer, Refusal>, Duration) {
+/// Answers a step, with the tenant's rate windows locked when the snapshot has tenant-scope rate rules,
+/// against the tenant's period totals (empty unless the snapshot has tenant-period budgets).
+fn step_run(
+    shared: &Shared,
+    run: &Run,
+    call: &StepCall,
+    periods: &PeriodTotals,
+    at: Timestamp,
+) -> (Result<Answer, Refusal>, Duration) {
     let started = Instant::now();
     let limits = shared.config.run_limits();
     let answer = if run.snapshot().uses_tenant_rates() {
-        shared.with_tenant_rates(&run.state().tenant_id, |rates| run.step(call, &limits, rates, at))
+        shared
+            .with_tenant_rates(&run.state().tenant_id, |rates| run.step_with_periods(call, &limits, rates, periods, at))
     } else {
-        run.step(call, &limits, &mut TenantRates::default(), at)
+        run.step_with_periods(call, &limits, &mut TenantRates::default(), periods, at)
     };
     (answer, started.elapsed())
 }
@@ -642,6 +650,12 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
+        let snapshot = live.run.snapshot();
+        if runguard_engine::uses_tenant_periods(snapshot)
+            || (snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store))
+        {
+            return self.step_in_periods(call, shared, at, crate::tenant_state::REEVALUATIONS);
+        }
         if scans_large_texts(live.run.snapshot(), &call) {
             // Content and CEL rules over large texts cost milliseconds: evaluated in the tenant's lane on the
             // blocking pool, so that one tenant's heavy steps neither stall the HTTP worker this actor lives
@@ -651,7 +665,7 @@ impl RunActor {
             let lane = Arc::clone(&shared);
             let evaluated = async move {
                 lane.heavy(&tenant, move |shared| {
-                    let (answer, elapsed) = step_run(shared, &run, &call, at);
+                    let (answer, elapsed) = step_run(shared, &run, &call, &PeriodTotals::default(), at);
                     Ok((answer, elapsed, call))
                 })
                 .await
@@ -661,8 +675,72 @@ impl RunActor {
                 Err(err) => ready(Err(err)),
             }));
         }
-        let (answer, elapsed) = step_run(&shared, &live.run, &call, at);
+        let (answer, elapsed) = step_run(&shared, &live.run, &call, &PeriodTotals::default(), at);
         self.persist_step(call, answer, elapsed, shared)
+    }
+
+    /// A step of a run whose snapshot has tenant-period budgets, or tenant-scope rate rules on a node
+    /// that shares them through PostgreSQL (`crate::tenant_state`): the tenant's totals and windows are
+    /// read from the store and the call evaluated against them off the actor's thread; when the commit
+    /// finds a bounded increment no longer fits (the tenant's state moved meanwhile, on this node or
+    /// another), the call is evaluated again on fresh state, at most `retries` more times.
+    fn step_in_periods(
+        &mut self,
+        call: StepCall,
+        shared: Arc<Shared>,
+        at: Timestamp,
+        retries: u32,
+    ) -> Pending<Decided> {
+        let Some(live) = self.live.as_ref() else {
+            return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
+        };
+        let run = live.run.clone();
+        let again = call.clone();
+        let reading = Arc::clone(&shared);
+        let evaluated = async move {
+            reading
+                .blocking(move |shared| {
+                    let state = run.state();
+                    let totals = crate::tenant_state::read_totals(
+                        &shared.store,
+                        &state.tenant_id,
+                        run.snapshot(),
+                        &state.labels,
+                        at,
+                    )
+                    .map_err(NodeError::Store)?;
+                    let snapshot = run.snapshot();
+                    if snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store) {
+                        let mut rates = crate::tenant_state::read_rates(&shared.store, &state.tenant_id, snapshot, at)
+                            .map_err(NodeError::Store)?;
+                        let started = Instant::now();
+                        let limits = shared.config.run_limits();
+                        let answer = run.step_with_periods(&call, &limits, &mut rates, &totals, at);
+                        return Ok((answer, started.elapsed(), call));
+                    }
+                    let (answer, elapsed) = step_run(shared, &run, &call, &totals, at);
+                    Ok::<_, NodeError>((answer, elapsed, call))
+                })
+                .await
+        };
+        Box::pin(evaluated.into_actor(self).then(move |evaluated, actor, _| {
+            let (answer, elapsed, call) = match evaluated {
+                Ok(evaluated) => evaluated,
+                Err(err) => return ready(Err(err)),
+            };
+            let persisted = actor.persist_step(call, answer, elapsed, Arc::clone(&shared));
+            Box::pin(persisted.then(move |result, actor, _| match result {
+                Err(NodeError::Store(err)) if err.is_tenant_limit() => {
+                    metrics::counter!("runguard_tenant_total_reevaluations_total").increment(1);
+                    if retries == 0 {
+                        tracing::warn!(run_id = %actor.key.run_id, error = %err, "tenant totals kept moving");
+                        return ready(Err(NodeError::unavailable("the tenant's totals are contended; retry the call")));
+                    }
+                    actor.step_in_periods(again, shared, now(), retries - 1)
+                }
+                other => ready(other),
+            })) as Pending<Decided>
+        }))
     }
 
     /// Commits an evaluated step and, once it is durable, applies it and answers its decision.
@@ -702,6 +780,8 @@ impl RunActor {
         batch.fence_run(tenant.clone(), run_id.clone(), live.ledger_len);
         persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
         let again = retry_copy(&shared, &call);
+        crate::tenant_state::add_deltas(&mut batch, tenant, &answer.period_deltas);
+        crate::tenant_state::add_rate_delta(&mut batch, &shared.store, tenant, answer.tenant_rate_delta.as_ref());
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =

@@ -153,7 +153,8 @@ fn commit(target: &Store, batch: WriteBatch) -> Result<(), StoreError> {
 
 /// Replays the source into the target in dependency order: policies (every version and audit entry),
 /// runs with their snapshots and ledgers, the records in chain order (so each gets its source seq and
-/// hash), then shadow statistics, patterns, incidents, regrets and graduation.
+/// hash), then shadow statistics, the current period's tenant-period totals, patterns, incidents, regrets
+/// and graduation.
 fn copy_store(source: &Store, target: &Store) -> Result<Counts, StoreError> {
     let empty = target.chain_head()? == (0, RecordHash::genesis())
         && target.all_runs().next().is_none()
@@ -258,6 +259,13 @@ fn copy_store(source: &Store, target: &Store) -> Result<Counts, StoreError> {
         for (owner, id) in &policies {
             if owner.as_ref().is_some_and(|owner| owner != tenant) {
                 continue;
+            }
+            // A tenant-period budget's current period goes along, so that moving stores resets no total.
+            if let Some(policy) = source.get_policy(owner.as_ref(), id, None)?
+                && let Some(usage) = crate::tenant_state::usage(source, tenant, &policy, crate::shared::now())?
+                && usage.used > 0
+            {
+                batch.add_tenant_usage(tenant.clone(), id.clone(), usage.period_start, usage.used, None);
             }
             let delta = source.shadow_stats(owner.as_ref(), id, tenant)?;
             if delta != ShadowStats::default() {

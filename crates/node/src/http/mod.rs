@@ -13,6 +13,7 @@ pub mod route;
 pub mod routes;
 pub mod run_list;
 pub mod runs;
+pub mod usage;
 pub mod views;
 
 use std::sync::Arc;

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::route::{Body, Content, Link, Method, Operation, SchemaFn, Success, schema};
 use super::views::{Health, Page, PolicyGraduationView, RunEnded, RunView, ShadowStats, Simulation, SnapshotView};
-use super::{PageQuery, learning, ops, policies, records, run_list, runs};
+use super::{PageQuery, learning, ops, policies, records, run_list, runs, usage};
 use crate::actors::learning::{Confirmation, Graduation, RegretAnswer};
 use crate::actors::run::CreateAnswer;
 use crate::auth::Role;
@@ -217,6 +217,21 @@ pub const ROUTES: &[Operation] = &[
         errors: READ,
         links: &[],
         handler: || web::route().to(policies::graduation),
+        documented: true,
+    },
+    Operation {
+        method: Method::Get,
+        path: "/v1/policies/{id}/usage",
+        operation_id: "getPolicyUsage",
+        tag: "policies",
+        role: Some(Role::Worker),
+        summary: "The caller's tenant's usage of a tenant-period budget in the current period",
+        query: None,
+        body: None,
+        success: &[json(200, "the usage", schema::<usage::PolicyUsageView>)],
+        errors: &[400, 401, 403, 404, 409, 503],
+        links: &[],
+        handler: || web::route().to(usage::usage),
         documented: true,
     },
     Operation {

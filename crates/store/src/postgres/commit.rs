@@ -265,6 +265,36 @@ fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged)
                 &i64_saturating(total.would_throttle),
             ],
         ),
+        Staged::TenantUsage { tenant, policy, period_start, used } => exec(
+            tx,
+            "a tenant usage total",
+            "INSERT INTO tenant_usage (tenant_id, policy_id, period_start_ms, used) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, policy_id, period_start_ms) DO UPDATE SET used = EXCLUDED.used",
+            &[&tenant.as_str(), &policy.as_str(), &period_start.unix_millis(), &i64_of(*used)?],
+        ),
+        Staged::TenantRate(rate) => {
+            let e = rate.event;
+            exec(
+                tx,
+                "a tenant rate event",
+                "INSERT INTO tenant_rate_events (tenant_id, at_ms, steps, tokens, cost_micros) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &rate.tenant.as_str(),
+                    &e.at.unix_millis(),
+                    &i64_saturating(e.steps),
+                    &i64_saturating(e.tokens),
+                    &i64_saturating(e.cost_micros),
+                ],
+            )?;
+            // Events every window has left: dropped by the writer that passes them, so a table holds
+            // about one longest window of each tenant's calls.
+            exec(
+                tx,
+                "tenant rate events",
+                "DELETE FROM tenant_rate_events WHERE tenant_id = $1 AND at_ms <= $2",
+                &[&rate.tenant.as_str(), &rate.horizon.unix_millis()],
+            )
+        }
         Staged::Incident(incident) => exec(
             tx,
             "an incident",
@@ -463,6 +493,41 @@ impl ReadView for PgView<'_, '_> {
             )?
             .as_ref(),
         )
+    }
+
+    fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        let row = self.opt(
+            "a tenant usage total",
+            super::reads::TENANT_USAGE_SQL,
+            &[&tenant.as_str(), &policy.as_str(), &period_start.unix_millis()],
+        )?;
+        row.map_or(Ok(0), |row| u64_of(get::<i64>(&row, 0, "a tenant usage total")?))
+    }
+
+    fn tenant_rate_used(
+        &self,
+        tenant: &TenantId,
+        since: runguard_contract::Timestamp,
+        metric: runguard_contract::RateMetric,
+    ) -> Result<u64, StoreError> {
+        let sql = match metric {
+            runguard_contract::RateMetric::Steps => {
+                "SELECT coalesce(sum(steps), 0)::bigint FROM tenant_rate_events WHERE tenant_id = $1 AND at_ms > $2"
+            }
+            runguard_contract::RateMetric::Tokens => {
+                "SELECT coalesce(sum(tokens), 0)::bigint FROM tenant_rate_events WHERE tenant_id = $1 AND at_ms > $2"
+            }
+            runguard_contract::RateMetric::CostMicros => {
+                "SELECT coalesce(sum(cost_micros), 0)::bigint FROM tenant_rate_events WHERE tenant_id = $1 AND at_ms > $2"
+            }
+        };
+        let row = self.opt("tenant rate events", sql, &[&tenant.as_str(), &since.unix_millis()])?;
+        row.map_or(Ok(0), |row| u64_of(get::<i64>(&row, 0, "tenant rate events")?))
     }
 
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError> {

@@ -22,6 +22,10 @@ type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
 pub(super) const SHADOW_SQL: &str = "SELECT evaluations, would_block, would_warn, would_throttle FROM shadow_stats
      WHERE owner = $1 AND policy_id = $2 AND run_tenant = $3";
 
+/// A tenant's usage of a tenant-period budget (migration 0004).
+pub(super) const TENANT_USAGE_SQL: &str =
+    "SELECT used FROM tenant_usage WHERE tenant_id = $1 AND policy_id = $2 AND period_start_ms = $3";
+
 /// The statistics of a [`SHADOW_SQL`] row (zero when there is none).
 pub(super) fn shadow_row(row: Option<&postgres::Row>) -> Result<ShadowStats, StoreError> {
     let Some(row) = row else { return Ok(ShadowStats::default()) };
@@ -226,6 +230,43 @@ impl PgStore {
             let n = u64_of(column(row, "n")?)?;
             Ok((body(row, "audit entry")?, keys::audit(owner, id, n)))
         })
+    }
+
+    pub(crate) fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        let rows = self.rows(
+            "a tenant usage total",
+            TENANT_USAGE_SQL,
+            &[&tenant.as_str(), &policy.as_str(), &period_start.unix_millis()],
+        )?;
+        rows.first().map_or(Ok(0), |row| u64_of(column(row, "used")?))
+    }
+
+    pub(crate) fn tenant_rate_events(
+        &self,
+        tenant: &TenantId,
+        after: runguard_contract::Timestamp,
+    ) -> Result<Vec<crate::TenantRateUse>, StoreError> {
+        let rows = self.rows(
+            "tenant rate events",
+            "SELECT at_ms, steps, tokens, cost_micros FROM tenant_rate_events
+             WHERE tenant_id = $1 AND at_ms > $2 ORDER BY id",
+            &[&tenant.as_str(), &after.unix_millis()],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::TenantRateUse {
+                    at: runguard_contract::Timestamp::from_unix_millis(column(row, "at_ms")?),
+                    steps: u64_of(column(row, "steps")?)?,
+                    tokens: u64_of(column(row, "tokens")?)?,
+                    cost_micros: u64_of(column(row, "cost_micros")?)?,
+                })
+            })
+            .collect()
     }
 
     pub(crate) fn shadow_stats(

@@ -7,11 +7,15 @@ use super::pg_error;
 use crate::error::{StoreError, StoreErrorKind};
 
 /// The newest PostgreSQL schema version this build knows.
-pub const PG_SCHEMA_VERSION: u32 = 2;
+pub const PG_SCHEMA_VERSION: u32 = 4;
 
-/// Every migration, in order: version `n` is the `n`-th.
-const MIGRATIONS: &[(u32, &str)] =
-    &[(1, include_str!("migrations/0001_init.sql")), (2, include_str!("migrations/0002_cluster.sql"))];
+/// Every migration, in order: version `n` is the `n`-th. Version 3 (parent and child runs) is applied
+/// with the others once it lands; until then 4 follows 2.
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_cluster.sql")),
+    (4, include_str!("migrations/0004_tenant_usage.sql")),
+];
 
 /// The advisory lock every migration runs under, so that nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7275_6e67_7561_7264; // "runguard"

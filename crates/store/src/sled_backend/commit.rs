@@ -248,6 +248,17 @@ fn sled_writes(prepared: Prepared, commits: u64) -> Result<SledPrepared, (usize,
                 let key = keys::shadow_stats(owner.as_ref(), &policy, &run_tenant);
                 put(T::ShadowStatsTree, key, Some(total.encode().map_err(fail)?));
             }
+            Staged::TenantUsage { tenant, policy, period_start, used } => {
+                put(
+                    T::TenantUsage,
+                    keys::tenant_usage(&tenant, &policy, period_start),
+                    Some(used.encode().map_err(fail)?),
+                );
+            }
+            // Refused by the view before it is staged: a sled node keeps its tenants' rate windows in memory.
+            Staged::TenantRate(_) => {
+                return Err(fail(StoreError::contract("shared tenant rate windows need the postgres store")));
+            }
             Staged::Incident(incident) => {
                 let key = keys::tenant_item(&incident.tenant_id, incident.id.as_str());
                 put(T::Incidents, key, Some(incident.encode().map_err(fail)?));
@@ -374,6 +385,24 @@ impl ReadView for SledView<'_> {
     ) -> Result<ShadowStats, StoreError> {
         let key = keys::shadow_stats(owner, policy, run_tenant);
         Ok(self.store.get_decoded::<ShadowStats>(T::ShadowStatsTree, &key)?.unwrap_or_default())
+    }
+
+    fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        self.store.tenant_usage(tenant, policy, period_start)
+    }
+
+    fn tenant_rate_used(
+        &self,
+        _: &TenantId,
+        _: runguard_contract::Timestamp,
+        _: runguard_contract::RateMetric,
+    ) -> Result<u64, StoreError> {
+        Err(StoreError::contract("a sled node keeps its tenants' rate windows in memory, not in the store"))
     }
 
     fn incident_exists(&self, tenant: &TenantId, id: &IncidentId) -> Result<bool, StoreError> {

@@ -109,6 +109,25 @@ impl Store {
         self.page_prefix(T::Audit, &keys::policy_prefix(owner, id), page, |_, v| AuditEntry::decode(v).map(Some))
     }
 
+    /// A tenant's usage of a tenant-period budget within the period starting at `period_start`.
+    pub fn tenant_usage(
+        &self,
+        tenant: &TenantId,
+        policy: &PolicyId,
+        period_start: runguard_contract::Timestamp,
+    ) -> Result<u64, StoreError> {
+        Ok(self.get_decoded::<u64>(T::TenantUsage, &keys::tenant_usage(tenant, policy, period_start))?.unwrap_or(0))
+    }
+
+    /// A sled node keeps its tenants' rate windows in memory: the store holds none.
+    pub fn tenant_rate_events(
+        &self,
+        _: &TenantId,
+        _: runguard_contract::Timestamp,
+    ) -> Result<Vec<crate::TenantRateUse>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// A policy's shadow statistics as `tenant` sees them (zero when none were recorded): a tenant policy's
     /// own, a global policy's from `tenant`'s runs only.
     pub fn shadow_stats(

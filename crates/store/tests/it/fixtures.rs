@@ -33,7 +33,14 @@ pub fn budget_policy(tenant: Option<&TenantId>, id: &str, mode: Mode, max: u64) 
         precedence: 100,
         on_error: Default::default(),
         bind_at: None,
-        rule: Rule::Budget(BudgetRule { metric: BudgetMetric::Tokens, per: BudgetPer::Run, max, warn_at: vec![80] }),
+        rule: Rule::Budget(BudgetRule {
+            metric: BudgetMetric::Tokens,
+            per: BudgetPer::Run,
+            max,
+            warn_at: vec![80],
+            period: None,
+            labels: Default::default(),
+        }),
     };
     Policy::create(doc, PolicyId::new(id).unwrap(), tenant.cloned(), at(0))
 }

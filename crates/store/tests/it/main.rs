@@ -5,3 +5,4 @@ mod fence_cost;
 mod fixtures;
 mod on_postgres;
 mod state_machine;
+mod tenant_usage;

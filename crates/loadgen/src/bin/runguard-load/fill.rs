@@ -45,6 +45,8 @@ impl World {
                 per: BudgetPer::Run,
                 max: 100,
                 warn_at: Vec::new(),
+                period: None,
+                labels: Default::default(),
             }),
         };
         let policy = Policy::create(doc, PolicyId::new("fill_budget")?, Some(tenant.clone()), at(0));
