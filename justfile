@@ -109,4 +109,4 @@ api-fuzz MAX="25":
 # and `runguard verify` (docs/reliability.md). Needs postgresql and nginx-light. Replay a kill schedule with
 # RUNGUARD_CLUSTER_CHAOS_SEED=<printed seed>.
 cluster-soak SECS="180":
-    RUNGUARD_TEST_STORE=postgres RUNGUARD_CLUSTER_CHAOS_SECS={{SECS}} cargo test -p runguard-tests --test blackbox cluster_chaos -- --ignored --nocapture
+    RUNGUARD_TEST_STORE=postgres RUNGUARD_CLUSTER_CHAOS_SECS={{SECS}} cargo test -p runguard-tests --test blackbox cluster_chaos -- --nocapture
