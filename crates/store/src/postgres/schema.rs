@@ -7,10 +7,11 @@ use super::pg_error;
 use crate::error::{StoreError, StoreErrorKind};
 
 /// The newest PostgreSQL schema version this build knows.
-pub const PG_SCHEMA_VERSION: u32 = 1;
+pub const PG_SCHEMA_VERSION: u32 = 3;
 
 /// Every migration, in order: version `n` is the `n`-th.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] =
+    &[(1, include_str!("migrations/0001_init.sql")), (3, include_str!("migrations/0003_run_tree.sql"))];
 
 /// The advisory lock every migration runs under, so that nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7275_6e67_7561_7264; // "runguard"

@@ -76,6 +76,7 @@ trees! {
     Graduation => "graduation",
     GraduationHistory => "graduation_history",
     SnapshotBindings => "snapshot_bindings",
+    RunRollups => "run_rollups",
 }
 
 pub(crate) use crate::prepare::ChainHead;

@@ -76,6 +76,7 @@ impl World {
                 actual: Some("812".into()),
                 reason: "run tokens 812 exceed 100".into(),
                 evidence: None,
+                run_id: None,
             }],
             shadow: Vec::new(),
             remaining: Remaining { tokens: Some(0), ..Remaining::default() },
