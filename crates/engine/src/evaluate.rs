@@ -491,10 +491,11 @@ fn violation(policy: &Policy, finding: Finding) -> Violation {
         actual: finding.actual.map(|a| a.to_string()),
         reason: finding.reason,
         evidence: finding.evidence,
+        run_id: None,
     }
 }
 
-fn decision_seed(state: &RunState) -> [u8; 32] {
+pub(crate) fn decision_seed(state: &RunState) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     // The same layout as `domain_hash(DECISION_DOMAIN, "tenant\nrun\ncounter")`, without allocating.
     let mut hasher = Sha256::new();
@@ -508,7 +509,7 @@ fn decision_seed(state: &RunState) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
+pub(crate) fn remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
     let mut left = Remaining::default();
     for compiled in snapshot.policies() {
         let policy = &compiled.policy;
@@ -542,6 +543,7 @@ fn integrity_violation(snapshot: &CompiledSnapshot) -> Option<Violation> {
         actual: None,
         reason: format!("snapshot `{}` failed verification against its hash", snapshot.reference().id),
         evidence: None,
+        run_id: None,
     })
 }
 

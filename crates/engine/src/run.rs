@@ -16,6 +16,7 @@ use runguard_contract::{
     StepError, TenantId, Timestamp, Totals,
 };
 
+use crate::ancestors::Family;
 use crate::compiled::CompiledSnapshot;
 use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
@@ -270,6 +271,22 @@ impl Run {
         tenant_rates: &mut TenantRates,
         now: Timestamp,
     ) -> Result<Outcome, Refusal> {
+        self.step_in_family(call, limits, tenant_rates, &Family::default(), now)
+    }
+
+    /// Answers a step call of a run with a parent or children (SPEC §13.2): as [`step`](Self::step),
+    /// with the run's per-run budgets compared against its rolled-up totals (its own plus
+    /// `family.descendants`) and each ancestor's per-run budgets against that ancestor's rolled-up totals
+    /// (see [`Family`]). The host adds the outcome's usage (its [`totals`](Outcome::totals) less the run's)
+    /// to every ancestor's rolled-up totals when it persists the outcome.
+    pub fn step_in_family(
+        &self,
+        call: &StepCall,
+        limits: &RunLimits,
+        tenant_rates: &mut TenantRates,
+        family: &Family<'_>,
+        now: Timestamp,
+    ) -> Result<Outcome, Refusal> {
         match self.state.admit(call) {
             Admission::Evaluate => {}
             Admission::Replay(decision) => {
@@ -289,7 +306,8 @@ impl Run {
         if call.index >= limits.steps_per_run {
             return Err(Refusal::StepLimit { max: limits.steps_per_run });
         }
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
+        let mut evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, now);
+        crate::ancestors::widen(&mut evaluation, &self.snapshot, &self.state, call, family, now);
         tenant_rates.apply(&evaluation.effects);
         let observed = self.failure.observation(call);
         Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))
@@ -353,6 +371,20 @@ impl Run {
         if ended.is_some() {
             self.outcome = ended;
         }
+    }
+
+    /// Stops a running run because an ancestor left `running` (termination `parent_stopped`); whether it
+    /// did. The host persists the run's new status before it answers the refused call.
+    #[must_use = "a stopped run's new status must be persisted"]
+    pub fn stop_for_parent(&mut self, now: Timestamp) -> bool {
+        if !self.state.status.is_running() {
+            return false;
+        }
+        self.state.stop_for_parent();
+        if self.ended_at.is_none() {
+            self.ended_at = Some(now);
+        }
+        true
     }
 
     /// Expires a running run past the TTL of `limits` at `now`; whether it did. The host persists the
