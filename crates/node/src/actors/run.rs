@@ -27,6 +27,10 @@ use crate::node_error::NodeError;
 use crate::shared::{Shared, now};
 use crate::ticket::Ticket;
 
+mod family;
+
+pub use family::{Adopt, Lineage};
+
 /// A run's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
@@ -53,6 +57,9 @@ pub struct CreateRun {
     pub labels: BTreeMap<String, String>,
     /// The endpoint the run works against, if given.
     pub api_endpoint: Option<String>,
+    /// The run's ancestors, root first and parent last, as its parent answered [`Adopt`]; empty for a
+    /// root run.
+    pub ancestors: Vec<RunId>,
 }
 
 impl RunRequest for CreateRun {
@@ -196,6 +203,11 @@ struct RunMeta {
     /// Shared with every run created on the same snapshot.
     snapshot: Arc<SnapshotRef>,
     api_endpoint: Option<String>,
+    /// Root first, parent last; empty for a root run.
+    ancestors: Vec<RunId>,
+    /// Whether the run has a parent or children: its calls then go through the run tree
+    /// (`actors/run/family.rs`).
+    in_family: bool,
 }
 
 impl RunMeta {
@@ -218,6 +230,9 @@ impl RunMeta {
             ended_at: run.ended_at(),
             outcome: run.outcome(),
             next: state.next,
+            parent_run_id: self.ancestors.last().cloned(),
+            ancestors: self.ancestors.clone(),
+            violation_run_id: termination.and_then(|t| t.violation_run_id.clone()),
         }
     }
 }
@@ -293,7 +308,14 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
         tracing::error!(run_id = %stored.run_id, "run failed its integrity checks on load; every call will block");
         *verdict.run
     });
-    Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint } }
+    let in_family = !stored.ancestors.is_empty();
+    let meta = RunMeta {
+        snapshot: Arc::new(stored.snapshot),
+        api_endpoint: stored.api_endpoint,
+        ancestors: stored.ancestors,
+        in_family,
+    };
+    Live { run, meta }
 }
 
 /// The call as its ledger entry keeps it: taken, not copied, since nothing needs it after evaluation.
@@ -306,7 +328,10 @@ fn strip_texts(call: StepCall, keep: bool) -> StepCall {
 
 /// Adds what an outcome must persist besides the ledger entry: its record and shadow statistics.
 fn persist_outcome(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, outcome: &Answer, tenant: &TenantId) {
+    // A block decided by an ancestor's policy is recorded by `family::persist` with that ancestor's policy.
+    let own_decision = outcome.decision.deciding_violation().is_none_or(|v| v.run_id.is_none());
     if let Some(record) = &outcome.record
+        && own_decision
         && let Some(deciding) = outcome.decision.deciding_policy.as_ref().and_then(|p| snapshot.policy(&p.id))
     {
         batch.push(WriteOp::AppendRecord(Box::new(RecordAppend {
@@ -403,7 +428,9 @@ impl RunActor {
         shared
             .blocking(move |shared| {
                 let loaded = shared.store.load_run(&tenant, &run_id)?;
-                Ok(loaded.map(|loaded| rehydrate(shared, loaded)))
+                let Some(mut live) = loaded.map(|loaded| rehydrate(shared, loaded)) else { return Ok(None) };
+                family::join_on_load(shared, &mut live)?;
+                Ok(Some(live))
             })
             .await
     }
@@ -414,8 +441,15 @@ impl RunActor {
         let at = now();
         let (run, answer) = Run::start(compiled, key.tenant.clone(), key.run_id.clone(), request.labels, at);
         let run = run.after(&answer);
-        let meta = RunMeta { snapshot: reference, api_endpoint: request.api_endpoint };
+        let in_family = !request.ancestors.is_empty();
+        let meta = RunMeta {
+            snapshot: reference,
+            api_endpoint: request.api_endpoint,
+            ancestors: request.ancestors,
+            in_family,
+        };
         let mut batch = WriteBatch::new();
+        family::on_create(&shared, &meta, &key, &mut batch)?;
         if let Some(snapshot) = &current.unstored {
             batch.put_snapshot(Snapshot::clone(snapshot));
         }
@@ -425,6 +459,7 @@ impl RunActor {
         batch.append_ledger(key.tenant.clone(), key.run_id.clone(), entry);
         persist_outcome(&mut batch, run.snapshot(), &answer, &key.tenant);
         shared.commit(batch).await?;
+        family::created(&shared, &meta, &key, &run);
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
@@ -525,7 +560,12 @@ impl RunActor {
                         actor.forget();
                         ready(Err(err))
                     }
-                    Ok(_) => op(actor, shared, now()),
+                    Ok(_) => {
+                        if let Some(live) = actor.live.as_ref() {
+                            family::left_running(&shared, &actor.key, live);
+                        }
+                        op(actor, shared, now())
+                    }
                 },
             ));
         }
@@ -584,7 +624,7 @@ macro_rules! ticketed {
     )*};
 }
 
-ticketed!(CreateRun, Step, EndRun, Touch);
+ticketed!(CreateRun, Step, EndRun, Touch, family::Adopt);
 
 impl RunActor {
     fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending<Created> {
@@ -614,6 +654,9 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
+        if live.meta.in_family {
+            return self.family_step(call, shared, at);
+        }
         if scans_large_texts(live.run.snapshot(), &call) {
             // Content and CEL rules over large texts cost milliseconds: evaluated in the tenant's lane on the
             // blocking pool, so that one tenant's heavy steps neither stall the HTTP worker this actor lives
@@ -645,6 +688,20 @@ impl RunActor {
         elapsed: Duration,
         shared: Arc<Shared>,
     ) -> Pending<Decided> {
+        self.persist_family_step(call, answer, elapsed, shared, None)
+    }
+
+    /// [`persist_step`](Self::persist_step) for a call that reserved usage in the run tree: its rolled-up
+    /// increments and an ancestor-decided record join the batch, and the reservation is settled once the
+    /// commit is decided (`actors/run/family.rs`).
+    fn persist_family_step(
+        &mut self,
+        call: StepCall,
+        answer: Result<Answer, Refusal>,
+        elapsed: Duration,
+        shared: Arc<Shared>,
+        family: Option<family::FamilyCall>,
+    ) -> Pending<Decided> {
         let answer = match answer {
             Ok(answer) if answer.is_replay() => return ready(Decided::of(&answer.decision)),
             Ok(answer) => answer,
@@ -667,13 +724,18 @@ impl RunActor {
         let (tenant, run_id) = (&live.run.state().tenant_id, &live.run.state().run_id);
         let mut batch = WriteBatch::new();
         persist_outcome(&mut batch, live.run.snapshot(), &answer, tenant);
+        let answer_record = family::RecordBasis::of(&answer);
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =
             LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
+        let family = family.map(|family| family.extend(&mut batch, &answer_record, tenant));
+        let settled = (Arc::clone(&shared), next.state().totals, next.state().status.is_running());
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).map(move |committed, actor, _| {
+            let landed = committed.as_ref().map_or_else(|refused| !refused.settled, |_| true);
+            family::settle(&settled.0, family, landed.then_some((settled.1, settled.2)));
             if let Err(refused) = committed {
                 if !refused.settled {
                     actor.forget();
@@ -753,6 +815,7 @@ impl RunActor {
             crate::decision_log::applied(&actor.key.tenant, &answer);
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
+                family::left_running(&actor.deps.shared, &actor.key, live);
             }
             Ok(Ended { incident_id, run: Box::new(run) })
         }))
@@ -767,7 +830,7 @@ mod tests {
     use crate::actors::test_support::{Node, key};
 
     fn create() -> CreateRun {
-        CreateRun { labels: BTreeMap::new(), api_endpoint: None }
+        CreateRun { labels: BTreeMap::new(), api_endpoint: None, ancestors: Vec::new() }
     }
 
     fn step(index: u64, phase: Phase) -> Step {

@@ -119,6 +119,9 @@ impl World {
             ended_at: Some(when),
             outcome: None,
             next: NextCall { index: 0, phase: Phase::Post },
+            parent_run_id: None,
+            ancestors: Vec::new(),
+            violation_run_id: None,
         };
         batch.append_ledger(
             self.tenant.clone(),
