@@ -317,3 +317,6 @@ pub(super) fn created(shared: &Shared, meta: &RunMeta, key: &RunKey, run: &Run) 
         shared.run_tree.insert(&key.tenant, &key.run_id, member);
     }
 }
+
+#[cfg(test)]
+mod model;
