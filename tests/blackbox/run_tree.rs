@@ -31,6 +31,8 @@ fn three_children_are_stopped_together_at_their_parents_limit() {
     let client = node.client();
     create_policy(&client, &budget("pol_tokens", "tokens", 100));
     create_root(&client, "parent");
+    // A policy added after the parent started: the children are bound to another snapshot than their parent.
+    create_policy(&client, &json!({ "id": "pol_no_rm", "name": "no rm", "rule": { "kind": "skill", "deny": ["rm"] } }));
     for child in ["child-a", "child-b", "child-c"] {
         let created = create_child(&client, child, "parent");
         assert_eq!(created["status"], "running", "{created}");
@@ -52,7 +54,9 @@ fn three_children_are_stopped_together_at_their_parents_limit() {
     assert_eq!(record["run_id"], "child-c", "{record}");
     assert_eq!(record["policy_id"], "pol_tokens", "{record}");
     let parent = run(&client, "parent");
-    assert_eq!(record["snapshot_hash"], parent["snapshot"]["hash"], "{record}");
+    assert_eq!(record["snapshot_hash"], parent["snapshot"]["hash"], "the ancestor's snapshot: {record}");
+    assert_ne!(record["snapshot_hash"], run(&client, "child-c")["snapshot"]["hash"], "{record}");
+    assert_eq!(record["policy_version"], 1, "{record}");
 
     let child = run(&client, "child-c");
     assert_eq!(child["status"], "stopped", "{child}");
