@@ -11,8 +11,8 @@
 //! for an evaluation and never across a wait.
 //!
 //! One lock per root, so families never wait for each other. Members are loaded from the store when a
-//! member's actor loads (rehydration after a restart restores the stored rolled-up totals exactly) and
-//! stay until the node stops: a family member costs a few hundred bytes.
+//! running member's actor loads (rehydration after a restart restores the stored rolled-up totals
+//! exactly); a family none of whose members runs or has a call in flight is dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -116,6 +116,11 @@ fn root_of<'a>(run: &'a RunId, ancestors: &'a [RunId]) -> &'a RunId {
     ancestors.first().unwrap_or(run)
 }
 
+/// Whether no loaded member of a family runs or has usage reserved.
+fn finished(members: &Members) -> bool {
+    members.values().all(|member| !member.running && member.reserved == Totals::default())
+}
+
 impl RunTree {
     fn family(&self, tenant: &TenantId, root: &RunId) -> Arc<Mutex<Members>> {
         let mut families = locked(&self.families);
@@ -145,6 +150,27 @@ impl RunTree {
             member.own = max(member.own, own);
             member.running &= running;
         }
+        let done = finished(&members);
+        drop(members);
+        if done {
+            self.forget(tenant, root_of(run, ancestors), &family);
+        }
+    }
+
+    /// Drops a family none of whose loaded members runs or has a call in flight: it can change no more
+    /// (a stopped run takes no call and no child), and what it was is in the store, read again if one of
+    /// its runs is ever loaded. Keeps the tree from growing with every finished family.
+    fn forget(&self, tenant: &TenantId, root: &RunId, family: &Arc<Mutex<Members>>) {
+        let mut families = locked(&self.families);
+        let key = (tenant.clone(), root.clone());
+        if families.get(&key).is_some_and(|current| Arc::ptr_eq(current, family)) {
+            families.remove(&key);
+        }
+    }
+
+    /// How many families the tree holds (for tests and metrics).
+    pub fn families(&self) -> usize {
+        locked(&self.families).len()
     }
 
     /// Evaluates a call of `run` with `step` under its family's lock and reserves the usage of the
@@ -208,6 +234,11 @@ impl RunTree {
                 member.own = max(member.own, own);
                 member.running &= running;
             }
+        }
+        let done = finished(&members);
+        drop(members);
+        if done {
+            self.forget(&reservation.tenant, &reservation.root, &family);
         }
     }
 
@@ -280,5 +311,9 @@ mod tests {
         tree.own_committed(&tenant, &id("root"), &[], tokens(1), false);
         let barred = tree.evaluate(&tenant, &id("b"), &chain, Totals::default(), |_| ((), None)).unwrap_err();
         assert_eq!(barred, Barred::ParentNotRunning(id("root")));
+        tree.own_committed(&tenant, &id("a"), &chain, tokens(10), false);
+        assert_eq!(tree.families(), 1, "`b` still runs");
+        tree.own_committed(&tenant, &id("b"), &chain, tokens(0), false);
+        assert_eq!(tree.families(), 0, "a finished family is dropped");
     }
 }

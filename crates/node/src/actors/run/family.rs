@@ -100,6 +100,12 @@ impl RunActor {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
         let state = live.run.state();
+        if !state.status.is_running() {
+            // A stopped or ended run takes no call (the run's own refusal), and its family may be gone
+            // from the tree.
+            let (answer, elapsed) = super::step_run(&shared, &live.run, &call, at);
+            return self.persist_step(call, answer, elapsed, shared);
+        }
         let evaluated =
             shared.run_tree.evaluate(&state.tenant_id, &state.run_id, &live.meta.ancestors, state.totals, |family| {
                 let snapshots: Vec<(RunId, Arc<CompiledSnapshot>)> =
@@ -255,7 +261,8 @@ pub(super) fn join_on_load(shared: &Shared, live: &mut Live) -> Result<(), NodeE
     if rollup.children > 0 {
         live.meta.in_family = true;
     }
-    if !live.meta.in_family {
+    // A run that no longer runs takes no call and no child: it needs no place in the tree.
+    if !live.meta.in_family || !live.run.state().status.is_running() {
         return Ok(());
     }
     for ancestor in &live.meta.ancestors {
