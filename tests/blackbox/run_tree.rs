@@ -162,3 +162,32 @@ fn rolled_up_totals_survive_a_restart_exactly() {
         decision["violations"].as_array().unwrap().iter().filter(|v| v["action"] == "block").collect();
     assert_eq!(blocking.iter().map(|v| v["run_id"].clone()).collect::<Vec<_>>(), [json!("parent")], "{decision}");
 }
+
+#[test]
+fn concurrent_siblings_never_pass_their_parents_limit_together() {
+    let node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_tokens", "tokens", 100));
+    create_root(&client, "parent");
+    let children: Vec<String> = (0..10).map(|i| format!("child-{i}")).collect();
+    for child in &children {
+        create_child(&client, child, "parent");
+        step(&client, child, &json!({ "index": 0, "phase": "pre" }));
+    }
+    // Ten posts of 15 tokens at once: the run tree lets exactly six fit under 100, whatever the order.
+    let actions: Vec<String> = std::thread::scope(|scope| {
+        let posts: Vec<_> = children
+            .iter()
+            .map(|child| {
+                let client = client.clone();
+                scope
+                    .spawn(move || step(&client, child, &post(0, 15))["action"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect();
+        posts.into_iter().map(|post| post.join().expect("a post thread")).collect()
+    });
+    assert_eq!(actions.iter().filter(|a| *a == "allow").count(), 6, "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| *a == "block").count(), 4, "{actions:?}");
+    let parent = run(&client, "parent");
+    assert_eq!(parent["rolled_up_totals"]["tokens"], 150, "every committed usage counts: {parent}");
+}
