@@ -122,6 +122,11 @@ fn finished(members: &Members) -> bool {
 }
 
 impl RunTree {
+    /// The family of `root`, if it has a loaded member: lookups never add an empty family.
+    fn existing(&self, tenant: &TenantId, root: &RunId) -> Option<Arc<Mutex<Members>>> {
+        locked(&self.families).get(&(tenant.clone(), root.clone())).map(Arc::clone)
+    }
+
     fn family(&self, tenant: &TenantId, root: &RunId) -> Arc<Mutex<Members>> {
         let mut families = locked(&self.families);
         Arc::clone(families.entry((tenant.clone(), root.clone())).or_default())
@@ -129,7 +134,7 @@ impl RunTree {
 
     /// Whether `run` is loaded.
     pub fn contains(&self, tenant: &TenantId, run: &RunId, ancestors: &[RunId]) -> bool {
-        let family = self.family(tenant, root_of(run, ancestors));
+        let Some(family) = self.existing(tenant, root_of(run, ancestors)) else { return false };
         let members = locked(&family);
         members.contains_key(run)
     }
@@ -144,7 +149,7 @@ impl RunTree {
     /// Records a commit of `run`'s own that reserved nothing (a run end, an expiry, a stop): its totals
     /// only grow and a stopped run never runs again, so this never undoes a newer update.
     pub fn own_committed(&self, tenant: &TenantId, run: &RunId, ancestors: &[RunId], own: Totals, running: bool) {
-        let family = self.family(tenant, root_of(run, ancestors));
+        let Some(family) = self.existing(tenant, root_of(run, ancestors)) else { return };
         let mut members = locked(&family);
         if let Some(member) = members.get_mut(run) {
             member.own = max(member.own, own);
@@ -185,7 +190,7 @@ impl RunTree {
         step: impl FnOnce(&Family<'_>) -> (T, Option<Totals>),
     ) -> Result<(T, Option<Reservation>), Barred> {
         let root = root_of(run, ancestors).clone();
-        let family = self.family(tenant, &root);
+        let Some(family) = self.existing(tenant, &root) else { return Err(Barred::Missing(root)) };
         let mut members = locked(&family);
         let mut chain = Vec::with_capacity(ancestors.len());
         for id in ancestors {
@@ -217,7 +222,7 @@ impl RunTree {
     /// Settles a reservation: on a commit, the run's own totals become `own` (and `running`) and each
     /// ancestor's descendants grow by the reserved usage; on a refused commit, nothing but the release.
     pub fn settle(&self, reservation: Reservation, committed: Option<(Totals, bool)>) {
-        let family = self.family(&reservation.tenant, &reservation.root);
+        let Some(family) = self.existing(&reservation.tenant, &reservation.root) else { return };
         let mut members = locked(&family);
         let delta = reservation.delta;
         for id in &reservation.ancestors {
@@ -244,7 +249,9 @@ impl RunTree {
 
     /// Whether every ancestor of a run is loaded and running: `Err` names the first that is not.
     pub fn check_ancestors(&self, tenant: &TenantId, run: &RunId, ancestors: &[RunId]) -> Result<(), Barred> {
-        let family = self.family(tenant, root_of(run, ancestors));
+        let Some(family) = self.existing(tenant, root_of(run, ancestors)) else {
+            return Err(Barred::Missing(root_of(run, ancestors).clone()));
+        };
         let members = locked(&family);
         for id in ancestors {
             match members.get(id) {
