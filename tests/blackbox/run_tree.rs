@@ -191,3 +191,26 @@ fn concurrent_siblings_never_pass_their_parents_limit_together() {
     let parent = run(&client, "parent");
     assert_eq!(parent["rolled_up_totals"]["tokens"], 150, "every committed usage counts: {parent}");
 }
+
+#[test]
+fn a_large_text_step_of_a_child_is_checked_against_its_parent_too() {
+    let node = Node::start();
+    let client = node.client();
+    create_policy(&client, &budget("pol_tokens", "tokens", 100));
+    // A content rule makes a step over 16 KiB of text heavy: it is evaluated in the tenant's lane.
+    create_policy(
+        &client,
+        &json!({ "id": "pol_words", "name": "no secrets", "action": "warn",
+                 "rule": { "kind": "content", "target": "output", "keywords": ["topsecret"] } }),
+    );
+    create_root(&client, "parent");
+    create_child(&client, "child", "parent");
+    assert_eq!(pre_and_post(&client, "parent", 0, 60)["action"], "allow");
+    step(&client, "child", &json!({ "index": 0, "phase": "pre" }));
+    let text = "lorem ipsum ".repeat(2_000);
+    let decision =
+        step(&client, "child", &json!({ "index": 0, "phase": "post", "usage": { "tokens": 50 }, "output_text": text }));
+    assert_eq!(decision["action"], "block", "{decision}");
+    assert_eq!(decision["deciding_policy"]["id"], "pol_tokens", "{decision}");
+    assert_eq!(run(&client, "child")["violation_run_id"], "parent");
+}

@@ -106,19 +106,29 @@ impl RunActor {
             let (answer, elapsed) = super::step_run(&shared, &live.run, &call, at);
             return self.persist_step(call, answer, elapsed, shared);
         }
-        let evaluated =
-            shared.run_tree.evaluate(&state.tenant_id, &state.run_id, &live.meta.ancestors, state.totals, |family| {
-                let snapshots: Vec<(RunId, Arc<CompiledSnapshot>)> =
-                    family.ancestors.iter().map(|a| (a.run_id.clone(), Arc::clone(&a.snapshot))).collect();
-                let (answer, elapsed) = step_in_family(&shared, &live.run, &call, family, at);
-                let after = answer.as_ref().ok().and_then(Answer::totals);
-                ((answer, elapsed, snapshots), after)
-            });
+        let ancestors = live.meta.ancestors.clone();
+        if super::scans_large_texts(live.run.snapshot(), &call) {
+            // As for any run: large texts are evaluated in the tenant's lane off the actor's thread (under the
+            // family's lock there), and the actor stays busy meanwhile.
+            let run = live.run.clone();
+            let lane = Arc::clone(&shared);
+            let tenant = state.tenant_id.clone();
+            let evaluated = async move {
+                lane.heavy(&tenant, move |shared| Ok(evaluate_in_tree(shared, &run, &ancestors, call, at))).await
+            };
+            return Box::pin(evaluated.into_actor(self).then(move |evaluated, actor, _| match evaluated {
+                Ok(evaluated) => actor.after_tree(evaluated, shared, at),
+                Err(err) => ready(Err(err)),
+            }));
+        }
+        let evaluated = evaluate_in_tree(&shared, &live.run, &ancestors, call, at);
+        self.after_tree(evaluated, shared, at)
+    }
+
+    /// Persists a call the tree evaluated, or stops the run when an ancestor no longer runs.
+    fn after_tree(&mut self, evaluated: InTree, shared: Arc<Shared>, at: Timestamp) -> Pending<Decided> {
         match evaluated {
-            Ok(((answer, elapsed, snapshots), reservation)) => {
-                let family = reservation.map(|reservation| FamilyCall { reservation, snapshots });
-                self.persist_family_step(call, answer, elapsed, shared, family)
-            }
+            Ok((call, answer, elapsed, family)) => self.persist_family_step(call, answer, elapsed, shared, family),
             Err(Barred::ParentNotRunning(ancestor)) => self.stop_for_parent(ancestor, shared, at),
             Err(Barred::Missing(run)) => {
                 tracing::warn!(run_id = %run, "a family member is not loaded; the run reloads");
@@ -155,6 +165,24 @@ impl RunActor {
             }
         }))
     }
+}
+
+/// A call evaluated in the run tree: the call, its answer, the evaluation time and its reservation.
+type InTree = Result<(StepCall, Result<Answer, Refusal>, Duration, Option<FamilyCall>), Barred>;
+
+/// Evaluates a step of a family member under its family's lock and reserves its usage.
+fn evaluate_in_tree(shared: &Shared, run: &Run, ancestors: &[RunId], call: StepCall, at: Timestamp) -> InTree {
+    let state = run.state();
+    let ((answer, elapsed, snapshots), reservation) =
+        shared.run_tree.evaluate(&state.tenant_id, &state.run_id, ancestors, state.totals, |family| {
+            let snapshots: Vec<(RunId, Arc<CompiledSnapshot>)> =
+                family.ancestors.iter().map(|a| (a.run_id.clone(), Arc::clone(&a.snapshot))).collect();
+            let (answer, elapsed) = step_in_family(shared, run, &call, family, at);
+            let after = answer.as_ref().ok().and_then(Answer::totals);
+            ((answer, elapsed, snapshots), after)
+        })?;
+    let family = reservation.map(|reservation| FamilyCall { reservation, snapshots });
+    Ok((call, answer, elapsed, family))
 }
 
 /// Answers a step of a family member, with the tenant's rate windows locked when its snapshot needs them.
