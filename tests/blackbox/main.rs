@@ -34,6 +34,7 @@ mod records;
 mod repeat_rules;
 mod restart;
 mod run_list;
+mod run_tree;
 mod runs;
 mod security;
 mod semantics;

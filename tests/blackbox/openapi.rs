@@ -69,7 +69,7 @@ fn every_operation_has_an_id_tags_parameters_bodies_and_answer_schemas() {
     assert!(op("get", "/metrics")["responses"]["200"]["content"]["text/plain"].is_object());
     assert_eq!(
         statuses(&op("post", "/v1/runs")),
-        BTreeSet::from([200, 201, 400, 401, 403, 408, 409, 413, 415, 429, 503])
+        BTreeSet::from([200, 201, 400, 401, 403, 404, 408, 409, 413, 415, 429, 503])
     );
     let parameters: BTreeSet<String> = op("get", "/v1/prevention-records")["parameters"]
         .as_array()

@@ -287,6 +287,13 @@ fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
     client.put("/v1/policies/pol_budget", &update).expect(200);
     create_run(&client, "run-1");
     step(&client, "run-1", &post(0, 3));
+    // Children of run-1 (SPEC §13.2): its rolled-up totals and a record its budget decided for a child.
+    for child in ["run-1-a", "run-1-b"] {
+        client.post("/v1/runs", &json!({ "run_id": child, "parent_run_id": "run-1" })).expect(201);
+    }
+    assert_eq!(step(&client, "run-1-a", &post(0, 1))["action"], "allow");
+    let by_parent = step(&client, "run-1-b", &post(0, 2));
+    let parent_record = by_parent["prevention_record_id"].as_str().expect("a block by run-1's budget").to_owned();
     create_run(&client, "run-2");
     let blocked = step(&client, "run-2", &post(0, 6));
     let record = blocked["prevention_record_id"].as_str().expect("a block with a record").to_owned();
@@ -304,6 +311,7 @@ fn migrate_store_moves_a_sled_node_to_postgres_chain_and_all() {
     let paths = |incident: &str| {
         [
             format!("/v1/prevention-records/{record}"),
+            format!("/v1/prevention-records/{parent_record}"),
             "/v1/runs/run-1".to_owned(),
             "/v1/runs/run-2/decisions".to_owned(),
             "/v1/policies/pol_budget".to_owned(),

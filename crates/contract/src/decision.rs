@@ -193,6 +193,10 @@ pub struct Violation {
     pub reason: String,
     /// Redacted details.
     pub evidence: Option<Evidence>,
+    /// The ancestor run whose per-run budget policy this is, when the violation comes from an ancestor
+    /// of the calling run (SPEC §13.2); `null` for the run's own policies.
+    #[serde(default)]
+    pub run_id: Option<RunId>,
 }
 
 /// What a shadow policy would have done.

@@ -59,6 +59,8 @@ pub enum TerminationReason {
     PolicyBlock,
     /// Its snapshot failed verification.
     IntegrityFailure,
+    /// An ancestor run left `running` (SPEC §13.2).
+    ParentStopped,
 }
 
 /// What a run has consumed so far.

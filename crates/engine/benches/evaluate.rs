@@ -21,6 +21,9 @@
 //!   answering the `pre` (the call key is hashed and counted) and the `post` of a warmed run: the cost of
 //!   loop detection over `four_budgets`.
 //!
+//! - `run_tree/three_levels_post`: the `post` of a run three levels deep ([`Run::step_in_family`] with two
+//!   ancestors and descendants' usage, every run on the four budgets): the cost of parent and child runs.
+//!
 //! Every input is built, validated and checked once outside the timed closures: each bench asserts the
 //! decision it expects, so a broken setup cannot produce a meaningless fast number.
 //!
@@ -36,7 +39,7 @@ use runguard_contract::{
     Action, Estimate, Phase, Policy, PolicyDocument, PolicyLimits, RunId, Snapshot, StepCall, TenantId, Timestamp,
     Totals, Usage,
 };
-use runguard_engine::{CompiledSnapshot, Outcome, Run, RunLimits, TenantRates, validate_document};
+use runguard_engine::{Ancestor, CompiledSnapshot, Family, Outcome, Run, RunLimits, TenantRates, validate_document};
 use serde_json::{Value, json};
 
 /// When the bench run starts (any fixed instant: the engine never reads the clock).
@@ -614,6 +617,40 @@ fn repeat(c: &mut Criterion) {
     group.finish();
 }
 
+/// A run three levels deep (root → parent → this run), each bound to the four budgets: the `post` of
+/// [`Run::step_in_family`] checks the run's own budgets on its rolled-up totals and both ancestors' on
+/// theirs (what a descendant's call costs over `four_budgets`).
+fn three_levels(c: &mut Criterion) {
+    let case = Case::post(&four_budgets(), None);
+    let snapshot = Arc::clone(case.run.snapshot());
+    let rolled = Totals { tokens: 20_000, cost_micros: 40_000, steps: 10, duration_ms: 9_000 };
+    let ancestors = [
+        Ancestor {
+            run_id: RunId::new("run-root").expect("valid run id"),
+            snapshot: Arc::clone(&snapshot),
+            rolled_up: rolled,
+        },
+        Ancestor { run_id: RunId::new("run-parent").expect("valid run id"), snapshot, rolled_up: rolled },
+    ];
+    let family = Family { descendants: Totals { tokens: 1_000, ..Totals::default() }, ancestors: &ancestors };
+    let step = || {
+        let mut rates = TenantRates::default();
+        black_box(&case.run)
+            .step_in_family(
+                black_box(&case.call),
+                &case.limits,
+                &mut rates,
+                black_box(&family),
+                &runguard_engine::PeriodTotals::default(),
+                black_box(case.now),
+            )
+            .expect("the benched call is in order")
+    };
+    let outcome = step();
+    assert_eq!(outcome.decision.action, Action::Allow, "{:?}", outcome.decision.violations);
+    c.bench_function("run_tree/three_levels_post", |b| b.iter(step));
+}
+
 fn config() -> Criterion {
     Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(50)
 }
@@ -621,6 +658,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates, host_step, repeat
+    targets = baseline, engine, scaling, compile_snapshot, breakdown, tenant_rates, host_step, repeat, three_levels
 }
 criterion_main!(benches);

@@ -507,10 +507,11 @@ fn violation(policy: &Policy, finding: Finding) -> Violation {
         actual: finding.actual.map(|a| a.to_string()),
         reason: finding.reason,
         evidence: finding.evidence,
+        run_id: None,
     }
 }
 
-fn decision_seed(state: &RunState) -> [u8; 32] {
+pub(crate) fn decision_seed(state: &RunState) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     // The same layout as `domain_hash(DECISION_DOMAIN, "tenant\nrun\ncounter")`, without allocating.
     let mut hasher = Sha256::new();
@@ -532,8 +533,14 @@ fn remaining(
     periods: &PeriodTotals,
     now: Timestamp,
 ) -> Remaining {
-    let mut left = Remaining::default();
+    let mut left = budget_remaining(snapshot, totals);
     crate::periods::lower_remaining(&mut left, snapshot, &state.labels, step, periods, now);
+    left
+}
+
+/// What the snapshot's active per-run block budgets leave of `totals` (an ancestor's rolled-up totals, too).
+pub(crate) fn budget_remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> Remaining {
+    let mut left = Remaining::default();
     for compiled in snapshot.policies() {
         let policy = &compiled.policy;
         let Rule::Budget(rule) = &policy.rule else { continue };
@@ -566,6 +573,7 @@ fn integrity_violation(snapshot: &CompiledSnapshot) -> Option<Violation> {
         actual: None,
         reason: format!("snapshot `{}` failed verification against its hash", snapshot.reference().id),
         evidence: None,
+        run_id: None,
     })
 }
 

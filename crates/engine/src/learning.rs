@@ -400,6 +400,7 @@ mod tests {
                 actual: None,
                 reason: "r".into(),
                 evidence: None,
+                run_id: None,
             }],
             shadow: Vec::new(),
             remaining: Remaining::default(),

@@ -77,6 +77,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::string_slice)]
 #![deny(missing_docs, unreachable_pub)]
 
+mod ancestors;
 mod cel_check;
 mod cel_rule;
 mod compiled;
@@ -92,6 +93,7 @@ mod run;
 mod shared_rates;
 mod state;
 
+pub use ancestors::{Ancestor, Family};
 pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
 pub use error::Error;
 pub use periods::{PeriodDelta, PeriodKey, PeriodTotals, period_keys, period_start, uses_tenant_periods};

@@ -16,6 +16,7 @@ use runguard_contract::{
     StepError, TenantId, Timestamp, Totals,
 };
 
+use crate::ancestors::Family;
 use crate::compiled::CompiledSnapshot;
 use crate::evaluate::{Call, Evaluation, evaluate};
 use crate::failure::{FailureTracker, Observation};
@@ -289,7 +290,7 @@ impl Run {
         tenant_rates: &mut TenantRates,
         now: Timestamp,
     ) -> Result<Outcome, Refusal> {
-        self.step_with_periods(call, limits, tenant_rates, &PeriodTotals::default(), now)
+        self.step_in_family(call, limits, tenant_rates, &Family::default(), &PeriodTotals::default(), now)
     }
 
     /// [`step`](Self::step) with the tenant's current period totals (for the keys
@@ -300,6 +301,24 @@ impl Run {
         call: &StepCall,
         limits: &RunLimits,
         tenant_rates: &mut TenantRates,
+        periods: &PeriodTotals,
+        now: Timestamp,
+    ) -> Result<Outcome, Refusal> {
+        self.step_in_family(call, limits, tenant_rates, &Family::default(), periods, now)
+    }
+
+    /// Answers a step call of a run with a parent or children (`docs/architecture.md`, "Parent and child
+    /// runs"): as [`step_with_periods`](Self::step_with_periods), with the run's per-run budgets compared
+    /// against its rolled-up totals (its own plus `family.descendants`) and each ancestor's per-run budgets
+    /// against that ancestor's rolled-up totals (see [`Family`]). The host adds the outcome's usage (its
+    /// [`totals`](Outcome::totals) less the run's) to every ancestor's rolled-up totals when it persists the
+    /// outcome.
+    pub fn step_in_family(
+        &self,
+        call: &StepCall,
+        limits: &RunLimits,
+        tenant_rates: &mut TenantRates,
+        family: &Family<'_>,
         periods: &PeriodTotals,
         now: Timestamp,
     ) -> Result<Outcome, Refusal> {
@@ -324,7 +343,8 @@ impl Run {
         if call.index >= limits.steps_per_run {
             return Err(Refusal::StepLimit { max: limits.steps_per_run });
         }
-        let evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, periods, now);
+        let mut evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, periods, now);
+        crate::ancestors::widen(&mut evaluation, &self.snapshot, &self.state, call, family, now);
         tenant_rates.apply(&evaluation.effects);
         let observed = self.failure.observation(call);
         Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))
@@ -395,6 +415,20 @@ impl Run {
         if ended.is_some() {
             self.outcome = ended;
         }
+    }
+
+    /// Stops a running run because an ancestor left `running` (termination `parent_stopped`); whether it
+    /// did. The host persists the run's new status before it answers the refused call.
+    #[must_use = "a stopped run's new status must be persisted"]
+    pub fn stop_for_parent(&mut self, now: Timestamp) -> bool {
+        if !self.state.status.is_running() {
+            return false;
+        }
+        self.state.stop_for_parent();
+        if self.ended_at.is_none() {
+            self.ended_at = Some(now);
+        }
+        true
     }
 
     /// Expires a running run past the TTL of `limits` at `now`; whether it did. The host persists the

@@ -118,6 +118,9 @@ pub struct Termination {
     pub stopped_at_step: Option<u64>,
     /// The deciding policy (`None` for integrity failures).
     pub violation_policy_id: Option<PolicyId>,
+    /// The ancestor whose policy decided, when it was an ancestor's (SPEC §13.2).
+    #[serde(default)]
+    pub violation_run_id: Option<RunId>,
 }
 
 /// The state of one run, as a host reads it ([`Run::state`](crate::Run::state)); it changes only when a
@@ -388,12 +391,26 @@ impl RunState {
                 reason: if integrity { TerminationReason::IntegrityFailure } else { TerminationReason::PolicyBlock },
                 stopped_at_step: decision.step_index,
                 violation_policy_id: decision.deciding_policy.as_ref().map(|p| p.id.clone()),
+                violation_run_id: decision.deciding_violation().and_then(|v| v.run_id.clone()),
             });
         } else if let Some(outcome) = effects.end_outcome {
             self.status = match outcome {
                 Outcome::Succeeded => RunStatus::Succeeded,
                 Outcome::Failed => RunStatus::Failed,
             };
+        }
+    }
+
+    /// Stops a running run because an ancestor left `running`.
+    pub(crate) fn stop_for_parent(&mut self) {
+        if self.status.is_running() {
+            self.status = RunStatus::Stopped;
+            self.termination = Some(Termination {
+                reason: TerminationReason::ParentStopped,
+                stopped_at_step: None,
+                violation_policy_id: None,
+                violation_run_id: None,
+            });
         }
     }
 

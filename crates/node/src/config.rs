@@ -117,6 +117,9 @@ pub struct Limits {
     pub policies_per_tenant: usize,
     /// Most steps one run may take.
     pub steps_per_run: u64,
+    /// Most runs one chain of parent and child runs holds, the root and the deepest child included
+    /// (SPEC §13.2): creating a deeper child is refused with 409 `run_depth_exceeded`.
+    pub max_run_depth: usize,
     /// Most live (in-memory) runs.
     pub live_runs: usize,
     /// Depth of each run actor's mailbox.
@@ -150,6 +153,7 @@ impl Default for Limits {
             body_bytes: 1024 * 1024,
             policies_per_tenant: 1000,
             steps_per_run: 100_000,
+            max_run_depth: 4,
             live_runs: 200_000,
             run_mailbox: 32,
             writer_queue: 4096,
@@ -438,6 +442,9 @@ impl Config {
         }
         if self.store_cache_bytes < 1024 * 1024 {
             return invalid("`store_cache_bytes` must be at least 1 MiB".into());
+        }
+        if l.max_run_depth == 0 {
+            return invalid("`limits.max_run_depth` must be at least 1".into());
         }
         if self.run_ttl_s == 0 || self.run_idle_s == 0 || l.steps_per_run == 0 || l.call_timeout_ms == 0 {
             return invalid(

@@ -25,6 +25,7 @@ pub mod metric_families;
 pub mod node_error;
 pub mod openapi;
 pub mod policy_change;
+pub mod run_tree;
 pub mod server;
 pub mod shared;
 pub mod simulation;

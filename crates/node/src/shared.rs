@@ -24,6 +24,8 @@ pub struct Shared {
     pub config: Config,
     /// Each tenant's current snapshot, captured once per change of the policies.
     pub current_snapshots: crate::current_snapshots::CurrentSnapshots,
+    /// The in-memory tally of every run family (parent and child runs) a live run belongs to.
+    pub run_tree: crate::run_tree::RunTree,
     /// Each tenant's share of the background threads.
     tenant_lanes: crate::tenant_lanes::TenantLanes,
     /// Threads for CPU-heavy work, one per core.
@@ -82,6 +84,7 @@ impl Shared {
             writer,
             config,
             current_snapshots: Default::default(),
+            run_tree: Default::default(),
             tenant_lanes,
             background,
             tenant_rates: Mutex::new(HashMap::new()),

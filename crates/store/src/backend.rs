@@ -18,7 +18,7 @@ use crate::batch::{CommitReceipt, WriteBatch};
 use crate::cluster_lock::ClusterLock;
 use crate::error::StoreError;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot, VerifyReport};
-use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
 use crate::postgres::{PgOptions, PgStore};
 use crate::query::{Page, PageRequest, RecordQuery};
 use crate::sled_backend::{self, StoreOptions};
@@ -200,6 +200,9 @@ seam! {
     /// Fills the (tenant, snapshot) binding index of a store written before it existed; the node calls it
     /// once after opening.
     fn index_snapshot_bindings(&self) -> Result<(), StoreError>;
+    /// What a run's descendants add to it: their summed usage and its children count (zero for a run
+    /// without children).
+    fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError>;
     /// A run of `tenant`.
     fn get_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError>;
     /// A tenant's runs, by run id.

@@ -5,7 +5,7 @@ use runguard_contract::{
     Timestamp,
 };
 
-use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
 
 /// Why a prevention record may be appended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +21,20 @@ pub enum RecordAuthority {
         policy: Box<Policy>,
         /// The tenant of the run.
         run_tenant: TenantId,
+    },
+    /// A block decided by an ancestor's per-run budget policy (SPEC §13.2): the record is written for the
+    /// descendant that made the call but names the ancestor's policy, version and snapshot hash. Checked
+    /// like [`Live`](Self::Live) against the decision as the ancestor's snapshot gave it, with the
+    /// record's snapshot bound to `ancestor`, which must be one of the run's ancestors.
+    Ancestor {
+        /// The blocking decision.
+        decision: Box<Decision>,
+        /// The ancestor's deciding policy, at the version its snapshot pins.
+        policy: Box<Policy>,
+        /// The tenant of both runs.
+        run_tenant: TenantId,
+        /// The ancestor whose policy decided.
+        ancestor: RunId,
     },
     /// A record a simulation persisted (`is_simulated: true`). It is not checked against a live decision,
     /// is chained like every record, and is listed only when simulated records are asked for.
@@ -163,6 +177,18 @@ pub enum WriteOp {
         /// The regret.
         regret: Regret,
     },
+    /// Adds `delta` to the rolled-up part of each of `runs` (descendants' usage, children count): a
+    /// descendant's call names its ancestors, a child's creation its parent. An increment of what is
+    /// stored when the batch commits, so that concurrent descendants never lose one another's usage;
+    /// every run must exist.
+    RollUp {
+        /// The runs' tenant.
+        tenant_id: TenantId,
+        /// The runs to add to.
+        runs: Vec<RunId>,
+        /// What to add to each.
+        delta: RunRollup,
+    },
     /// Sets a tenant's graduation state and appends it to the history.
     SetGraduation {
         /// The tenant.
@@ -297,6 +323,11 @@ impl WriteBatch {
     /// Adds a regret.
     pub fn put_regret(&mut self, tenant_id: TenantId, regret: Regret) -> &mut Self {
         self.push(WriteOp::PutRegret { tenant_id, regret })
+    }
+
+    /// Adds `delta` to the rolled-up part of each of `runs`.
+    pub fn roll_up(&mut self, tenant_id: TenantId, runs: Vec<RunId>, delta: RunRollup) -> &mut Self {
+        self.push(WriteOp::RollUp { tenant_id, runs, delta })
     }
 
     /// Adds a graduation state.

@@ -128,13 +128,32 @@ stored! {
     runguard_contract::Incident => "incident",
     runguard_contract::Pattern => "pattern",
     runguard_contract::Regret => "regret",
-    crate::model::StoredRun => "run",
-    crate::model::LedgerEntry => "ledger entry",
     crate::model::ShadowStats => "shadow statistics",
     crate::model::GraduationState => "graduation state",
+    crate::model::RunRollup => "rolled-up totals",
     u32 => "counter",
     u64 => "sequence number",
     String => "pattern id",
+}
+
+/// Runs and ledger entries: envelope 2, still reading envelope 1 (`crate::legacy`).
+macro_rules! stored_v2 {
+    ($($ty:ty => $old:ty, $what:literal),* $(,)?) => {$(
+        impl Stored for $ty {
+            const WHAT: &'static str = $what;
+            fn encode(&self) -> Result<Vec<u8>, StoreError> {
+                crate::legacy::encode_v2(Self::WHAT, self)
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+                crate::legacy::decode_v2::<$ty, $old>(Self::WHAT, bytes)
+            }
+        }
+    )*};
+}
+
+stored_v2! {
+    crate::model::StoredRun => crate::legacy::RunV1, "run",
+    crate::model::LedgerEntry => crate::legacy::LedgerEntryV1, "ledger entry",
 }
 
 stored! {

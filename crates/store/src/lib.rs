@@ -81,6 +81,7 @@ mod error;
 mod group;
 mod integrity;
 mod keys;
+mod legacy;
 mod model;
 mod offline;
 mod postgres;
@@ -97,7 +98,9 @@ pub use batch::{
 pub use cluster_lock::ClusterLock;
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
-pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, ShadowStats, StoredRun};
+pub use model::{
+    GraduationGates, GraduationState, LedgerCall, LedgerEntry, RunRollup, ShadowStats, StoredRun, add_totals,
+};
 pub use postgres::{
     PG_SCHEMA_VERSION, PgOptions, check_url as check_postgres_url, migrate, redact as redact_postgres_url,
 };

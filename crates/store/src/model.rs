@@ -42,6 +42,53 @@ pub struct StoredRun {
     pub outcome: Option<Outcome>,
     /// The next call it expects.
     pub next: NextCall,
+    /// The run that spawned it (SPEC §13.2); `None` for a root run.
+    #[serde(default)]
+    pub parent_run_id: Option<RunId>,
+    /// Its ancestors, root first and parent last (empty for a root run); immutable, so that a child's
+    /// call names every run whose rolled-up totals it changes without reading them.
+    #[serde(default)]
+    pub ancestors: Vec<RunId>,
+    /// The ancestor whose policy stopped it, when an ancestor's budget did.
+    #[serde(default)]
+    pub violation_run_id: Option<RunId>,
+}
+
+impl StoredRun {
+    /// How many runs its chain holds, the root and itself included.
+    pub fn depth(&self) -> usize {
+        self.ancestors.len().saturating_add(1)
+    }
+}
+
+/// What a run's descendants add to it: kept apart from [`StoredRun`], which only the run's own calls
+/// rewrite, so that a descendant's call increments it without touching the run's row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRollup {
+    /// The summed usage of every descendant (children, grandchildren, …).
+    pub descendants: Totals,
+    /// How many children it has.
+    pub children: u64,
+}
+
+impl RunRollup {
+    /// `self + delta`, saturating.
+    pub fn plus(self, delta: RunRollup) -> RunRollup {
+        RunRollup {
+            descendants: add_totals(self.descendants, delta.descendants),
+            children: self.children.saturating_add(delta.children),
+        }
+    }
+}
+
+/// `a + b`, saturating per metric.
+pub fn add_totals(a: Totals, b: Totals) -> Totals {
+    Totals {
+        tokens: a.tokens.saturating_add(b.tokens),
+        cost_micros: a.cost_micros.saturating_add(b.cost_micros),
+        steps: a.steps.saturating_add(b.steps),
+        duration_ms: a.duration_ms.saturating_add(b.duration_ms),
+    }
 }
 
 /// The call an acknowledged decision answered.

@@ -11,14 +11,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
-    AuditEntry, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RateMetric, RecordHash,
-    RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
+    AuditEntry, Decision, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RateMetric,
+    RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId,
+    Timestamp,
 };
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, TenantRateEvent, WriteBatch, WriteOp};
 use crate::error::StoreError;
 use crate::keys;
-use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
 use crate::run_cache::CachedRun;
 
 /// The last record of the chain.
@@ -84,6 +85,8 @@ pub(crate) trait ReadView {
     fn regret_exists(&self, record: &RecordId) -> Result<bool, StoreError>;
     /// The number the next graduation state of a tenant takes in its history.
     fn next_graduation(&self, tenant: &TenantId) -> Result<u64, StoreError>;
+    /// What a run's descendants add to it (zero when nothing was rolled up yet).
+    fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError>;
 }
 
 /// A stored run as its fencing condition sees it.
@@ -177,6 +180,15 @@ pub(crate) enum Staged {
         /// The regret.
         regret: Regret,
     },
+    /// A run's rolled-up part after the batch's increments (the total, not the delta).
+    Rollup {
+        /// The run's tenant.
+        tenant: TenantId,
+        /// The run.
+        run: RunId,
+        /// The new total.
+        total: RunRollup,
+    },
     /// A tenant's graduation state, `n`-th of its history.
     Graduation {
         /// The tenant.
@@ -228,6 +240,7 @@ pub(crate) struct Prepare<'a> {
     patterns: HashMap<(TenantId, PatternId), (SignatureHash, String)>,
     pattern_sigs: HashMap<(TenantId, SignatureHash, String), PatternId>,
     regrets: HashSet<RecordId>,
+    rollups: HashMap<RunKey, RunRollup>,
 }
 
 impl<'a> Prepare<'a> {
@@ -255,6 +268,7 @@ impl<'a> Prepare<'a> {
             patterns: HashMap::new(),
             pattern_sigs: HashMap::new(),
             regrets: HashSet::new(),
+            rollups: HashMap::new(),
         }
     }
 
@@ -322,6 +336,7 @@ impl<'a> Prepare<'a> {
             WriteOp::PutPattern(pattern) => self.put_pattern(pattern),
             WriteOp::PutRegret { tenant_id, regret } => self.put_regret(tenant_id, regret),
             WriteOp::SetGraduation { tenant_id, state } => self.set_graduation(tenant_id, state),
+            WriteOp::RollUp { tenant_id, runs, delta } => self.roll_up(tenant_id, runs, *delta),
         }
     }
 
@@ -540,6 +555,34 @@ impl<'a> Prepare<'a> {
                     Some(_) => {}
                 }
             }
+            RecordAuthority::Ancestor { decision, policy, run_tenant, ancestor } => {
+                if record.is_simulated {
+                    return Err(StoreError::contract(format!(
+                        "record `{}` is simulated but appended as live",
+                        record.id
+                    )));
+                }
+                // The decision answered the descendant on its own snapshot; the record pins the ancestor's.
+                let mut as_decided = Decision::clone(decision);
+                as_decided.snapshot_hash = record.snapshot_hash.clone();
+                check_record_against_decision(record, &as_decided, policy, run_tenant)
+                    .map_err(|breach| StoreError::contract(format!("record `{}`: {breach}", record.id)))?;
+                if self.run_binding(run_tenant, &record.run_id)?.is_none() {
+                    return Err(StoreError::contract(format!(
+                        "record `{}` names run `{}`, which does not exist in its tenant",
+                        record.id, record.run_id
+                    )));
+                }
+                match self.run_binding(run_tenant, ancestor)? {
+                    Some(hash) if hash == record.snapshot_hash => {}
+                    _ => {
+                        return Err(StoreError::contract(format!(
+                            "record `{}` names snapshot `{}`, which ancestor `{ancestor}` is not bound to",
+                            record.id, record.snapshot_hash
+                        )));
+                    }
+                }
+            }
             RecordAuthority::Simulated => {
                 if !record.is_simulated {
                     return Err(StoreError::contract(format!(
@@ -725,6 +768,27 @@ impl<'a> Prepare<'a> {
         }
         self.regrets.insert(regret.record_id.clone());
         self.write(Staged::Regret { tenant: tenant.clone(), regret: regret.clone() });
+        Ok(())
+    }
+
+    /// The one rule for rolled-up totals on every backend: each increment is added to what the store
+    /// holds (inside the write transaction or under the writer lock) plus what earlier writes of the
+    /// group staged, and lands in the same commit as the descendant's ledger entry: a crash keeps both or
+    /// neither, and two descendants' increments both count.
+    fn roll_up(&mut self, tenant: &TenantId, runs: &[RunId], delta: RunRollup) -> Result<(), StoreError> {
+        for run in runs {
+            if self.run_binding(tenant, run)?.is_none() {
+                return Err(StoreError::not_found(format!("run `{run}` to roll up into does not exist")));
+            }
+            let key = (tenant.clone(), run.clone());
+            let current = match self.rollups.get(&key) {
+                Some(rollup) => *rollup,
+                None => self.view.run_rollup(tenant, run)?,
+            };
+            let total = current.plus(delta);
+            self.rollups.insert(key, total);
+            self.write(Staged::Rollup { tenant: tenant.clone(), run: run.clone(), total });
+        }
         Ok(())
     }
 

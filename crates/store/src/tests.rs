@@ -54,7 +54,7 @@ fn world_with_runs(store: &Store, runs: usize) -> (World, Vec<StoredRun>) {
 
 fn round_trip<V: Stored + PartialEq + std::fmt::Debug>(value: &V) {
     let bytes = value.encode().unwrap();
-    assert_eq!(bytes[0], ENVELOPE_V1);
+    assert!(bytes[0] == ENVELOPE_V1 || bytes[0] == crate::legacy::ENVELOPE_V2);
     assert_eq!(&V::decode(&bytes).unwrap(), value);
 }
 
@@ -96,6 +96,7 @@ fn violation() -> impl Strategy<Value = Violation> {
                 signature_hash: None,
                 api_endpoint: Some("/v1/users/{id}".into()),
             }),
+            run_id: None,
         },
     )
 }
@@ -1270,4 +1271,58 @@ fn reopening_recovers_the_chain_head_and_everything_acknowledged_on_postgres() {
     assert_eq!(receipt.records[0].seq, head.0 + 1);
     assert_eq!(receipt.records[0].prev_hash, head.1);
     assert!(store.verify().unwrap().is_ok());
+}
+
+// ---- parent and child runs --------------------------------------------------------------------------
+
+fn usage(tokens: u64) -> crate::RunRollup {
+    crate::RunRollup { descendants: Totals { tokens, steps: 1, ..Totals::default() }, children: 0 }
+}
+
+on_both_backends! {
+fn descendants_roll_up_into_every_ancestor_without_losing_a_concurrent_increment(store) {
+    let (world, runs) = world_with_runs(&store, 3);
+    let (root, parent) = (runs[0].run_id.clone(), runs[1].run_id.clone());
+    commit(&store, |b| {
+        b.roll_up(world.tenant.clone(), vec![root.clone()], crate::RunRollup { children: 1, ..Default::default() });
+    });
+    // Two descendants' calls in one group: each adds to what the other left.
+    let batches: Vec<WriteBatch> = [10u64, 32]
+        .into_iter()
+        .map(|tokens| {
+            let mut batch = WriteBatch::new();
+            batch.append_ledger(
+                world.tenant.clone(),
+                runs[2].run_id.clone(),
+                LedgerEntry::new(crate::LedgerCall::RunStart, world.allow(&runs[2].run_id, 0), Totals::default()),
+            );
+            batch.roll_up(world.tenant.clone(), vec![root.clone(), parent.clone()], usage(tokens));
+            batch
+        })
+        .collect();
+    for result in store.commit_group(batches) {
+        result.unwrap();
+    }
+    let root_rollup = store.run_rollup(&world.tenant, &root).unwrap();
+    assert_eq!(root_rollup.descendants.tokens, 42);
+    assert_eq!(root_rollup.descendants.steps, 2);
+    assert_eq!(root_rollup.children, 1);
+    assert_eq!(store.run_rollup(&world.tenant, &parent).unwrap().descendants.tokens, 42);
+    assert_eq!(store.run_rollup(&world.tenant, &runs[2].run_id).unwrap(), crate::RunRollup::default());
+}
+}
+
+on_both_backends! {
+fn a_roll_up_into_a_missing_run_fails_the_batch_with_its_ledger_entry(store) {
+    let (world, runs) = world_with_runs(&store, 1);
+    let mut batch = WriteBatch::new();
+    batch.append_ledger(
+        world.tenant.clone(),
+        runs[0].run_id.clone(),
+        LedgerEntry::new(crate::LedgerCall::RunStart, world.allow(&runs[0].run_id, 0), Totals::default()),
+    );
+    batch.roll_up(world.tenant.clone(), vec![RunId::new("ghost").unwrap()], usage(5));
+    assert_eq!(store.commit(batch).unwrap_err().kind(), StoreErrorKind::NotFound);
+    assert!(store.full_ledger(&world.tenant, &runs[0].run_id).unwrap().is_empty(), "nothing half-written");
+}
 }

@@ -57,6 +57,8 @@ class Violation(Model):
     actual: str | None
     reason: str
     evidence: Evidence | None
+    # The ancestor run whose per-run budget this is (SPEC §13.2); `None` for the run's own policies.
+    run_id: str | None
 
 
 class ShadowEntry(Model):
@@ -136,6 +138,13 @@ class Run(Model):
     next: NextCall
     # Only `GET /v1/runs/{id}` adds it; the run inside an end answer has none.
     steps_seen: int | None = None
+    # Parent and child runs (SPEC §13.2): the run that spawned it, and the ancestor whose policy stopped it.
+    parent_run_id: str | None
+    violation_run_id: str | None
+    # Its own totals plus its descendants', and its number of children: `GET /v1/runs/{id}` and the run of
+    # an end answer carry them, the run list does not.
+    rolled_up_totals: Totals | None = None
+    children: int | None = None
 
 
 class RunCreated(Model):

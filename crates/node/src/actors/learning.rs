@@ -882,7 +882,10 @@ mod tests {
         });
         let policy = node.policy("acme", deny);
         let run = node.run("acme", "run_1").await;
-        run.send(CreateRun { labels: Default::default(), api_endpoint: None }).await.unwrap().unwrap();
+        run.send(CreateRun { labels: Default::default(), api_endpoint: None, ancestors: Vec::new() })
+            .await
+            .unwrap()
+            .unwrap();
         let call = StepCall { skill: Some("rm".into()), ..StepCall::new(0, Phase::Pre) };
         let decision = run.send(Step(Box::new(call))).await.unwrap().unwrap();
         assert_eq!(decision.action, Action::Block);

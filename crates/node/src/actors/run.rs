@@ -27,6 +27,10 @@ use crate::node_error::NodeError;
 use crate::shared::{Shared, now};
 use crate::ticket::Ticket;
 
+mod family;
+
+pub use family::{Adopt, Lineage};
+
 /// A run's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
@@ -53,6 +57,9 @@ pub struct CreateRun {
     pub labels: BTreeMap<String, String>,
     /// The endpoint the run works against, if given.
     pub api_endpoint: Option<String>,
+    /// The run's ancestors, root first and parent last, as its parent answered [`Adopt`]; empty for a
+    /// root run.
+    pub ancestors: Vec<RunId>,
 }
 
 impl RunRequest for CreateRun {
@@ -199,6 +206,11 @@ struct RunMeta {
     /// Shared with every run created on the same snapshot.
     snapshot: Arc<SnapshotRef>,
     api_endpoint: Option<String>,
+    /// Root first, parent last; empty for a root run.
+    ancestors: Vec<RunId>,
+    /// Whether the run has a parent or children: its calls then go through the run tree
+    /// (`actors/run/family.rs`).
+    in_family: bool,
 }
 
 impl RunMeta {
@@ -221,6 +233,9 @@ impl RunMeta {
             ended_at: run.ended_at(),
             outcome: run.outcome(),
             next: state.next,
+            parent_run_id: self.ancestors.last().cloned(),
+            ancestors: self.ancestors.clone(),
+            violation_run_id: termination.and_then(|t| t.violation_run_id.clone()),
         }
     }
 }
@@ -299,7 +314,14 @@ fn rehydrate(shared: &Shared, loaded: LoadedRun) -> Live {
         *verdict.run
     });
     let ledger_len = loaded.ledger.len() as u64;
-    Live { run, meta: RunMeta { snapshot: Arc::new(stored.snapshot), api_endpoint: stored.api_endpoint }, ledger_len }
+    let in_family = !stored.ancestors.is_empty();
+    let meta = RunMeta {
+        snapshot: Arc::new(stored.snapshot),
+        api_endpoint: stored.api_endpoint,
+        ancestors: stored.ancestors,
+        in_family,
+    };
+    Live { run, meta, ledger_len }
 }
 
 /// The call as its ledger entry keeps it: taken, not copied, since nothing needs it after evaluation.
@@ -312,7 +334,10 @@ fn strip_texts(call: StepCall, keep: bool) -> StepCall {
 
 /// Adds what an outcome must persist besides the ledger entry: its record and shadow statistics.
 fn persist_outcome(batch: &mut WriteBatch, snapshot: &CompiledSnapshot, outcome: &Answer, tenant: &TenantId) {
+    // A block decided by an ancestor's policy is recorded by `family::persist` with that ancestor's policy.
+    let own_decision = outcome.decision.deciding_violation().is_none_or(|v| v.run_id.is_none());
     if let Some(record) = &outcome.record
+        && own_decision
         && let Some(deciding) = outcome.decision.deciding_policy.as_ref().and_then(|p| snapshot.policy(&p.id))
     {
         batch.push(WriteOp::AppendRecord(Box::new(RecordAppend {
@@ -417,7 +442,9 @@ impl RunActor {
         shared
             .blocking(move |shared| {
                 let loaded = shared.store.load_run(&tenant, &run_id)?;
-                Ok(loaded.map(|loaded| rehydrate(shared, loaded)))
+                let Some(mut live) = loaded.map(|loaded| rehydrate(shared, loaded)) else { return Ok(None) };
+                family::join_on_load(shared, &mut live)?;
+                Ok(Some(live))
             })
             .await
     }
@@ -428,8 +455,15 @@ impl RunActor {
         let at = now();
         let (run, answer) = Run::start(compiled, key.tenant.clone(), key.run_id.clone(), request.labels, at);
         let run = run.after(&answer);
-        let meta = RunMeta { snapshot: reference, api_endpoint: request.api_endpoint };
+        let in_family = !request.ancestors.is_empty();
+        let meta = RunMeta {
+            snapshot: reference,
+            api_endpoint: request.api_endpoint,
+            ancestors: request.ancestors,
+            in_family,
+        };
         let mut batch = WriteBatch::new();
+        family::on_create(&shared, &meta, &key, &mut batch)?;
         if let Some(snapshot) = &current.unstored {
             batch.put_snapshot(Snapshot::clone(snapshot));
         }
@@ -440,6 +474,7 @@ impl RunActor {
         batch.append_ledger(key.tenant.clone(), key.run_id.clone(), entry);
         persist_outcome(&mut batch, run.snapshot(), &answer, &key.tenant);
         shared.commit(batch).await?;
+        family::created(&shared, &meta, &key, &run);
         if current.unstored.is_some() {
             shared.current_snapshots.stored(&key.tenant, &current.reference);
         }
@@ -551,6 +586,9 @@ impl RunActor {
                     }
                     Ok(_) => {
                         tracing::info!(run_id = %actor.key.run_id, tenant = %actor.key.tenant, "run expired");
+                        if let Some(live) = actor.live.as_ref() {
+                            family::left_running(&shared, &actor.key, live);
+                        }
                         op(actor, shared, now())
                     }
                 },
@@ -611,7 +649,7 @@ macro_rules! ticketed {
     )*};
 }
 
-ticketed!(CreateRun, Step, EndRun, Touch);
+ticketed!(CreateRun, Step, EndRun, Touch, family::Adopt);
 
 impl RunActor {
     fn handle_create(&mut self, request: CreateRun, shared: Arc<Shared>) -> Pending<Created> {
@@ -650,6 +688,9 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
+        if live.meta.in_family {
+            return self.family_step(call, shared, at);
+        }
         let snapshot = live.run.snapshot();
         if runguard_engine::uses_tenant_periods(snapshot)
             || (snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store))
@@ -751,6 +792,20 @@ impl RunActor {
         elapsed: Duration,
         shared: Arc<Shared>,
     ) -> Pending<Decided> {
+        self.persist_family_step(call, answer, elapsed, shared, None)
+    }
+
+    /// [`persist_step`](Self::persist_step) for a call that reserved usage in the run tree: its rolled-up
+    /// increments and an ancestor-decided record join the batch, and the reservation is settled once the
+    /// commit is decided (`actors/run/family.rs`).
+    fn persist_family_step(
+        &mut self,
+        call: StepCall,
+        answer: Result<Answer, Refusal>,
+        elapsed: Duration,
+        shared: Arc<Shared>,
+        family: Option<family::FamilyCall>,
+    ) -> Pending<Decided> {
         let answer = match answer {
             Ok(answer) if answer.is_replay() => return ready(Decided::of(&answer.decision)),
             Ok(answer) => answer,
@@ -782,13 +837,18 @@ impl RunActor {
         let again = retry_copy(&shared, &call);
         crate::tenant_state::add_deltas(&mut batch, tenant, &answer.period_deltas);
         crate::tenant_state::add_rate_delta(&mut batch, &shared.store, tenant, answer.tenant_rate_delta.as_ref());
+        let answer_record = family::RecordBasis::of(&answer);
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =
             LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
+        let family = family.map(|family| family.extend(&mut batch, &answer_record, tenant));
+        let settled = (Arc::clone(&shared), next.state().totals, next.state().status.is_running());
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).then(move |committed, actor, _| {
+            let landed = committed.as_ref().map_or_else(|refused| !refused.settled, |_| true);
+            family::settle(&settled.0, family, landed.then_some((settled.1, settled.2)));
             if let Err(refused) = committed {
                 if let Some(call) = again.filter(|_| fenced(&refused.error)) {
                     return actor
@@ -883,6 +943,7 @@ impl RunActor {
             if let Some(live) = actor.live.as_mut() {
                 live.run = next;
                 live.ledger_len += 1;
+                family::left_running(&actor.deps.shared, &actor.key, live);
             }
             ready(Ok(Ended { incident_id, run: Box::new(run) }))
         }))
@@ -960,7 +1021,7 @@ mod tests {
     use crate::actors::test_support::{Node, key};
 
     fn create() -> CreateRun {
-        CreateRun { labels: BTreeMap::new(), api_endpoint: None }
+        CreateRun { labels: BTreeMap::new(), api_endpoint: None, ancestors: Vec::new() }
     }
 
     fn step(index: u64, phase: Phase) -> Step {

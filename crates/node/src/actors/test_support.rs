@@ -43,6 +43,21 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The same store behind new actors and a new shared context, as after a restart: every run is
+    /// rehydrated from the store on its next call (the old actors stay idle).
+    pub(crate) fn restarted(self) -> Self {
+        let Node { _dir, store, shared, .. } = self;
+        let writer = Writer::new(Arc::clone(&store), 64, 64).start();
+        let shared = Arc::new(Shared::new(Arc::clone(&store), writer.recipient(), shared.config.clone()));
+        let learning = Learning::new(Arc::clone(&shared)).start();
+        let runs = Arc::new(RunTable::default());
+        let registry =
+            Registry::new(Arc::clone(&shared), Arc::clone(&runs), learning.clone().recipient(), Vec::new()).start();
+        Self { _dir, store, shared, runs, registry, learning }
+    }
+}
+
 /// The key of run `run` of tenant `tenant`.
 pub(crate) fn key(tenant: &str, run: &str) -> RunKey {
     RunKey { tenant: TenantId::new(tenant).unwrap(), run_id: RunId::new(run).unwrap() }

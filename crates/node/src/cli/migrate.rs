@@ -203,7 +203,11 @@ fn copy_store(source: &Store, target: &Store) -> Result<Counts, StoreError> {
         let ledger = source.full_ledger(&run.tenant_id, &run.run_id)?;
         counts.ledger_entries += ledger.len();
         let (tenant_id, run_id) = (run.tenant_id.clone(), run.run_id.clone());
+        let rollup = source.run_rollup(&tenant_id, &run_id)?;
         batch.push(WriteOp::PutRun(Box::new(run)));
+        if rollup != runguard_store::RunRollup::default() {
+            batch.roll_up(tenant_id.clone(), vec![run_id.clone()], rollup);
+        }
         for entry in ledger {
             batch.push(WriteOp::AppendLedger {
                 tenant_id: tenant_id.clone(),
@@ -242,10 +246,17 @@ fn copy_store(source: &Store, target: &Store) -> Result<Counts, StoreError> {
                 )
             })?;
             let run_tenant = record.tenant_id.clone();
-            batch.push(WriteOp::AppendRecord(Box::new(RecordAppend {
-                record,
-                authority: RecordAuthority::Live { decision: Box::new(decision), policy: Box::new(policy), run_tenant },
-            })));
+            // A block decided by an ancestor's policy (SPEC §13.2) names the ancestor's snapshot.
+            let authority = match decision.deciding_violation().and_then(|v| v.run_id.clone()) {
+                Some(ancestor) => RecordAuthority::Ancestor {
+                    decision: Box::new(decision),
+                    policy: Box::new(policy),
+                    run_tenant,
+                    ancestor,
+                },
+                None => RecordAuthority::Live { decision: Box::new(decision), policy: Box::new(policy), run_tenant },
+            };
+            batch.push(WriteOp::AppendRecord(Box::new(RecordAppend { record, authority })));
         }
         counts.records += 1;
         if counts.records % RECORDS_PER_BATCH == 0 {

@@ -247,7 +247,7 @@ pub const ROUTES: &[Operation] = &[
             json(201, "the run was created", schema::<CreateAnswer>),
             json(200, "the run existed with this very body: its creation answered again", schema::<CreateAnswer>),
         ],
-        errors: &[400, 401, 403, 408, 409, 413, 415, 429, 503],
+        errors: &[400, 401, 403, 404, 408, 409, 413, 415, 429, 503],
         links: RUN_LINKS,
         handler: || web::route().to(runs::create),
         documented: true,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::registry::{Forget, Resolve, RunKey};
-use crate::actors::run::{CreateRun, EndRun, RunActor, RunRequest, Step, Ticketed};
+use crate::actors::run::{Adopt, CreateRun, EndRun, RunActor, RunRequest, Step, Ticketed};
 use crate::auth::Role;
 use crate::config::Limits;
 use crate::error::ApiError;
@@ -43,6 +43,11 @@ pub struct CreateBody {
     /// The endpoint the run calls (pattern policies compare it).
     #[serde(default)]
     api_endpoint: Option<String>,
+    /// The run that spawns this one (SPEC §13.2): a `running` run of the caller's tenant (404 if unknown,
+    /// 409 `parent_not_running` if it is not running, 409 `run_depth_exceeded` past `max_run_depth`).
+    #[serde(default)]
+    #[schemars(with = "Option<RunId>")]
+    parent_run_id: Option<String>,
 }
 
 /// The body of `POST /v1/runs/{id}/end`.
@@ -179,19 +184,46 @@ pub async fn create(state: State, req: HttpRequest, payload: Payload) -> Result<
         Some(raw) => RunId::new(raw).map_err(|e| ApiError::bad_request("run_id", e.message()))?,
         None => RunId::from_u128(uuid::Uuid::now_v7().as_u128()),
     };
+    let parent = match body.parent_run_id {
+        Some(raw) => Some(RunId::new(raw).map_err(|e| ApiError::bad_request("parent_run_id", e.message()))?),
+        None => None,
+    };
     let key = RunKey { tenant: caller.tenant, run_id };
-    let request = CreateRun { labels: body.labels, api_endpoint: body.api_endpoint };
+    let ancestors = match &parent {
+        Some(parent) if !run_exists(&state, &key).await? => adopt(&state, &key, parent).await?,
+        _ => Vec::new(),
+    };
+    let request = CreateRun { labels: body.labels, api_endpoint: body.api_endpoint, ancestors };
     let created = call_run(&state, key.clone(), || Ok(request.clone())).await?;
     if created.created {
         return Ok(HttpResponse::Created().json(created.answer));
     }
-    same_creation(&state, key, request).await?;
+    same_creation(&state, key, request, parent).await?;
     Ok(HttpResponse::Ok().json(created.answer))
+}
+
+/// Asks the parent of a run about to be created to take it as a child: the parent must be running (its
+/// actor answers, so that a run that just left `running` takes no child), and the chain must stay within
+/// `max_run_depth`. Answers the child's ancestors.
+async fn adopt(state: &State, child: &RunKey, parent: &RunId) -> Result<Vec<RunId>, ApiError> {
+    let key = RunKey { tenant: child.tenant.clone(), run_id: parent.clone() };
+    let lineage = call_run(state, key, || Ok(Adopt)).await?;
+    let most = state.shared.config.limits.max_run_depth;
+    // The chain from the root to the new child: its ancestors and itself.
+    let depth = lineage.ancestors.len().saturating_add(1);
+    if depth > most {
+        return Err(ApiError::conflict(
+            "run_depth_exceeded",
+            format!("a child of run `{parent}` would be the {depth}th run of its chain; the limit is {most}"),
+        )
+        .with_details(json!({ "max_run_depth": most, "depth": depth })));
+    }
+    Ok(lineage.ancestors)
 }
 
 /// A re-sent creation must carry the body that created the run (`docs/api.md`): what a run was created with
 /// never changes, so the stored run settles it without asking its actor.
-async fn same_creation(state: &State, key: RunKey, request: CreateRun) -> Result<(), ApiError> {
+async fn same_creation(state: &State, key: RunKey, request: CreateRun, parent: Option<RunId>) -> Result<(), ApiError> {
     let run = state.shared.read(move |store| store.get_run(&key.tenant, &key.run_id)).await?;
     let run = run.ok_or_else(ApiError::internal)?;
     let mut differing = Vec::new();
@@ -200,6 +232,9 @@ async fn same_creation(state: &State, key: RunKey, request: CreateRun) -> Result
     }
     if run.api_endpoint != request.api_endpoint {
         differing.push("api_endpoint");
+    }
+    if run.parent_run_id != parent {
+        differing.push("parent_run_id");
     }
     if differing.is_empty() {
         return Ok(());
@@ -217,11 +252,18 @@ pub async fn get(state: State, req: HttpRequest, id: Path<String>) -> Result<Htt
     let run_id = run_id(&id)?;
     let tenant = caller.tenant.clone();
     let lookup = run_id.clone();
-    let run = state.shared.read(move |store| store.get_run(&tenant, &lookup)).await?;
-    let mut run = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
+    let run = state
+        .shared
+        .read(move |store| {
+            let Some(run) = store.get_run(&tenant, &lookup)? else { return Ok(None) };
+            let rollup = store.run_rollup(&tenant, &lookup)?;
+            Ok(Some((run, rollup)))
+        })
+        .await?;
+    let (mut run, rollup) = run.ok_or_else(|| ApiError::not_found("run", run_id.as_str()))?;
     run.status = shown_status(&run, &state.shared.config.run_limits(), now());
     let steps_seen = run.next.index;
-    Ok(HttpResponse::Ok().json(sorted(&RunView::new(run, Some(steps_seen)))?))
+    Ok(HttpResponse::Ok().json(sorted(&RunView::new(run, Some(steps_seen)).with_rollup(rollup))?))
 }
 
 /// `POST /v1/runs/{id}/steps`.
@@ -257,8 +299,9 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     }
     let key = RunKey { tenant: caller.tenant, run_id };
     let (outcome, error) = (body.outcome, body.error);
-    let ended = call_run(&state, key, || Ok(EndRun { outcome, error: error.clone() })).await?;
-    let view = RunEnded { run: RunView::new(*ended.run, None), incident_id: ended.incident_id };
+    let ended = call_run(&state, key.clone(), || Ok(EndRun { outcome, error: error.clone() })).await?;
+    let rollup = state.shared.read(move |store| store.run_rollup(&key.tenant, &key.run_id)).await?;
+    let view = RunEnded { run: RunView::new(*ended.run, None).with_rollup(rollup), incident_id: ended.incident_id };
     Ok(HttpResponse::Ok().json(sorted(&view)?))
 }
 

@@ -80,6 +80,15 @@ pub struct RunView {
     pub next: NextCall,
     /// The outcome reported at run end.
     pub outcome: Option<Outcome>,
+    /// The run that spawned it (SPEC §13.2); `null` for a root run.
+    pub parent_run_id: Option<RunId>,
+    /// How many children it has (`GET /v1/runs/{id}` and run end only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<u64>,
+    /// Its own totals plus every descendant's: what its per-run budgets compare against
+    /// (`GET /v1/runs/{id}` and run end only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_up_totals: Option<Totals>,
     /// The run.
     pub run_id: RunId,
     /// The snapshot it evaluates.
@@ -99,6 +108,18 @@ pub struct RunView {
     pub totals: Totals,
     /// The policy that stopped it.
     pub violation_policy_id: Option<PolicyId>,
+    /// The ancestor whose policy stopped it, when an ancestor's budget did.
+    pub violation_run_id: Option<RunId>,
+}
+
+impl RunView {
+    /// The view with the run's rolled-up totals and children count.
+    #[must_use]
+    pub fn with_rollup(mut self, rollup: runguard_store::RunRollup) -> Self {
+        self.rolled_up_totals = Some(runguard_store::add_totals(self.totals, rollup.descendants));
+        self.children = Some(rollup.children);
+        self
+    }
 }
 
 /// A stored run's status as the run views show it: a running run past its TTL is `expired`, as it will be
@@ -130,6 +151,9 @@ impl RunView {
             ended_at,
             outcome,
             next,
+            parent_run_id,
+            ancestors: _,
+            violation_run_id,
         } = run;
         Self {
             api_endpoint,
@@ -147,6 +171,10 @@ impl RunView {
             termination_reason,
             totals,
             violation_policy_id,
+            parent_run_id,
+            children: None,
+            rolled_up_totals: None,
+            violation_run_id,
         }
     }
 }
@@ -283,6 +311,9 @@ mod tests {
             ended_at: Some(Timestamp::from_unix_millis(2_000)),
             outcome: None,
             next: NextCall { index: 1, phase: Phase::Pre },
+            parent_run_id: None,
+            ancestors: Vec::new(),
+            violation_run_id: None,
         }
     }
 
@@ -292,9 +323,13 @@ mod tests {
         let run = stored_run();
         let mut before = serde_json::to_value(&run).unwrap();
         before["steps_seen"] = serde_json::json!(run.next.index);
+        // The ancestors are the store's; the view names the parent only.
+        let drop_ancestors = |v: &mut serde_json::Value| v.as_object_mut().unwrap().remove("ancestors");
+        drop_ancestors(&mut before);
         let after = sorted(&RunView::new(run.clone(), Some(1))).unwrap();
         assert_eq!(after.to_string(), before.to_string());
-        let before = serde_json::json!({ "run": run, "incident_id": None::<IncidentId> });
+        let mut before = serde_json::json!({ "run": run, "incident_id": None::<IncidentId> });
+        drop_ancestors(&mut before["run"]);
         let after = sorted(&RunEnded { run: RunView::new(run, None), incident_id: None }).unwrap();
         assert_eq!(after.to_string(), before.to_string());
         let page = Page { items: vec![1, 2], next_cursor: Some("c".to_owned()) };

@@ -21,7 +21,7 @@ use super::{PgStore, Statements, WriterState, enum_str, from_json, i64_of, i64_s
 use crate::batch::{CommitReceipt, WriteBatch};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::keys::{self, owner as owner_str};
-use crate::model::ShadowStats;
+use crate::model::{RunRollup, ShadowStats};
 use crate::prepare::{ChainHead, Prepare, ReadView, RunHead, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
@@ -331,6 +331,24 @@ fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged)
                 &to_json("regret", regret)?,
             ],
         ),
+        Staged::Rollup { tenant, run, total } => exec(
+            tx,
+            "rolled-up totals",
+            "INSERT INTO run_rollups (tenant_id, run_id, tokens, cost_micros, steps, duration_ms, children)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (tenant_id, run_id) DO UPDATE SET tokens = EXCLUDED.tokens,
+                 cost_micros = EXCLUDED.cost_micros, steps = EXCLUDED.steps,
+                 duration_ms = EXCLUDED.duration_ms, children = EXCLUDED.children",
+            &[
+                &tenant.as_str(),
+                &run.as_str(),
+                &i64_saturating(total.descendants.tokens),
+                &i64_saturating(total.descendants.cost_micros),
+                &i64_saturating(total.descendants.steps),
+                &i64_saturating(total.descendants.duration_ms),
+                &i64_saturating(total.children),
+            ],
+        ),
         Staged::Graduation { tenant, n, state } => {
             let body = to_json("graduation state", state)?;
             exec(
@@ -584,5 +602,10 @@ impl ReadView for PgView<'_, '_> {
             "SELECT max(n) FROM graduation_history WHERE tenant_id = $1",
             &[&tenant.as_str()],
         )
+    }
+
+    fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError> {
+        let row = self.opt("rolled-up totals", super::reads::ROLLUP_SQL, &[&tenant.as_str(), &run.as_str()])?;
+        super::reads::rollup_row(row.as_ref())
     }
 }

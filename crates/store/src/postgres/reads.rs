@@ -14,7 +14,7 @@ use crate::error::StoreError;
 use crate::integrity::verify_snapshot_bytes;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot};
 use crate::keys::{self, owner as owner_str};
-use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery};
 
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
@@ -34,6 +34,20 @@ pub(super) fn shadow_row(row: Option<&postgres::Row>) -> Result<ShadowStats, Sto
         u64_of(v)
     };
     Ok(ShadowStats { evaluations: n(0)?, would_block: n(1)?, would_warn: n(2)?, would_throttle: n(3)? })
+}
+
+pub(super) const ROLLUP_SQL: &str =
+    "SELECT tokens, cost_micros, steps, duration_ms, children FROM run_rollups WHERE tenant_id = $1 AND run_id = $2";
+
+/// The rolled-up part of a [`ROLLUP_SQL`] row (zero when there is none).
+pub(super) fn rollup_row(row: Option<&postgres::Row>) -> Result<RunRollup, StoreError> {
+    let Some(row) = row else { return Ok(RunRollup::default()) };
+    let n = |i: usize| -> Result<u64, StoreError> {
+        let v: i64 = row.try_get(i).map_err(|err| pg_error("cannot read rolled-up totals", err))?;
+        u64_of(v)
+    };
+    let descendants = runguard_contract::Totals { tokens: n(0)?, cost_micros: n(1)?, steps: n(2)?, duration_ms: n(3)? };
+    Ok(RunRollup { descendants, children: n(4)? })
 }
 
 /// The run key of a tenant policy's statistics: its owner, as on sled.
@@ -267,6 +281,11 @@ impl PgStore {
                 })
             })
             .collect()
+    }
+
+    pub(crate) fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError> {
+        let rows = self.rows("rolled-up totals", ROLLUP_SQL, &[&tenant.as_str(), &run.as_str()])?;
+        rollup_row(rows.first())
     }
 
     pub(crate) fn shadow_stats(

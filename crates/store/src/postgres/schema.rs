@@ -9,11 +9,11 @@ use crate::error::{StoreError, StoreErrorKind};
 /// The newest PostgreSQL schema version this build knows.
 pub const PG_SCHEMA_VERSION: u32 = 4;
 
-/// Every migration, in order: version `n` is the `n`-th. Version 3 (parent and child runs) is applied
-/// with the others once it lands; until then 4 follows 2.
+/// Every migration, in order: version `n` is the `n`-th.
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_cluster.sql")),
+    (3, include_str!("migrations/0003_run_tree.sql")),
     (4, include_str!("migrations/0004_tenant_usage.sql")),
 ];
 

@@ -16,7 +16,7 @@ use crate::codec::{self, Stored};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::group::{self, Outcome};
 use crate::keys;
-use crate::model::{ShadowStats, StoredRun};
+use crate::model::{RunRollup, ShadowStats, StoredRun};
 use crate::prepare::{Prepare, Prepared, ReadView, RunHead, Staged};
 use crate::run_cache::{CachedRun, RunCache};
 
@@ -277,6 +277,9 @@ fn sled_writes(prepared: Prepared, commits: u64) -> Result<SledPrepared, (usize,
                 let by_policy = keys::regret_by_policy(&tenant, &regret.policy_id, regret.at, &regret.record_id);
                 put(T::RegretsByPolicy, by_policy, Some(Vec::new()));
             }
+            Staged::Rollup { tenant, run, total } => {
+                put(T::RunRollups, keys::run(&tenant, &run), Some(total.encode().map_err(fail)?));
+            }
             Staged::Graduation { tenant, n, state } => {
                 let value = state.encode().map_err(fail)?;
                 put(T::Graduation, keys::tenant(&tenant), Some(value.clone()));
@@ -440,5 +443,9 @@ impl ReadView for SledView<'_> {
 
     fn next_graduation(&self, tenant: &TenantId) -> Result<u64, StoreError> {
         self.next_counter(T::GraduationHistory, &keys::tenant(tenant))
+    }
+
+    fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError> {
+        Ok(self.store.get_decoded::<RunRollup>(T::RunRollups, &keys::run(tenant, run))?.unwrap_or_default())
     }
 }

@@ -77,6 +77,7 @@ trees! {
     GraduationHistory => "graduation_history",
     SnapshotBindings => "snapshot_bindings",
     TenantUsage => "tenant_usage",
+    RunRollups => "run_rollups",
 }
 
 pub(crate) use crate::prepare::ChainHead;

@@ -14,7 +14,7 @@ use crate::codec::Stored;
 use crate::error::StoreError;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot};
 use crate::keys;
-use crate::model::{GraduationState, LedgerEntry, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery, prefix_end};
 
 impl Store {
@@ -247,6 +247,11 @@ impl Store {
     }
 
     // ---- runs and ledger --------------------------------------------------------------------------
+
+    /// What a run's descendants add to it (zero when nothing was rolled up).
+    pub fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError> {
+        Ok(self.get_decoded(T::RunRollups, &keys::run(tenant, run))?.unwrap_or_default())
+    }
 
     /// A run of `tenant`.
     pub fn get_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError> {

@@ -85,6 +85,9 @@ impl World {
             ended_at: None,
             outcome: None,
             next: NextCall { index: 0, phase: Phase::Pre },
+            parent_run_id: None,
+            ancestors: Vec::new(),
+            violation_run_id: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl World {
                 actual: Some("101".into()),
                 reason: "run tokens 101 exceed 100".into(),
                 evidence: None,
+                run_id: None,
             }],
             remaining: Remaining { tokens: Some(0), ..Remaining::default() },
             prevention_record_id: Some(record.clone()),

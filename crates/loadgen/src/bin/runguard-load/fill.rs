@@ -78,6 +78,7 @@ impl World {
                 actual: Some("812".into()),
                 reason: "run tokens 812 exceed 100".into(),
                 evidence: None,
+                run_id: None,
             }],
             shadow: Vec::new(),
             remaining: Remaining { tokens: Some(0), ..Remaining::default() },
@@ -120,6 +121,9 @@ impl World {
             ended_at: Some(when),
             outcome: None,
             next: NextCall { index: 0, phase: Phase::Post },
+            parent_run_id: None,
+            ancestors: Vec::new(),
+            violation_run_id: None,
         };
         batch.append_ledger(
             self.tenant.clone(),
