@@ -257,3 +257,26 @@ fn migrate_store_carries_the_current_day_total_to_postgres() {
     assert_eq!(usage(&pg.client(), "pol_day")["used"], 60, "moving the store kept the day's total");
     assert_eq!(spend(&pg.client(), "run-2", 41), "block");
 }
+
+/// A child run's usage counts toward its tenant's day budget as any run's does, and a child is blocked
+/// by the day budget even while its parent's own budgets still allow it.
+#[test]
+fn a_child_runs_usage_counts_toward_the_tenants_day_budget() {
+    let node = Node::start();
+    let client = node.client();
+    create_policy(&client, &day_budget("pol_day_family", 100, json!({})));
+    run_with(&client, "run-parent", json!({}));
+    client.post("/v1/runs", &json!({ "run_id": "run-child", "parent_run_id": "run-parent" })).expect(201);
+    step(&client, "run-child", &json!({ "index": 0, "phase": "pre" }));
+    let first = step(&client, "run-child", &json!({ "index": 0, "phase": "post", "usage": { "tokens": 70 } }));
+    assert_eq!(first["action"], "allow", "{first}");
+    assert_eq!(usage(&client, "pol_day_family")["used"], 70);
+
+    step(&client, "run-child", &json!({ "index": 1, "phase": "pre" }));
+    let over = step(&client, "run-child", &json!({ "index": 1, "phase": "post", "usage": { "tokens": 40 } }));
+    assert_eq!(over["action"], "block", "{over}");
+    assert_eq!(usage(&client, "pol_day_family")["used"], 110, "a block at post still counts what was used");
+    let parent = client.get("/v1/runs/run-parent").expect(200).clone();
+    assert_eq!(parent["status"], "running", "the parent's own budgets did not stop it: {parent}");
+    assert_eq!(parent["rolled_up_totals"]["tokens"], 110, "{parent}");
+}

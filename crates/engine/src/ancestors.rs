@@ -25,12 +25,12 @@ use std::sync::Arc;
 
 use runguard_contract::prevention::requires_prevention_record;
 use runguard_contract::{
-    Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, IncidentId, Mode, Phase, Policy, PolicyAction, PolicyRef,
-    PreventionRecord, RecordHash, RecordId, Remaining, Rule, RunId, StepCall, Totals, Violation, ViolationType,
+    Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, Mode, Phase, Policy, PolicyAction, PolicyRef, RecordId,
+    Remaining, Rule, RunId, StepCall, Totals, Violation, ViolationType,
 };
 
 use crate::compiled::CompiledSnapshot;
-use crate::evaluate::{Evaluation, budget_remaining as remaining, decision_seed};
+use crate::evaluate::{Evaluation, budget_remaining as remaining, decision_seed, record_of};
 use crate::state::{RunState, TierKey};
 
 /// An ancestor of the calling run, as the host sees it when the call is evaluated.
@@ -369,29 +369,7 @@ fn decide(
         let seed = decision_seed(state);
         let id = RecordId::from_digest(&seed);
         decision.prevention_record_id = Some(id.clone());
-        let (pattern_id, signature_hash) = match &policy.rule {
-            Rule::Pattern(rule) => (Some(rule.pattern_id.clone()), Some(rule.signature_hash.clone())),
-            _ => (None, None),
-        };
-        evaluation.record = Some(PreventionRecord {
-            id,
-            seq: 0,
-            tenant_id: state.tenant_id.clone(),
-            run_id: state.run_id.clone(),
-            step_index: decision.step_index,
-            phase: decision.phase,
-            decision_id: decision.decision_id.clone(),
-            policy_id: policy.id.clone(),
-            policy_version: policy.version,
-            pattern_id,
-            signature_hash,
-            incident_id_blocked: IncidentId::from_digest(&seed),
-            snapshot_hash: owner.hash().clone(),
-            prevented_at: now,
-            is_simulated: false,
-            prev_hash: RecordHash::genesis(),
-            hash: RecordHash::genesis(),
-        });
+        evaluation.record = Some(record_of(policy, owner.hash().clone(), state, decision, id, &seed, now));
     }
 }
 

@@ -6,7 +6,7 @@ use runguard_contract::{
     Action, BindAt, BudgetMetric, BudgetPer, BudgetRule, ContentTarget, Decision, DecisionId, DecisionPhase, Evidence,
     EvidenceMatch, IncidentId, Mode, OnError, Outcome, PatternRule, Phase, Policy, PolicyAction, PolicyId, PolicyRef,
     PreventionRecord, RateMetric, RateRule, RateScope, RecordHash, RecordId, Remaining, RepeatOf, RepeatRule, Rule,
-    ShadowEntry, Signature, StepCall, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
+    ShadowEntry, Signature, SnapshotHash, StepCall, Timestamp, Totals, Violation, ViolationType, normalize_endpoint,
 };
 
 use crate::cel_rule::{CelContext, CelInput};
@@ -779,11 +779,25 @@ fn draft_record(
 ) -> Option<PreventionRecord> {
     let deciding = decision.deciding_policy.as_ref()?;
     let policy = snapshot.policy(&deciding.id)?;
+    Some(record_of(policy, decision.snapshot_hash.clone(), state, decision, id, seed, now))
+}
+
+/// The prevention record (unsealed) of `decision`, decided by `policy` of the snapshot with
+/// `snapshot_hash`: the run's own, or an ancestor's.
+pub(crate) fn record_of(
+    policy: &Policy,
+    snapshot_hash: SnapshotHash,
+    state: &RunState,
+    decision: &Decision,
+    id: RecordId,
+    seed: &[u8; 32],
+    now: Timestamp,
+) -> PreventionRecord {
     let (pattern_id, signature_hash) = match &policy.rule {
         Rule::Pattern(rule) => (Some(rule.pattern_id.clone()), Some(rule.signature_hash.clone())),
         _ => (None, None),
     };
-    Some(PreventionRecord {
+    PreventionRecord {
         id,
         seq: 0,
         tenant_id: state.tenant_id.clone(),
@@ -796,10 +810,10 @@ fn draft_record(
         pattern_id,
         signature_hash,
         incident_id_blocked: IncidentId::from_digest(seed),
-        snapshot_hash: decision.snapshot_hash.clone(),
+        snapshot_hash,
         prevented_at: now,
         is_simulated: false,
         prev_hash: RecordHash::genesis(),
         hash: RecordHash::genesis(),
-    })
+    }
 }

@@ -39,6 +39,34 @@ pub fn read_totals(
     Ok(totals)
 }
 
+/// What a call of a run whose snapshot needs its tenant's shared state reads before it is evaluated.
+#[derive(Debug, Default)]
+pub struct TenantView {
+    /// The tenant's totals for the snapshot's tenant-period budgets.
+    pub periods: PeriodTotals,
+    /// The tenant's rate windows rebuilt from the store, when this node shares them
+    /// ([`shares_rate_windows`]); `None` means the node's in-memory windows.
+    pub rates: Option<TenantRates>,
+}
+
+/// Whether a call of a run under `snapshot` reads its tenant's state from the store first.
+pub fn needs_view(store: &Store, snapshot: &CompiledSnapshot) -> bool {
+    runguard_engine::uses_tenant_periods(snapshot) || (snapshot.uses_tenant_rates() && shares_rate_windows(store))
+}
+
+/// Reads the tenant's state a call of `run` is evaluated against at `now`.
+pub fn read_view(store: &Store, run: &runguard_engine::Run, now: Timestamp) -> Result<TenantView, StoreError> {
+    let state = run.state();
+    let snapshot = run.snapshot();
+    let periods = read_totals(store, &state.tenant_id, snapshot, &state.labels, now)?;
+    let rates = if snapshot.uses_tenant_rates() && shares_rate_windows(store) {
+        Some(read_rates(store, &state.tenant_id, snapshot, now)?)
+    } else {
+        None
+    };
+    Ok(TenantView { periods, rates })
+}
+
 /// Adds a call's increments to its batch.
 pub fn add_deltas(batch: &mut WriteBatch, tenant: &TenantId, deltas: &[PeriodDelta]) {
     for PeriodDelta { key, delta, at_most } in deltas {

@@ -691,10 +691,7 @@ impl RunActor {
         if live.meta.in_family {
             return self.family_step(call, shared, at);
         }
-        let snapshot = live.run.snapshot();
-        if runguard_engine::uses_tenant_periods(snapshot)
-            || (snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store))
-        {
+        if crate::tenant_state::needs_view(&shared.store, live.run.snapshot()) {
             return self.step_in_periods(call, shared, at, crate::tenant_state::REEVALUATIONS);
         }
         if scans_large_texts(live.run.snapshot(), &call) {
@@ -741,25 +738,14 @@ impl RunActor {
         let evaluated = async move {
             reading
                 .blocking(move |shared| {
-                    let state = run.state();
-                    let totals = crate::tenant_state::read_totals(
-                        &shared.store,
-                        &state.tenant_id,
-                        run.snapshot(),
-                        &state.labels,
-                        at,
-                    )
-                    .map_err(NodeError::Store)?;
-                    let snapshot = run.snapshot();
-                    if snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store) {
-                        let mut rates = crate::tenant_state::read_rates(&shared.store, &state.tenant_id, snapshot, at)
-                            .map_err(NodeError::Store)?;
+                    let view = crate::tenant_state::read_view(&shared.store, &run, at).map_err(NodeError::Store)?;
+                    if let Some(mut rates) = view.rates {
                         let started = Instant::now();
                         let limits = shared.config.run_limits();
-                        let answer = run.step_with_periods(&call, &limits, &mut rates, &totals, at);
+                        let answer = run.step_with_periods(&call, &limits, &mut rates, &view.periods, at);
                         return Ok((answer, started.elapsed(), call));
                     }
-                    let (answer, elapsed) = step_run(shared, &run, &call, &totals, at);
+                    let (answer, elapsed) = step_run(shared, &run, &call, &view.periods, at);
                     Ok::<_, NodeError>((answer, elapsed, call))
                 })
                 .await

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use runguard_contract::{Decision, PreventionRecord, RunId, StepCall, Timestamp, Totals};
-use runguard_engine::{CompiledSnapshot, Family, Outcome as Answer, PeriodTotals, Refusal, Run, TenantRates};
+use runguard_engine::{CompiledSnapshot, Family, Outcome as Answer, Refusal, Run, TenantRates};
 use runguard_store::{RecordAppend, RecordAuthority, RunRollup, WriteBatch, WriteOp};
 
 use super::{Decided, Live, Pending, Reply, RunActor, RunKey, RunMeta, RunRequest, ready};
 use crate::node_error::NodeError;
 use crate::run_tree::{Barred, Member, Reservation};
 use crate::shared::Shared;
+use crate::tenant_state::TenantView;
 
 /// Sent to a run before a child of it is created: answers the child's ancestors, or refuses when the
 /// run is not running (409 `parent_not_running`).
@@ -111,9 +112,7 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
-        let snapshot = live.run.snapshot();
-        let shares_rates = snapshot.uses_tenant_rates() && crate::tenant_state::shares_rate_windows(&shared.store);
-        if !runguard_engine::uses_tenant_periods(snapshot) && !shares_rates {
+        if !crate::tenant_state::needs_view(&shared.store, live.run.snapshot()) {
             return self.family_step_with(call, shared, at, TenantView::default());
         }
         let run = live.run.clone();
@@ -121,24 +120,7 @@ impl RunActor {
         let read = async move {
             reading
                 .blocking(move |shared| {
-                    let state = run.state();
-                    let periods = crate::tenant_state::read_totals(
-                        &shared.store,
-                        &state.tenant_id,
-                        run.snapshot(),
-                        &state.labels,
-                        at,
-                    )
-                    .map_err(NodeError::Store)?;
-                    let rates = if shares_rates {
-                        Some(
-                            crate::tenant_state::read_rates(&shared.store, &state.tenant_id, run.snapshot(), at)
-                                .map_err(NodeError::Store)?,
-                        )
-                    } else {
-                        None
-                    };
-                    Ok::<_, NodeError>(TenantView { periods, rates })
+                    crate::tenant_state::read_view(&shared.store, &run, at).map_err(NodeError::Store)
                 })
                 .await
         };
@@ -243,14 +225,6 @@ impl RunActor {
 type InTree = Result<(StepCall, Result<Answer, Refusal>, Duration, Option<FamilyCall>), Barred>;
 
 /// Evaluates a step of a family member under its family's lock and reserves its usage.
-/// The tenant's state a family member's call is evaluated against, read from the store before the
-/// family's lock is taken: its period totals and, on a shared store, its rate windows.
-#[derive(Default)]
-struct TenantView {
-    periods: PeriodTotals,
-    rates: Option<TenantRates>,
-}
-
 fn evaluate_in_tree(
     shared: &Shared,
     run: &Run,
