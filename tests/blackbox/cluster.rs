@@ -238,3 +238,34 @@ fn a_node_names_itself_in_every_log_line_and_in_its_metrics() {
     };
     assert_ne!(name(&x), name(&y));
 }
+
+/// Two children of one parent, each served by a different node whose view of the family does not hold
+/// the other's usage: their posts together never pass the parent's limit. The second one's commit finds
+/// the parent's stored rolled-up total past the bound it was allowed within, the node reads the family
+/// back and blocks the call, with its record naming the parent.
+#[test]
+fn siblings_on_two_nodes_never_pass_their_parents_limit_together() {
+    let test = "siblings_on_two_nodes_never_pass_their_parents_limit_together";
+    let Some((a, b)) = two_nodes(test, "") else { return };
+    let (on_a, on_b) = (a.client(), b.client());
+    create_policy(&on_a, &budget("pol_family_tokens", "tokens", 100));
+    create_run(&on_a, "run-parent");
+    on_a.post("/v1/runs", &serde_json::json!({ "run_id": "run-child-a", "parent_run_id": "run-parent" })).expect(201);
+    on_b.post("/v1/runs", &serde_json::json!({ "run_id": "run-child-b", "parent_run_id": "run-parent" })).expect(201);
+    for (client, child) in [(&on_a, "run-child-a"), (&on_b, "run-child-b")] {
+        client.post(&format!("/v1/runs/{child}/steps"), &pre(0)).expect(200);
+    }
+    let first = on_a.post("/v1/runs/run-child-a/steps", &post(0, 60)).expect(200).clone();
+    assert_eq!(first["action"], "allow", "{first}");
+    // Node B loaded the parent before child A's usage: only the bound in the commit can see it.
+    let second = on_b.post("/v1/runs/run-child-b/steps", &post(0, 60)).expect(200).clone();
+    assert_eq!(second["action"], "block", "the parent's 100 tokens would hold 120: {second}");
+    assert_eq!(second["violations"][0]["run_id"], "run-parent", "{second}");
+    let parent = on_a.get("/v1/runs/run-parent").expect(200).clone();
+    assert_eq!(parent["rolled_up_totals"]["tokens"], 120, "a block still counts what was used: {parent}");
+    assert_eq!(parent["status"], "running", "{parent}");
+    let child = on_b.get("/v1/runs/run-child-b").expect(200).clone();
+    assert_eq!(child["status"], "stopped", "{child}");
+    assert_eq!(child["violation_run_id"], "run-parent", "{child}");
+    verify_clean(&a);
+}

@@ -198,6 +198,16 @@ fn check(policy: &Policy, rule: &BudgetRule, bind: BindAt, step: &StepCall, leve
 }
 
 /// The active per-run budget rules of a snapshot that bind at `bind`.
+/// The limits a `post` allowed under `snapshot` was decided within, for a run's rolled-up totals: each
+/// active blocking per-run budget's metric and maximum (a rolled-up value above the maximum blocks). A host
+/// whose view of a family may be stale commits an allowed call on condition that the stored rolled-up
+/// totals still hold them.
+pub fn rolled_up_limits(snapshot: &CompiledSnapshot) -> impl Iterator<Item = (BudgetMetric, u64)> + '_ {
+    run_budgets(snapshot, BindAt::StepPost)
+        .filter(|(policy, _)| policy.action == PolicyAction::Block)
+        .map(|(_, rule)| (rule.metric, rule.max))
+}
+
 fn run_budgets(snapshot: &CompiledSnapshot, bind: BindAt) -> impl Iterator<Item = (&Policy, &BudgetRule)> {
     snapshot.policies().iter().filter(move |p| p.binds_at(bind) && p.policy.mode == Mode::Active).filter_map(|p| {
         match &p.policy.rule {

@@ -93,7 +93,7 @@ mod run;
 mod shared_rates;
 mod state;
 
-pub use ancestors::{Ancestor, Family};
+pub use ancestors::{Ancestor, Family, rolled_up_limits};
 pub use compiled::{CompiledSnapshot, cel_cost, validate_document};
 pub use error::Error;
 pub use periods::{PeriodDelta, PeriodKey, PeriodTotals, period_keys, period_start, uses_tenant_periods};

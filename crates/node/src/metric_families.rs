@@ -62,6 +62,10 @@ fn describe() {
         "runguard_tenant_total_reevaluations_total",
         "Step calls evaluated again because the tenant's shared totals moved before their commit."
     );
+    describe_counter!(
+        "runguard_family_total_reevaluations_total",
+        "Step calls of a run family evaluated again because another node committed to the family before their commit."
+    );
     describe_counter!("runguard_http_requests_total", "HTTP requests answered, by method, route and status.");
     describe_histogram!("runguard_http_request_seconds", "HTTP request time, by method and route, in seconds.");
 }

@@ -162,6 +162,27 @@ impl RunTree {
         }
     }
 
+    /// Brings a loaded member up to what the store holds (another node committed to the family): totals
+    /// only grow and a stopped run never runs again, so taking the larger of each never undoes an update
+    /// this node made.
+    pub fn stored(
+        &self,
+        tenant: &TenantId,
+        run: &RunId,
+        ancestors: &[RunId],
+        own: Totals,
+        descendants: Totals,
+        running: bool,
+    ) {
+        let Some(family) = self.existing(tenant, root_of(run, ancestors)) else { return };
+        let mut members = locked(&family);
+        if let Some(member) = members.get_mut(run) {
+            member.own = max(member.own, own);
+            member.descendants = max(member.descendants, descendants);
+            member.running &= running;
+        }
+    }
+
     /// Drops a family none of whose loaded members runs or has a call in flight: it can change no more
     /// (a stopped run takes no call and no child), and what it was is in the store, read again if one of
     /// its runs is ever loaded. Keeps the tree from growing with every finished family.

@@ -1,8 +1,8 @@
 //! What a group commit writes, and what it answers.
 
 use runguard_contract::{
-    AuditEntry, Decision, Incident, Pattern, Policy, PolicyId, PreventionRecord, Regret, RunId, Snapshot, TenantId,
-    Timestamp,
+    AuditEntry, BudgetMetric, Decision, Incident, Pattern, Policy, PolicyId, PreventionRecord, Regret, RunId, Snapshot,
+    TenantId, Timestamp,
 };
 
 use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
@@ -189,6 +189,21 @@ pub enum WriteOp {
         /// What to add to each.
         delta: RunRollup,
     },
+    /// Writes nothing; fails the batch (alone) unless the run's rolled-up `metric` — its own stored totals
+    /// plus its descendants' rolled-up usage, both as this batch leaves them — is at most `at_most`. Added
+    /// after a family member's allowed call's writes, once per budget of the run and of each ancestor that
+    /// the decision was checked against, so that nodes with different views of a family never together
+    /// pass a limit (`docs/architecture.md`, "Parent and child runs").
+    CheckRolledUp {
+        /// The run's tenant.
+        tenant_id: TenantId,
+        /// The run whose rolled-up total is bounded.
+        run_id: RunId,
+        /// What is bounded.
+        metric: BudgetMetric,
+        /// The largest value that holds.
+        at_most: u64,
+    },
     /// Sets a tenant's graduation state and appends it to the history.
     SetGraduation {
         /// The tenant.
@@ -328,6 +343,17 @@ impl WriteBatch {
     /// Adds `delta` to the rolled-up part of each of `runs`.
     pub fn roll_up(&mut self, tenant_id: TenantId, runs: Vec<RunId>, delta: RunRollup) -> &mut Self {
         self.push(WriteOp::RollUp { tenant_id, runs, delta })
+    }
+
+    /// Bounds a run's rolled-up total ([`WriteOp::CheckRolledUp`]).
+    pub fn check_rolled_up(
+        &mut self,
+        tenant_id: TenantId,
+        run_id: RunId,
+        metric: BudgetMetric,
+        at_most: u64,
+    ) -> &mut Self {
+        self.push(WriteOp::CheckRolledUp { tenant_id, run_id, metric, at_most })
     }
 
     /// Adds a graduation state.

@@ -118,6 +118,20 @@ impl StoreError {
         Self::with_source(StoreErrorKind::Conflict, message, TenantLimitReached)
     }
 
+    /// A [`WriteOp::CheckRolledUp`](crate::WriteOp::CheckRolledUp) that no longer holds: the run's stored
+    /// rolled-up total (its own plus its descendants', after this batch) passes the bound the decision was
+    /// made within, because another node committed to the family meanwhile
+    /// ([`StoreError::is_rolled_up_limit`]).
+    pub(crate) fn rolled_up_limit(message: impl Into<String>) -> Self {
+        Self::with_source(StoreErrorKind::Conflict, message, RolledUpLimitReached)
+    }
+
+    /// Whether this is a refused [`WriteOp::CheckRolledUp`]: the caller's view of the family was stale,
+    /// nothing of its batch was written.
+    pub fn is_rolled_up_limit(&self) -> bool {
+        self.source.as_ref().is_some_and(|source| source.is::<RolledUpLimitReached>())
+    }
+
     /// Whether this is a refused conditional tenant-usage increment: the caller's view of the tenant's
     /// total was stale, nothing of its batch was written.
     pub fn is_tenant_limit(&self) -> bool {
@@ -132,6 +146,11 @@ impl StoreError {
         Self::new(StoreErrorKind::InvalidArgument, message)
     }
 }
+
+/// The marker of [`StoreError::rolled_up_limit`].
+#[derive(Debug, thiserror::Error)]
+#[error("the stored rolled-up total would exceed the bound the decision was made within")]
+struct RolledUpLimitReached;
 
 /// The marker of [`StoreError::tenant_limit`].
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
-    AuditEntry, Decision, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RateMetric,
-    RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId,
-    Timestamp,
+    AuditEntry, BudgetMetric, Decision, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord,
+    RateMetric, RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash,
+    SnapshotId, TenantId, Timestamp, Totals,
 };
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, TenantRateEvent, WriteBatch, WriteOp};
@@ -47,6 +47,8 @@ pub(crate) trait ReadView {
     fn run_listed_live(&self, tenant: &TenantId, run: &RunId) -> Option<bool>;
     /// What a run's fencing condition compares: `None` when the run does not exist.
     fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError>;
+    /// A run's stored totals (its own usage), `None` when it does not exist.
+    fn run_totals(&self, tenant: &TenantId, run: &RunId) -> Result<Option<Totals>, StoreError>;
     /// The position the next ledger entry of a run takes.
     fn next_ledger_position(&self, tenant: &TenantId, run: &RunId) -> Result<u64, StoreError>;
     /// Whether a record with this id exists, in any tenant.
@@ -241,6 +243,8 @@ pub(crate) struct Prepare<'a> {
     pattern_sigs: HashMap<(TenantId, SignatureHash, String), PatternId>,
     regrets: HashSet<RecordId>,
     rollups: HashMap<RunKey, RunRollup>,
+    /// The totals of the runs this commit wrote, as it leaves them.
+    run_totals: HashMap<RunKey, Totals>,
 }
 
 impl<'a> Prepare<'a> {
@@ -269,6 +273,7 @@ impl<'a> Prepare<'a> {
             pattern_sigs: HashMap::new(),
             regrets: HashSet::new(),
             rollups: HashMap::new(),
+            run_totals: HashMap::new(),
         }
     }
 
@@ -337,6 +342,9 @@ impl<'a> Prepare<'a> {
             WriteOp::PutRegret { tenant_id, regret } => self.put_regret(tenant_id, regret),
             WriteOp::SetGraduation { tenant_id, state } => self.set_graduation(tenant_id, state),
             WriteOp::RollUp { tenant_id, runs, delta } => self.roll_up(tenant_id, runs, *delta),
+            WriteOp::CheckRolledUp { tenant_id, run_id, metric, at_most } => {
+                self.check_rolled_up(tenant_id, run_id, *metric, *at_most)
+            }
         }
     }
 
@@ -476,7 +484,8 @@ impl<'a> Prepare<'a> {
         if change.is_some() {
             self.live.insert(key.clone(), live);
         }
-        self.running.insert(key, Some(live));
+        self.running.insert(key.clone(), Some(live));
+        self.run_totals.insert(key, run.totals);
         self.write(Staged::Run { run: Box::new(run.clone()), listed: change });
         Ok(())
     }
@@ -790,6 +799,40 @@ impl<'a> Prepare<'a> {
             self.write(Staged::Rollup { tenant: tenant.clone(), run: run.clone(), total });
         }
         Ok(())
+    }
+
+    fn check_rolled_up(
+        &mut self,
+        tenant: &TenantId,
+        run: &RunId,
+        metric: BudgetMetric,
+        at_most: u64,
+    ) -> Result<(), StoreError> {
+        let key = (tenant.clone(), run.clone());
+        let own = match self.run_totals.get(&key) {
+            Some(totals) => *totals,
+            None => self
+                .view
+                .run_totals(tenant, run)?
+                .ok_or_else(|| StoreError::not_found(format!("run `{run}` to bound does not exist")))?,
+        };
+        let descendants = match self.rollups.get(&key) {
+            Some(rollup) => rollup.descendants,
+            None => self.view.run_rollup(tenant, run)?.descendants,
+        };
+        let of = |totals: Totals| match metric {
+            BudgetMetric::Tokens => totals.tokens,
+            BudgetMetric::CostMicros => totals.cost_micros,
+            BudgetMetric::Steps => totals.steps,
+            BudgetMetric::DurationMs => totals.duration_ms,
+        };
+        let value = of(own).saturating_add(of(descendants));
+        if value <= at_most {
+            return Ok(());
+        }
+        Err(StoreError::rolled_up_limit(format!(
+            "run `{run}`'s rolled-up {metric:?} would be {value}, past the {at_most} the decision was made within"
+        )))
     }
 
     fn set_graduation(&mut self, tenant: &TenantId, state: &GraduationState) -> Result<(), StoreError> {

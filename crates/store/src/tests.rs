@@ -1326,3 +1326,36 @@ fn a_roll_up_into_a_missing_run_fails_the_batch_with_its_ledger_entry(store) {
     assert!(store.full_ledger(&world.tenant, &runs[0].run_id).unwrap().is_empty(), "nothing half-written");
 }
 }
+
+on_both_backends! {
+fn a_rolled_up_bound_that_no_longer_holds_fails_only_its_callers_batch(store) {
+    let (world, runs) = world_with_runs(&store, 3);
+    let (parent, first, second) = (runs[0].run_id.clone(), runs[1].run_id.clone(), runs[2].run_id.clone());
+    // Two children's posts of 60 tokens each, both decided within the parent's budget of 100, reach one
+    // group commit: the first fits, the second's bound sees the first's increment and fails alone.
+    let batches: Vec<WriteBatch> = [&first, &second]
+        .into_iter()
+        .map(|child| {
+            let mut batch = WriteBatch::new();
+            batch.append_ledger(
+                world.tenant.clone(),
+                child.clone(),
+                LedgerEntry::new(crate::LedgerCall::RunStart, world.allow(child, 0), Totals::default()),
+            );
+            batch.roll_up(world.tenant.clone(), vec![parent.clone()], usage(60));
+            batch.check_rolled_up(world.tenant.clone(), parent.clone(), runguard_contract::BudgetMetric::Tokens, 100);
+            batch
+        })
+        .collect();
+    let results = store.commit_group(batches);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    let refused = results[1].as_ref().unwrap_err();
+    assert!(refused.is_rolled_up_limit(), "{refused}");
+    assert_eq!(store.run_rollup(&world.tenant, &parent).unwrap().descendants.tokens, 60);
+    assert!(store.full_ledger(&world.tenant, &second).unwrap().is_empty(), "nothing of the refused batch");
+    // A bound below what is stored fails by itself, without any write.
+    let mut batch = WriteBatch::new();
+    batch.check_rolled_up(world.tenant.clone(), parent.clone(), runguard_contract::BudgetMetric::Tokens, 59);
+    assert!(store.commit(batch).unwrap_err().is_rolled_up_limit());
+}
+}

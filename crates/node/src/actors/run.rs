@@ -824,13 +824,21 @@ impl RunActor {
         crate::tenant_state::add_deltas(&mut batch, tenant, &answer.period_deltas);
         crate::tenant_state::add_rate_delta(&mut batch, &shared.store, tenant, answer.tenant_rate_delta.as_ref());
         let answer_record = family::RecordBasis::of(&answer);
+        let bounded = family::bounds_apply(&shared, &answer);
         let stored_call = strip_texts(call, shared.config.ledger_texts);
         let effects = effects_bytes(&answer.effects);
         let entry =
             LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
         batch.put_run(live.meta.stored(&next));
-        let family = family.map(|family| family.extend(&mut batch, &answer_record, tenant));
+        let family = family.map(|family| {
+            let bounds = if bounded { family.bounds(run_id, live.run.snapshot()) } else { Vec::new() };
+            let reservation = family.extend(&mut batch, &answer_record, tenant);
+            for (run, metric, max) in bounds {
+                batch.check_rolled_up(tenant.clone(), run, metric, max);
+            }
+            reservation
+        });
         let settled = (Arc::clone(&shared), next.state().totals, next.state().status.is_running());
         Box::pin(async move { shared.commit_settled(batch).await }.into_actor(self).then(move |committed, actor, _| {
             let landed = committed.as_ref().map_or_else(|refused| !refused.settled, |_| true);

@@ -459,6 +459,15 @@ impl ReadView for PgView<'_, '_> {
     }
 
     /// Read committed, after the chain head lock: every commit of every node made before this one.
+    fn run_totals(&self, tenant: &TenantId, run: &RunId) -> Result<Option<runguard_contract::Totals>, StoreError> {
+        let row = self.opt(
+            "a run's totals",
+            "SELECT body->'totals' FROM runs WHERE tenant_id = $1 AND run_id = $2",
+            &[&tenant.as_str(), &run.as_str()],
+        )?;
+        row.map(|row| super::from_json("run totals", get(&row, 0, "a run's totals")?)).transpose()
+    }
+
     fn run_head(&self, tenant: &TenantId, run: &RunId) -> Result<Option<RunHead>, StoreError> {
         let row = self.opt(
             "a run",

@@ -445,6 +445,10 @@ impl ReadView for SledView<'_> {
         self.next_counter(T::GraduationHistory, &keys::tenant(tenant))
     }
 
+    fn run_totals(&self, tenant: &TenantId, run: &RunId) -> Result<Option<runguard_contract::Totals>, StoreError> {
+        Ok(self.store.get_run(tenant, run)?.map(|run| run.totals))
+    }
+
     fn run_rollup(&self, tenant: &TenantId, run: &RunId) -> Result<RunRollup, StoreError> {
         Ok(self.store.get_decoded::<RunRollup>(T::RunRollups, &keys::run(tenant, run))?.unwrap_or_default())
     }

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use runguard_contract::{Decision, PreventionRecord, RunId, StepCall, Timestamp, Totals};
+use runguard_contract::{
+    Action, BudgetMetric, Decision, DecisionPhase, PreventionRecord, RunId, StepCall, Timestamp, Totals,
+};
 use runguard_engine::{CompiledSnapshot, Family, Outcome as Answer, Refusal, Run, TenantRates};
 use runguard_store::{RecordAppend, RecordAuthority, RunRollup, WriteBatch, WriteOp};
 
@@ -112,14 +114,30 @@ impl RunActor {
         let Some(live) = self.live.as_ref() else {
             return ready(Err(NodeError::not_found("run", self.key.run_id.as_str())));
         };
-        if !crate::tenant_state::needs_view(&shared.store, live.run.snapshot()) {
+        let needs_view = crate::tenant_state::needs_view(&shared.store, live.run.snapshot());
+        // After a refused bound another node has committed to the family: read it back first.
+        let reread_family = retries < crate::tenant_state::REEVALUATIONS;
+        let shared_store = shared.store.backend_name() == "postgres";
+        if !needs_view && !reread_family && !shared_store {
+            // One node's view of a family is exact and no bound can fail: nothing to read, nothing to retry.
             return self.family_step_with(call, shared, at, TenantView::default());
         }
+        if !needs_view && !reread_family {
+            let stepped = self.family_step_with(call.clone(), Arc::clone(&shared), at, TenantView::default());
+            return self.retry_refused_bound(stepped, call, shared, retries);
+        }
         let run = live.run.clone();
+        let ancestors = live.meta.ancestors.clone();
         let reading = Arc::clone(&shared);
         let read = async move {
             reading
                 .blocking(move |shared| {
+                    if reread_family {
+                        reread(shared, &run, &ancestors)?;
+                    }
+                    if !needs_view {
+                        return Ok(TenantView::default());
+                    }
                     crate::tenant_state::read_view(&shared.store, &run, at).map_err(NodeError::Store)
                 })
                 .await
@@ -130,16 +148,34 @@ impl RunActor {
                 Err(err) => return ready(Err(err)),
             };
             let stepped = actor.family_step_with(call.clone(), Arc::clone(&shared), at, view);
-            Box::pin(stepped.then(move |result, actor, _| match result {
-                Err(NodeError::Store(err)) if err.is_tenant_limit() => {
-                    metrics::counter!("runguard_tenant_total_reevaluations_total").increment(1);
-                    if retries == 0 {
-                        return ready(Err(NodeError::unavailable("the tenant's totals are contended; retry the call")));
-                    }
-                    actor.family_step_reading(call, shared, super::now(), retries - 1)
+            actor.retry_refused_bound(stepped, call, shared, retries)
+        }))
+    }
+
+    /// Decides `call` again, on state read back from the store, when `stepped`'s commit found a bound it
+    /// was decided within no longer holds (a tenant total or a family's rolled-up total another call
+    /// moved meanwhile); at most `retries` more times, then 503.
+    fn retry_refused_bound(
+        &mut self,
+        stepped: Pending<Decided>,
+        call: StepCall,
+        shared: Arc<Shared>,
+        retries: u32,
+    ) -> Pending<Decided> {
+        Box::pin(stepped.then(move |result, actor, _| match result {
+            Err(NodeError::Store(err)) if err.is_tenant_limit() || err.is_rolled_up_limit() => {
+                let counter = if err.is_tenant_limit() {
+                    "runguard_tenant_total_reevaluations_total"
+                } else {
+                    "runguard_family_total_reevaluations_total"
+                };
+                metrics::counter!(counter).increment(1);
+                if retries == 0 {
+                    return ready(Err(NodeError::unavailable("the run's shared totals are contended; retry the call")));
                 }
-                other => ready(other),
-            })) as Pending<Decided>
+                actor.family_step_reading(call, shared, super::now(), retries - 1)
+            }
+            other => ready(other),
         }))
     }
 
@@ -290,7 +326,30 @@ impl RecordBasis {
     }
 }
 
+/// Whether a family member's call is committed with bounds on its family's rolled-up totals: on a store
+/// several nodes share (another node may have committed to the family since this node's view of it), for
+/// a `post` that was not blocked. A block adds its usage unconditionally, as the run's own does.
+pub(super) fn bounds_apply(shared: &Shared, answer: &Answer) -> bool {
+    shared.store.backend_name() == "postgres"
+        && answer.decision.phase == DecisionPhase::Post
+        && answer.decision.action != Action::Block
+}
+
 impl FamilyCall {
+    /// Bounds, for the commit, every rolled-up total the call was allowed within: each blocking per-run
+    /// budget of the run and of each ancestor. A bound that no longer holds in the store fails the commit
+    /// (`StoreError::is_rolled_up_limit`); the node then reads the family back and decides again.
+    /// The bounds go after the call's writes and rolled-up increments, so that they bound the totals as
+    /// the commit leaves them.
+    pub(super) fn bounds(&self, run: &RunId, snapshot: &Arc<CompiledSnapshot>) -> Vec<(RunId, BudgetMetric, u64)> {
+        let own = std::iter::once((run, snapshot));
+        own.chain(self.snapshots.iter().map(|(run, snapshot)| (run, snapshot)))
+            .flat_map(|(run_id, snapshot)| {
+                runguard_engine::rolled_up_limits(snapshot).map(move |(metric, max)| (run_id.clone(), metric, max))
+            })
+            .collect()
+    }
+
     /// Adds the ancestors' rolled-up increments and an ancestor-decided record to the call's batch.
     pub(super) fn extend(
         self,
@@ -345,6 +404,21 @@ pub(super) fn left_running(shared: &Shared, key: &RunKey, live: &Live) {
             state.status.is_running(),
         );
     }
+}
+
+/// Brings the tree's members of `run`'s family (the run and its ancestors) up to what the store holds, on
+/// a blocking thread: after a commit whose rolled-up bound failed because another node committed to the
+/// family.
+fn reread(shared: &Shared, run: &Run, ancestors: &[RunId]) -> Result<(), NodeError> {
+    let tenant = &run.state().tenant_id;
+    let own = run.state().run_id.clone();
+    for (i, member) in ancestors.iter().chain(std::iter::once(&own)).enumerate() {
+        let Some(stored) = shared.store.get_run(tenant, member)? else { continue };
+        let descendants = shared.store.run_rollup(tenant, member)?.descendants;
+        let above = ancestors.get(..i).unwrap_or_default();
+        shared.run_tree.stored(tenant, member, above, stored.totals, descendants, stored.status.is_running());
+    }
+    Ok(())
 }
 
 /// On load (a blocking thread): a run with a parent or children joins the tree, with each ancestor not
