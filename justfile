@@ -40,6 +40,18 @@ load *ARGS:
     cargo build --release -p runguard-node -p runguard-loadgen
     cargo run --release -p runguard-loadgen --bin runguard-load -- http {{ARGS}}
 
+# The node on sled and on a private PostgreSQL side by side, with PostgreSQL's CPU per request
+# (docs/performance.md, "The node on PostgreSQL beside sled"). Needs the Debian postgresql package.
+load-postgres:
+    cargo build --release -p runguard-node -p runguard-loadgen
+    cargo run --release -p runguard-loadgen --bin runguard-load -- http --scenario allow,block --store sled,postgres --duration-s 6 --repeats 3 --block-runs 10000
+
+# Three release nodes, nginx and PostgreSQL on this machine: CPU and commits per request
+# (docs/scaling.md). RUNS STEPS CONNECTIONS.
+cluster-measure RUNS="3000" STEPS="10" CONNECTIONS="48":
+    cargo build --release -p runguard-node -p runguard-loadgen
+    deploy/measure-cluster.sh {{RUNS}} {{STEPS}} {{CONNECTIONS}}
+
 # RSS of the node holding 100,000 idle live runs.
 mem *ARGS:
     cargo build --release -p runguard-node -p runguard-loadgen
