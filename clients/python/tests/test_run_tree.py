@@ -1,4 +1,4 @@
-"""Parent and child runs (sub-agents, SPEC §13.2) through the SDK, against the real node."""
+"""Parent and child runs (sub-agents) through the SDK, against the real node."""
 
 from __future__ import annotations
 

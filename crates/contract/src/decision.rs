@@ -194,7 +194,7 @@ pub struct Violation {
     /// Redacted details.
     pub evidence: Option<Evidence>,
     /// The ancestor run whose per-run budget policy this is, when the violation comes from an ancestor
-    /// of the calling run (SPEC §13.2); `null` for the run's own policies.
+    /// of the calling run; `null` for the run's own policies.
     #[serde(default)]
     pub run_id: Option<RunId>,
 }

@@ -59,7 +59,7 @@ pub enum TerminationReason {
     PolicyBlock,
     /// Its snapshot failed verification.
     IntegrityFailure,
-    /// An ancestor run left `running` (SPEC §13.2).
+    /// An ancestor run left `running`.
     ParentStopped,
 }
 

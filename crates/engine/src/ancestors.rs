@@ -1,4 +1,4 @@
-//! A call of a run with a parent or children (SPEC §13.2): the run's own evaluation widened by its
+//! A call of a run with a parent or children: the run's own evaluation widened by its
 //! ancestors' per-run budget policies, each compared against that ancestor's rolled-up totals, and the
 //! run's own per-run budgets compared against its own rolled-up totals.
 //!

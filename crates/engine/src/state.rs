@@ -118,7 +118,7 @@ pub struct Termination {
     pub stopped_at_step: Option<u64>,
     /// The deciding policy (`None` for integrity failures).
     pub violation_policy_id: Option<PolicyId>,
-    /// The ancestor whose policy decided, when it was an ancestor's (SPEC §13.2).
+    /// The ancestor whose policy decided, when it was an ancestor's.
     #[serde(default)]
     pub violation_run_id: Option<RunId>,
 }

@@ -117,8 +117,8 @@ pub struct Limits {
     pub policies_per_tenant: usize,
     /// Most steps one run may take.
     pub steps_per_run: u64,
-    /// Most runs one chain of parent and child runs holds, the root and the deepest child included
-    /// (SPEC §13.2): creating a deeper child is refused with 409 `run_depth_exceeded`.
+    /// Most runs one chain of parent and child runs holds, the root and the deepest child included:
+    /// creating a deeper child is refused with 409 `run_depth_exceeded`.
     pub max_run_depth: usize,
     /// Most live (in-memory) runs.
     pub live_runs: usize,

@@ -1,4 +1,4 @@
-//! The run tree: an in-memory tally of every run family (a root run and its descendants, SPEC §13.2)
+//! The run tree: an in-memory tally of every run family (a root run and its descendants)
 //! that has a live member, shared by the run actors of the family (`docs/architecture.md`, "Parent and
 //! child runs").
 //!

@@ -22,7 +22,7 @@ pub enum RecordAuthority {
         /// The tenant of the run.
         run_tenant: TenantId,
     },
-    /// A block decided by an ancestor's per-run budget policy (SPEC §13.2): the record is written for the
+    /// A block decided by an ancestor's per-run budget policy: the record is written for the
     /// descendant that made the call but names the ancestor's policy, version and snapshot hash. Checked
     /// like [`Live`](Self::Live) against the decision as the ancestor's snapshot gave it, with the
     /// record's snapshot bound to `ancestor`, which must be one of the run's ancestors.

@@ -42,7 +42,7 @@ pub struct StoredRun {
     pub outcome: Option<Outcome>,
     /// The next call it expects.
     pub next: NextCall,
-    /// The run that spawned it (SPEC §13.2); `None` for a root run.
+    /// The run that spawned it; `None` for a root run.
     #[serde(default)]
     pub parent_run_id: Option<RunId>,
     /// Its ancestors, root first and parent last (empty for a root run); immutable, so that a child's

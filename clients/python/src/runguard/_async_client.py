@@ -63,7 +63,7 @@ class AsyncPager(Generic[M]):
 class AsyncClient:
     """A runguard node over HTTP (async). Close it (or use ``async with``) to free connections.
 
-    ``on_unavailable`` is the default for runs: ``"block"`` (fail closed, SPEC §7) or ``"allow"``.
+    ``on_unavailable`` is the default for runs: ``"block"`` (fail closed) or ``"allow"``.
     """
 
     def __init__(

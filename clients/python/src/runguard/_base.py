@@ -103,7 +103,7 @@ class RetryPolicy:
 
 
 def retryable(error: RunguardError, op: Op[Any]) -> bool:
-    """Whether sending ``op`` again may help. A refused call is never applied (SPEC §12.10), so 429 and 5xx
+    """Whether sending ``op`` again may help. A refused call is never applied, so 429 and 5xx
     are always safe to re-send; a transport error is, for a call that may have arrived, only when the call
     is idempotent (step calls are: the node answers an identical re-send with the same decision)."""
     if isinstance(error, APIError):

@@ -62,7 +62,7 @@ class Pager(Generic[M]):
 class Client:
     """A runguard node over HTTP (sync). Thread-safe; close it (or use ``with``) to free connections.
 
-    ``on_unavailable`` is the default for runs: ``"block"`` (fail closed, SPEC §7) or ``"allow"``.
+    ``on_unavailable`` is the default for runs: ``"block"`` (fail closed) or ``"allow"``.
     """
 
     def __init__(

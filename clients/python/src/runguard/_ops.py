@@ -77,7 +77,7 @@ def set_policy_mode(policy_id: str, mode: str, reason: str | None) -> Op[m.Polic
 
 
 def confirm_policy(policy_id: str) -> Op[m.Confirmation]:
-    # The same operator confirming twice counts once (SPEC §12.12): safe to re-send.
+    # The same operator confirming twice counts once: safe to re-send.
     return Op("POST", f"/v1/policies/{path_segment(policy_id)}/confirm", _model(m.Confirmation), body=b"{}")
 
 
@@ -105,7 +105,7 @@ def policy_usage(policy_id: str) -> Op[m.PolicyUsage]:
 def create_run(
     run_id: str, labels: Mapping[str, str] | None, api_endpoint: str | None, parent_run_id: str | None
 ) -> Op[m.RunCreated]:
-    # `parent_run_id` (SPEC §13.2) is sent only when given, so the call works on nodes without sub-runs.
+    # `parent_run_id` is sent only when given, so the call works on nodes without sub-runs.
     body = drop_none(
         {
             "run_id": run_id,

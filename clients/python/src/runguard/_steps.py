@@ -1,4 +1,4 @@
-"""The step protocol's rules, shared by the sync and async runs (SPEC §2.5, §7).
+"""The step protocol's rules, shared by the sync and async runs (docs/api.md).
 
 - A step is an admission (`pre`, with the estimate) and a report (`post`, with the usage), strictly in
   order: the post of step n comes before anything of step n+1, so a run admits one step at a time.

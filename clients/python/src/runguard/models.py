@@ -1,4 +1,4 @@
-"""Typed models of what the node answers (docs/api.md, SPEC §2.5, §2.6, §4–§6).
+"""Typed models of what the node answers (docs/api.md).
 
 Pydantic v2 models: they validate what the node sends (an integer that is not one, a missing field), give
 editors and type checkers the shapes, and produce JSON schemas that a test compares with the node's
@@ -57,7 +57,7 @@ class Violation(Model):
     actual: str | None
     reason: str
     evidence: Evidence | None
-    # The ancestor run whose per-run budget this is (SPEC §13.2); `None` for the run's own policies.
+    # The ancestor run whose per-run budget this is; `None` for the run's own policies.
     run_id: str | None
 
 
@@ -138,7 +138,7 @@ class Run(Model):
     next: NextCall
     # Only `GET /v1/runs/{id}` adds it; the run inside an end answer has none.
     steps_seen: int | None = None
-    # Parent and child runs (SPEC §13.2): the run that spawned it, and the ancestor whose policy stopped it.
+    # Parent and child runs: the run that spawned it, and the ancestor whose policy stopped it.
     parent_run_id: str | None
     violation_run_id: str | None
     # Its own totals plus its descendants', and its number of children: `GET /v1/runs/{id}` and the run of

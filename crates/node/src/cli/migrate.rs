@@ -246,7 +246,7 @@ fn copy_store(source: &Store, target: &Store) -> Result<Counts, StoreError> {
                 )
             })?;
             let run_tenant = record.tenant_id.clone();
-            // A block decided by an ancestor's policy (SPEC §13.2) names the ancestor's snapshot.
+            // A block decided by an ancestor's policy names the ancestor's snapshot.
             let authority = match decision.deciding_violation().and_then(|v| v.run_id.clone()) {
                 Some(ancestor) => RecordAuthority::Ancestor {
                     decision: Box::new(decision),

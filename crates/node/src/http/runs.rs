@@ -43,7 +43,7 @@ pub struct CreateBody {
     /// The endpoint the run calls (pattern policies compare it).
     #[serde(default)]
     api_endpoint: Option<String>,
-    /// The run that spawns this one (SPEC §13.2): a `running` run of the caller's tenant (404 if unknown,
+    /// The run that spawns this one (`docs/api.md`, "Parent and child runs"): a `running` run of the caller's tenant (404 if unknown,
     /// 409 `parent_not_running` if it is not running, 409 `run_depth_exceeded` past `max_run_depth`).
     #[serde(default)]
     #[schemars(with = "Option<RunId>")]

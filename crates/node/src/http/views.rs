@@ -80,7 +80,7 @@ pub struct RunView {
     pub next: NextCall,
     /// The outcome reported at run end.
     pub outcome: Option<Outcome>,
-    /// The run that spawned it (SPEC §13.2); `null` for a root run.
+    /// The run that spawned it; `null` for a root run.
     pub parent_run_id: Option<RunId>,
     /// How many children it has (`GET /v1/runs/{id}` and run end only).
     #[serde(skip_serializing_if = "Option::is_none")]

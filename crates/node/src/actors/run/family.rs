@@ -1,4 +1,4 @@
-//! A run actor's part in its family of parent and child runs (SPEC §13.2, `docs/architecture.md`,
+//! A run actor's part in its family of parent and child runs (`docs/architecture.md`,
 //! "Parent and child runs"), kept apart from the rest of the run actor.
 //!
 //! - A child is created only after its parent's actor answered [`Adopt`]: the parent is running, joins
