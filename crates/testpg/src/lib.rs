@@ -273,6 +273,15 @@ impl Cluster {
         Database { url: format!("{}?options=-csearch_path%3D{name}", db.url), name }
     }
 
+    /// This server, stopped (and its directory removed) once this process ends however it ends — a panic
+    /// or a kill included — rather than when the value is dropped: for a tool that must not leave a
+    /// server behind.
+    #[must_use]
+    pub fn stopped_with_process(mut self) -> Self {
+        self.hand_to_watchdog();
+        self
+    }
+
     /// Leaves stopping the server (and removing its directory) to a watchdog process that waits for this
     /// process to end.
     #[expect(clippy::zombie_processes, reason = "the watchdog outlives this process on purpose")]

@@ -194,9 +194,10 @@ fn main() -> anyhow::Result<()> {
             let shape = Load { duration, repeats: repeats.max(1), concurrency, steps, block_runs, prefill_records };
             let postgres = if store.contains(&Backend::Postgres) {
                 let work_dir = std::path::absolute(&args.work_dir)?;
-                Some(runguard_testpg::Cluster::start_in(&work_dir).context(
+                let cluster = runguard_testpg::Cluster::start_in(&work_dir).context(
                     "`--store postgres` needs the PostgreSQL server binaries (the Debian `postgresql` package)",
-                )?)
+                )?;
+                Some(cluster.stopped_with_process())
             } else {
                 None
             };
