@@ -117,7 +117,7 @@ impl Shared {
         F: FnOnce(&Shared) -> Result<T, E> + Send + 'static,
     {
         let shared = Arc::clone(self);
-        actix_web::rt::task::spawn_blocking(move || work(&shared))
+        actix_web::rt::task::spawn_blocking(move || runguard_store::on_blocking_thread(|| work(&shared)))
             .await
             .unwrap_or_else(|_| Err(E::from(NodeError::Internal)))
     }

@@ -102,7 +102,8 @@ pub use model::{
     GraduationGates, GraduationState, LedgerCall, LedgerEntry, RunRollup, ShadowStats, StoredRun, add_totals,
 };
 pub use postgres::{
-    PG_SCHEMA_VERSION, PgOptions, check_url as check_postgres_url, migrate, redact as redact_postgres_url,
+    PG_SCHEMA_VERSION, PgOptions, check_url as check_postgres_url, migrate, on_blocking_thread,
+    redact as redact_postgres_url,
 };
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
 pub use sled_backend::{SCHEMA_VERSION, StoreOptions};

@@ -339,7 +339,7 @@ pub fn check_url(url: &str) -> Result<(), StoreError> {
 /// loop); there `work` runs on a scoped thread of its own, which costs a thread start per call. Elsewhere
 /// (plain threads, `spawn_blocking` threads) it runs in place.
 pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
+    if tokio::runtime::Handle::try_current().is_err() || ON_BLOCKING_THREAD.get() {
         return work();
     }
     std::thread::scope(|scope| match scope.spawn(work).join() {
@@ -355,6 +355,23 @@ fn parse_url(url: &str, options: &PgOptions) -> Result<postgres::Config, StoreEr
     config.connect_timeout(options.connect_timeout);
     config.application_name("runguard");
     Ok(config)
+}
+
+thread_local! {
+    /// Whether this thread is one of the async runtime's blocking-pool threads, marked by
+    /// [`on_blocking_thread`]: the PostgreSQL client may block on its own runtime there, so a call needs no
+    /// thread of its own.
+    static ON_BLOCKING_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` with this thread marked as a blocking-pool thread of the caller's async runtime (inside
+/// `spawn_blocking`): store calls in it then run on this thread instead of starting one each, as they
+/// must on a thread that drives async tasks (an actor's). Only for threads that drive no async task.
+pub fn on_blocking_thread<T>(work: impl FnOnce() -> T) -> T {
+    let before = ON_BLOCKING_THREAD.replace(true);
+    let answer = work();
+    ON_BLOCKING_THREAD.set(before);
+    answer
 }
 
 /// The URL with its password replaced by `***`, for messages and logs.
