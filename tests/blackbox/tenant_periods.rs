@@ -37,25 +37,10 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The date part (`YYYY-MM-DDT00:00:00`) of the UTC day holding `ms`.
 fn rfc3339_day(ms: i64) -> String {
-    let start = ms.div_euclid(DAY_MS) * DAY_MS;
-    let secs = start / 1000;
-    // The node renders timestamps as RFC 3339 UTC; compare the date part only.
-    let days = secs / 86_400;
-    let (y, m, d) = civil(days);
-    format!("{y:04}-{m:02}-{d:02}T00:00:00")
-}
-
-fn civil(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let start = runguard_contract::Timestamp::from_unix_millis(ms).start_of_utc_day().to_rfc3339();
+    start.get(..19).unwrap_or_default().to_owned()
 }
 
 #[track_caller]

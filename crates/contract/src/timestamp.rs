@@ -18,6 +18,8 @@ use crate::error::ValidationError;
 #[serde(try_from = "String", into = "String")]
 pub struct Timestamp(i64);
 
+const DAY_MS: i64 = 86_400_000;
+
 const WIRE_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
@@ -40,6 +42,22 @@ impl Timestamp {
     /// Milliseconds from `earlier` to `self`, or 0 if `earlier` is later.
     pub fn millis_since(self, earlier: Timestamp) -> u64 {
         u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0)
+    }
+
+    /// The first instant of this instant's UTC calendar day.
+    pub const fn start_of_utc_day(self) -> Self {
+        Self(self.0.div_euclid(DAY_MS).saturating_mul(DAY_MS))
+    }
+
+    /// The first instant of this instant's UTC calendar month. Beyond what the calendar library
+    /// represents (years past ±9999), the start of the day.
+    pub fn start_of_utc_month(self) -> Self {
+        let day = self.start_of_utc_day();
+        let first = OffsetDateTime::from_unix_timestamp(day.0.div_euclid(1000))
+            .ok()
+            .and_then(|t| t.replace_day(1).ok())
+            .map(|t| t.unix_timestamp().saturating_mul(1000));
+        first.map_or(day, Self)
     }
 
     /// Parses an RFC 3339 timestamp.

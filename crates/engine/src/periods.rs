@@ -16,8 +16,6 @@ use runguard_contract::{
 
 use crate::compiled::CompiledSnapshot;
 
-const DAY_MS: i64 = 86_400_000;
-
 /// One tenant-period total: a policy's usage by one tenant within the period that starts at
 /// `period_start`. A global policy has one per tenant, so the tenant is the host's part of the key.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,41 +61,12 @@ pub struct PeriodDelta {
     pub at_most: Option<u64>,
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The (year, month) of a day counted from 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn year_month(days: i64) -> (i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month)
-}
-
 /// The start of the UTC calendar `period` that contains `now`.
 pub fn period_start(period: BudgetPeriod, now: Timestamp) -> Timestamp {
-    let days = now.unix_millis().div_euclid(DAY_MS);
-    let first_day = match period {
-        BudgetPeriod::Day => days,
-        BudgetPeriod::Month => {
-            let (year, month) = year_month(days);
-            days_from_civil(year, month, 1)
-        }
-    };
-    Timestamp::from_unix_millis(first_day.saturating_mul(DAY_MS))
+    match period {
+        BudgetPeriod::Day => now.start_of_utc_day(),
+        BudgetPeriod::Month => now.start_of_utc_month(),
+    }
 }
 
 /// A tenant-period budget rule of a policy, with its key at `now`.
@@ -290,6 +259,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    const DAY_MS: i64 = 86_400_000;
 
     fn at(text: &str) -> Timestamp {
         Timestamp::parse(text).unwrap()
