@@ -45,13 +45,13 @@ pub struct TenantView {
     /// The tenant's totals for the snapshot's tenant-period budgets.
     pub periods: PeriodTotals,
     /// The tenant's rate windows rebuilt from the store, when this node shares them
-    /// ([`shares_rate_windows`]); `None` means the node's in-memory windows.
+    /// (`Store::is_shared`); `None` means the node's in-memory windows.
     pub rates: Option<TenantRates>,
 }
 
 /// Whether a call of a run under `snapshot` reads its tenant's state from the store first.
 pub fn needs_view(store: &Store, snapshot: &CompiledSnapshot) -> bool {
-    runguard_engine::uses_tenant_periods(snapshot) || (snapshot.uses_tenant_rates() && shares_rate_windows(store))
+    runguard_engine::uses_tenant_periods(snapshot) || (snapshot.uses_tenant_rates() && store.is_shared())
 }
 
 /// Reads the tenant's state a call of `run` is evaluated against at `now`.
@@ -59,7 +59,7 @@ pub fn read_view(store: &Store, run: &runguard_engine::Run, now: Timestamp) -> R
     let state = run.state();
     let snapshot = run.snapshot();
     let periods = read_totals(store, &state.tenant_id, snapshot, &state.labels, now)?;
-    let rates = if snapshot.uses_tenant_rates() && shares_rate_windows(store) {
+    let rates = if snapshot.uses_tenant_rates() && store.is_shared() {
         Some(read_rates(store, &state.tenant_id, snapshot, now)?)
     } else {
         None
@@ -73,12 +73,6 @@ pub fn add_deltas(batch: &mut WriteBatch, tenant: &TenantId, deltas: &[PeriodDel
         let PeriodKey { policy_id, period_start, .. } = key;
         batch.add_tenant_usage(tenant.clone(), policy_id.clone(), *period_start, *delta, *at_most);
     }
-}
-
-/// Whether this node shares its tenants' rate windows through the store (PostgreSQL: other nodes decide
-/// for the same tenants) rather than keeping them in memory (sled: it is the only one).
-pub fn shares_rate_windows(store: &Store) -> bool {
-    store.backend_name() == "postgres"
 }
 
 /// The tenant's rate windows for `snapshot` at `now`, rebuilt from the events the store holds.
@@ -100,7 +94,7 @@ pub fn read_rates(
 
 /// Adds a call's event in its tenant's shared rate windows to its batch, when this node shares them.
 pub fn add_rate_delta(batch: &mut WriteBatch, store: &Store, tenant: &TenantId, delta: Option<&RateDelta>) {
-    let Some(delta) = delta.filter(|_| shares_rate_windows(store)) else { return };
+    let Some(delta) = delta.filter(|_| store.is_shared()) else { return };
     let e = delta.event;
     batch.push(WriteOp::AddTenantRateEvent(Box::new(TenantRateEvent {
         tenant: tenant.clone(),

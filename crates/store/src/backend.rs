@@ -292,6 +292,13 @@ impl Store {
         if self.backend.dir().is_some() { "sled" } else { "postgres" }
     }
 
+    /// Whether other nodes may write this store too (PostgreSQL), so that what this node holds in memory
+    /// of a run, a family, a tenant's windows or the policies may be behind it. Sled is opened by one
+    /// process: what the node holds is exact.
+    pub fn is_shared(&self) -> bool {
+        self.backend.dir().is_none()
+    }
+
     /// Every run whose status is `running`, across tenants (for expiry and rehydration).
     pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
         self.backend.running_runs()

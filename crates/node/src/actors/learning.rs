@@ -344,7 +344,7 @@ fn cluster_lock_name(key: &LockKey) -> String {
 /// fencing and consistency"), held until the commit is done: on PostgreSQL another node's request reads
 /// only after this one's commit. One node owns a sled store, so there it is only the in-process lock.
 async fn cluster_locks(shared: &Arc<Shared>, names: Vec<String>) -> Result<Option<ClusterLock>, NodeError> {
-    if shared.store.backend_name() != "postgres" {
+    if !shared.store.is_shared() {
         return Ok(None);
     }
     let wait = shared.call_timeout();

@@ -489,7 +489,7 @@ impl RunActor {
     /// CEL) all block: off the actor's thread.
     async fn current_snapshot(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CurrentSnapshot, NodeError> {
         // Read before the policies: a policy change committed after this read makes the entry stale.
-        let generation = if shared.store.backend_name() == "postgres" {
+        let generation = if shared.store.is_shared() {
             // A read of the database's generation, shared by every node: off the actor's thread.
             shared.blocking(|shared| Ok::<_, NodeError>(shared.store.policy_generation())).await?
         } else {
@@ -956,14 +956,14 @@ fn fenced(err: &NodeError) -> bool {
 /// A copy of a step call to evaluate again should its commit lose the fencing check. Only a store other
 /// nodes write can fence a node (sled has one writer, this node), so only then is the call copied.
 fn retry_copy(shared: &Shared, call: &StepCall) -> Option<StepCall> {
-    (shared.store.backend_name() == "postgres").then(|| call.clone())
+    shared.store.is_shared().then(|| call.clone())
 }
 
 impl RunActor {
     /// Whether a refusal by this node's copy of the run may come from a copy another node made stale:
     /// only when other nodes write the store, and only before this call read the run back.
     fn may_be_stale(&self, shared: &Shared) -> bool {
-        self.fenced == 0 && shared.store.backend_name() == "postgres"
+        self.fenced == 0 && shared.store.is_shared()
     }
 
     /// A refusal by a copy that may be stale: answered as it is when the store's ledger is as long as the

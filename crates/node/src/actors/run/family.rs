@@ -117,7 +117,7 @@ impl RunActor {
         let needs_view = crate::tenant_state::needs_view(&shared.store, live.run.snapshot());
         // After a refused bound another node has committed to the family: read it back first.
         let reread_family = retries < crate::tenant_state::REEVALUATIONS;
-        let shared_store = shared.store.backend_name() == "postgres";
+        let shared_store = shared.store.is_shared();
         if !needs_view && !reread_family && !shared_store {
             // One node's view of a family is exact and no bound can fail: nothing to read, nothing to retry.
             return self.family_step_with(call, shared, at, TenantView::default());
@@ -330,9 +330,7 @@ impl RecordBasis {
 /// several nodes share (another node may have committed to the family since this node's view of it), for
 /// a `post` that was not blocked. A block adds its usage unconditionally, as the run's own does.
 pub(super) fn bounds_apply(shared: &Shared, answer: &Answer) -> bool {
-    shared.store.backend_name() == "postgres"
-        && answer.decision.phase == DecisionPhase::Post
-        && answer.decision.action != Action::Block
+    shared.store.is_shared() && answer.decision.phase == DecisionPhase::Post && answer.decision.action != Action::Block
 }
 
 impl FamilyCall {
