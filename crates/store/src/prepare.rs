@@ -809,16 +809,23 @@ impl<'a> Prepare<'a> {
         at_most: u64,
     ) -> Result<(), StoreError> {
         let key = (tenant.clone(), run.clone());
+        // A call bounds several budgets of one run: its totals and rollup are read once per commit.
         let own = match self.run_totals.get(&key) {
             Some(totals) => *totals,
-            None => self
-                .view
-                .run_totals(tenant, run)?
-                .ok_or_else(|| StoreError::not_found(format!("run `{run}` to bound does not exist")))?,
+            None => {
+                let totals = self
+                    .view
+                    .run_totals(tenant, run)?
+                    .ok_or_else(|| StoreError::not_found(format!("run `{run}` to bound does not exist")))?;
+                *self.run_totals.entry(key.clone()).or_insert(totals)
+            }
         };
         let descendants = match self.rollups.get(&key) {
             Some(rollup) => rollup.descendants,
-            None => self.view.run_rollup(tenant, run)?.descendants,
+            None => {
+                let rollup = self.view.run_rollup(tenant, run)?;
+                self.rollups.entry(key).or_insert(rollup).descendants
+            }
         };
         let of = |totals: Totals| match metric {
             BudgetMetric::Tokens => totals.tokens,

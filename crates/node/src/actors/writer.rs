@@ -315,6 +315,5 @@ mod tests {
             handle.commit(accepted("initech")),
         );
         assert!(a.is_ok() && b.is_ok() && c.is_ok(), "{a:?} {b:?} {c:?}");
-        assert!(store.commit_count() >= 1);
     }
 }
