@@ -237,9 +237,17 @@ impl RunActor {
             return ready(Err(parent_not_running(&ancestor)));
         }
         let mut batch = WriteBatch::new();
+        // Fenced like every run write: another node may have moved the run on since this copy was read.
+        let state = live.run.state();
+        batch.fence_run(state.tenant_id.clone(), state.run_id.clone(), live.ledger_len);
         batch.put_run(live.meta.stored(&live.run));
         Box::pin(async move { shared.commit(batch).await }.into_actor(self).map(move |committed, actor, _| {
             match committed {
+                Err(err) if super::fenced(&err) => {
+                    // The run changed elsewhere: read it back next time; its parent still does not run.
+                    actor.forget();
+                    Err(parent_not_running(&ancestor))
+                }
                 Err(err) => {
                     // Stopped in memory before the commit failed: read back from the store next time.
                     actor.forget();
