@@ -65,7 +65,14 @@ pub(crate) fn encode_bincode<T: Serialize>(what: &str, value: &T) -> Result<Vec<
 
 /// Decodes an envelope plus bincode payload.
 pub(crate) fn decode_bincode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    let payload = payload(what, bytes)?;
+    decode_bincode_payload(what, payload(what, bytes)?)
+}
+
+/// The bincode `payload` of a value whose envelope byte the caller has already read.
+pub(crate) fn decode_bincode_payload<T: DeserializeOwned>(what: &str, payload: &[u8]) -> Result<T, StoreError> {
+    if payload.len() > MAX_VALUE_LEN {
+        return Err(StoreError::corrupt(format!("stored {what} is {} bytes, over the limit", payload.len())));
+    }
     let (value, read) = bincode::serde::decode_from_slice(payload, CONFIG)
         .map_err(|err| StoreError::corrupt(format!("stored {what} does not decode: {err}")))?;
     if read != payload.len() {

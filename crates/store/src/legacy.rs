@@ -15,7 +15,7 @@ use runguard_contract::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, ENVELOPE_V1};
+use crate::codec;
 use crate::error::StoreError;
 use crate::model::{LedgerCall, LedgerEntry, StoredRun};
 
@@ -37,12 +37,7 @@ pub(crate) fn decode_v2<T: for<'de> Deserialize<'de>, Old: for<'de> Deserialize<
     bytes: &[u8],
 ) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&ENVELOPE_V2, payload)) => {
-            let mut v1 = Vec::with_capacity(bytes.len());
-            v1.push(ENVELOPE_V1);
-            v1.extend_from_slice(payload);
-            codec::decode_bincode(what, &v1)
-        }
+        Some((&ENVELOPE_V2, payload)) => codec::decode_bincode_payload(what, payload),
         _ => codec::decode_bincode::<Old>(what, bytes).map(Into::into),
     }
 }
@@ -217,7 +212,7 @@ mod tests {
             next: run.next,
         };
         let bytes = codec::encode_bincode("run", &old).unwrap();
-        assert_eq!(bytes.first(), Some(&ENVELOPE_V1));
+        assert_eq!(bytes.first(), Some(&codec::ENVELOPE_V1));
         assert_eq!(StoredRun::decode(&bytes).unwrap(), run);
         let new = run.encode().unwrap();
         assert_eq!(new.first(), Some(&ENVELOPE_V2));
