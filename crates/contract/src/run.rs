@@ -77,6 +77,40 @@ pub struct Totals {
     pub duration_ms: u64,
 }
 
+impl Totals {
+    /// `self + other` per metric, saturating.
+    #[must_use]
+    pub const fn saturating_add(self, other: Totals) -> Totals {
+        Totals {
+            tokens: self.tokens.saturating_add(other.tokens),
+            cost_micros: self.cost_micros.saturating_add(other.cost_micros),
+            steps: self.steps.saturating_add(other.steps),
+            duration_ms: self.duration_ms.saturating_add(other.duration_ms),
+        }
+    }
+
+    /// `self - other` per metric, never below 0.
+    #[must_use]
+    pub const fn saturating_sub(self, other: Totals) -> Totals {
+        Totals {
+            tokens: self.tokens.saturating_sub(other.tokens),
+            cost_micros: self.cost_micros.saturating_sub(other.cost_micros),
+            steps: self.steps.saturating_sub(other.steps),
+            duration_ms: self.duration_ms.saturating_sub(other.duration_ms),
+        }
+    }
+
+    /// The total a budget on `metric` compares.
+    pub const fn get(&self, metric: crate::BudgetMetric) -> u64 {
+        match metric {
+            crate::BudgetMetric::Tokens => self.tokens,
+            crate::BudgetMetric::CostMicros => self.cost_micros,
+            crate::BudgetMetric::Steps => self.steps,
+            crate::BudgetMetric::DurationMs => self.duration_ms,
+        }
+    }
+}
+
 /// The next call a run expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

@@ -61,35 +61,6 @@ impl Family<'_> {
     }
 }
 
-/// `a + b` per metric, saturating.
-pub(crate) fn plus(a: Totals, b: Totals) -> Totals {
-    Totals {
-        tokens: a.tokens.saturating_add(b.tokens),
-        cost_micros: a.cost_micros.saturating_add(b.cost_micros),
-        steps: a.steps.saturating_add(b.steps),
-        duration_ms: a.duration_ms.saturating_add(b.duration_ms),
-    }
-}
-
-/// `a - b` per metric, never below 0.
-fn minus(a: Totals, b: Totals) -> Totals {
-    Totals {
-        tokens: a.tokens.saturating_sub(b.tokens),
-        cost_micros: a.cost_micros.saturating_sub(b.cost_micros),
-        steps: a.steps.saturating_sub(b.steps),
-        duration_ms: a.duration_ms.saturating_sub(b.duration_ms),
-    }
-}
-
-fn value(totals: &Totals, metric: BudgetMetric) -> u64 {
-    match metric {
-        BudgetMetric::Tokens => totals.tokens,
-        BudgetMetric::CostMicros => totals.cost_micros,
-        BudgetMetric::Steps => totals.steps,
-        BudgetMetric::DurationMs => totals.duration_ms,
-    }
-}
-
 fn kind(metric: BudgetMetric) -> ViolationType {
     match metric {
         BudgetMetric::Tokens => ViolationType::TokenLimit,
@@ -153,12 +124,12 @@ fn check(policy: &Policy, rule: &BudgetRule, bind: BindAt, step: &StepCall, leve
     let mut push = |violation| out.push(Found { violation, precedence: policy.precedence, tier: None });
     match bind {
         BindAt::StepPost => {
-            let actual = value(&level.after, rule.metric);
+            let actual = level.after.get(rule.metric);
             if actual > rule.max {
                 let reason = format!("{whose} {metric} {actual} exceed {}", rule.max);
                 push(violation(policy, level.run_id, kind(rule.metric), action, (rule.max, actual), reason));
             }
-            let before = value(&level.before, rule.metric);
+            let before = level.before.get(rule.metric);
             for &tier in &rule.warn_at {
                 let key = TierKey { policy_id: policy.id.clone(), tier };
                 if !reached(actual, rule.max, tier) || reached(before, rule.max, tier) || (level.fired)(&key) {
@@ -178,7 +149,7 @@ fn check(policy: &Policy, rule: &BudgetRule, bind: BindAt, step: &StepCall, leve
             }
         }
         BindAt::StepPre => {
-            let total = value(&level.before, rule.metric);
+            let total = level.before.get(rule.metric);
             let estimate = match rule.metric {
                 BudgetMetric::Steps => Some(1),
                 BudgetMetric::Tokens => step.estimate.and_then(|e| e.tokens),
@@ -260,7 +231,7 @@ pub(crate) fn widen(
         Phase::Post => BindAt::StepPost,
     };
     let own_after = state.totals_with(evaluation.effects.usage.as_ref(), evaluation.effects.counts_step);
-    let delta = minus(own_after, state.totals);
+    let delta = own_after.saturating_sub(state.totals);
     let mut found: Vec<Found> = Vec::new();
 
     // The run's own per-run budgets, re-checked on its rolled-up totals when descendants add to them.
@@ -271,8 +242,8 @@ pub(crate) fn widen(
         let fired = |key: &TierKey| state.fired_tiers.contains(key);
         let level = Level {
             run_id: None,
-            before: plus(state.totals, family.descendants),
-            after: plus(own_after, family.descendants),
+            before: state.totals.saturating_add(family.descendants),
+            after: own_after.saturating_add(family.descendants),
             fired: &fired,
         };
         evaluation.decision.violations.retain(|v| !(own_budget(&v.policy_id) && is_budget_finding(v.violation_type)));
@@ -282,10 +253,7 @@ pub(crate) fn widen(
             // A tier the descendants crossed first counts as fired for the run.
             for &tier in &rule.warn_at {
                 let key = TierKey { policy_id: policy.id.clone(), tier };
-                if bind == BindAt::StepPost
-                    && reached(value(&level.before, rule.metric), rule.max, tier)
-                    && !fired(&key)
-                {
+                if bind == BindAt::StepPost && reached(level.before.get(rule.metric), rule.max, tier) && !fired(&key) {
                     evaluation.effects.fired_tiers.push(key);
                 }
             }
@@ -293,14 +261,16 @@ pub(crate) fn widen(
     }
     // What the run's own evaluation left (its tenant-period budgets among it), tightened by its budgets on
     // the rolled-up totals and by every ancestor's.
-    let mut left =
-        min_remaining(evaluation.decision.remaining, remaining(snapshot, &plus(own_after, family.descendants)));
+    let mut left = min_remaining(
+        evaluation.decision.remaining,
+        remaining(snapshot, &own_after.saturating_add(family.descendants)),
+    );
     for ancestor in family.ancestors {
         let none = |_: &TierKey| false;
         let level = Level {
             run_id: Some(&ancestor.run_id),
             before: ancestor.rolled_up,
-            after: plus(ancestor.rolled_up, delta),
+            after: ancestor.rolled_up.saturating_add(delta),
             fired: &none,
         };
         for (policy, rule) in run_budgets(&ancestor.snapshot, bind) {

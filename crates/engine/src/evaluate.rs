@@ -153,15 +153,6 @@ fn block_or_warn(action: PolicyAction) -> Action {
     }
 }
 
-fn budget_value(totals: &Totals, metric: BudgetMetric) -> u64 {
-    match metric {
-        BudgetMetric::Tokens => totals.tokens,
-        BudgetMetric::CostMicros => totals.cost_micros,
-        BudgetMetric::Steps => totals.steps,
-        BudgetMetric::DurationMs => totals.duration_ms,
-    }
-}
-
 fn budget_violation_type(metric: BudgetMetric) -> ViolationType {
     match metric {
         BudgetMetric::Tokens => ViolationType::TokenLimit,
@@ -188,7 +179,7 @@ fn check_budget(policy: &Policy, rule: &BudgetRule, cx: &Cx<'_>) -> Vec<Finding>
     let mut found = Vec::new();
     match (rule.per, cx.bind) {
         (BudgetPer::Run, BindAt::StepPost | BindAt::RunEnd) => {
-            let actual = budget_value(&cx.totals, rule.metric);
+            let actual = cx.totals.get(rule.metric);
             if actual > rule.max {
                 found.push(over(actual, format!("run {metric} {actual} exceed {}", rule.max)));
             }
@@ -219,7 +210,7 @@ fn check_budget(policy: &Policy, rule: &BudgetRule, cx: &Cx<'_>) -> Vec<Finding>
                     found.push(over(actual, format!("run steps would reach {actual}, above {}", rule.max)));
                 }
             } else if let Some(estimate) = estimate_of(step, rule.metric) {
-                let total = budget_value(&cx.totals, rule.metric);
+                let total = cx.totals.get(rule.metric);
                 let actual = total.saturating_add(estimate);
                 if actual > rule.max {
                     found.push(over(
@@ -547,7 +538,7 @@ pub(crate) fn budget_remaining(snapshot: &CompiledSnapshot, totals: &Totals) -> 
         if policy.mode != Mode::Active || policy.action != PolicyAction::Block || rule.per != BudgetPer::Run {
             continue;
         }
-        let value = rule.max.saturating_sub(budget_value(totals, rule.metric));
+        let value = rule.max.saturating_sub(totals.get(rule.metric));
         let slot = match rule.metric {
             BudgetMetric::Tokens => &mut left.tokens,
             BudgetMetric::CostMicros => &mut left.cost_micros,

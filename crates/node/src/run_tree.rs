@@ -39,21 +39,7 @@ pub struct Member {
 
 impl Member {
     fn rolled_up(&self) -> Totals {
-        add(add(self.own, self.descendants), self.reserved)
-    }
-}
-
-/// `a + b` per metric, saturating.
-pub fn add(a: Totals, b: Totals) -> Totals {
-    runguard_store::add_totals(a, b)
-}
-
-fn sub(a: Totals, b: Totals) -> Totals {
-    Totals {
-        tokens: a.tokens.saturating_sub(b.tokens),
-        cost_micros: a.cost_micros.saturating_sub(b.cost_micros),
-        steps: a.steps.saturating_sub(b.steps),
-        duration_ms: a.duration_ms.saturating_sub(b.duration_ms),
+        self.own.saturating_add(self.descendants).saturating_add(self.reserved)
     }
 }
 
@@ -226,13 +212,13 @@ impl RunTree {
             });
         }
         let this = members.get(run).ok_or_else(|| Barred::Missing(run.clone()))?;
-        let descendants = add(this.descendants, this.reserved);
+        let descendants = this.descendants.saturating_add(this.reserved);
         let (answer, after) = step(&Family { descendants, ancestors: &chain });
         let Some(after) = after else { return Ok((answer, None)) };
-        let delta = sub(after, own);
+        let delta = after.saturating_sub(own);
         for id in ancestors.iter().chain(std::iter::once(run)) {
             if let Some(member) = members.get_mut(id) {
-                member.reserved = add(member.reserved, delta);
+                member.reserved = member.reserved.saturating_add(delta);
             }
         }
         let reservation =
@@ -248,14 +234,14 @@ impl RunTree {
         let delta = reservation.delta;
         for id in &reservation.ancestors {
             if let Some(member) = members.get_mut(id) {
-                member.reserved = sub(member.reserved, delta);
+                member.reserved = member.reserved.saturating_sub(delta);
                 if committed.is_some() {
-                    member.descendants = add(member.descendants, delta);
+                    member.descendants = member.descendants.saturating_add(delta);
                 }
             }
         }
         if let Some(member) = members.get_mut(&reservation.run) {
-            member.reserved = sub(member.reserved, delta);
+            member.reserved = member.reserved.saturating_sub(delta);
             if let Some((own, running)) = committed {
                 member.own = max(member.own, own);
                 member.running &= running;

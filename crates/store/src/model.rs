@@ -75,19 +75,9 @@ impl RunRollup {
     /// `self + delta`, saturating.
     pub fn plus(self, delta: RunRollup) -> RunRollup {
         RunRollup {
-            descendants: add_totals(self.descendants, delta.descendants),
+            descendants: self.descendants.saturating_add(delta.descendants),
             children: self.children.saturating_add(delta.children),
         }
-    }
-}
-
-/// `a + b`, saturating per metric.
-pub fn add_totals(a: Totals, b: Totals) -> Totals {
-    Totals {
-        tokens: a.tokens.saturating_add(b.tokens),
-        cost_micros: a.cost_micros.saturating_add(b.cost_micros),
-        steps: a.steps.saturating_add(b.steps),
-        duration_ms: a.duration_ms.saturating_add(b.duration_ms),
     }
 }
 

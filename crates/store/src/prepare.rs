@@ -827,13 +827,7 @@ impl<'a> Prepare<'a> {
                 self.rollups.entry(key).or_insert(rollup).descendants
             }
         };
-        let of = |totals: Totals| match metric {
-            BudgetMetric::Tokens => totals.tokens,
-            BudgetMetric::CostMicros => totals.cost_micros,
-            BudgetMetric::Steps => totals.steps,
-            BudgetMetric::DurationMs => totals.duration_ms,
-        };
-        let value = of(own).saturating_add(of(descendants));
+        let value = own.get(metric).saturating_add(descendants.get(metric));
         if value <= at_most {
             return Ok(());
         }

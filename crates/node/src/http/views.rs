@@ -116,7 +116,7 @@ impl RunView {
     /// The view with the run's rolled-up totals and children count.
     #[must_use]
     pub fn with_rollup(mut self, rollup: runguard_store::RunRollup) -> Self {
-        self.rolled_up_totals = Some(runguard_store::add_totals(self.totals, rollup.descendants));
+        self.rolled_up_totals = Some(self.totals.saturating_add(rollup.descendants));
         self.children = Some(rollup.children);
         self
     }
