@@ -1,8 +1,10 @@
 //! The `runguard` binary; everything lives in the library.
 
-// glibc's allocator was about a fifth of a durable allow's CPU (`malloc_consolidate` and arena locks on
-// the writer thread); jemalloc takes a fifth off an allow and a third off a block. Its settings, which
-// keep 100,000 idle runs under 300 MB, are in `.cargo/config.toml`; see `docs/performance.md`, "Allocator".
+// With the `jemalloc` feature the node runs on jemalloc (settings in `.cargo/config.toml`): about a fifth
+// less CPU per durable allow and a third less per block than the system allocator, for about a tenth
+// more memory per idle run, which puts 100,000 idle runs at the 300 MB limit rather than well under it.
+// See `docs/performance.md`, "Issue 16: the profile, a write-ahead log, the allocator".
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
