@@ -56,6 +56,19 @@ impl fmt::Debug for ValidationError {
 /// The input is read strictly (see [`crate::strict`]): a repeated key, an array where an object is
 /// expected, or an integer beyond 2^53 − 1 is refused the same way.
 pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
+    // Tracking the path costs on every read and only explains a failure: read without it first (the same
+    // strict rules), and again with it only to describe what failed.
+    let mut fast = serde_json::Deserializer::from_slice(bytes);
+    if let Ok(value) = T::deserialize(Strict::new(&mut fast))
+        && fast.end().is_ok()
+    {
+        return Ok(value);
+    }
+    read_with_path(bytes)
+}
+
+/// [`from_json_slice`] with the path tracked from the start: what explains a failure.
+fn read_with_path<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ValidationError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(Strict::new(&mut de)).map_err(|err| located(&err))?;
     de.end().map_err(|err| ValidationError::new("", describe_json_error(&err)))?;
@@ -95,5 +108,43 @@ fn describe_json_error(err: &serde_json::Error) -> String {
     match err.classify() {
         Category::Syntax | Category::Eof => format!("is not valid JSON: {without_position}"),
         Category::Data | Category::Io => crate::wording::in_our_words(&without_position),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StepCall;
+
+    /// The fast read accepts exactly what the path-tracking read accepts, and a failure is explained by
+    /// the path-tracking read.
+    #[test]
+    fn the_fast_read_agrees_with_the_path_tracking_read() {
+        let bodies: &[&str] = &[
+            r#"{"index":0,"phase":"pre","estimate":{"tokens":10}}"#,
+            r#"{"index":0,"phase":"post","usage":{"tokens":5,"cost_micros":1,"duration_ms":2}}"#,
+            r#"{"index":0,"phase":"pre","phase":"post"}"#,
+            r#"{"index":0,"phase":"pre","unknown":1}"#,
+            r#"{"index":9007199254740992,"phase":"pre"}"#,
+            r#"{"index":1.0,"phase":"pre"}"#,
+            r#"{"index":0,"phase":"post","usage":[5,1,2]}"#,
+            r#"{"index":0}"#,
+            r#"{"index":0,"phase":"pre"} trailing"#,
+            r#"{"index":0,"phase":"pre""#,
+            r#"[]"#,
+            "",
+        ];
+        for body in bodies {
+            let fast = from_json_slice::<StepCall>(body.as_bytes());
+            let tracked = read_with_path::<StepCall>(body.as_bytes());
+            match (fast, tracked) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{body}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{body}"),
+                (a, b) => panic!("`{body}`: fast {a:?}, tracked {b:?}"),
+            }
+        }
+        assert!(from_json_slice::<StepCall>(bodies[0].as_bytes()).is_ok());
+        let err = from_json_slice::<StepCall>(bodies[2].as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("phase"), "{err}");
     }
 }
