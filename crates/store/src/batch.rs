@@ -109,6 +109,12 @@ pub enum WriteOp {
     PutSnapshot(Box<Snapshot>),
     /// Creates or updates a run. Its snapshot must be stored or in the batch; its binding never changes.
     PutRun(Box<StoredRun>),
+    /// A running run after a step that moved only its totals and the call it expects next (nothing else
+    /// of the run changes on a step that is neither throttled nor stopping it). The batch must append
+    /// that step's ledger entry to the run, and the run's totals and next call must be the ones the entry
+    /// leaves; anything else is refused. A backend may keep the stored row as it was and read these two
+    /// from the ledger's last entry (sled does: one write per step instead of two).
+    AdvanceRun(Box<StoredRun>),
     /// The fencing condition of a run's writes (`docs/store.md`, "Fencing"): at this point of the commit
     /// the run's ledger holds exactly `ledger_len` entries and the run is running — or, with `ledger_len`
     /// 0, the run does not exist yet. Checked inside the commit transaction, after every commit before
@@ -271,6 +277,11 @@ impl WriteBatch {
     /// Adds a run upsert.
     pub fn put_run(&mut self, run: StoredRun) -> &mut Self {
         self.push(WriteOp::PutRun(Box::new(run)))
+    }
+
+    /// Adds a running run's step: its new totals and next call (see [`WriteOp::AdvanceRun`]).
+    pub fn advance_run(&mut self, run: StoredRun) -> &mut Self {
+        self.push(WriteOp::AdvanceRun(Box::new(run)))
     }
 
     /// Adds the fencing condition of a run's writes (see [`WriteOp::FenceRun`]).

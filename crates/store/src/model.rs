@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use runguard_contract::{
-    Decision, NextCall, Outcome, PolicyId, RunId, RunStatus, SnapshotRef, StepCall, StepError, TenantId,
+    Action, Decision, NextCall, Outcome, Phase, PolicyId, RunId, RunStatus, SnapshotRef, StepCall, StepError, TenantId,
     TerminationReason, Timestamp, Totals,
 };
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,31 @@ impl StoredRun {
     /// How many runs its chain holds, the root and itself included.
     pub fn depth(&self) -> usize {
         self.ancestors.len().saturating_add(1)
+    }
+
+    /// The run as its last ledger entry leaves it: that entry's totals, and the call it expects after
+    /// it. A step only moves these two (`WriteOp::AdvanceRun`), so a stored row written before the entry
+    /// plus the entry is the run now. A throttled call moves neither: its row is written in full.
+    pub(crate) fn catch_up(&mut self, last: &LedgerEntry) {
+        self.totals = last.totals_after;
+        if let Some(next) = last.next_call() {
+            self.next = next;
+        }
+    }
+}
+
+impl LedgerEntry {
+    /// The call a run expects after this entry, when the entry moved it: an evaluated step that was not
+    /// throttled (the engine's rule: after a `pre` its `post`, after a `post` the next step's `pre`).
+    pub(crate) fn next_call(&self) -> Option<NextCall> {
+        let LedgerCall::Step(call) = &self.call else { return None };
+        if self.decision.action == Action::Throttle {
+            return None;
+        }
+        Some(match call.phase {
+            Phase::Pre => NextCall { index: call.index, phase: Phase::Post },
+            Phase::Post => NextCall { index: call.index.saturating_add(1), phase: Phase::Pre },
+        })
     }
 }
 

@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
-    AuditEntry, BudgetMetric, Decision, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord,
-    RateMetric, RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash,
-    SnapshotId, TenantId, Timestamp, Totals,
+    AuditEntry, BudgetMetric, Decision, Incident, IncidentId, NextCall, Pattern, PatternId, Policy, PolicyId,
+    PreventionRecord, RateMetric, RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot,
+    SnapshotHash, SnapshotId, TenantId, Timestamp, Totals,
 };
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, TenantRateEvent, WriteBatch, WriteOp};
@@ -135,6 +135,9 @@ pub(crate) enum Staged {
         run: Box<StoredRun>,
         /// The live listing, when it changes.
         listed: Option<bool>,
+        /// Whether only its totals and next call moved, as the ledger entry staged with it says
+        /// ([`WriteOp::AdvanceRun`]): a backend may leave the stored row as it was.
+        advanced: bool,
     },
     /// A ledger entry with its position set.
     Ledger {
@@ -245,6 +248,10 @@ pub(crate) struct Prepare<'a> {
     rollups: HashMap<RunKey, RunRollup>,
     /// The totals of the runs this commit wrote, as it leaves them.
     run_totals: HashMap<RunKey, Totals>,
+    /// Per run, what the last ledger entry the current batch appended leaves: totals and next call.
+    stepped: HashMap<RunKey, (Totals, Option<NextCall>)>,
+    /// The runs the current batch advances, with the totals and next call it claims.
+    advanced: Vec<(RunKey, Totals, NextCall)>,
 }
 
 impl<'a> Prepare<'a> {
@@ -274,6 +281,8 @@ impl<'a> Prepare<'a> {
             regrets: HashSet::new(),
             rollups: HashMap::new(),
             run_totals: HashMap::new(),
+            stepped: HashMap::new(),
+            advanced: Vec::new(),
         }
     }
 
@@ -309,14 +318,17 @@ impl<'a> Prepare<'a> {
         for (i, op) in batch.ops().iter().enumerate() {
             let bound = match op {
                 WriteOp::PutSnapshot(snapshot) => self.put_snapshot(snapshot),
-                WriteOp::PutRun(run) => self.bind_run(run),
+                WriteOp::PutRun(run) | WriteOp::AdvanceRun(run) => self.bind_run(run),
                 _ => Ok(()),
             };
             bound.map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
+        self.stepped.clear();
+        self.advanced.clear();
         for (i, op) in batch.ops().iter().enumerate() {
             self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
+        self.check_advances()?;
         self.receipt.ops = batch.len();
         Ok(())
     }
@@ -326,7 +338,8 @@ impl<'a> Prepare<'a> {
             WriteOp::PutPolicyVersion(policy) => self.put_policy(policy),
             WriteOp::AppendAudit { tenant, entry } => self.append_audit(tenant.as_ref(), entry),
             WriteOp::PutSnapshot(_) => Ok(()),
-            WriteOp::PutRun(run) => self.put_run(run),
+            WriteOp::PutRun(run) => self.put_run(run, false),
+            WriteOp::AdvanceRun(run) => self.advance_run(run),
             WriteOp::FenceRun { tenant_id, run_id, ledger_len } => self.fence_run(tenant_id, run_id, *ledger_len),
             WriteOp::AppendLedger { tenant_id, run_id, entry } => self.append_ledger(tenant_id, run_id, entry),
             WriteOp::AppendRecord(append) => self.append_record(append),
@@ -475,7 +488,40 @@ impl<'a> Prepare<'a> {
         self.view.run_binding(tenant, run)
     }
 
-    fn put_run(&mut self, run: &StoredRun) -> Result<(), StoreError> {
+    fn advance_run(&mut self, run: &StoredRun) -> Result<(), StoreError> {
+        if run.status != RunStatus::Running {
+            return Err(StoreError::contract(format!(
+                "run `{}` is advanced but not running: a run whose status changes is written whole",
+                run.run_id
+            )));
+        }
+        self.advanced.push(((run.tenant_id.clone(), run.run_id.clone()), run.totals, run.next));
+        self.put_run(run, true)
+    }
+
+    /// Every run the batch advanced has its step's ledger entry in the batch, and leaves the totals and
+    /// next call that entry says: reading the stored row plus the entry gives back the run exactly.
+    fn check_advances(&self) -> Result<(), StoreError> {
+        for (key, totals, next) in &self.advanced {
+            let run = &key.1;
+            match self.stepped.get(key) {
+                None => {
+                    return Err(StoreError::contract(format!(
+                        "run `{run}` is advanced without its step's ledger entry in the same batch"
+                    )));
+                }
+                Some((entry_totals, entry_next)) if entry_totals != totals || *entry_next != Some(*next) => {
+                    return Err(StoreError::contract(format!(
+                        "run `{run}` is advanced to totals and a next call its ledger entry does not leave"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn put_run(&mut self, run: &StoredRun, advanced: bool) -> Result<(), StoreError> {
         let key = (run.tenant_id.clone(), run.run_id.clone());
         let live = run.status == RunStatus::Running;
         let listed = self.live.get(&key).copied().or_else(|| self.view.run_listed_live(&run.tenant_id, &run.run_id));
@@ -486,7 +532,7 @@ impl<'a> Prepare<'a> {
         }
         self.running.insert(key.clone(), Some(live));
         self.run_totals.insert(key, run.totals);
-        self.write(Staged::Run { run: Box::new(run.clone()), listed: change });
+        self.write(Staged::Run { run: Box::new(run.clone()), listed: change, advanced });
         Ok(())
     }
 
@@ -528,7 +574,8 @@ impl<'a> Prepare<'a> {
             Some(next) => *next,
             None => self.view.next_ledger_position(tenant, run)?,
         };
-        self.ledger_next.insert(key, position.saturating_add(1));
+        self.ledger_next.insert(key.clone(), position.saturating_add(1));
+        self.stepped.insert(key, (entry.totals_after, entry.next_call()));
         let mut entry = entry.clone();
         entry.position = position;
         self.write(Staged::Ledger { tenant: tenant.clone(), run: run.clone(), entry: Box::new(entry) });

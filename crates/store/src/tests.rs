@@ -604,8 +604,10 @@ fn ledgers_keep_every_call_and_load_run_checks_totals(store) {
     assert_eq!(page.items[0].position, 0);
     assert!(page.next_cursor.is_some());
 
-    // A run whose stored totals disagree with its ledger is reported.
+    // A run whose stored totals disagree with its ledger is reported. (A running run's totals on sled are
+    // its last ledger entry's, so the run is ended here: its row is then the one that counts.)
     let mut lying = run.clone();
+    lying.status = RunStatus::Succeeded;
     lying.totals.tokens = 5;
     commit(&store, |b| {
         b.put_run(lying);
@@ -1358,4 +1360,112 @@ fn a_rolled_up_bound_that_no_longer_holds_fails_only_its_callers_batch(store) {
     batch.check_rolled_up(world.tenant.clone(), parent.clone(), runguard_contract::BudgetMetric::Tokens, 59);
     assert!(store.commit(batch).unwrap_err().is_rolled_up_limit());
 }
+}
+
+on_both_backends! {
+fn an_advanced_run_reads_back_with_its_steps_totals_and_next_call(store) {
+    let (world, runs) = world_with_runs(&store, 2);
+    let mut run = runs[0].clone();
+    for step in 0..3 {
+        let entry = world.post(&mut run, step, 10 + step);
+        commit(&store, |b| {
+            b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry).advance_run(run.clone());
+        });
+    }
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
+    let listed = store.list_runs(&world.tenant, &PageRequest::first(10)).unwrap();
+    assert_eq!(listed.items[0], run);
+    assert_eq!(listed.items[1], runs[1], "a run without steps reads as written");
+    let running: Vec<StoredRun> = store.running_runs().map(Result::unwrap).collect();
+    assert_eq!(running[0], run);
+    let all: Vec<StoredRun> = store.all_runs().map(Result::unwrap).collect();
+    assert_eq!(all[0], run);
+    let loaded = store.load_run(&world.tenant, &run.run_id).unwrap().unwrap();
+    assert!(loaded.is_intact(), "{:?}", loaded.ledger_problem);
+    assert_eq!(loaded.run, run);
+    assert_eq!(loaded.ledger.len(), 3);
+
+    // A throttled step moves nothing: the run is written whole, and reads as written.
+    let mut throttled = world.post(&mut run.clone(), 3, 99);
+    throttled.decision.action = runguard_contract::Action::Throttle;
+    throttled.totals_after = run.totals;
+    commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), throttled).put_run(run.clone());
+    });
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
+    // Stopping writes the run whole too; it then reads exactly as written.
+    let mut stopped = run.clone();
+    stopped.status = RunStatus::Stopped;
+    commit(&store, |b| {
+        b.put_run(stopped.clone());
+    });
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), stopped);
+}
+}
+
+on_both_backends! {
+fn an_advance_its_ledger_entry_does_not_account_for_is_refused_and_writes_nothing(store) {
+    let (world, runs) = world_with_runs(&store, 1);
+    let before = runs[0].clone();
+    let refused = |f: &dyn Fn(&mut WriteBatch)| {
+        let mut batch = WriteBatch::new();
+        f(&mut batch);
+        let err = store.commit(batch).unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Contract, "{err}");
+        assert_eq!(store.get_run(&world.tenant, &before.run_id).unwrap().unwrap(), before);
+        assert!(store.last_ledger_entry(&world.tenant, &before.run_id).unwrap().is_none());
+        err
+    };
+    let mut run = before.clone();
+    let entry = world.post(&mut run, 0, 10);
+    // No ledger entry.
+    let err = refused(&|b| {
+        b.advance_run(run.clone());
+    });
+    assert!(err.message().contains("without its step's ledger entry"), "{err}");
+    // Totals the entry does not leave.
+    let mut wrong = run.clone();
+    wrong.totals.tokens += 1;
+    refused(&|b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry.clone()).advance_run(wrong.clone());
+    });
+    // A next call the entry does not leave.
+    let mut skipped = run.clone();
+    skipped.next.index += 1;
+    refused(&|b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry.clone()).advance_run(skipped.clone());
+    });
+    // A throttled entry moves nothing, so it cannot advance the run.
+    let mut throttled = entry.clone();
+    throttled.decision.action = runguard_contract::Action::Throttle;
+    refused(&|b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), throttled.clone()).advance_run(run.clone());
+    });
+    // A run that stops is written whole.
+    let mut stopped = run.clone();
+    stopped.status = RunStatus::Stopped;
+    let err = refused(&|b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry.clone()).advance_run(stopped.clone());
+    });
+    assert!(err.message().contains("not running"), "{err}");
+}
+}
+
+#[test]
+fn sled_leaves_an_advanced_runs_row_alone_and_a_reopened_store_still_reads_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let (world, runs) = world_with_runs(&store, 1);
+    let key = crate::keys::run(&world.tenant, &runs[0].run_id);
+    let row = store.raw_tree("runs").get(&key).unwrap().unwrap();
+    let mut run = runs[0].clone();
+    let entry = world.post(&mut run, 0, 25);
+    commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry).advance_run(run.clone());
+    });
+    assert_eq!(store.raw_tree("runs").get(&key).unwrap().unwrap(), row, "one write per step: the ledger entry");
+    store.sync_watermark().unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
 }

@@ -829,8 +829,15 @@ impl RunActor {
         let effects = effects_bytes(&answer.effects);
         let entry =
             LedgerEntry::new(LedgerCall::Step(stored_call), answer.decision, next.state().totals).with_effects(effects);
+        // A step that neither stops the run nor is throttled moves only its totals and next call, which its
+        // ledger entry carries: the store need not rewrite the whole run.
+        let moved_only = next.state().status.is_running() && entry.decision.action != Action::Throttle;
         batch.append_ledger(tenant.clone(), run_id.clone(), entry);
-        batch.put_run(live.meta.stored(&next));
+        if moved_only {
+            batch.advance_run(live.meta.stored(&next));
+        } else {
+            batch.put_run(live.meta.stored(&next));
+        }
         let family = family.map(|family| {
             let bounds = if bounded { family.bounds(run_id, live.run.snapshot()) } else { Vec::new() };
             let reservation = family.extend(&mut batch, &answer_record, tenant);

@@ -225,14 +225,18 @@ fn sled_writes(prepared: Prepared, commits: u64) -> Result<SledPrepared, (usize,
                     .ok_or_else(|| fail(StoreError::contract("a snapshot id is not `snp_` and 32 hex digits")))?;
                 put(T::SnapshotBindings, keys::snapshot_binding(&tenant, &digest), Some(Vec::new()));
             }
-            Staged::Run { run, listed } => {
+            Staged::Run { run, listed, advanced } => {
                 let key = keys::run(&run.tenant_id, &run.run_id);
                 match listed {
                     Some(true) => put(T::RunsLive, key.clone(), Some(Vec::new())),
                     Some(false) => put(T::RunsLive, key.clone(), None),
                     None => {}
                 }
-                put(T::Runs, key, Some(run.encode().map_err(fail)?));
+                // A step's run is its stored row plus the ledger entry written beside it (reads catch the
+                // row up): the row is written when more than the step changed.
+                if !advanced {
+                    put(T::Runs, key, Some(run.encode().map_err(fail)?));
+                }
             }
             Staged::Ledger { tenant, run, entry } => {
                 let value = entry.encode().map_err(fail)?;

@@ -4,7 +4,7 @@ use std::ops::Bound;
 
 use runguard_contract::{
     AuditEntry, Decision, Incident, IncidentId, Mode, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RecordId,
-    Regret, RunId, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
+    Regret, RunId, RunStatus, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
 };
 use sled::IVec;
 
@@ -255,7 +255,19 @@ impl Store {
 
     /// A run of `tenant`.
     pub fn get_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
-        self.get_decoded(T::Runs, &keys::run(tenant, run))
+        self.get_decoded(T::Runs, &keys::run(tenant, run))?.map(|run| self.caught_up(run)).transpose()
+    }
+
+    /// A stored run with what its steps since the row was written moved: a running run's row is written
+    /// when more than its totals and next call change, and each step's ledger entry carries those two
+    /// (`WriteOp::AdvanceRun`). A run that is not running had its row written when it stopped.
+    fn caught_up(&self, mut run: StoredRun) -> Result<StoredRun, StoreError> {
+        if run.status == RunStatus::Running
+            && let Some(last) = self.last_ledger_entry(&run.tenant_id, &run.run_id)?
+        {
+            run.catch_up(&last);
+        }
+        Ok(run)
     }
 
     /// A tenant's runs, by run id.
@@ -274,7 +286,7 @@ impl Store {
         keep: &dyn Fn(&StoredRun) -> bool,
     ) -> Result<Page<StoredRun>, StoreError> {
         self.page_prefix(T::Runs, &keys::tenant(tenant), page, |_, v| {
-            let run = StoredRun::decode(v)?;
+            let run = self.caught_up(StoredRun::decode(v)?)?;
             Ok(keep(&run).then_some(run))
         })
     }
@@ -283,14 +295,16 @@ impl Store {
     pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
         self.items_from(T::RunsLive, Vec::new()).map(move |item| {
             let (key, _) = item?;
-            self.get_decoded::<StoredRun>(T::Runs, &key)?
-                .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))
+            let run = self
+                .get_decoded::<StoredRun>(T::Runs, &key)?
+                .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))?;
+            self.caught_up(run)
         })
     }
 
     /// Every run of every tenant, in key order (for exports).
     pub fn all_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
-        self.items_from(T::Runs, Vec::new()).map(|item| StoredRun::decode(&item?.1))
+        self.items_from(T::Runs, Vec::new()).map(|item| self.caught_up(StoredRun::decode(&item?.1)?))
     }
 
     /// A run's whole ledger, in order.
