@@ -73,6 +73,16 @@ impl Timestamp {
 
     /// The RFC 3339 UTC form with millisecond precision.
     pub fn to_rfc3339(self) -> String {
+        // Every answer, ledger entry and record formats several timestamps: the fixed layout is written
+        // directly, and `time`'s general formatter (ten times the instructions) only takes what lies
+        // outside years 0000–9999.
+        if let Some(text) = wire_text(self.0) {
+            return text;
+        }
+        self.to_rfc3339_general()
+    }
+
+    fn to_rfc3339_general(self) -> String {
         let nanos = i128::from(self.0) * 1_000_000;
         match OffsetDateTime::from_unix_timestamp_nanos(nanos)
             .map(|t| t.to_offset(UtcOffset::UTC))
@@ -83,6 +93,62 @@ impl Timestamp {
             // Only instants beyond year 9999 fail to format; keep them representable.
             None => format!("@{}ms", self.0),
         }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for an instant in years 0000–9999 (the proleptic Gregorian calendar, as
+/// `time` has it); `None` outside them.
+fn wire_text(millis: i64) -> Option<String> {
+    let (year, month, day) = civil_date(millis.div_euclid(DAY_MS));
+    let (hour, minute, second, milli) = day_time(millis);
+    if !(0..=9999).contains(&year) {
+        return None;
+    }
+    let mut text = String::with_capacity(24);
+    push_digits(&mut text, year, 4);
+    text.push('-');
+    push_digits(&mut text, month, 2);
+    text.push('-');
+    push_digits(&mut text, day, 2);
+    text.push('T');
+    push_digits(&mut text, hour, 2);
+    text.push(':');
+    push_digits(&mut text, minute, 2);
+    text.push(':');
+    push_digits(&mut text, second, 2);
+    text.push('.');
+    push_digits(&mut text, milli, 3);
+    text.push('Z');
+    Some(text)
+}
+
+/// Hour, minute, second and millisecond of the UTC day of `millis`.
+fn day_time(millis: i64) -> (i64, i64, i64, i64) {
+    let of_day = millis.rem_euclid(DAY_MS);
+    (of_day / 3_600_000, of_day / 60_000 % 60, of_day / 1_000 % 60, of_day % 1_000)
+}
+
+/// Year, month and day of the day `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days.saturating_add(719_468);
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let year = year_of_era.saturating_add(era.saturating_mul(400)) + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `value` (0 ≤ value < 10^width) in exactly `width` decimal digits.
+fn push_digits(text: &mut String, value: i64, width: u32) {
+    let mut scale = 10_i64.pow(width.saturating_sub(1));
+    while scale > 0 {
+        let digit = u8::try_from(value / scale % 10).unwrap_or(0);
+        text.push(char::from(b'0' + digit));
+        scale /= 10;
     }
 }
 
@@ -141,6 +207,40 @@ mod tests {
         assert_eq!(t.to_rfc3339(), "2026-11-22T10:00:00.000Z");
         let t = Timestamp::parse("2026-11-22T11:00:00.1234+01:00").unwrap();
         assert_eq!(t.to_rfc3339(), "2026-11-22T10:00:00.123Z");
+    }
+
+    proptest::proptest! {
+        /// The direct layout writes what `time`'s formatter writes, over years 0000–9999 and the first
+        /// instants outside them (which take the general path).
+        #[test]
+        fn the_direct_layout_matches_the_general_formatter(
+            millis in -62_167_219_200_000_i64 - 10 * DAY_MS..253_402_300_800_000_i64 + 10 * DAY_MS,
+        ) {
+            let t = Timestamp::from_unix_millis(millis);
+            proptest::prop_assert_eq!(t.to_rfc3339(), t.to_rfc3339_general());
+        }
+    }
+
+    #[test]
+    fn the_direct_layout_matches_at_the_edges() {
+        for millis in [
+            0,
+            -1,
+            1,
+            DAY_MS - 1,
+            951_782_400_000,     // 2000-02-29
+            4_107_542_400_000,   // 2100-03-01
+            -62_167_219_200_000, // 0000-01-01T00:00:00.000Z
+            -62_167_219_200_001, // one millisecond before year 0
+            253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+            253_402_300_800_000, // 10000-01-01
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let t = Timestamp::from_unix_millis(millis);
+            assert_eq!(t.to_rfc3339(), t.to_rfc3339_general(), "{millis}");
+        }
+        assert_eq!(Timestamp::from_unix_millis(951_782_400_000).to_rfc3339(), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]
