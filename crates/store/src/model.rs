@@ -60,14 +60,27 @@ impl StoredRun {
         self.ancestors.len().saturating_add(1)
     }
 
-    /// The run as its last ledger entry leaves it: that entry's totals, and the call it expects after
-    /// it. A step only moves these two (`WriteOp::AdvanceRun`), so a stored row written before the entry
-    /// plus the entry is the run now. A throttled call moves neither: its row is written in full.
-    pub(crate) fn catch_up(&mut self, last: &LedgerEntry) {
-        self.totals = last.totals_after;
-        if let Some(next) = last.next_call() {
-            self.next = next;
+    /// The run as its ledger leaves it, from its entries newest first: the newest entry's totals, and the
+    /// call expected after the newest entry that moved it (a throttled call or a run start moves nothing).
+    /// A step that moves only these two may leave the stored row as it was (`WriteOp::AdvanceRun`); nothing
+    /// else changes them, so the row plus its ledger is the run now.
+    pub(crate) fn catch_up(
+        &mut self,
+        newest_first: impl Iterator<Item = Result<LedgerEntry, crate::StoreError>>,
+    ) -> Result<(), crate::StoreError> {
+        let mut newest = true;
+        for entry in newest_first {
+            let entry = entry?;
+            if newest {
+                self.totals = entry.totals_after;
+                newest = false;
+            }
+            if let Some(next) = entry.next_call() {
+                self.next = next;
+                break;
+            }
         }
+        Ok(())
     }
 }
 

@@ -1385,6 +1385,15 @@ fn an_advanced_run_reads_back_with_its_steps_totals_and_next_call(store) {
     assert_eq!(loaded.run, run);
     assert_eq!(loaded.ledger.len(), 3);
 
+    // An entry that moves nothing, appended without writing the run, leaves the run as its last step did.
+    let mut quiet = world.post(&mut run.clone(), 3, 99);
+    quiet.decision.action = runguard_contract::Action::Throttle;
+    quiet.decision.decision_id = runguard_contract::DecisionId::new("dec_r0_quiet").unwrap();
+    quiet.totals_after = run.totals;
+    commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), quiet);
+    });
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
     // A throttled step moves nothing: the run is written whole, and reads as written.
     let mut throttled = world.post(&mut run.clone(), 3, 99);
     throttled.decision.action = runguard_contract::Action::Throttle;

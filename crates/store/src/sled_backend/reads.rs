@@ -262,10 +262,13 @@ impl Store {
     /// when more than its totals and next call change, and each step's ledger entry carries those two
     /// (`WriteOp::AdvanceRun`). A run that is not running had its row written when it stopped.
     fn caught_up(&self, mut run: StoredRun) -> Result<StoredRun, StoreError> {
-        if run.status == RunStatus::Running
-            && let Some(last) = self.last_ledger_entry(&run.tenant_id, &run.run_id)?
-        {
-            run.catch_up(&last);
+        if run.status == RunStatus::Running {
+            let ledger = self.tree(T::Ledger)?;
+            let newest_first = ledger
+                .scan_prefix(keys::run(&run.tenant_id, &run.run_id))
+                .rev()
+                .map(|item| LedgerEntry::decode(&item?.1));
+            run.catch_up(newest_first)?;
         }
         Ok(run)
     }

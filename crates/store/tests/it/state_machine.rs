@@ -4,12 +4,14 @@
 //! and query by run and by time window. After every transition: sequence numbers are gap-free, every
 //! index agrees with the primary records, the chain verifies, and everything acknowledged is readable
 //! (across reopens too). Fenced ledger appends, some from a stale copy of their run, land exactly when
-//! their fencing condition holds: each run's ledger holds what the model says.
+//! their fencing condition holds: each run's ledger holds what the model says. Steps of running runs, some
+//! throttled, advance the run (`WriteOp::AdvanceRun`) or write it whole: every read of a running run shows
+//! the model's totals and next call, across reopens, and its ledger checks out.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
-use runguard_contract::{PreventionRecord, RecordId, verify_chain};
+use runguard_contract::{Action, NextCall, Phase, PreventionRecord, RecordId, StepCall, Totals, Usage, verify_chain};
 use runguard_store::{
     LedgerCall, LedgerEntry, PageRequest, PgOptions, RecordQuery, Store, StoreErrorKind, StoreOptions, StoredRun,
     WriteBatch,
@@ -34,6 +36,10 @@ struct Model {
     ledgers: [u64; RUNS],
     /// Whether each run was stopped (by a block).
     stopped: [bool; RUNS],
+    /// Each run's totals after its steps.
+    totals: [Totals; RUNS],
+    /// The index of the step each run expects next (its `pre`).
+    next: [u64; RUNS],
 }
 
 impl Model {
@@ -56,6 +62,12 @@ enum Transition {
     Fenced {
         run: usize,
         stale: bool,
+    },
+    /// A fenced `post` of a running run with `tokens` of usage; a throttled one moves nothing.
+    Step {
+        run: usize,
+        tokens: u64,
+        throttled: bool,
     },
     ScanRun {
         run: usize,
@@ -87,6 +99,8 @@ impl ReferenceStateMachine for Model {
             1 => proptest::collection::vec(append(), 1..3).prop_map(Transition::FailedBatch),
             1 => Just(Transition::Reopen),
             2 => (0..RUNS, proptest::bool::weighted(0.3)).prop_map(|(run, stale)| Transition::Fenced { run, stale }),
+            4 => (0..RUNS, 0u64..500, proptest::bool::weighted(0.2))
+                .prop_map(|(run, tokens, throttled)| Transition::Step { run, tokens, throttled }),
             1 => (0..RUNS, 1usize..4).prop_map(|(run, limit)| Transition::ScanRun { run, limit }),
             1 => (0i64..40, 0i64..45, 1usize..4).prop_map(|(since, until, limit)| Transition::Range { since, until, limit }),
         ]
@@ -109,10 +123,29 @@ impl ReferenceStateMachine for Model {
                     state.ledgers[*run] += 1;
                 }
             }
+            Transition::Step { run, tokens, throttled } => {
+                if state.fence_holds(*run, false) {
+                    state.ledgers[*run] += 1;
+                    if !throttled {
+                        state.totals[*run] = after_post(state.totals[*run], *tokens);
+                        state.next[*run] += 1;
+                    }
+                }
+            }
             Transition::FailedBatch(_) | Transition::Reopen | Transition::ScanRun { .. } | Transition::Range { .. } => {
             }
         }
         state
+    }
+}
+
+/// A run's totals after a `post` that used `tokens` (the fixtures' cost and duration for it).
+fn after_post(before: Totals, tokens: u64) -> Totals {
+    Totals {
+        tokens: before.tokens + tokens,
+        cost_micros: before.cost_micros + 2 * tokens,
+        duration_ms: before.duration_ms + 3,
+        steps: before.steps + 1,
     }
 }
 
@@ -283,7 +316,7 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
             batch.fence_run(stored.tenant_id.clone(), stored.run_id.clone(), expected).append_ledger(
                 stored.tenant_id.clone(),
                 stored.run_id.clone(),
-                LedgerEntry::new(LedgerCall::RunStart, sut.world.allow(&stored.run_id, expected), stored.totals),
+                LedgerEntry::new(LedgerCall::RunStart, sut.world.allow(&stored.run_id, expected), model.totals[run]),
             );
             match sut.store().commit(batch) {
                 Ok(receipt) => {
@@ -292,6 +325,57 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
                 }
                 Err(err) => {
                     assert!(!holds, "a current write was fenced: {err}");
+                    assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
+                }
+            }
+        }
+        Transition::Step { run, tokens, throttled } => {
+            let holds = model.fence_holds(run, false);
+            // The model is the state after the transition: undo a landed step to find the state before.
+            let position = if holds { model.ledgers[run] - 1 } else { model.ledgers[run] };
+            let moved = holds && !throttled;
+            let index = if moved { model.next[run] - 1 } else { model.next[run] };
+            let before = if moved {
+                let t = model.totals[run];
+                Totals {
+                    tokens: t.tokens - tokens,
+                    cost_micros: t.cost_micros - 2 * tokens,
+                    duration_ms: t.duration_ms - 3,
+                    steps: t.steps - 1,
+                }
+            } else {
+                model.totals[run]
+            };
+            let mut call = StepCall::new(index, Phase::Post);
+            call.usage = Some(Usage { tokens, cost_micros: 2 * tokens, duration_ms: 3 });
+            let mut decision = sut.world.allow(&sut.runs[run].run_id, position);
+            let mut after = sut.runs[run].clone();
+            if throttled {
+                decision.action = Action::Throttle;
+                (after.totals, after.next) = (before, NextCall { index, phase: Phase::Pre });
+            } else {
+                after.totals = after_post(before, tokens);
+                after.next = NextCall { index: index + 1, phase: Phase::Pre };
+            }
+            let entry = LedgerEntry::new(LedgerCall::Step(call), decision, after.totals);
+            let mut batch = WriteBatch::new();
+            batch.fence_run(after.tenant_id.clone(), after.run_id.clone(), position).append_ledger(
+                after.tenant_id.clone(),
+                after.run_id.clone(),
+                entry,
+            );
+            if throttled {
+                batch.put_run(after);
+            } else {
+                batch.advance_run(after);
+            }
+            match sut.store().commit(batch) {
+                Ok(receipt) => {
+                    assert!(holds, "a step of a stopped run landed");
+                    assert_eq!(receipt.ledger_positions, [position]);
+                }
+                Err(err) => {
+                    assert!(!holds, "a step of a running run was refused: {err}");
                     assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
                 }
             }
@@ -341,10 +425,25 @@ fn check_invariants(sut: &Sut, model: &Model) {
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.records_checked, n);
-    // Every run's ledger holds exactly what landed.
-    for (run, len) in sut.runs.iter().zip(model.ledgers) {
+    // Every run's ledger holds exactly what landed; a running run reads as its steps left it, whichever
+    // way it is read, and its ledger checks out against it.
+    let listed = store.list_runs(&sut.world.tenant, &PageRequest::first(10)).unwrap().items;
+    let all_runs: Vec<StoredRun> = store.all_runs().map(Result::unwrap).collect();
+    for (i, (run, len)) in sut.runs.iter().zip(model.ledgers).enumerate() {
         let loaded = store.load_run(&run.tenant_id, &run.run_id).unwrap().unwrap();
         assert_eq!(loaded.ledger.len() as u64, len, "the ledger of `{}`", run.run_id);
+        if model.stopped[i] {
+            continue;
+        }
+        let want = (model.totals[i], NextCall { index: model.next[i], phase: Phase::Pre });
+        assert!(loaded.is_intact(), "`{}`: {:?}", run.run_id, loaded.ledger_problem);
+        assert_eq!((loaded.run.totals, loaded.run.next), want, "load_run of `{}`", run.run_id);
+        let got = store.get_run(&run.tenant_id, &run.run_id).unwrap().unwrap();
+        assert_eq!((got.totals, got.next), want, "get_run of `{}`", run.run_id);
+        for read in [&listed, &all_runs] {
+            let found = read.iter().find(|r| r.run_id == run.run_id).unwrap();
+            assert_eq!((found.totals, found.next), want, "a list of `{}`", run.run_id);
+        }
     }
     // Tenant, policy and simulated indexes agree with the records.
     let tenant_q = RecordQuery::tenant(sut.world.tenant.clone());
