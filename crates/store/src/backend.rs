@@ -18,7 +18,7 @@ use crate::batch::{CommitReceipt, WriteBatch};
 use crate::cluster_lock::ClusterLock;
 use crate::error::StoreError;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot, VerifyReport};
-use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, RunStart, ShadowStats, StoredRun};
 use crate::postgres::{PgOptions, PgStore};
 use crate::query::{Page, PageRequest, RecordQuery};
 use crate::sled_backend::{self, StoreOptions};
@@ -70,6 +70,8 @@ pub(crate) trait Backend: Calls + Send + Sync + std::fmt::Debug {
     fn dir(&self) -> Option<&Path>;
     /// Every run whose status is `running`.
     fn running_runs(&self) -> Items<'_, StoredRun>;
+    /// The identity and creation time of every running run.
+    fn running_run_starts(&self) -> Items<'_, RunStart>;
     /// Every run of every tenant.
     fn all_runs(&self) -> Items<'_, StoredRun>;
     /// Every record from `from_seq` on, in chain order.
@@ -86,6 +88,10 @@ impl Backend for sled_backend::Store {
 
     fn running_runs(&self) -> Items<'_, StoredRun> {
         Box::new(sled_backend::Store::running_runs(self))
+    }
+
+    fn running_run_starts(&self) -> Items<'_, RunStart> {
+        Box::new(sled_backend::Store::running_run_starts(self))
     }
 
     fn all_runs(&self) -> Items<'_, StoredRun> {
@@ -109,6 +115,10 @@ impl Backend for PgStore {
 
     fn running_runs(&self) -> Items<'_, StoredRun> {
         PgStore::running_runs(self)
+    }
+
+    fn running_run_starts(&self) -> Items<'_, RunStart> {
+        PgStore::running_run_starts(self)
     }
 
     fn all_runs(&self) -> Items<'_, StoredRun> {
@@ -302,6 +312,12 @@ impl Store {
     /// Every run whose status is `running`, across tenants (for expiry and rehydration).
     pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
         self.backend.running_runs()
+    }
+
+    /// The tenant, id and creation time of every running run, without reading more of it (for expiry: on
+    /// sled, [`Store::running_runs`] also reads each run's ledger to catch its totals up).
+    pub fn running_run_starts(&self) -> impl Iterator<Item = Result<RunStart, StoreError>> + '_ {
+        self.backend.running_run_starts()
     }
 
     /// Every run of every tenant, in key order (for exports).

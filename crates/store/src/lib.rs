@@ -98,7 +98,9 @@ pub use batch::{
 pub use cluster_lock::ClusterLock;
 pub use error::{StoreError, StoreErrorKind};
 pub use integrity::{IntegrityError, LoadedRun, RecordBreak, SnapshotBreak, StoredSnapshot, VerifyReport};
-pub use model::{GraduationGates, GraduationState, LedgerCall, LedgerEntry, RunRollup, ShadowStats, StoredRun};
+pub use model::{
+    GraduationGates, GraduationState, LedgerCall, LedgerEntry, RunRollup, RunStart, ShadowStats, StoredRun,
+};
 pub use postgres::{
     PG_SCHEMA_VERSION, PgOptions, check_url as check_postgres_url, migrate, on_blocking_thread,
     redact as redact_postgres_url,

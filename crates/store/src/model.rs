@@ -54,6 +54,17 @@ pub struct StoredRun {
     pub violation_run_id: Option<RunId>,
 }
 
+/// A running run's identity and creation time: what expiry needs of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunStart {
+    /// The run's tenant.
+    pub tenant_id: TenantId,
+    /// The run.
+    pub run_id: RunId,
+    /// When it was created.
+    pub created_at: Timestamp,
+}
+
 impl StoredRun {
     /// How many runs its chain holds, the root and itself included.
     pub fn depth(&self) -> usize {

@@ -579,6 +579,12 @@ fn runs_bind_once_need_their_snapshot_and_list_by_tenant(store) {
     });
     let live: Vec<RunId> = store.running_runs().map(|r| r.unwrap().run_id).collect();
     assert_eq!(live, [runs[0].run_id.clone(), runs[2].run_id.clone()]);
+    let starts: Vec<crate::RunStart> = store.running_run_starts().map(Result::unwrap).collect();
+    let expected: Vec<crate::RunStart> = [&runs[0], &runs[2]]
+        .iter()
+        .map(|r| crate::RunStart { tenant_id: r.tenant_id.clone(), run_id: r.run_id.clone(), created_at: r.created_at })
+        .collect();
+    assert_eq!(starts, expected, "the expiry sweep's view of the running runs");
 }
 }
 

@@ -236,7 +236,7 @@ impl Registry {
             let due = shared
                 .read(move |store| {
                     let mut due = Vec::new();
-                    for run in store.running_runs() {
+                    for run in store.running_run_starts() {
                         let run = run?;
                         if limits.ttl_elapsed(run.created_at, now) {
                             due.push(RunKey { tenant: run.tenant_id, run_id: run.run_id });

@@ -14,7 +14,7 @@ use crate::error::StoreError;
 use crate::integrity::verify_snapshot_bytes;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot};
 use crate::keys::{self, owner as owner_str};
-use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, RunStart, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery};
 
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
@@ -436,6 +436,27 @@ impl PgStore {
         let sql = "SELECT body FROM runs WHERE status = 'running' ORDER BY tenant_id, run_id";
         match self.all::<StoredRun>("running runs", sql, &[]) {
             Ok(runs) => Box::new(runs.into_iter().map(Ok)),
+            Err(err) => Box::new(std::iter::once(Err(err))),
+        }
+    }
+
+    pub(crate) fn running_run_starts(&self) -> Items<'_, RunStart> {
+        let sql =
+            "SELECT tenant_id, run_id, created_at_ms FROM runs WHERE status = 'running' ORDER BY tenant_id, run_id";
+        let starts = self.rows("running runs", sql, &[]).and_then(|rows| {
+            rows.iter()
+                .map(|row| {
+                    let tenant_id = TenantId::new(column::<String>(row, "tenant_id")?)
+                        .map_err(|_| StoreError::corrupt("a run row holds an invalid tenant id"))?;
+                    let run_id = RunId::new(column::<String>(row, "run_id")?)
+                        .map_err(|_| StoreError::corrupt("a run row holds an invalid run id"))?;
+                    let created_at = Timestamp::from_unix_millis(column::<i64>(row, "created_at_ms")?);
+                    Ok(RunStart { tenant_id, run_id, created_at })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        });
+        match starts {
+            Ok(starts) => Box::new(starts.into_iter().map(Ok)),
             Err(err) => Box::new(std::iter::once(Err(err))),
         }
     }

@@ -14,7 +14,7 @@ use crate::codec::Stored;
 use crate::error::StoreError;
 use crate::integrity::{IntegrityError, LoadedRun, StoredSnapshot};
 use crate::keys;
-use crate::model::{GraduationState, LedgerEntry, RunRollup, ShadowStats, StoredRun};
+use crate::model::{GraduationState, LedgerEntry, RunRollup, RunStart, ShadowStats, StoredRun};
 use crate::query::{Page, PageRequest, RecordQuery, prefix_end};
 
 impl Store {
@@ -302,6 +302,18 @@ impl Store {
                 .get_decoded::<StoredRun>(T::Runs, &key)?
                 .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))?;
             self.caught_up(run)
+        })
+    }
+
+    /// The tenant, id and creation time of every running run, as stored (no ledger read): what the TTL
+    /// sweep needs, without catching each run up.
+    pub fn running_run_starts(&self) -> impl Iterator<Item = Result<RunStart, StoreError>> + '_ {
+        self.items_from(T::RunsLive, Vec::new()).map(move |item| {
+            let (key, _) = item?;
+            let run = self
+                .get_decoded::<StoredRun>(T::Runs, &key)?
+                .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))?;
+            Ok(RunStart { tenant_id: run.tenant_id, run_id: run.run_id, created_at: run.created_at })
         })
     }
 
