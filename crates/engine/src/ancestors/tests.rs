@@ -8,7 +8,7 @@ use runguard_contract::{
     TerminationReason, Timestamp, Totals, Usage, ViolationType,
 };
 
-use crate::{Ancestor, CompiledSnapshot, Family, PeriodTotals, Run, RunLimits, TenantRates};
+use crate::{Ancestor, CompiledSnapshot, Family, Outcome, PeriodTotals, Run, RunLimits, TenantRates};
 
 fn tenant() -> TenantId {
     TenantId::new("acme").unwrap()
@@ -62,6 +62,12 @@ fn at() -> Timestamp {
     Timestamp::from_unix_millis(1_000)
 }
 
+/// `run`'s call in `family`, with default limits, no tenant windows and no tenant-period budgets.
+fn step(run: &Run, call: &StepCall, family: &Family<'_>) -> Outcome {
+    run.step_in_family(call, &RunLimits::default(), &mut TenantRates::default(), family, &PeriodTotals::default(), at())
+        .unwrap()
+}
+
 #[test]
 fn an_ancestors_budget_blocks_the_descendant_and_names_the_ancestor() {
     let parent = snapshot(&[&budget("pol_parent", 100, "")]);
@@ -69,16 +75,7 @@ fn an_ancestors_budget_blocks_the_descendant_and_names_the_ancestor() {
     let child = run("child", &child_snapshot);
     let ancestors = [ancestor("parent", &parent, 90)];
     let family = Family { descendants: Totals::default(), ancestors: &ancestors };
-    let outcome = child
-        .step_in_family(
-            &post(0, 11),
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &family,
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let outcome = step(&child, &post(0, 11), &family);
     assert_eq!(outcome.decision.action, Action::Block);
     let violation = outcome.decision.deciding_violation().unwrap();
     assert_eq!(violation.run_id.as_ref().map(RunId::as_str), Some("parent"));
@@ -102,32 +99,14 @@ fn the_limit_is_inclusive_and_remaining_is_the_minimum_over_the_chain() {
     let child = run("child", &snapshot(&[&budget("pol_child", 500, "")]));
     let ancestors = [ancestor("root", &root, 900), ancestor("parent", &parent, 90)];
     let family = Family { descendants: Totals::default(), ancestors: &ancestors };
-    let outcome = child
-        .step_in_family(
-            &post(0, 10),
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &family,
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let outcome = step(&child, &post(0, 10), &family);
     assert_eq!(outcome.decision.action, Action::Allow, "100 of 100 is within the limit");
     assert_eq!(outcome.decision.remaining.tokens, Some(0));
     let pre =
         StepCall { estimate: Some(Estimate { tokens: Some(1), cost_micros: None }), ..StepCall::new(0, Phase::Pre) };
     let ancestors = [ancestor("root", &root, 900), ancestor("parent", &parent, 100)];
     let family = Family { descendants: Totals::default(), ancestors: &ancestors };
-    let outcome = child
-        .step_in_family(
-            &pre,
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &family,
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let outcome = step(&child, &pre, &family);
     assert_eq!(outcome.decision.action, Action::Block, "at pre: rolled-up total plus the estimate");
 }
 
@@ -138,16 +117,7 @@ fn an_ancestors_warn_tier_fires_only_in_the_call_that_crosses_it() {
     let warns = |before: u64, tokens: u64| {
         let ancestors = [ancestor("parent", &parent, before)];
         let family = Family { descendants: Totals::default(), ancestors: &ancestors };
-        let outcome = child
-            .step_in_family(
-                &post(0, tokens),
-                &RunLimits::default(),
-                &mut TenantRates::default(),
-                &family,
-                &PeriodTotals::default(),
-                at(),
-            )
-            .unwrap();
+        let outcome = step(&child, &post(0, tokens), &family);
         outcome.decision.violations.iter().filter(|v| v.violation_type == ViolationType::BudgetWarning).count()
     };
     assert_eq!(warns(40, 10), 1, "crossing 50%");
@@ -160,16 +130,7 @@ fn a_parents_own_budget_counts_its_descendants() {
     let snapshot = snapshot(&[&budget("pol_run", 100, r#", "warn_at": [50]"#)]);
     let mut parent = run("parent", &snapshot);
     let family = Family { descendants: Totals { tokens: 60, ..Totals::default() }, ancestors: &[] };
-    let outcome = parent
-        .step_in_family(
-            &post(0, 10),
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &family,
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let outcome = step(&parent, &post(0, 10), &family);
     assert_eq!(outcome.decision.action, Action::Allow);
     assert!(
         outcome.decision.violations.is_empty(),
@@ -178,16 +139,7 @@ fn a_parents_own_budget_counts_its_descendants() {
     );
     parent.commit(outcome);
     let family = Family { descendants: Totals { tokens: 95, ..Totals::default() }, ancestors: &[] };
-    let outcome = parent
-        .step_in_family(
-            &post(1, 10),
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &family,
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let outcome = step(&parent, &post(1, 10), &family);
     assert_eq!(outcome.decision.action, Action::Block, "20 own + 95 descendants exceed 100");
     assert!(outcome.decision.violations.iter().all(|v| v.run_id.is_none()));
 }
@@ -198,16 +150,7 @@ fn an_empty_family_is_the_plain_step() {
     let run = run("solo", &snapshot);
     let call = post(0, 70);
     let plain = run.step(&call, &RunLimits::default(), &mut TenantRates::default(), at()).unwrap();
-    let family = run
-        .step_in_family(
-            &call,
-            &RunLimits::default(),
-            &mut TenantRates::default(),
-            &Family::default(),
-            &PeriodTotals::default(),
-            at(),
-        )
-        .unwrap();
+    let family = step(&run, &call, &Family::default());
     assert_eq!(plain.decision, family.decision);
 }
 
@@ -230,9 +173,7 @@ proptest! {
             .collect();
         let child = run("child", &snapshot(&[]));
         let family = Family { descendants: Totals::default(), ancestors: &ancestors };
-        let outcome = child
-            .step_in_family(&post(0, tokens), &RunLimits::default(), &mut TenantRates::default(), &family, &PeriodTotals::default(), at())
-            .unwrap();
+        let outcome = step(&child, &post(0, tokens), &family);
         let over: Vec<&Ancestor> =
             ancestors.iter().zip(&limits).filter(|(a, max)| a.rolled_up.tokens + tokens > **max).map(|(a, _)| a).collect();
         prop_assert_eq!(outcome.decision.action == Action::Block, !over.is_empty());
