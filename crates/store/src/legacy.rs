@@ -44,6 +44,7 @@ pub(crate) fn decode_v2<T: for<'de> Deserialize<'de>, Old: for<'de> Deserialize<
 
 /// A run as format 1 stored it.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub(crate) struct RunV1 {
     tenant_id: TenantId,
     run_id: RunId,
@@ -174,31 +175,13 @@ mod tests {
     use super::*;
     use crate::codec::Stored;
 
-    #[derive(Serialize)]
-    struct WrittenV1<'a> {
-        tenant_id: &'a TenantId,
-        run_id: &'a RunId,
-        snapshot: &'a SnapshotRef,
-        status: RunStatus,
-        totals: Totals,
-        termination_reason: Option<TerminationReason>,
-        stopped_at_step: Option<u64>,
-        violation_policy_id: Option<PolicyId>,
-        labels: BTreeMap<String, String>,
-        api_endpoint: Option<String>,
-        created_at: Timestamp,
-        ended_at: Option<Timestamp>,
-        outcome: Option<Outcome>,
-        next: NextCall,
-    }
-
     #[test]
     fn a_run_written_before_run_trees_is_still_read() {
         let run = crate::fixtures::World::new("acme").run("r1");
-        let old = WrittenV1 {
-            tenant_id: &run.tenant_id,
-            run_id: &run.run_id,
-            snapshot: &run.snapshot,
+        let old = RunV1 {
+            tenant_id: run.tenant_id.clone(),
+            run_id: run.run_id.clone(),
+            snapshot: run.snapshot.clone(),
             status: run.status,
             totals: run.totals,
             termination_reason: run.termination_reason,
