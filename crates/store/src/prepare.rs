@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use runguard_contract::canonical::{SNAPSHOT_DOMAIN, canonical_json, domain_hash};
 use runguard_contract::prevention::check_record_against_decision;
 use runguard_contract::{
-    AuditEntry, BudgetMetric, Decision, Incident, IncidentId, NextCall, Pattern, PatternId, Policy, PolicyId,
-    PreventionRecord, RateMetric, RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot,
-    SnapshotHash, SnapshotId, TenantId, Timestamp, Totals,
+    AuditEntry, BudgetMetric, Decision, Incident, IncidentId, Pattern, PatternId, Policy, PolicyId, PreventionRecord,
+    RateMetric, RecordHash, RecordId, Regret, RunId, RunStatus, Scope, SignatureHash, Snapshot, SnapshotHash,
+    SnapshotId, TenantId, Timestamp, Totals,
 };
 
 use crate::batch::{CommitReceipt, RecordAppend, RecordAuthority, TenantRateEvent, WriteBatch, WriteOp};
@@ -248,10 +248,6 @@ pub(crate) struct Prepare<'a> {
     rollups: HashMap<RunKey, RunRollup>,
     /// The totals of the runs this commit wrote, as it leaves them.
     run_totals: HashMap<RunKey, Totals>,
-    /// Per run, what the last ledger entry the current batch appended leaves: totals and next call.
-    stepped: HashMap<RunKey, (Totals, Option<NextCall>)>,
-    /// The runs the current batch advances, with the totals and next call it claims.
-    advanced: Vec<(RunKey, Totals, NextCall)>,
 }
 
 impl<'a> Prepare<'a> {
@@ -281,8 +277,6 @@ impl<'a> Prepare<'a> {
             regrets: HashSet::new(),
             rollups: HashMap::new(),
             run_totals: HashMap::new(),
-            stepped: HashMap::new(),
-            advanced: Vec::new(),
         }
     }
 
@@ -323,8 +317,6 @@ impl<'a> Prepare<'a> {
             };
             bound.map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
-        self.stepped.clear();
-        self.advanced.clear();
         for (i, op) in batch.ops().iter().enumerate() {
             self.apply(op).map_err(|err| err.context(format!("write {i} of the batch")))?;
         }
@@ -495,27 +487,32 @@ impl<'a> Prepare<'a> {
                 run.run_id
             )));
         }
-        self.advanced.push(((run.tenant_id.clone(), run.run_id.clone()), run.totals, run.next));
         self.put_run(run, true)
     }
 
-    /// Every run the batch advanced has its step's ledger entry in the batch, and leaves the totals and
-    /// next call that entry says: reading the stored row plus the entry gives back the run exactly.
+    /// Every run the current batch advanced has its step's ledger entry in the batch, and leaves the
+    /// totals and next call that entry says: reading the stored row plus the entry gives back the run.
     fn check_advances(&self) -> Result<(), StoreError> {
-        for (key, totals, next) in &self.advanced {
-            let run = &key.1;
-            match self.stepped.get(key) {
-                None => {
-                    return Err(StoreError::contract(format!(
-                        "run `{run}` is advanced without its step's ledger entry in the same batch"
-                    )));
+        let staged: Vec<&Staged> = self.writes.iter().filter(|(b, _)| *b == self.batch).map(|(_, w)| w).collect();
+        for advanced in &staged {
+            let Staged::Run { run, advanced: true, .. } = advanced else { continue };
+            let entry = staged.iter().rev().find_map(|w| match w {
+                Staged::Ledger { tenant, run: id, entry } if *tenant == run.tenant_id && *id == run.run_id => {
+                    Some(entry)
                 }
-                Some((entry_totals, entry_next)) if entry_totals != totals || *entry_next != Some(*next) => {
-                    return Err(StoreError::contract(format!(
-                        "run `{run}` is advanced to totals and a next call its ledger entry does not leave"
-                    )));
-                }
-                Some(_) => {}
+                _ => None,
+            });
+            let Some(entry) = entry else {
+                return Err(StoreError::contract(format!(
+                    "run `{}` is advanced without its step's ledger entry in the same batch",
+                    run.run_id
+                )));
+            };
+            if entry.totals_after != run.totals || entry.next_call() != Some(run.next) {
+                return Err(StoreError::contract(format!(
+                    "run `{}` is advanced to totals and a next call its ledger entry does not leave",
+                    run.run_id
+                )));
             }
         }
         Ok(())
@@ -574,8 +571,7 @@ impl<'a> Prepare<'a> {
             Some(next) => *next,
             None => self.view.next_ledger_position(tenant, run)?,
         };
-        self.ledger_next.insert(key.clone(), position.saturating_add(1));
-        self.stepped.insert(key, (entry.totals_after, entry.next_call()));
+        self.ledger_next.insert(key, position.saturating_add(1));
         let mut entry = entry.clone();
         entry.position = position;
         self.write(Staged::Ledger { tenant: tenant.clone(), run: run.clone(), entry: Box::new(entry) });
