@@ -241,6 +241,21 @@ fn wait_for_status(client: &Client, run: &str, status: &str, timeout: Duration) 
 }
 
 #[test]
+fn the_sweep_expires_a_run_nobody_calls_again() {
+    let node = Node::start_with_config("run_ttl_s = 1\n");
+    let client = node.client();
+    create_run(&client, "run-swept");
+    step(&client, "run-swept", &post(0, 1));
+    // Nothing reads or calls the run from here: only the node's periodic sweep can expire it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !node.logs().contains("run expired") {
+        assert!(std::time::Instant::now() < deadline, "the sweep never expired the run:\n{}", node.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(client.get("/v1/runs/run-swept").expect(200)["status"], "expired");
+}
+
+#[test]
 fn runs_expire_after_their_ttl() {
     let node = Node::start_with_config("run_ttl_s = 1\n");
     let client = node.client();
