@@ -22,6 +22,7 @@ test-slow:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p runguard-node --features jemalloc -- -D warnings
 
 fmt:
     cargo fmt --all
