@@ -42,7 +42,24 @@ extern crate self as runguard_store;
 #[cfg(test)]
 #[path = "../tests/it/fixtures.rs"]
 mod fixtures;
+/// The stores unit tests start from.
 #[cfg(test)]
+mod test_stores {
+    /// A fresh sled store in a temporary directory, without fsync (the tests do not lose power).
+    pub(crate) fn fresh() -> (tempfile::TempDir, crate::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = crate::StoreOptions { fsync: false, ..crate::StoreOptions::default() };
+        let store = crate::Store::open(dir.path(), &options).unwrap();
+        (dir, store)
+    }
+
+    /// A store on a fresh database of a private PostgreSQL server; `None` where PostgreSQL is not
+    /// installed.
+    pub(crate) fn fresh_postgres() -> Option<crate::Store> {
+        let db = runguard_testpg::fresh_database()?;
+        Some(crate::Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
+    }
+}
 /// A test run once on a fresh sled store and once on a fresh PostgreSQL database (skipped, with a
 /// message, where PostgreSQL is not installed): `name::sled` and `name::postgres`.
 #[cfg(test)]
@@ -54,13 +71,13 @@ macro_rules! on_both_backends {
 
             #[test]
             fn sled() {
-                let (_dir, $store) = fresh();
+                let (_dir, $store) = crate::test_stores::fresh();
                 $body
             }
 
             #[test]
             fn postgres() {
-                let Some($store) = fresh_postgres() else { return };
+                let Some($store) = crate::test_stores::fresh_postgres() else { return };
                 $body
             }
         }

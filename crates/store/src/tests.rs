@@ -11,6 +11,7 @@ use runguard_contract::{
 
 use crate::codec::{ENVELOPE_V1, Stored};
 use crate::fixtures::{World, at, budget_policy, tenant};
+use crate::test_stores::{fresh, fresh_postgres};
 use crate::{
     GraduationGates, GraduationState, IntegrityError, LedgerCall, LedgerEntry, PageRequest, RecordBreak, RecordQuery,
     ShadowStats, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch,
@@ -18,17 +19,6 @@ use crate::{
 
 fn open(dir: &tempfile::TempDir) -> Store {
     Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap()
-}
-
-fn fresh() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    (dir, store)
-}
-
-fn fresh_postgres() -> Option<Store> {
-    let db = runguard_testpg::fresh_database()?;
-    Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
 }
 
 fn commit(store: &Store, f: impl FnOnce(&mut WriteBatch)) -> crate::CommitReceipt {
@@ -1469,7 +1459,7 @@ fn an_advance_its_ledger_entry_does_not_account_for_is_refused_and_writes_nothin
 #[test]
 fn sled_leaves_an_advanced_runs_row_alone_and_a_reopened_store_still_reads_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let store = open(&dir);
     let (world, runs) = world_with_runs(&store, 1);
     let key = crate::keys::run(&world.tenant, &runs[0].run_id);
     let row = store.raw_tree("runs").get(&key).unwrap().unwrap();
@@ -1481,6 +1471,6 @@ fn sled_leaves_an_advanced_runs_row_alone_and_a_reopened_store_still_reads_the_r
     assert_eq!(store.raw_tree("runs").get(&key).unwrap().unwrap(), row, "one write per step: the ledger entry");
     store.sync_watermark().unwrap();
     drop(store);
-    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let store = open(&dir);
     assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
 }

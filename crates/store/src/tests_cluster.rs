@@ -5,18 +5,7 @@
 use runguard_contract::{RunId, RunStatus};
 
 use crate::fixtures::World;
-use crate::{LedgerCall, LedgerEntry, Store, StoreErrorKind, StoreOptions, StoredRun, WriteBatch};
-
-fn fresh() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
-    (dir, store)
-}
-
-fn fresh_postgres() -> Option<Store> {
-    let db = runguard_testpg::fresh_database()?;
-    Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
-}
+use crate::{LedgerCall, LedgerEntry, Store, StoreErrorKind, StoredRun, WriteBatch};
 
 /// A run's creation as a node writes it: fenced at an empty ledger, the run and its first entry.
 fn create(world: &World, run: &StoredRun) -> WriteBatch {

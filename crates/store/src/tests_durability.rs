@@ -18,17 +18,6 @@ fn open(dir: &Path) -> Store {
     Store::open(dir, &options()).unwrap()
 }
 
-fn fresh() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    (dir, store)
-}
-
-fn fresh_postgres() -> Option<Store> {
-    let db = runguard_testpg::fresh_database()?;
-    Some(Store::open_postgres(&db.url, &crate::PgOptions::default()).unwrap())
-}
-
 /// What [`populated`] writes, on an open store of either backend.
 fn populate(store: &Store, runs: usize) -> (World, Vec<StoredRun>) {
     let world = World::new("acme");
