@@ -404,7 +404,9 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
     let (node, _dir) = store.start(work_dir, prefilled.as_deref())?;
     let label = store.backend.label();
     scenario::setup_policies(node.addr, &scenario.policies).await?;
-    let baseline = start_baseline(2)?;
+    let baseline = start_baseline(2, None)?;
+    let durable_dir = tempfile::tempdir_in(work_dir)?;
+    let durable = start_baseline(2, Some(durable_dir.path()))?;
     match scenario.shape {
         Shape::Runs { steps } => {
             println!(
@@ -415,42 +417,50 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                 duration.as_secs()
             );
             let warm = Duration::from_secs(1);
-            scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, warm, false, "warm").await?;
-            scenario::runs(node.addr, &scenario, steps, Pace::Closed, warm, true, "warm").await?;
-            let (mut base, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-            for r in 0..repeats {
-                let b = with_server_cpu(
-                    &baseline,
-                    scenario::runs(baseline.addr, &scenario, steps, Pace::Closed, duration, false, "b"),
-                )
-                .await?;
-                let n = with_server_cpu(
-                    &node,
-                    scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &format!("r{r}")),
-                )
-                .await?;
-                ratios.push(n.rate() / b.rate());
-                base.push(b);
-                ours.push(n);
+            for server in [&baseline, &durable] {
+                scenario::runs(server.addr, &scenario, steps, Pace::Closed, warm, false, "warm").await?;
             }
-            println!("  closed loop, requests per second (every node request is a durable commit):");
+            scenario::runs(node.addr, &scenario, steps, Pace::Closed, warm, true, "warm").await?;
+            let (mut base, mut dur, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+            for r in 0..repeats {
+                let runs =
+                    |server: &Server| scenario::runs(server.addr, &scenario, steps, Pace::Closed, duration, false, "b");
+                base.push(with_server_cpu(&baseline, runs(&baseline)).await?);
+                dur.push(with_server_cpu(&durable, runs(&durable)).await?);
+                let tag = format!("r{r}");
+                ours.push(
+                    with_server_cpu(
+                        &node,
+                        scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &tag),
+                    )
+                    .await?,
+                );
+            }
+            println!("  closed loop, requests per second (every node and durable request is a durable commit):");
             line("baseline", &base, Sample::rate);
+            line("durable", &dur, Sample::rate);
             line(label, &ours, Sample::rate);
+            ratio_line("node/baseline", &ours, &base, Sample::rate);
+            ratio_line("node/durable", &ours, &dur, Sample::rate);
+            ratio_line("durable/baseline", &dur, &base, Sample::rate);
             println!(
-                "  ratio node/baseline: median {:.3}  (runs: {})  node decisions/s median {:.0}",
-                median(ratios.clone()),
-                ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
+                "  node decisions/s median {:.0}",
                 median(ours.iter().map(|s| s.decisions as f64 / s.elapsed.as_secs_f64()).collect()),
             );
             if which == Which::Allow {
                 let rate = median(ours.iter().map(Sample::rate).collect()) / 2.0;
-                let mut half = Vec::new();
+                let pace = Pace::Open { rate };
+                let (mut half, mut half_durable) = (Vec::new(), Vec::new());
                 for r in 0..repeats {
-                    let pace = Pace::Open { rate };
+                    let tag = format!("h{r}");
                     half.push(
+                        with_server_cpu(&node, scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag))
+                            .await?,
+                    );
+                    half_durable.push(
                         with_server_cpu(
-                            &node,
-                            scenario::runs(node.addr, &scenario, steps, pace, duration, true, &format!("h{r}")),
+                            &durable,
+                            scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b"),
                         )
                         .await?,
                     );
@@ -459,9 +469,11 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
                 );
                 line(label, &half, Sample::rate);
+                line("durable", &half_durable, Sample::rate);
                 percentiles("half load (medians over repeats)", &half, Sample::ms);
                 percentiles("half load, step calls only", &half, Sample::decision_ms);
                 percentiles("half load, run creations and ends", &half, Sample::other_ms);
+                percentiles("half load, durable baseline", &half_durable, Sample::ms);
             }
         }
         Shape::Blocks { runs } => {
@@ -469,29 +481,37 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                 "scenario block on {:?}: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
                 store.backend, scenario.concurrency
             );
-            let (mut base, mut ours, mut ratios, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut base, mut dur, mut ours, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for r in 0..repeats {
-                let b = block_round(&baseline, scenario.concurrency, runs, false, "b").await?.1;
+                base.push(block_round(&baseline, scenario.concurrency, runs, false, "b").await?.1);
+                dur.push(block_round(&durable, scenario.concurrency, runs, false, "b").await?.1);
                 let (c, n) = block_round(&node, scenario.concurrency, runs, true, &format!("k{r}")).await?;
-                ratios.push(n.block_rate() / b.block_rate());
                 creates.push(c.rate());
-                base.push(b);
                 ours.push(n);
             }
             println!("  durable blocks per second (each with its prevention record):");
             line("baseline", &base, Sample::block_rate);
+            line("durable", &dur, Sample::block_rate);
             line(label, &ours, Sample::block_rate);
-            println!(
-                "  ratio node/baseline: median {:.3}  (runs: {})  node run creations/s median {:.0}",
-                median(ratios.clone()),
-                ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" "),
-                median(creates),
-            );
+            ratio_line("node/baseline", &ours, &base, Sample::block_rate);
+            ratio_line("node/durable", &ours, &dur, Sample::block_rate);
+            ratio_line("durable/baseline", &dur, &base, Sample::block_rate);
+            println!("  node run creations/s median {:.0}", median(creates));
         }
     }
     node.stop();
-    drop(baseline);
+    drop((baseline, durable));
     Ok(())
+}
+
+/// Prints the median of the per-repeat ratios of `over` to `under` (repeat `r` against repeat `r`).
+fn ratio_line(label: &str, over: &[Sample], under: &[Sample], rate: impl Fn(&Sample) -> f64) {
+    let ratios: Vec<f64> = over.iter().zip(under).map(|(o, u)| rate(o) / rate(u)).collect();
+    println!(
+        "  ratio {label}: median {:.3}  (runs: {})",
+        median(ratios.clone()),
+        ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(" ")
+    );
 }
 
 async fn block_round(

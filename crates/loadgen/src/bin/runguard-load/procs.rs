@@ -158,10 +158,14 @@ pub fn start_node(data: &Path, env: &[(&str, String)], log: &Path) -> anyhow::Re
     spawn(command, "runguard listening on ")
 }
 
-/// Starts the trivial actix-web baseline with `workers` HTTP workers.
-pub fn start_baseline(workers: usize) -> anyhow::Result<Server> {
+/// Starts the trivial actix-web baseline with `workers` HTTP workers; with `durable`, the baseline that
+/// answers after appending each body to a file in that directory with group-committed `fdatasync`.
+pub fn start_baseline(workers: usize, durable: Option<&Path>) -> anyhow::Result<Server> {
     let mut command = Command::new(sibling("runguard-baseline")?);
     command.args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()]);
+    if let Some(dir) = durable {
+        command.arg("--durable").arg(dir);
+    }
     command.stderr(Stdio::null());
     spawn(command, "baseline listening on ")
 }
