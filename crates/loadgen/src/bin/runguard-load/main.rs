@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::procs::{Server, start_baseline, start_node};
+use crate::procs::{Baseline, Server, start_baseline, start_node};
 use crate::scenario::{Pace, Sample, Scenario, Shape};
 
 #[derive(Debug, Parser)]
@@ -404,9 +404,14 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
     let (node, _dir) = store.start(work_dir, prefilled.as_deref())?;
     let label = store.backend.label();
     scenario::setup_policies(node.addr, &scenario.policies).await?;
-    let baseline = start_baseline(2, None)?;
-    let durable_dir = tempfile::tempdir_in(work_dir)?;
-    let durable = start_baseline(2, Some(durable_dir.path()))?;
+    // The bare endpoint first: every ratio below is to it, and the durable ones say what the disk and sled
+    // allow before any of the node's own work.
+    let durable_dirs = (tempfile::tempdir_in(work_dir)?, tempfile::tempdir_in(work_dir)?);
+    let baselines = [
+        ("baseline", start_baseline(2, Baseline::Bare)?),
+        ("durable", start_baseline(2, Baseline::File(durable_dirs.0.path()))?),
+        ("sled", start_baseline(2, Baseline::Sled(durable_dirs.1.path()))?),
+    ];
     match scenario.shape {
         Shape::Runs { steps } => {
             println!(
@@ -417,32 +422,23 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                 duration.as_secs()
             );
             let warm = Duration::from_secs(1);
-            for server in [&baseline, &durable] {
+            for (_, server) in &baselines {
                 scenario::runs(server.addr, &scenario, steps, Pace::Closed, warm, false, "warm").await?;
             }
             scenario::runs(node.addr, &scenario, steps, Pace::Closed, warm, true, "warm").await?;
-            let (mut base, mut dur, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+            let mut base: Vec<Vec<Sample>> = baselines.iter().map(|_| Vec::new()).collect();
+            let mut ours = Vec::new();
             for r in 0..repeats {
-                let runs =
-                    |server: &Server| scenario::runs(server.addr, &scenario, steps, Pace::Closed, duration, false, "b");
-                base.push(with_server_cpu(&baseline, runs(&baseline)).await?);
-                dur.push(with_server_cpu(&durable, runs(&durable)).await?);
+                for ((_, server), samples) in baselines.iter().zip(&mut base) {
+                    let run = scenario::runs(server.addr, &scenario, steps, Pace::Closed, duration, false, "b");
+                    samples.push(with_server_cpu(server, run).await?);
+                }
                 let tag = format!("r{r}");
-                ours.push(
-                    with_server_cpu(
-                        &node,
-                        scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &tag),
-                    )
-                    .await?,
-                );
+                let run = scenario::runs(node.addr, &scenario, steps, Pace::Closed, duration, true, &tag);
+                ours.push(with_server_cpu(&node, run).await?);
             }
-            println!("  closed loop, requests per second (every node and durable request is a durable commit):");
-            line("baseline", &base, Sample::rate);
-            line("durable", &dur, Sample::rate);
-            line(label, &ours, Sample::rate);
-            ratio_line("node/baseline", &ours, &base, Sample::rate);
-            ratio_line("node/durable", &ours, &dur, Sample::rate);
-            ratio_line("durable/baseline", &dur, &base, Sample::rate);
+            println!("  closed loop, requests per second (every request but the bare baseline's is a durable commit):");
+            compare(&baselines, &base, label, &ours, Sample::rate);
             println!(
                 "  node decisions/s median {:.0}",
                 median(ours.iter().map(|s| s.decisions as f64 / s.elapsed.as_secs_f64()).collect()),
@@ -450,20 +446,14 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
             if which == Which::Allow {
                 let rate = median(ours.iter().map(Sample::rate).collect()) / 2.0;
                 let pace = Pace::Open { rate };
+                let durable = &baselines[1].1;
                 let (mut half, mut half_durable) = (Vec::new(), Vec::new());
                 for r in 0..repeats {
                     let tag = format!("h{r}");
-                    half.push(
-                        with_server_cpu(&node, scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag))
-                            .await?,
-                    );
-                    half_durable.push(
-                        with_server_cpu(
-                            &durable,
-                            scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b"),
-                        )
-                        .await?,
-                    );
+                    let run = scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag);
+                    half.push(with_server_cpu(&node, run).await?);
+                    let run = scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b");
+                    half_durable.push(with_server_cpu(durable, run).await?);
                 }
                 println!(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
@@ -481,27 +471,47 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                 "scenario block on {:?}: {} connections; per repeat create {runs} runs, then one blocking pre call to each; {repeats} repeats",
                 store.backend, scenario.concurrency
             );
-            let (mut base, mut dur, mut ours, mut creates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut base: Vec<Vec<Sample>> = baselines.iter().map(|_| Vec::new()).collect();
+            let (mut ours, mut creates) = (Vec::new(), Vec::new());
             for r in 0..repeats {
-                base.push(block_round(&baseline, scenario.concurrency, runs, false, "b").await?.1);
-                dur.push(block_round(&durable, scenario.concurrency, runs, false, "b").await?.1);
+                for ((_, server), samples) in baselines.iter().zip(&mut base) {
+                    samples.push(block_round(server, scenario.concurrency, runs, false, "b").await?.1);
+                }
                 let (c, n) = block_round(&node, scenario.concurrency, runs, true, &format!("k{r}")).await?;
                 creates.push(c.rate());
                 ours.push(n);
             }
             println!("  durable blocks per second (each with its prevention record):");
-            line("baseline", &base, Sample::block_rate);
-            line("durable", &dur, Sample::block_rate);
-            line(label, &ours, Sample::block_rate);
-            ratio_line("node/baseline", &ours, &base, Sample::block_rate);
-            ratio_line("node/durable", &ours, &dur, Sample::block_rate);
-            ratio_line("durable/baseline", &dur, &base, Sample::block_rate);
+            compare(&baselines, &base, label, &ours, Sample::block_rate);
             println!("  node run creations/s median {:.0}", median(creates));
         }
     }
     node.stop();
-    drop((baseline, durable));
+    drop(baselines);
     Ok(())
+}
+
+/// Prints each baseline's and the node's rates, then the node's ratio to each baseline and each durable
+/// baseline's ratio to the bare one (the first).
+fn compare(
+    baselines: &[(&str, Server)],
+    base: &[Vec<Sample>],
+    label: &str,
+    ours: &[Sample],
+    rate: impl Fn(&Sample) -> f64 + Copy,
+) {
+    for ((name, _), samples) in baselines.iter().zip(base) {
+        line(name, samples, rate);
+    }
+    line(label, ours, rate);
+    for ((name, _), samples) in baselines.iter().zip(base) {
+        ratio_line(&format!("node/{name}"), ours, samples, rate);
+    }
+    if let Some((bare, durable)) = base.split_first() {
+        for ((name, _), samples) in baselines.iter().skip(1).zip(durable) {
+            ratio_line(&format!("{name}/baseline"), samples, bare, rate);
+        }
+    }
 }
 
 /// Prints the median of the per-repeat ratios of `over` to `under` (repeat `r` against repeat `r`).

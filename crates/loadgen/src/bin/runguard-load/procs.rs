@@ -158,13 +158,26 @@ pub fn start_node(data: &Path, env: &[(&str, String)], log: &Path) -> anyhow::Re
     spawn(command, "runguard listening on ")
 }
 
-/// Starts the trivial actix-web baseline with `workers` HTTP workers; with `durable`, the baseline that
-/// answers after appending each body to a file in that directory with group-committed `fdatasync`.
-pub fn start_baseline(workers: usize, durable: Option<&Path>) -> anyhow::Result<Server> {
+/// What a baseline does before it answers (see `runguard-baseline`).
+#[derive(Clone, Copy, Debug)]
+pub enum Baseline<'a> {
+    /// Nothing: it reads the body and answers.
+    Bare,
+    /// Appends the body to a file in this directory, group-committed with `fdatasync`.
+    File(&'a Path),
+    /// Inserts the body into a sled database in this directory, group-committed with sled's flush and
+    /// `fdatasync`.
+    Sled(&'a Path),
+}
+
+/// Starts a trivial actix-web baseline with `workers` HTTP workers.
+pub fn start_baseline(workers: usize, baseline: Baseline<'_>) -> anyhow::Result<Server> {
     let mut command = Command::new(sibling("runguard-baseline")?);
     command.args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()]);
-    if let Some(dir) = durable {
-        command.arg("--durable").arg(dir);
+    match baseline {
+        Baseline::Bare => {}
+        Baseline::File(dir) => _ = command.arg("--durable").arg(dir),
+        Baseline::Sled(dir) => _ = command.arg("--durable-sled").arg(dir),
     }
     command.stderr(Stdio::null());
     spawn(command, "baseline listening on ")
