@@ -2,8 +2,9 @@
 //! own so that a request never waits for a `write` of its access-log line. Every line carries the node's
 //! id (`node_id`), so that the logs of a cluster's nodes can be merged and still told apart.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -20,6 +21,30 @@ const CLIENT_FAULTS: &str = "actix_http::h1::dispatcher=off";
 /// Lines waiting for the log thread; past this the logging call waits (no line is dropped).
 const BUFFERED_LINES: usize = 16_384;
 
+/// How long the log thread rests after writing out what it found waiting. Lines arriving meanwhile wait
+/// in the channel (at 20,000 lines a second, 100 of them), so that the thread is woken once per batch
+/// rather than once per line, and writes each batch with one `write`: at full load a wake-up and a
+/// `write` per access-log line cost the node about 5 % of its CPU.
+const LOG_PAUSE: Duration = Duration::from_millis(5);
+
+/// The log thread's output: lines gathered in a buffer, written out when the thread has drained the
+/// channel (`tracing-appender` flushes its writer then), after which the thread rests for [`LOG_PAUSE`].
+struct Paced<W: Write> {
+    out: BufWriter<W>,
+}
+
+impl<W: Write> Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let written = self.out.flush();
+        std::thread::sleep(LOG_PAUSE);
+        written
+    }
+}
+
 /// Installs the global subscriber once; `RUST_LOG` overrides the configured level. Keep the guard until
 /// the process ends: dropping it writes out the lines still buffered.
 #[must_use = "dropping the guard stops the log thread"]
@@ -34,8 +59,10 @@ pub fn init(format: LogFormat, level: &str, node_id: &str) -> WorkerGuard {
     // A closed standard error (`runguard serve 2>&1 | head`) loses the log lines; reporting that failure
     // on the same closed stream would panic.
     // Colour codes only for a terminal: in a file or a log collector they are noise.
-    let (writer, guard) =
-        NonBlockingBuilder::default().lossy(false).buffered_lines_limit(BUFFERED_LINES).finish(std::io::stderr());
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .finish(Paced { out: BufWriter::with_capacity(64 * 1024, std::io::stderr()) });
     let writer = Tagged::new(writer, format, node_id);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -122,6 +149,16 @@ impl<W: Write> Write for TaggedLine<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_thread_writes_a_batch_at_once_when_it_has_drained_the_channel() {
+        let mut paced = Paced { out: BufWriter::with_capacity(1024, Vec::new()) };
+        paced.write_all(b"first\n").unwrap();
+        paced.write_all(b"second\n").unwrap();
+        assert!(paced.out.get_ref().is_empty(), "nothing is written before the batch ends");
+        paced.flush().unwrap();
+        assert_eq!(paced.out.get_ref().as_slice(), b"first\nsecond\n");
+    }
 
     #[test]
     fn every_line_carries_the_node_id() {

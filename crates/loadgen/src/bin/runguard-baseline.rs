@@ -74,7 +74,8 @@ struct SledTree {
 
 impl SledTree {
     fn open(dir: &std::path::Path) -> std::io::Result<Self> {
-        let db = sled::Config::new().path(dir).cache_capacity(32 * 1024 * 1024).open().map_err(std::io::Error::other)?;
+        let db =
+            sled::Config::new().path(dir).cache_capacity(32 * 1024 * 1024).open().map_err(std::io::Error::other)?;
         let tree = db.open_tree("bodies").map_err(std::io::Error::other)?;
         let file = File::open(dir.join("db"))?;
         Ok(Self { db, tree, file, next: 0 })
