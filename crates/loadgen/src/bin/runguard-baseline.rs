@@ -11,7 +11,7 @@
 //! With `--durable-sled DIR` the same writer inserts each body into a sled database in `DIR` instead (one
 //! `apply_batch` per group, then sled's flush and an `fdatasync` of its file, as the node's store makes a
 //! commit durable): the fastest a durable answer can be on sled, with one small write per request and
-//! nothing of runguard's checks, encodings or indexes.
+//! nothing of runguard's checks, encodings or indexes; `--sled-keys N` writes the body under N keys.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -39,6 +39,10 @@ struct Args {
     /// `fdatasync`ed.
     #[arg(long)]
     durable_sled: Option<PathBuf>,
+    /// With `--durable-sled`: sled keys written per request (the body under each), e.g. 8 for what a
+    /// block writes (ledger entry, run, live listing, record, four record indexes).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    sled_keys: u64,
 }
 
 /// Where a group of bodies is made durable.
@@ -70,15 +74,16 @@ struct SledTree {
     tree: sled::Tree,
     file: File,
     next: u64,
+    keys_per_body: u64,
 }
 
 impl SledTree {
-    fn open(dir: &std::path::Path) -> std::io::Result<Self> {
+    fn open(dir: &std::path::Path, keys_per_body: u64) -> std::io::Result<Self> {
         let db =
             sled::Config::new().path(dir).cache_capacity(32 * 1024 * 1024).open().map_err(std::io::Error::other)?;
         let tree = db.open_tree("bodies").map_err(std::io::Error::other)?;
         let file = File::open(dir.join("db"))?;
-        Ok(Self { db, tree, file, next: 0 })
+        Ok(Self { db, tree, file, next: 0, keys_per_body })
     }
 }
 
@@ -86,8 +91,10 @@ impl Sink for SledTree {
     fn append(&mut self, bodies: &[Append]) -> std::io::Result<()> {
         let mut batch = sled::Batch::default();
         for (body, _) in bodies {
-            self.next += 1;
-            batch.insert(&self.next.to_be_bytes(), body.as_ref());
+            for _ in 0..self.keys_per_body {
+                self.next += 1;
+                batch.insert(&self.next.to_be_bytes(), body.as_ref());
+            }
         }
         self.tree.apply_batch(batch).map_err(std::io::Error::other)?;
         self.db.flush().map_err(std::io::Error::other)?;
@@ -148,7 +155,7 @@ fn main() -> std::io::Result<()> {
             Some(web::Data::new(sender))
         }
         (None, Some(dir)) => {
-            let sink = SledTree::open(dir)?;
+            let sink = SledTree::open(dir, args.sled_keys)?;
             commit.spawn(move || group_commit(sink, &appends))?;
             Some(web::Data::new(sender))
         }

@@ -405,13 +405,20 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
     let label = store.backend.label();
     scenario::setup_policies(node.addr, &scenario.policies).await?;
     // The bare endpoint first: every ratio below is to it, and the durable ones say what the disk and sled
-    // allow before any of the node's own work.
+    // allow before any of the node's own work. The sled baseline writes as many keys per request as the
+    // node writes per call at the least: a step's ledger entry; a block's entry, stopped run, live
+    // listing, record and its four indexes.
+    let sled_keys = match scenario.shape {
+        Shape::Runs { .. } => 1,
+        Shape::Blocks { .. } => 8,
+    };
     let durable_dirs = (tempfile::tempdir_in(work_dir)?, tempfile::tempdir_in(work_dir)?);
     let baselines = [
         ("baseline", start_baseline(2, Baseline::Bare)?),
         ("durable", start_baseline(2, Baseline::File(durable_dirs.0.path()))?),
-        ("sled", start_baseline(2, Baseline::Sled(durable_dirs.1.path()))?),
+        ("sled", start_baseline(2, Baseline::Sled(durable_dirs.1.path(), sled_keys))?),
     ];
+    println!("baselines: bare; durable = one group-committed append; sled = {sled_keys} sled key(s) per request");
     match scenario.shape {
         Shape::Runs { steps } => {
             println!(

@@ -165,9 +165,9 @@ pub enum Baseline<'a> {
     Bare,
     /// Appends the body to a file in this directory, group-committed with `fdatasync`.
     File(&'a Path),
-    /// Inserts the body into a sled database in this directory, group-committed with sled's flush and
-    /// `fdatasync`.
-    Sled(&'a Path),
+    /// Inserts the body under this many keys into a sled database in this directory, group-committed
+    /// with sled's flush and `fdatasync`.
+    Sled(&'a Path, u64),
 }
 
 /// Starts a trivial actix-web baseline with `workers` HTTP workers.
@@ -177,7 +177,9 @@ pub fn start_baseline(workers: usize, baseline: Baseline<'_>) -> anyhow::Result<
     match baseline {
         Baseline::Bare => {}
         Baseline::File(dir) => _ = command.arg("--durable").arg(dir),
-        Baseline::Sled(dir) => _ = command.arg("--durable-sled").arg(dir),
+        Baseline::Sled(dir, keys) => {
+            _ = command.arg("--durable-sled").arg(dir).arg("--sled-keys").arg(keys.to_string())
+        }
     }
     command.stderr(Stdio::null());
     spawn(command, "baseline listening on ")
