@@ -123,5 +123,7 @@ pub use postgres::{
     redact as redact_postgres_url,
 };
 pub use query::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, Page, PageRequest, RecordQuery, all_pages};
+#[cfg(feature = "floor")]
+pub use sled_backend::SledFloor;
 pub use sled_backend::{SCHEMA_VERSION, StoreOptions};
 pub use watermark::WATERMARK_FILE;

@@ -8,9 +8,9 @@
 //! fastest a durable answer can be on this machine with this HTTP stack: what the disk's `fdatasync`
 //! rate, one write per group and the thread hand-offs allow.
 //!
-//! With `--durable-sled DIR` the same writer inserts each body into a sled database in `DIR` instead (one
-//! `apply_batch` per group, then sled's flush and an `fdatasync` of its file, as the node's store makes a
-//! commit durable): the fastest a durable answer can be on sled, with one small write per request and
+//! With `--durable-sled DIR` the same writer inserts each body into a sled database in `DIR` instead
+//! (the store's `SledFloor`: one `apply_batch` per group, then sled's flush and an `fdatasync` of its
+//! file, as the node's store makes a commit durable): the fastest a durable answer can be on sled, with one small write per request and
 //! nothing of runguard's checks, encodings or indexes; `--sled-keys N` writes the body under N keys.
 
 use std::fs::{File, OpenOptions};
@@ -20,6 +20,7 @@ use std::sync::mpsc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use clap::Parser;
+use runguard_store::SledFloor;
 use tokio::sync::oneshot;
 
 /// Command line.
@@ -68,37 +69,15 @@ impl Sink for LogFile {
     }
 }
 
-/// A sled tree keyed by arrival: one batch, sled's flush and one `fdatasync` of its file per group.
+/// A sled tree keyed by arrival, each body under `copies` keys: the store's [`SledFloor`].
 struct SledTree {
-    db: sled::Db,
-    tree: sled::Tree,
-    file: File,
-    next: u64,
-    keys_per_body: u64,
-}
-
-impl SledTree {
-    fn open(dir: &std::path::Path, keys_per_body: u64) -> std::io::Result<Self> {
-        let db =
-            sled::Config::new().path(dir).cache_capacity(32 * 1024 * 1024).open().map_err(std::io::Error::other)?;
-        let tree = db.open_tree("bodies").map_err(std::io::Error::other)?;
-        let file = File::open(dir.join("db"))?;
-        Ok(Self { db, tree, file, next: 0, keys_per_body })
-    }
+    floor: SledFloor,
+    copies: u64,
 }
 
 impl Sink for SledTree {
     fn append(&mut self, bodies: &[Append]) -> std::io::Result<()> {
-        let mut batch = sled::Batch::default();
-        for (body, _) in bodies {
-            for _ in 0..self.keys_per_body {
-                self.next += 1;
-                batch.insert(&self.next.to_be_bytes(), body.as_ref());
-            }
-        }
-        self.tree.apply_batch(batch).map_err(std::io::Error::other)?;
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.file.sync_data()
+        self.floor.append(bodies.iter().map(|(body, _)| body.as_ref()), self.copies).map_err(std::io::Error::other)
     }
 }
 
@@ -155,7 +134,8 @@ fn main() -> std::io::Result<()> {
             Some(web::Data::new(sender))
         }
         (None, Some(dir)) => {
-            let sink = SledTree::open(dir, args.sled_keys)?;
+            let floor = SledFloor::open(dir).map_err(std::io::Error::other)?;
+            let sink = SledTree { floor, copies: args.sled_keys };
             commit.spawn(move || group_commit(sink, &appends))?;
             Some(web::Data::new(sender))
         }

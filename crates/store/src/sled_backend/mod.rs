@@ -5,6 +5,8 @@
 //! and `verify` (integrity walks). Another backend replaces this module behind the same facade.
 
 mod commit;
+#[cfg(feature = "floor")]
+mod floor;
 mod open;
 mod reads;
 mod verify;
@@ -81,6 +83,8 @@ trees! {
 }
 
 pub(crate) use crate::prepare::ChainHead;
+#[cfg(feature = "floor")]
+pub use floor::SledFloor;
 pub(crate) use reads::snapshot_id_digest;
 
 /// One open sled database with its trees. Replaced as a whole when the store reopens itself after a
