@@ -344,7 +344,17 @@ impl Run {
             return Err(Refusal::StepLimit { max: limits.steps_per_run });
         }
         let mut evaluation = evaluate(&self.snapshot, &self.state, Call::Step(call), tenant_rates, periods, now);
+        let own_action = evaluation.decision.action;
         crate::ancestors::widen(&mut evaluation, &self.snapshot, &self.state, call, family, now);
+        if evaluation.decision.action != own_action {
+            // What the call adds to its tenant's periods and rate windows follows the action the family
+            // settled: an ancestor's block at `pre` is recorded as any block, without a condition that
+            // could refuse its commit. (A throttle the family turns into a block already dropped its rate
+            // events: the call consumes no rate allowance.)
+            let (labels, action) = (&self.state.labels, evaluation.decision.action);
+            evaluation.periods = crate::periods::deltas(&self.snapshot, labels, Some(call), action, periods, now);
+            evaluation.rates = crate::shared_rates::delta(&self.snapshot, &evaluation.effects, Some(call), action, now);
+        }
         tenant_rates.apply(&evaluation.effects);
         let observed = self.failure.observation(call);
         Ok(Outcome::evaluated(&self.snapshot, &self.state, evaluation, now, Some(observed), None))

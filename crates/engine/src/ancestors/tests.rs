@@ -186,3 +186,35 @@ proptest! {
         }
     }
 }
+
+/// What a call adds to its tenant's rate windows and periods follows the action its family settles, not
+/// the run's own evaluation: a `pre` the run alone allows and an ancestor blocks is recorded as any block
+/// (no condition on the window's count, which could otherwise refuse the block's commit), and a `post`
+/// an ancestor blocks still adds its usage to the tenant's period.
+#[test]
+fn what_a_widened_block_adds_to_tenant_windows_and_periods_is_a_blocks() {
+    let parent = snapshot(&[&budget("pol_parent", 100, "")]);
+    let rate = r#"{"id": "pol_rate", "name": "pol_rate", "rule": {"kind": "rate", "metric": "steps", "max": 1000, "window_s": 60, "scope": "tenant"}}"#;
+    let period = r#"{"id": "pol_month", "name": "pol_month", "rule": {"kind": "budget", "metric": "tokens", "per": "tenant", "period": "month", "max": 1000000}}"#;
+    let own = snapshot(&[rate, period]);
+    let child = run("child", &own);
+    let ancestors = [ancestor("parent", &parent, 100)];
+    let family = Family { descendants: Totals::default(), ancestors: &ancestors };
+
+    let pre =
+        StepCall { estimate: Some(Estimate { tokens: Some(1), cost_micros: None }), ..StepCall::new(0, Phase::Pre) };
+    let alone = step(&child, &pre, &Family::default());
+    assert_eq!(alone.decision.action, Action::Allow);
+    assert!(!alone.tenant_rate_delta.as_ref().unwrap().checks.is_empty(), "an admitted pre is conditional");
+    let widened = step(&child, &pre, &family);
+    assert_eq!(widened.decision.action, Action::Block);
+    let delta = widened.tenant_rate_delta.as_ref().expect("a block is recorded in the tenant's window");
+    assert!(delta.checks.is_empty(), "a block is recorded without a condition: {:?}", delta.checks);
+
+    let post = post(0, 5);
+    let alone = step(&child, &post, &Family::default());
+    let widened = step(&child, &post, &family);
+    assert_eq!(widened.decision.action, Action::Block);
+    assert_eq!(widened.period_deltas, alone.period_deltas, "the usage was spent either way");
+    assert!(!widened.period_deltas.is_empty());
+}
