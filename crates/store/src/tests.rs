@@ -1409,6 +1409,39 @@ fn an_advanced_run_reads_back_with_its_steps_totals_and_next_call(store) {
 }
 
 on_both_backends! {
+fn an_advanced_runs_totals_bound_its_rolled_up_checks_and_outlast_a_long_run_of_throttles(store) {
+    let (world, runs) = world_with_runs(&store, 1);
+    let mut run = runs[0].clone();
+    let entry = world.post(&mut run, 0, 40);
+    commit(&store, |b| {
+        b.append_ledger(world.tenant.clone(), run.run_id.clone(), entry).advance_run(run.clone());
+    });
+    let tokens = run.totals.tokens;
+    assert!(tokens > 0);
+    // A family bound on the run counts the totals its newest entry leaves, not its row's.
+    let bound = |max: u64| {
+        let mut batch = WriteBatch::new();
+        batch.check_rolled_up(world.tenant.clone(), run.run_id.clone(), runguard_contract::BudgetMetric::Tokens, max);
+        store.commit(batch)
+    };
+    assert!(bound(tokens - 1).unwrap_err().is_rolled_up_limit());
+    assert!(bound(tokens).is_ok());
+    // More throttles than a read looks at first, none of them rewriting the run: it reads as its step left it.
+    for n in 0..12 {
+        let mut throttled = world.post(&mut run.clone(), 1, 99);
+        throttled.decision.action = runguard_contract::Action::Throttle;
+        throttled.decision.decision_id = runguard_contract::DecisionId::new(format!("dec_r0_t{n}")).unwrap();
+        throttled.totals_after = run.totals;
+        commit(&store, |b| {
+            b.append_ledger(world.tenant.clone(), run.run_id.clone(), throttled);
+        });
+    }
+    assert_eq!(store.get_run(&world.tenant, &run.run_id).unwrap().unwrap(), run);
+    assert_eq!(store.list_runs(&world.tenant, &PageRequest::first(10)).unwrap().items, [run.clone()]);
+}
+}
+
+on_both_backends! {
 fn an_advance_its_ledger_entry_does_not_account_for_is_refused_and_writes_nothing(store) {
     let (world, runs) = world_with_runs(&store, 1);
     let before = runs[0].clone();

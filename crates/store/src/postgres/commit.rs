@@ -202,6 +202,9 @@ fn apply(tx: &mut Transaction<'_>, statements: &mut Statements, staged: &Staged)
         }
         // The binding is the run row's snapshot columns.
         Staged::Binding { .. } => Ok(()),
+        // An advanced run's totals and next call are its new ledger entry's: its row stays as it was, and
+        // reads catch it up from the ledger (`reads.rs`, `caught_up`).
+        Staged::Run { advanced: true, .. } => Ok(()),
         Staged::Run { run, .. } => exec(
             tx,
             "a run",
@@ -458,11 +461,15 @@ impl ReadView for PgView<'_, '_> {
         None
     }
 
-    /// Read committed, after the chain head lock: every commit of every node made before this one.
+    /// Read committed, after the chain head lock: every commit of every node made before this one. A run's
+    /// totals are those its newest ledger entry leaves (an advanced run's row keeps older ones).
     fn run_totals(&self, tenant: &TenantId, run: &RunId) -> Result<Option<runguard_contract::Totals>, StoreError> {
         let row = self.opt(
             "a run's totals",
-            "SELECT body->'totals' FROM runs WHERE tenant_id = $1 AND run_id = $2",
+            "SELECT COALESCE((SELECT l.body->'totals_after' FROM ledger l
+                               WHERE l.tenant_id = r.tenant_id AND l.run_id = r.run_id
+                               ORDER BY l.position DESC LIMIT 1), r.body->'totals')
+             FROM runs r WHERE r.tenant_id = $1 AND r.run_id = $2",
             &[&tenant.as_str(), &run.as_str()],
         )?;
         row.map(|row| super::from_json("run totals", get(&row, 0, "a run's totals")?)).transpose()

@@ -138,6 +138,30 @@ impl PgStore {
         self.rows(what, sql, params)?.iter().map(|row| body(row, what)).collect()
     }
 
+    /// A running run as its ledger leaves it (`StoredRun::catch_up`): a step that moves only its totals
+    /// and next call appends its ledger entry without rewriting the row (`WriteOp::AdvanceRun`). Reads the
+    /// newest entries first, and the whole ledger only when none of them moved the run (a long series of
+    /// throttles).
+    fn caught_up(&self, mut run: StoredRun) -> Result<StoredRun, StoreError> {
+        const NEWEST: i64 = 8;
+        if !run.status.is_running() {
+            return Ok(run);
+        }
+        let newest = |limit: Option<i64>| {
+            self.all::<LedgerEntry>(
+                "the ledger",
+                "SELECT body FROM ledger WHERE tenant_id = $1 AND run_id = $2 ORDER BY position DESC LIMIT $3",
+                &[&run.tenant_id.as_str(), &run.run_id.as_str(), &limit],
+            )
+        };
+        let mut entries = newest(Some(NEWEST))?;
+        if entries.len() as i64 == NEWEST && entries.iter().all(|entry| entry.next_call().is_none()) {
+            entries = newest(None)?;
+        }
+        run.catch_up(entries.into_iter().map(Ok))?;
+        Ok(run)
+    }
+
     // ---- chain ------------------------------------------------------------------------------------
 
     pub(crate) fn chain_head(&self) -> Result<(u64, RecordHash), StoreError> {
@@ -384,11 +408,12 @@ impl PgStore {
     // ---- runs and ledger --------------------------------------------------------------------------
 
     pub(crate) fn get_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
-        self.one(
+        let row = self.one::<StoredRun>(
             "a run",
             "SELECT body FROM runs WHERE tenant_id = $1 AND run_id = $2",
             &[&tenant.as_str(), &run.as_str()],
-        )
+        )?;
+        row.map(|run| self.caught_up(run)).transpose()
     }
 
     /// Reads the tenant's runs in chunks after the cursor until a page of kept runs (and one more, to know
@@ -411,7 +436,7 @@ impl PgStore {
                 &[&tenant.as_str(), &after, &i64::try_from(CHUNK).unwrap_or(i64::MAX)],
             )?;
             for row in &rows {
-                let run: StoredRun = body(row, "run")?;
+                let run = self.caught_up(body(row, "run")?)?;
                 after = Some(run.run_id.as_str().to_owned());
                 if !keep(&run) {
                     continue;
@@ -435,7 +460,7 @@ impl PgStore {
     pub(crate) fn running_runs(&self) -> Items<'_, StoredRun> {
         let sql = "SELECT body FROM runs WHERE status = 'running' ORDER BY tenant_id, run_id";
         match self.all::<StoredRun>("running runs", sql, &[]) {
-            Ok(runs) => Box::new(runs.into_iter().map(Ok)),
+            Ok(runs) => Box::new(runs.into_iter().map(|run| self.caught_up(run))),
             Err(err) => Box::new(std::iter::once(Err(err))),
         }
     }
@@ -469,7 +494,7 @@ impl PgStore {
         Box::new(std::iter::from_fn(move || {
             loop {
                 if let Some(run) = buffer.next() {
-                    return Some(Ok(run));
+                    return Some(self.caught_up(run));
                 }
                 if done {
                     return None;
