@@ -408,12 +408,16 @@ impl PgStore {
     // ---- runs and ledger --------------------------------------------------------------------------
 
     pub(crate) fn get_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
-        let row = self.one::<StoredRun>(
+        self.run_row(tenant, run)?.map(|run| self.caught_up(run)).transpose()
+    }
+
+    /// A run's row as stored, not caught up from its ledger.
+    fn run_row(&self, tenant: &TenantId, run: &RunId) -> Result<Option<StoredRun>, StoreError> {
+        self.one(
             "a run",
             "SELECT body FROM runs WHERE tenant_id = $1 AND run_id = $2",
             &[&tenant.as_str(), &run.as_str()],
-        )?;
-        row.map(|run| self.caught_up(run)).transpose()
+        )
     }
 
     /// Reads the tenant's runs in chunks after the cursor until a page of kept runs (and one more, to know
@@ -560,7 +564,8 @@ impl PgStore {
     }
 
     pub(crate) fn load_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<LoadedRun>, StoreError> {
-        let Some(stored) = self.get_run(tenant, run)? else { return Ok(None) };
+        // Caught up below from the very ledger that is checked against it, not from a second read.
+        let Some(mut stored) = self.run_row(tenant, run)? else { return Ok(None) };
         let snapshot = self.load_snapshot(&stored.snapshot.hash);
         let rows = self.rows(
             "the ledger",
@@ -581,6 +586,9 @@ impl PgStore {
                     break;
                 }
             }
+        }
+        if stored.status.is_running() {
+            stored.catch_up(ledger.iter().rev().cloned().map(Ok))?;
         }
         Ok(Some(LoadedRun::checked(stored, snapshot, ledger, problem)))
     }
