@@ -72,14 +72,17 @@ pub struct LoadedRun {
 }
 
 impl LoadedRun {
-    /// A loaded run whose ledger read stopped at `undecodable` (if it did); a ledger read whole is checked
-    /// against the stored totals.
+    /// A loaded run from its stored row and its ledger, read once: a running run's row is caught up from
+    /// that ledger (`StoredRun::catch_up`) before anything is checked, so that the two cannot disagree
+    /// because a commit fell between two reads. The ledger read stopped at `undecodable` (if it did); a
+    /// ledger read whole is checked against the run's totals.
     pub(crate) fn checked(
-        run: StoredRun,
+        mut run: StoredRun,
         snapshot: Result<Snapshot, IntegrityError>,
         ledger: Vec<LedgerEntry>,
         undecodable: Option<IntegrityError>,
     ) -> Self {
+        run.catch_up_from(ledger.iter().rev());
         let problem = undecodable.or_else(|| check_ledger_totals(&run, &ledger).err());
         Self { run, snapshot, ledger, totals_consistent: problem.is_none(), ledger_problem: problem }
     }

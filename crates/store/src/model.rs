@@ -74,14 +74,19 @@ impl StoredRun {
     /// The run as its ledger leaves it, from its entries newest first: the newest entry's totals, and the
     /// call expected after the newest entry that moved it (a throttled call or a run start moves nothing).
     /// A step that moves only these two may leave the stored row as it was (`WriteOp::AdvanceRun`); nothing
-    /// else changes them, so the row plus its ledger is the run now.
-    pub(crate) fn catch_up(
+    /// else changes them, so the row plus its ledger is the run now. A run that is not running had its row
+    /// written whole when it stopped, and is left as it is (without reading `newest_first`).
+    pub(crate) fn catch_up<E>(
         &mut self,
-        newest_first: impl Iterator<Item = Result<LedgerEntry, crate::StoreError>>,
-    ) -> Result<(), crate::StoreError> {
+        newest_first: impl Iterator<Item = Result<impl std::borrow::Borrow<LedgerEntry>, E>>,
+    ) -> Result<(), E> {
+        if !self.status.is_running() {
+            return Ok(());
+        }
         let mut newest = true;
         for entry in newest_first {
             let entry = entry?;
+            let entry = entry.borrow();
             if newest {
                 self.totals = entry.totals_after;
                 newest = false;
@@ -92,6 +97,11 @@ impl StoredRun {
             }
         }
         Ok(())
+    }
+
+    /// [`catch_up`](Self::catch_up) from entries already read.
+    pub(crate) fn catch_up_from<'a>(&mut self, newest_first: impl Iterator<Item = &'a LedgerEntry>) {
+        self.catch_up(newest_first.map(Ok)).unwrap_or_else(|never: std::convert::Infallible| match never {});
     }
 }
 

@@ -145,6 +145,7 @@ impl PgStore {
     fn caught_up(&self, mut run: StoredRun) -> Result<StoredRun, StoreError> {
         const NEWEST: i64 = 8;
         if !run.status.is_running() {
+            // Its row was written whole when it stopped: no query.
             return Ok(run);
         }
         let newest = |limit: Option<i64>| {
@@ -158,7 +159,7 @@ impl PgStore {
         if entries.len() as i64 == NEWEST && entries.iter().all(|entry| entry.next_call().is_none()) {
             entries = newest(None)?;
         }
-        run.catch_up(entries.into_iter().map(Ok))?;
+        run.catch_up_from(entries.iter());
         Ok(run)
     }
 
@@ -564,8 +565,8 @@ impl PgStore {
     }
 
     pub(crate) fn load_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<LoadedRun>, StoreError> {
-        // Caught up below from the very ledger that is checked against it, not from a second read.
-        let Some(mut stored) = self.run_row(tenant, run)? else { return Ok(None) };
+        // The row as stored: `LoadedRun::checked` catches it up from the ledger read below.
+        let Some(stored) = self.run_row(tenant, run)? else { return Ok(None) };
         let snapshot = self.load_snapshot(&stored.snapshot.hash);
         let rows = self.rows(
             "the ledger",
@@ -586,9 +587,6 @@ impl PgStore {
                     break;
                 }
             }
-        }
-        if stored.status.is_running() {
-            stored.catch_up(ledger.iter().rev().cloned().map(Ok))?;
         }
         Ok(Some(LoadedRun::checked(stored, snapshot, ledger, problem)))
     }

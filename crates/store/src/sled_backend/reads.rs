@@ -4,7 +4,7 @@ use std::ops::Bound;
 
 use runguard_contract::{
     AuditEntry, Decision, Incident, IncidentId, Mode, Pattern, PatternId, Policy, PolicyId, PreventionRecord, RecordId,
-    Regret, RunId, RunStatus, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
+    Regret, RunId, SignatureHash, Snapshot, SnapshotHash, SnapshotId, TenantId, Timestamp,
 };
 use sled::IVec;
 
@@ -262,14 +262,10 @@ impl Store {
     /// when more than its totals and next call change, and each step's ledger entry carries those two
     /// (`WriteOp::AdvanceRun`). A run that is not running had its row written when it stopped.
     fn caught_up(&self, mut run: StoredRun) -> Result<StoredRun, StoreError> {
-        if run.status == RunStatus::Running {
-            let ledger = self.tree(T::Ledger)?;
-            let newest_first = ledger
-                .scan_prefix(keys::run(&run.tenant_id, &run.run_id))
-                .rev()
-                .map(|item| LedgerEntry::decode(&item?.1));
-            run.catch_up(newest_first)?;
-        }
+        let ledger = self.tree(T::Ledger)?;
+        let newest_first =
+            ledger.scan_prefix(keys::run(&run.tenant_id, &run.run_id)).rev().map(|item| LedgerEntry::decode(&item?.1));
+        run.catch_up(newest_first)?;
         Ok(run)
     }
 
@@ -345,7 +341,8 @@ impl Store {
     /// Integrity problems are reported in the [`LoadedRun`] (the node then fails closed); only a run that
     /// cannot be read at all is an `Err`.
     pub fn load_run(&self, tenant: &TenantId, run: &RunId) -> Result<Option<LoadedRun>, StoreError> {
-        let Some(stored) = self.get_run(tenant, run)? else { return Ok(None) };
+        // The row as stored: `LoadedRun::checked` catches it up from the ledger read below.
+        let Some(stored) = self.get_decoded::<StoredRun>(T::Runs, &keys::run(tenant, run))? else { return Ok(None) };
         let snapshot = self.load_snapshot(&stored.snapshot.hash);
         let mut ledger = Vec::new();
         let mut problem = None;
