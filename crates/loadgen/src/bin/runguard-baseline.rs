@@ -47,7 +47,7 @@ struct Args {
 }
 
 /// Where a group of bodies is made durable.
-trait Sink: Send + 'static {
+trait Sink: Send {
     fn append(&mut self, bodies: &[Append]) -> std::io::Result<()>;
 }
 
@@ -81,8 +81,8 @@ impl Sink for SledTree {
     }
 }
 
-/// A body to append, and where to say it is durable.
-type Append = (web::Bytes, oneshot::Sender<std::io::Result<()>>);
+/// A body to append, and where to say whether it is durable.
+type Append = (web::Bytes, oneshot::Sender<bool>);
 
 const ANSWER: &str = r#"{"action":"allow"}"#;
 
@@ -98,48 +98,48 @@ async fn answer_durably(body: web::Bytes, log: web::Data<mpsc::Sender<Append>>) 
         return HttpResponse::ServiceUnavailable().finish();
     }
     match durable.await {
-        Ok(Ok(())) => HttpResponse::Ok().content_type("application/json").body(ANSWER),
+        Ok(true) => HttpResponse::Ok().content_type("application/json").body(ANSWER),
         _ => HttpResponse::ServiceUnavailable().finish(),
     }
 }
 
 /// Makes each group of bodies (whatever arrived while the last group was made durable) durable in
 /// `sink`, then answers the group.
-fn group_commit(mut sink: impl Sink, appends: &mpsc::Receiver<Append>) {
+fn group_commit(sink: &mut dyn Sink, appends: &mpsc::Receiver<Append>) {
     let mut waiting = Vec::new();
     while let Ok(first) = appends.recv() {
         waiting.push(first);
         waiting.extend(appends.try_iter());
-        let outcome = sink.append(&waiting);
+        let durable = sink.append(&waiting).is_ok();
         for (_, done) in waiting.drain(..) {
-            let reply = match &outcome {
-                Ok(()) => Ok(()),
-                Err(err) => Err(std::io::Error::new(err.kind(), err.to_string())),
-            };
-            let _ = done.send(reply);
+            let _ = done.send(durable);
         }
     }
 }
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let (sender, appends) = mpsc::channel();
-    let commit = std::thread::Builder::new().name("group-commit".into());
-    let log = match (&args.durable, &args.durable_sled) {
+    let sink: Option<Box<dyn Sink>> = match (&args.durable, &args.durable_sled) {
         (Some(dir), _) => {
             std::fs::create_dir_all(dir)?;
             let file = OpenOptions::new().create(true).append(true).open(dir.join("baseline.log"))?;
-            let sink = LogFile { file, buffer: Vec::new() };
-            commit.spawn(move || group_commit(sink, &appends))?;
-            Some(web::Data::new(sender))
+            Some(Box::new(LogFile { file, buffer: Vec::new() }))
         }
         (None, Some(dir)) => {
             let floor = SledFloor::open(dir).map_err(std::io::Error::other)?;
-            let sink = SledTree { floor, copies: args.sled_keys };
-            commit.spawn(move || group_commit(sink, &appends))?;
-            Some(web::Data::new(sender))
+            Some(Box::new(SledTree { floor, copies: args.sled_keys }))
         }
         (None, None) => None,
+    };
+    let log = match sink {
+        Some(mut sink) => {
+            let (sender, appends) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("group-commit".into())
+                .spawn(move || group_commit(sink.as_mut(), &appends))?;
+            Some(web::Data::new(sender))
+        }
+        None => None,
     };
     actix_rt::System::new().block_on(async move {
         let server = HttpServer::new(move || match &log {
