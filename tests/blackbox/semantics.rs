@@ -247,9 +247,9 @@ fn the_sweep_expires_a_run_nobody_calls_again() {
     create_run(&client, "run-swept");
     step(&client, "run-swept", &post(0, 1));
     // Nothing reads or calls the run from here: only the node's periodic sweep can expire it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !node.logs().contains("run expired") {
-        assert!(std::time::Instant::now() < deadline, "the sweep never expired the run:\n{}", node.logs());
+        assert!(Instant::now() < deadline, "the sweep never expired the run:\n{}", node.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(client.get("/v1/runs/run-swept").expect(200)["status"], "expired");

@@ -23,8 +23,9 @@ const BUFFERED_LINES: usize = 16_384;
 
 /// How long the log thread rests after writing out what it found waiting. Lines arriving meanwhile wait
 /// in the channel (at 20,000 lines a second, 100 of them), so that the thread is woken once per batch
-/// rather than once per line, and writes each batch with one `write`: at full load a wake-up and a
-/// `write` per access-log line cost the node about 5 % of its CPU.
+/// rather than once per line, and writes each batch with one `write`: a wake-up and a `write` per
+/// access-log line cost the node about 3 % of its CPU per allow at full load and 10 % at half load
+/// (`docs/performance.md`).
 const LOG_PAUSE: Duration = Duration::from_millis(5);
 
 /// The log thread's output: lines gathered in a buffer, written out when the thread has drained the
