@@ -105,20 +105,20 @@ fn wire_text(millis: i64) -> Option<String> {
         return None;
     }
     let mut text = String::with_capacity(24);
-    push_digits(&mut text, year, 4);
-    text.push('-');
-    push_digits(&mut text, month, 2);
-    text.push('-');
-    push_digits(&mut text, day, 2);
-    text.push('T');
-    push_digits(&mut text, hour, 2);
-    text.push(':');
-    push_digits(&mut text, minute, 2);
-    text.push(':');
-    push_digits(&mut text, second, 2);
-    text.push('.');
-    push_digits(&mut text, milli, 3);
-    text.push('Z');
+    // Each field with its width and the character after it.
+    let fields = [
+        (year, 4, '-'),
+        (month, 2, '-'),
+        (day, 2, 'T'),
+        (hour, 2, ':'),
+        (minute, 2, ':'),
+        (second, 2, '.'),
+        (milli, 3, 'Z'),
+    ];
+    for (value, width, then) in fields {
+        push_digits(&mut text, value, width);
+        text.push(then);
+    }
     Some(text)
 }
 
