@@ -318,16 +318,7 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
                 stored.run_id.clone(),
                 LedgerEntry::new(LedgerCall::RunStart, sut.world.allow(&stored.run_id, expected), model.totals[run]),
             );
-            match sut.store().commit(batch) {
-                Ok(receipt) => {
-                    assert!(holds, "a stale or stopped run's fenced write landed");
-                    assert_eq!(receipt.ledger_positions, [expected]);
-                }
-                Err(err) => {
-                    assert!(!holds, "a current write was fenced: {err}");
-                    assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
-                }
-            }
+            expect_fenced_unless(sut.store().commit(batch), holds, expected, "a stale or stopped run's fenced write");
         }
         Transition::Step { run, tokens, throttled } => {
             let holds = model.fence_holds(run, false);
@@ -369,16 +360,7 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
             } else {
                 batch.advance_run(after);
             }
-            match sut.store().commit(batch) {
-                Ok(receipt) => {
-                    assert!(holds, "a step of a stopped run landed");
-                    assert_eq!(receipt.ledger_positions, [position]);
-                }
-                Err(err) => {
-                    assert!(!holds, "a step of a running run was refused: {err}");
-                    assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
-                }
-            }
+            expect_fenced_unless(sut.store().commit(batch), holds, position, "a step of a stopped run");
         }
         Transition::Reopen => {
             drop(sut.store.take());
@@ -404,6 +386,26 @@ fn apply(mut sut: Sut, model: &Model, transition: Transition) -> Sut {
         }
     }
     sut
+}
+
+/// A fenced commit of one ledger entry: it lands at `position` when its fence `holds`, and is refused as
+/// fenced otherwise (`what` names the write that must not land).
+fn expect_fenced_unless(
+    committed: Result<runguard_store::CommitReceipt, runguard_store::StoreError>,
+    holds: bool,
+    position: u64,
+    what: &str,
+) {
+    match committed {
+        Ok(receipt) => {
+            assert!(holds, "{what} landed");
+            assert_eq!(receipt.ledger_positions, [position]);
+        }
+        Err(err) => {
+            assert!(!holds, "a write whose fence holds was refused: {err}");
+            assert_eq!(err.kind(), StoreErrorKind::Fenced, "{err}");
+        }
+    }
 }
 
 fn check_invariants(sut: &Sut, model: &Model) {
