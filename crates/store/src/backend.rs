@@ -68,8 +68,6 @@ macro_rules! seam {
 pub(crate) trait Backend: Calls + Send + Sync + std::fmt::Debug {
     /// The data directory (sled) or `None` (PostgreSQL).
     fn dir(&self) -> Option<&Path>;
-    /// Every run whose status is `running`.
-    fn running_runs(&self) -> Items<'_, StoredRun>;
     /// The identity and creation time of every running run.
     fn running_run_starts(&self) -> Items<'_, RunStart>;
     /// Every run of every tenant.
@@ -84,10 +82,6 @@ pub(crate) trait Backend: Calls + Send + Sync + std::fmt::Debug {
 impl Backend for sled_backend::Store {
     fn dir(&self) -> Option<&Path> {
         Some(self.path())
-    }
-
-    fn running_runs(&self) -> Items<'_, StoredRun> {
-        Box::new(sled_backend::Store::running_runs(self))
     }
 
     fn running_run_starts(&self) -> Items<'_, RunStart> {
@@ -111,10 +105,6 @@ impl Backend for sled_backend::Store {
 impl Backend for PgStore {
     fn dir(&self) -> Option<&Path> {
         None
-    }
-
-    fn running_runs(&self) -> Items<'_, StoredRun> {
-        PgStore::running_runs(self)
     }
 
     fn running_run_starts(&self) -> Items<'_, RunStart> {
@@ -309,13 +299,7 @@ impl Store {
         self.backend.dir().is_none()
     }
 
-    /// Every run whose status is `running`, across tenants (for expiry and rehydration).
-    pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
-        self.backend.running_runs()
-    }
-
-    /// The tenant, id and creation time of every running run, without reading more of it (for expiry: on
-    /// sled, [`Store::running_runs`] also reads each run's ledger to catch its totals up).
+    /// The tenant, id and creation time of every running run, without reading more of it (for expiry).
     pub fn running_run_starts(&self) -> impl Iterator<Item = Result<RunStart, StoreError>> + '_ {
         self.backend.running_run_starts()
     }

@@ -462,14 +462,6 @@ impl PgStore {
         self.list_runs_where(tenant, page, &|_| true)
     }
 
-    pub(crate) fn running_runs(&self) -> Items<'_, StoredRun> {
-        let sql = "SELECT body FROM runs WHERE status = 'running' ORDER BY tenant_id, run_id";
-        match self.all::<StoredRun>("running runs", sql, &[]) {
-            Ok(runs) => Box::new(runs.into_iter().map(|run| self.caught_up(run))),
-            Err(err) => Box::new(std::iter::once(Err(err))),
-        }
-    }
-
     pub(crate) fn running_run_starts(&self) -> Items<'_, RunStart> {
         let sql =
             "SELECT tenant_id, run_id, created_at_ms FROM runs WHERE status = 'running' ORDER BY tenant_id, run_id";

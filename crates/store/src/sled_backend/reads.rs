@@ -290,26 +290,15 @@ impl Store {
         })
     }
 
-    /// Every run whose status is `running`, across tenants (for expiry and rehydration).
-    pub fn running_runs(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
-        self.running_rows().map(move |run| self.caught_up(run?))
-    }
-
-    /// The tenant, id and creation time of every running run, as stored (no ledger read): what the TTL
-    /// sweep needs, without catching each run up.
+    /// The tenant, id and creation time of every run the live-run index lists, from its stored row (no
+    /// ledger read: what the TTL sweep needs).
     pub fn running_run_starts(&self) -> impl Iterator<Item = Result<RunStart, StoreError>> + '_ {
-        self.running_rows().map(|run| {
-            let run = run?;
-            Ok(RunStart { tenant_id: run.tenant_id, run_id: run.run_id, created_at: run.created_at })
-        })
-    }
-
-    /// The stored rows of the runs the live-run index lists, as written (not caught up).
-    fn running_rows(&self) -> impl Iterator<Item = Result<StoredRun, StoreError>> + '_ {
         self.items_from(T::RunsLive, Vec::new()).map(move |item| {
             let (key, _) = item?;
-            self.get_decoded::<StoredRun>(T::Runs, &key)?
-                .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))
+            let run = self
+                .get_decoded::<StoredRun>(T::Runs, &key)?
+                .ok_or_else(|| StoreError::corrupt("the live-run index names a missing run"))?;
+            Ok(RunStart { tenant_id: run.tenant_id, run_id: run.run_id, created_at: run.created_at })
         })
     }
 
