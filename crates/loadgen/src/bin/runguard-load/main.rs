@@ -413,11 +413,10 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
         Shape::Blocks { .. } => 8,
     };
     let durable_dirs = (tempfile::tempdir_in(work_dir)?, tempfile::tempdir_in(work_dir)?);
-    let baselines = [
-        ("baseline", start_baseline(2, Baseline::Bare)?),
-        ("durable", start_baseline(2, Baseline::File(durable_dirs.0.path()))?),
-        ("sled", start_baseline(2, Baseline::Sled(durable_dirs.1.path(), sled_keys))?),
-    ];
+    let bare = start_baseline(2, Baseline::Bare)?;
+    let durable = start_baseline(2, Baseline::File(durable_dirs.0.path()))?;
+    let sled = start_baseline(2, Baseline::Sled(durable_dirs.1.path(), sled_keys))?;
+    let baselines = [("baseline", &bare), ("durable", &durable), ("sled", &sled)];
     println!("baselines: bare; durable = one group-committed append; sled = {sled_keys} sled key(s) per request");
     match scenario.shape {
         Shape::Runs { steps } => {
@@ -453,14 +452,13 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
             if which == Which::Allow {
                 let rate = median(ours.iter().map(Sample::rate).collect()) / 2.0;
                 let pace = Pace::Open { rate };
-                let durable = &baselines[1].1;
                 let (mut half, mut half_durable) = (Vec::new(), Vec::new());
                 for r in 0..repeats {
                     let tag = format!("h{r}");
                     let run = scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag);
                     half.push(with_server_cpu(&node, run).await?);
                     let run = scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b");
-                    half_durable.push(with_server_cpu(durable, run).await?);
+                    half_durable.push(with_server_cpu(&durable, run).await?);
                 }
                 println!(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
@@ -494,14 +492,13 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
         }
     }
     node.stop();
-    drop(baselines);
     Ok(())
 }
 
 /// Prints each baseline's and the node's rates, then the node's ratio to each baseline and each durable
 /// baseline's ratio to the bare one (the first).
 fn compare(
-    baselines: &[(&str, Server)],
+    baselines: &[(&str, &Server)],
     base: &[Vec<Sample>],
     label: &str,
     ours: &[Sample],
