@@ -493,10 +493,10 @@ impl<'a> Prepare<'a> {
     /// Every run the current batch advanced has its step's ledger entry in the batch, and leaves the
     /// totals and next call that entry says: reading the stored row plus the entry gives back the run.
     fn check_advances(&self) -> Result<(), StoreError> {
-        let staged: Vec<&Staged> = self.writes.iter().filter(|(b, _)| *b == self.batch).map(|(_, w)| w).collect();
-        for advanced in &staged {
+        let staged = || self.writes.iter().filter(|(b, _)| *b == self.batch).map(|(_, w)| w);
+        for advanced in staged() {
             let Staged::Run { run, advanced: true, .. } = advanced else { continue };
-            let entry = staged.iter().rev().find_map(|w| match w {
+            let entry = staged().rev().find_map(|w| match w {
                 Staged::Ledger { tenant, run: id, entry } if *tenant == run.tenant_id && *id == run.run_id => {
                     Some(entry)
                 }
