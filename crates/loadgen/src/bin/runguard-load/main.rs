@@ -452,23 +452,29 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
             if which == Which::Allow {
                 let rate = median(ours.iter().map(Sample::rate).collect()) / 2.0;
                 let pace = Pace::Open { rate };
-                let (mut half, mut half_durable) = (Vec::new(), Vec::new());
+                // The durable baselines at the same rate, interleaved with the node so that the disk's
+                // moods fall on all three alike: what the disk and sled allow the tail before the node's work.
+                let (mut half, mut half_durable, mut half_sled) = (Vec::new(), Vec::new(), Vec::new());
                 for r in 0..repeats {
                     let tag = format!("h{r}");
                     let run = scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag);
                     half.push(with_server_cpu(&node, run).await?);
                     let run = scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b");
                     half_durable.push(with_server_cpu(&durable, run).await?);
+                    let run = scenario::runs(sled.addr, &scenario, steps, pace, duration, false, "b");
+                    half_sled.push(with_server_cpu(&sled, run).await?);
                 }
                 println!(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
                 );
                 line(label, &half, Sample::rate);
                 line("durable", &half_durable, Sample::rate);
+                line("sled", &half_sled, Sample::rate);
                 percentiles("half load (medians over repeats)", &half, Sample::ms);
                 percentiles("half load, step calls only", &half, Sample::decision_ms);
                 percentiles("half load, run creations and ends", &half, Sample::other_ms);
                 percentiles("half load, durable baseline", &half_durable, Sample::ms);
+                percentiles("half load, sled baseline", &half_sled, Sample::ms);
             }
         }
         Shape::Blocks { runs } => {
