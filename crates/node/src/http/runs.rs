@@ -300,7 +300,10 @@ pub async fn end(state: State, req: HttpRequest, id: Path<String>, payload: Payl
     let key = RunKey { tenant: caller.tenant, run_id };
     let (outcome, error) = (body.outcome, body.error);
     let ended = call_run(&state, key.clone(), || Ok(EndRun { outcome, error: error.clone() })).await?;
-    let rollup = state.shared.read(move |store| store.run_rollup(&key.tenant, &key.run_id)).await?;
+    let rollup = match ended.rollup {
+        Some(rollup) => rollup,
+        None => state.shared.read(move |store| store.run_rollup(&key.tenant, &key.run_id)).await?,
+    };
     let view = RunEnded { run: RunView::new(*ended.run, None).with_rollup(rollup), incident_id: ended.incident_id };
     Ok(HttpResponse::Ok().json(sorted(&view)?))
 }
