@@ -363,7 +363,7 @@ fn out_of_order_calls_say_what_was_expected() {
 
 #[test]
 fn resending_a_creation_with_a_different_body_is_an_idempotency_mismatch() {
-    let node = Node::start();
+    let mut node = Node::start();
     let client = node.client();
     let body = json!({ "run_id": "run-idem", "labels": { "team": "search" }, "api_endpoint": "/v1/search" });
     let created = client.post("/v1/runs", &body).expect(201).clone();
@@ -383,6 +383,18 @@ fn resending_a_creation_with_a_different_body_is_an_idempotency_mismatch() {
     }
     let run = client.get("/v1/runs/run-idem").expect(200).clone();
     assert_eq!(run["labels"], json!({ "team": "search" }), "a refused re-creation changes nothing");
+    // After a restart no actor holds the run: the creation is committed without reading it first, its
+    // fencing finds the run, and the answer is the same as before.
+    node.terminate();
+    node.restart();
+    let client = node.client();
+    let again = client.post("/v1/runs", &body).expect(200).clone();
+    assert_eq!(again["decision"]["decision_id"], created["decision"]["decision_id"]);
+    assert_eq!(again["snapshot"], created["snapshot"]);
+    client.post("/v1/runs", &json!({ "run_id": "run-idem" })).expect_error(409, "idempotency_mismatch");
+    assert_eq!(step(&client, "run-idem", &post(0, 1))["action"], "allow", "the run goes on where it was");
+    let decisions = client.get("/v1/runs/run-idem/decisions").expect(200).clone();
+    assert_eq!(decisions["items"].as_array().map(Vec::len), Some(3), "start, pre and post: nothing more");
 }
 
 /// A call to a run that no longer runs says, in words, how it stopped.

@@ -556,6 +556,7 @@ type Op<T> = Box<dyn FnOnce(&mut RunActor, Arc<Shared>, Timestamp) -> Pending<T>
 enum Read {
     /// Not yet: the creation is committed on the condition that the run does not exist.
     NotYet,
+    /// Read: what the actor holds (or that it holds nothing) is the store's.
     Done,
 }
 type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Result<T, NodeError>>>>;
