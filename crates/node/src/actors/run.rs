@@ -550,6 +550,8 @@ impl RunActor {
 
 /// An operation on the loaded run, done once any due expiry is persisted.
 type Op<T> = Box<dyn FnOnce(&mut RunActor, Arc<Shared>, Timestamp) -> Pending<T>>;
+type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Result<T, NodeError>>>>;
+type Reply<T> = AtomicResponse<RunActor, Result<T, NodeError>>;
 
 /// Whether the actor has read its run from the store before a creation.
 #[derive(Clone, Copy, Debug)]
@@ -559,8 +561,6 @@ enum Read {
     /// Read: what the actor holds (or that it holds nothing) is the store's.
     Done,
 }
-type Pending<T> = std::pin::Pin<Box<dyn ActorFuture<RunActor, Output = Result<T, NodeError>>>>;
-type Reply<T> = AtomicResponse<RunActor, Result<T, NodeError>>;
 
 fn ready<T: 'static>(answer: Result<T, NodeError>) -> Pending<T> {
     Box::pin(fut::ready(answer))
