@@ -454,27 +454,31 @@ async fn http(work_dir: &Path, which: Which, load: &Load, store: NodeStore<'_>) 
                 let pace = Pace::Open { rate };
                 // The durable baselines at the same rate, interleaved with the node so that the disk's
                 // moods fall on all three alike: what the disk and sled allow the tail before the node's work.
-                let (mut half, mut half_durable, mut half_sled) = (Vec::new(), Vec::new(), Vec::new());
+                let durables = [("durable", &durable), ("sled", &sled)];
+                let mut half = Vec::new();
+                let mut half_durables: Vec<Vec<Sample>> = durables.iter().map(|_| Vec::new()).collect();
                 for r in 0..repeats {
                     let tag = format!("h{r}");
                     let run = scenario::runs(node.addr, &scenario, steps, pace, duration, true, &tag);
                     half.push(with_server_cpu(&node, run).await?);
-                    let run = scenario::runs(durable.addr, &scenario, steps, pace, duration, false, "b");
-                    half_durable.push(with_server_cpu(&durable, run).await?);
-                    let run = scenario::runs(sled.addr, &scenario, steps, pace, duration, false, "b");
-                    half_sled.push(with_server_cpu(&sled, run).await?);
+                    for ((_, server), samples) in durables.iter().zip(&mut half_durables) {
+                        let run = scenario::runs(server.addr, &scenario, steps, pace, duration, false, "b");
+                        samples.push(with_server_cpu(server, run).await?);
+                    }
                 }
                 println!(
                     "  open loop at half the node's median ({rate:.0} requests/s), latency from the scheduled send:"
                 );
                 line(label, &half, Sample::rate);
-                line("durable", &half_durable, Sample::rate);
-                line("sled", &half_sled, Sample::rate);
+                for ((name, _), samples) in durables.iter().zip(&half_durables) {
+                    line(name, samples, Sample::rate);
+                }
                 percentiles("half load (medians over repeats)", &half, Sample::ms);
                 percentiles("half load, step calls only", &half, Sample::decision_ms);
                 percentiles("half load, run creations and ends", &half, Sample::other_ms);
-                percentiles("half load, durable baseline", &half_durable, Sample::ms);
-                percentiles("half load, sled baseline", &half_sled, Sample::ms);
+                for ((name, _), samples) in durables.iter().zip(&half_durables) {
+                    percentiles(&format!("half load, {name} baseline"), samples, Sample::ms);
+                }
             }
         }
         Shape::Blocks { runs } => {
